@@ -1,0 +1,37 @@
+# minivmm: `make demo` and `make test` set everything up themselves.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench lint native clean
+
+# Idempotent: re-installs only when pyproject.toml changed.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,plot]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	@$(VENV)/bin/minivmm caps
+	@echo; echo '$$ minivmm run hello_real'; $(VENV)/bin/minivmm run hello_real
+	@echo; echo '$$ minivmm run hello_protected'; $(VENV)/bin/minivmm run hello_protected
+	@echo; echo '$$ minivmm run hello_long'; $(VENV)/bin/minivmm run hello_long
+	@echo; echo '$$ minivmm run multi_vcpu --vcpus 4'; $(VENV)/bin/minivmm run multi_vcpu --vcpus 4
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+native:
+	@$(MAKE) --no-print-directory -C benchmarks/native
+
+bench: $(STAMP) native
+	$(PY) -m benchmarks.run
+
+lint: $(STAMP)
+	$(PY) -m compileall -q minivmm tests benchmarks
+	@$(PY) -m pyflakes --version >/dev/null 2>&1 && $(PY) -m pyflakes minivmm tests benchmarks || echo "pyflakes not installed: compile check only"
+
+clean:
+	rm -rf $(VENV) build *.egg-info benchmarks/out
+	@$(MAKE) --no-print-directory -C benchmarks/native clean 2>/dev/null || true

@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""Write small real-mode test images for minivmm-native (see IMAGE_FORMAT.md).
+
+    python3 make_test_image.py [OUTDIR [NVCPUS]]
+
+writes OUTDIR/exits.img (1000 sync exits), OUTDIR/dirty.img (3 rounds of
+writing one byte to each of 64 tracked pages) and OUTDIR/dirty-w4.img (the
+same, but every page is written 4 times per round).  With NVCPUS > 1 every vCPU
+runs the same code (and so dirties the same pages).  Plain python3 + struct.
+"""
+import os
+import struct
+import sys
+
+KVM_MEM_LOG_DIRTY_PAGES = 1
+
+
+def segment(base, limit, selector, type_, present=1, dpl=0, db=0, s=1, l=0, g=0):
+    # struct kvm_segment: u64 base; u32 limit; u16 selector;
+    # u8 type, present, dpl, db, s, l, g, avl, unusable, padding  -> 24 bytes
+    return struct.pack("<QIH10B", base, limit, selector,
+                       type_, present, dpl, db, s, l, g, 0, 0, 0)
+
+
+def dtable(base, limit):
+    return struct.pack("<QH3H", base, limit, 0, 0, 0)   # 16 bytes
+
+
+def real_mode_sregs(cs_selector):
+    data = segment(0, 0xffff, 0, 3)                     # read/write, accessed
+    sregs = b"".join([
+        segment(cs_selector << 4, 0xffff, cs_selector, 11),   # cs: exec/read, accessed
+        data, data, data, data, data,                   # ds es fs gs ss
+        segment(0, 0xffff, 0, 11, s=0),                 # tr: busy 32-bit TSS
+        segment(0, 0xffff, 0, 2, s=0),                  # ldt
+        dtable(0, 0xffff), dtable(0, 0xffff),           # gdt, idt
+        # cr0 (CD|NW|ET, the reset value), cr2, cr3, cr4, cr8, efer, apic_base
+        struct.pack("<7Q", 0x60000010, 0, 0, 0, 0, 0, 0xfee00900),
+        bytes(32),                                      # interrupt_bitmap
+    ])
+    assert len(sregs) == 312
+    return sregs
+
+
+def regs(rip, rax=0):
+    # struct kvm_regs: rax rbx rcx rdx rsi rdi rsp rbp r8..r15 rip rflags
+    r = [0] * 18
+    r[0], r[16], r[17] = rax, rip, 0x2
+    return struct.pack("<18Q", *r)
+
+
+def image(slots, vcpus, cpuid=b"", ncpuid=0):
+    """slots: [(slot_id, flags, gpa, size, content)], vcpus: [(regs, sregs)]"""
+    out = [b"MVMMIMG1", struct.pack("<II", 1, len(slots))]
+    for slot_id, flags, gpa, size, content in slots:
+        out += [struct.pack("<IIQQQ", slot_id, flags, gpa, size, len(content)), content]
+    out.append(struct.pack("<I", len(vcpus)))
+    for r, s in vcpus:
+        out += [r, s]
+    out += [struct.pack("<I", ncpuid), cpuid]
+    return b"".join(out)
+
+
+def code_at(offset, code):
+    # Only the used prefix is stored; the rest of the slot is zero-filled.
+    return bytes(offset) + code
+
+
+# (a) mov cx, 1000; L: out 0xf0, al; dec cx; jnz L; out 0xf4, al
+EXITS_CODE = bytes.fromhex("b9e803" "e6f0" "49" "75fb" "e6f4")
+
+def rel8(frm, to):
+    d = to - frm
+    assert -128 <= d < 128
+    return struct.pack("<b", d)
+
+
+def dirty_code(rounds=3, npages=64, writes=1):
+    """(b) `rounds` times: write a byte `writes` times to each of `npages`
+    pages at GPA 0x80000 (ES steps by 0x100 = one page), then out 0xf0 with
+    AL = remaining rounds; finally out 0xf4 with AL = 0."""
+    c = bytearray()
+    c += b"\xba" + struct.pack("<H", rounds)        # mov dx, rounds
+    outer = len(c)
+    c += b"\xb8\x00\x80"                           # mov ax, 0x8000
+    c += b"\xb9" + struct.pack("<H", npages)        # mov cx, npages
+    inner = len(c)
+    c += b"\x8e\xc0"                               # mov es, ax
+    c += b"\x26\x88\x16\x00\x00" * writes            # mov [es:0], dl
+    c += b"\x05\x00\x01"                           # add ax, 0x100
+    c += b"\x49"                                   # dec cx
+    c += b"\x75" + rel8(len(c) + 2, inner)          # jnz inner
+    c += b"\x88\xd0"                               # mov al, dl
+    c += b"\xe6\xf0"                               # out 0xf0, al
+    c += b"\x4a"                                   # dec dx
+    c += b"\x75" + rel8(len(c) + 2, outer)          # jnz outer
+    c += b"\xb0\x00\xe6\xf4"                       # mov al, 0; out 0xf4, al
+    return bytes(c)
+
+
+# The hand-assembled listing of the default (b) loop, as a cross-check.
+assert dirty_code() == bytes.fromhex(
+    "ba0300" "b80080" "b94000" "8ec0" "2688160000" "050001" "49" "75f3"
+    "88d0" "e6f0" "4a" "75e6" "b000" "e6f4")
+
+
+def main():
+    outdir = sys.argv[1] if len(sys.argv) > 1 else "."
+    nvcpus = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+    os.makedirs(outdir, exist_ok=True)
+    cpus = [(regs(0), real_mode_sregs(0x1000))] * nvcpus
+    low = (0, 0, 0, 1 << 20)
+    with open(os.path.join(outdir, "exits.img"), "wb") as f:
+        f.write(image([low + (code_at(0x10000, EXITS_CODE),)], cpus))
+    # dirty-w4.img writes every page 4 times per round: 256 ring entries per
+    # round, enough to hit KVM_EXIT_DIRTY_RING_FULL with --ring-entries 256.
+    for name, writes in (("dirty.img", 1), ("dirty-w4.img", 4)):
+        with open(os.path.join(outdir, name), "wb") as f:
+            # Slot 0 ends where the tracked slot starts: slots must not overlap.
+            code = code_at(0x10000, dirty_code(writes=writes))
+            f.write(image([(0, 0, 0, 0x80000, code),
+                           (1, KVM_MEM_LOG_DIRTY_PAGES, 0x80000, 64 * 4096, b"")],
+                          cpus))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""The one door to the kernel: ``ioctl(2)`` through libc via ctypes, and KvmError.
+
+Mirrors the calling convention of Documentation/virt/kvm/api.rst section 3
+("Extensions") and 4 ("API description"): every KVM call is an ioctl on a
+file descriptor that returns -1 and sets errno on failure. ctypes releases
+the GIL around the foreign call, so vCPU threads really run in parallel
+inside KVM_RUN.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno as _errno
+import mmap as _mmap
+import os
+
+__all__ = ["KvmError", "KvmUnavailable", "ioctl", "errno_name", "map_shared", "libc"]
+
+libc = ctypes.CDLL(None, use_errno=True)
+_ioctl = libc.ioctl
+_ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+_ioctl.restype = ctypes.c_int
+
+# Optional observer of every ioctl (name, fd, request, arg, result, errno, seconds).
+# None costs one attribute test per call.
+tracer = None
+
+
+def errno_name(err: int) -> str:
+    return _errno.errorcode.get(err, f"errno {err}")
+
+
+class KvmError(OSError):
+    """A KVM call failed. Names the call, the errno and, where known, the likely cause."""
+
+    def __init__(self, call: str, err: int, hint: str | None = None):
+        self.call = call
+        self.hint = hint
+        super().__init__(err, os.strerror(err) if err else "failed")
+
+    @property
+    def errno_name(self) -> str:
+        return errno_name(self.errno)
+
+    def __str__(self) -> str:
+        text = f"{self.call} failed: {self.errno_name} ({self.strerror})"
+        return f"{text}: {self.hint}" if self.hint else text
+
+
+class KvmUnavailable(KvmError):
+    """/dev/kvm is missing or cannot be opened."""
+
+
+def ioctl(fd: int, request: int, arg=0, name: str = "ioctl", hints: dict | None = None) -> int:
+    """Issue one ioctl; return its non-negative result or raise KvmError.
+
+    ``hints`` maps an errno to a sentence explaining the likely cause.
+    """
+    if tracer is not None:
+        return tracer(fd, request, arg, name, hints)
+    ret = _ioctl(fd, request, arg)
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise KvmError(name, err, (hints or {}).get(err))
+    return ret
+
+
+def map_shared(fd: int, length: int, offset: int = 0, name: str = "mmap",
+               prot: int = _mmap.PROT_READ | _mmap.PROT_WRITE) -> _mmap.mmap:
+    """mmap a region of a KVM fd (kvm_run page, dirty ring) shared with the kernel."""
+    try:
+        return _mmap.mmap(fd, length, flags=_mmap.MAP_SHARED, prot=prot, offset=offset)
+    except OSError as e:
+        raise KvmError(name, e.errno or 0) from None

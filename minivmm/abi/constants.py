@@ -1,0 +1,104 @@
+"""KVM constants: capabilities, exit reasons, flags.
+
+Mirrors ``include/uapi/linux/kvm.h`` and ``arch/x86/include/uapi/asm/kvm.h``.
+Values are checked against the system header by tests/unit/test_abi_layout.py
+where that header defines them (exits and caps newer than the header are
+taken from upstream and listed in ``NEWER_THAN_6_1``).
+"""
+
+KVMIO = 0xAE
+KVM_API_VERSION = 12
+
+# Capabilities (KVM_CHECK_EXTENSION numbers).
+KVM_CAP_USER_MEMORY = 3
+KVM_CAP_SET_TSS_ADDR = 4
+KVM_CAP_NR_VCPUS = 9
+KVM_CAP_NR_MEMSLOTS = 10
+KVM_CAP_COALESCED_MMIO = 15
+KVM_CAP_SYNC_MMU = 16
+KVM_CAP_SET_GUEST_DEBUG = 23
+KVM_CAP_SET_IDENTITY_MAP_ADDR = 37
+KVM_CAP_MAX_VCPUS = 66
+KVM_CAP_SYNC_REGS = 74
+KVM_CAP_READONLY_MEM = 81
+KVM_CAP_ENABLE_CAP_VM = 98
+KVM_CAP_CHECK_EXTENSION_VM = 105
+KVM_CAP_MULTI_ADDRESS_SPACE = 118
+KVM_CAP_MAX_VCPU_ID = 128
+KVM_CAP_IMMEDIATE_EXIT = 136
+KVM_CAP_MANUAL_DIRTY_LOG_PROTECT = 166
+KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = 168
+KVM_CAP_DIRTY_LOG_RING = 192
+KVM_CAP_SET_GUEST_DEBUG2 = 195
+KVM_CAP_BINARY_STATS_FD = 203
+KVM_CAP_DIRTY_LOG_RING_ACQ_REL = 223
+KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP = 225
+
+CAP_NAMES = {v: k for k, v in globals().items() if k.startswith("KVM_CAP_")}
+
+# Exit reasons (kvm_run.exit_reason).
+KVM_EXIT_UNKNOWN = 0
+KVM_EXIT_EXCEPTION = 1
+KVM_EXIT_IO = 2
+KVM_EXIT_HYPERCALL = 3
+KVM_EXIT_DEBUG = 4
+KVM_EXIT_HLT = 5
+KVM_EXIT_MMIO = 6
+KVM_EXIT_IRQ_WINDOW_OPEN = 7
+KVM_EXIT_SHUTDOWN = 8
+KVM_EXIT_FAIL_ENTRY = 9
+KVM_EXIT_INTR = 10
+KVM_EXIT_SET_TPR = 11
+KVM_EXIT_TPR_ACCESS = 12
+KVM_EXIT_NMI = 16
+KVM_EXIT_INTERNAL_ERROR = 17
+KVM_EXIT_SYSTEM_EVENT = 24
+KVM_EXIT_X86_RDMSR = 29
+KVM_EXIT_X86_WRMSR = 30
+KVM_EXIT_DIRTY_RING_FULL = 31
+KVM_EXIT_AP_RESET_HOLD = 32
+KVM_EXIT_X86_BUS_LOCK = 33
+KVM_EXIT_NOTIFY = 37
+KVM_EXIT_MEMORY_FAULT = 39  # upstream (after 6.1): not in older headers
+
+EXIT_NAMES = {v: k[len("KVM_EXIT_"):] for k, v in globals().items()
+              if k.startswith("KVM_EXIT_")}
+
+KVM_EXIT_IO_IN = 0
+KVM_EXIT_IO_OUT = 1
+
+KVM_INTERNAL_ERROR_EMULATION = 1
+KVM_INTERNAL_ERROR_SIMUL_EX = 2
+KVM_INTERNAL_ERROR_DELIVERY_EV = 3
+
+# Memory slot flags (kvm_userspace_memory_region.flags).
+KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
+KVM_MEM_READONLY = 1 << 1
+
+# Dirty ring entry flags (struct kvm_dirty_gfn.flags), api.rst 7.36.
+KVM_DIRTY_GFN_F_DIRTY = 1 << 0
+KVM_DIRTY_GFN_F_RESET = 1 << 1
+KVM_DIRTY_GFN_F_MASK = 0x3
+
+# KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 arguments, api.rst 7.18.
+KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1 << 0
+KVM_DIRTY_LOG_INITIALLY_SET = 1 << 1
+
+# x86: the dirty ring starts at this page of the vCPU mmap (asm/kvm.h).
+KVM_DIRTY_LOG_PAGE_OFFSET = 64
+KVM_PIO_PAGE_OFFSET = 1
+KVM_COALESCED_MMIO_PAGE_OFFSET = 2
+
+# Guest debug control bits (kvm_guest_debug.control), x86 values.
+KVM_GUESTDBG_ENABLE = 0x00000001
+KVM_GUESTDBG_SINGLESTEP = 0x00000002
+KVM_GUESTDBG_USE_SW_BP = 0x00010000
+KVM_GUESTDBG_USE_HW_BP = 0x00020000
+KVM_GUESTDBG_INJECT_DB = 0x00040000
+KVM_GUESTDBG_INJECT_BP = 0x00080000
+
+# Kernel-internal facts the ABI exposes indirectly (include/linux/kvm_host.h).
+KVM_DIRTY_RING_RSVD_ENTRIES = 64
+KVM_DIRTY_RING_MAX_ENTRIES = 65536
+
+NEWER_THAN_6_1 = {"KVM_EXIT_MEMORY_FAULT"}

@@ -1,0 +1,248 @@
+"""The ``minivmm`` command line.
+
+Not an ABI mirror: it composes the layers below (Kvm, Machine, payloads) and
+turns every user error into one line on stderr and a non-zero exit status.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+
+from . import abi, __version__
+from ._sys import KvmError, KvmUnavailable
+from .payload import PayloadError
+
+EXIT_OK, EXIT_GUEST_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line, exit status 2."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text}")
+    return value
+
+
+# -- caps --
+
+DIRTY_CAPS = ("KVM_CAP_DIRTY_LOG_RING", "KVM_CAP_DIRTY_LOG_RING_ACQ_REL",
+              "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP", "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2",
+              "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT")
+OTHER_CAPS = ("KVM_CAP_NR_VCPUS", "KVM_CAP_MAX_VCPUS", "KVM_CAP_MAX_VCPU_ID",
+              "KVM_CAP_NR_MEMSLOTS", "KVM_CAP_IMMEDIATE_EXIT", "KVM_CAP_SET_GUEST_DEBUG",
+              "KVM_CAP_SET_GUEST_DEBUG2", "KVM_CAP_READONLY_MEM", "KVM_CAP_SYNC_MMU",
+              "KVM_CAP_MULTI_ADDRESS_SPACE", "KVM_CAP_BINARY_STATS_FD")
+
+
+def host_report(kvm) -> dict:
+    from .kvm import vendor_module
+    from .dirty.ringsize import ring_limits
+    caps = kvm.caps(DIRTY_CAPS + OTHER_CAPS)
+    vendor = vendor_module()
+    limits = ring_limits(kvm)
+    ring_cap = "KVM_CAP_DIRTY_LOG_RING_ACQ_REL" if caps["KVM_CAP_DIRTY_LOG_RING_ACQ_REL"] \
+        else "KVM_CAP_DIRTY_LOG_RING" if caps["KVM_CAP_DIRTY_LOG_RING"] else None
+    if ring_cap:
+        verdict = (f"dirty ring supported via {ring_cap}: {limits['min_entries']} to "
+                   f"{limits['max_entries']} entries per vCPU (power of two); "
+                   f"bitmap manual protect {'on offer' if caps['KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2'] else 'absent'}")
+    else:
+        verdict = "dirty ring NOT supported by this kernel: only the KVM_GET_DIRTY_LOG bitmap"
+    notes = []
+    if vendor == "kvm_pvm":
+        notes.append("kvm_pvm (software virtualization): guest code at CPL0, in real mode or in "
+                     "protected mode is emulated instruction by instruction (thousands of times "
+                     "slower, and emulated writes can overflow the dirty ring); 64-bit CPL3 code "
+                     "runs natively, so long-mode payloads run at CPL3 by default")
+    return {"device": kvm.device, "api_version": kvm.get_api_version(),
+            "vendor_module": vendor, "kernel": os.uname().release,
+            "vcpu_mmap_size": kvm.get_vcpu_mmap_size(),
+            "max_vcpus": caps["KVM_CAP_MAX_VCPUS"], "recommended_vcpus": caps["KVM_CAP_NR_VCPUS"],
+            "capabilities": {k: caps[k] for k in DIRTY_CAPS + OTHER_CAPS},
+            "ring": {"capability": ring_cap, **limits}, "dirty_ring_verdict": verdict,
+            "notes": notes}
+
+
+def cmd_caps(args) -> int:
+    from .kvm import Kvm
+    with Kvm() as kvm:
+        rep = host_report(kvm)
+    if args.json:
+        print(json.dumps(rep, indent=2))
+        return EXIT_OK
+    print(f"KVM on {rep['kernel']} ({rep['device']}), API version {rep['api_version']}, "
+          f"vendor module {rep['vendor_module']}")
+    print(f"vCPU mmap size {rep['vcpu_mmap_size']} bytes; max vCPUs {rep['max_vcpus']} "
+          f"(recommended {rep['recommended_vcpus']})")
+    print("dirty-log capabilities:")
+    for name in DIRTY_CAPS:
+        print(f"  {name:40} {rep['capabilities'][name]}")
+    print("other capabilities:")
+    for name in OTHER_CAPS:
+        print(f"  {name:40} {rep['capabilities'][name]}")
+    for note in rep["notes"]:
+        print(f"note: {note}")
+    print(f"verdict: {rep['dirty_ring_verdict']}")
+    return EXIT_OK
+
+
+# -- payloads, disasm --
+
+def cmd_payloads(args) -> int:
+    from .payload import list_payloads, payload_dir
+    rows = list_payloads(args.dir)
+    if not rows:
+        raise UsageError(f"no payloads in {args.dir or payload_dir()}")
+    for name, mode, cpl, vcpus, desc in rows:
+        extra = f" vcpus {vcpus}" if vcpus else ""
+        print(f"{name:18} {mode:9} cpl {cpl}{extra:9} {desc}")
+    return EXIT_OK
+
+
+def cmd_disasm(args) -> int:
+    from .payload import load
+    p = load(args.payload)
+    print(f"; {p.path}: {p.mode} mode, cpl {p.cpl}, {len(p.code)} bytes loaded at "
+          f"{p.load_address:#x}")
+    for ins in p.listing:
+        print(f"{ins.address:#08x}  {ins.raw.hex(' '):24} {ins.text:36} ; {ins.line}: "
+              f"{ins.source}")
+    return EXIT_OK
+
+
+# -- run --
+
+def _trace_printer(machine, stream):
+    lock = threading.Lock()
+    count = [0]
+
+    def trace(st, reason):
+        info = st.vcpu.describe_exit(reason)
+        regs = st.vcpu.get_regs()
+        after = (reason == abi.KVM_EXIT_IO and info.get("direction") == "out") or \
+                (reason == abi.KVM_EXIT_MMIO and info.get("is_write")) or \
+                reason == abi.KVM_EXIT_HLT
+        ins = machine.describe_instruction(st, regs.rip, after) or "?"
+        fields = " ".join(f"{k}={v:#x}" if isinstance(v, int) and k not in ("size", "count", "len")
+                          else f"{k}={v}" for k, v in info.items()
+                          if k not in ("reason", "exit_reason"))
+        with lock:
+            count[0] += 1
+            print(f"[vcpu{st.index} #{st.exit_counts and sum(st.exit_counts.values())}] "
+                  f"{info['reason']:<14} {fields:44} rip={regs.rip:#x}  "
+                  f"{'by' if after else 'at'} {ins}", file=stream, flush=True)
+    return trace
+
+
+def cmd_run(args) -> int:
+    from .machine import Machine, MachineError
+    if args.vcpus is not None and args.vcpus < 1:
+        raise UsageError(f"--vcpus must be at least 1 (got {args.vcpus})")
+    try:
+        machine = Machine(args.payload, vcpus=args.vcpus, pages=args.pages)
+    except MachineError as e:
+        raise UsageError(str(e)) from None
+    with machine:
+        if args.trace:
+            machine.trace = _trace_printer(machine, sys.stderr if args.json else sys.stdout)
+        result = machine.run(timeout=args.timeout)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        p = result.payload
+        print(f"{p.name}: {p.mode} mode" + (f", CPL{p.cpl}" if p.mode == "long" else "")
+              + f", {len(result.vcpus)} vCPU(s), {result.elapsed_s * 1000:.1f} ms")
+        for st in result.vcpus:
+            text = st.console.decode("utf-8", "replace")
+            for line in text.splitlines() or [""]:
+                if line:
+                    print(f"  vCPU {st.index} | {line}")
+            exits = ", ".join(f"{n} {k}" for k, n in st.exits_by_name().items() if n)
+            print(f"  vCPU {st.index} ended: {st.end.summary()} [{exits or 'no exits'}]")
+            regs = st.end.detail.get("registers")
+            if regs:
+                print("    registers: " + " ".join(f"{k}={v:#x}" for k, v in regs.items()))
+    if not result.ok:
+        bad = [st for st in result.vcpus if not (st.end and st.end.reason in ("exit-port", "hlt")
+                                                 and not st.end.code)]
+        st = bad[0]
+        more = f" (and {len(bad) - 1} more vCPU(s))" if len(bad) > 1 else ""
+        print(f"minivmm: vCPU {st.index}: {st.end.summary()}{more}", file=sys.stderr)
+        return EXIT_GUEST_FAILED
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="minivmm", description="A tiny virtual machine monitor that drives /dev/kvm "
+        "directly, one ioctl at a time.")
+    parser.add_argument("--version", action="version", version=f"minivmm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("caps", help="show the KVM capabilities that matter to minivmm")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_caps)
+
+    p = sub.add_parser("payloads", help="list the shipped guest payloads")
+    p.add_argument("--dir", help="directory to list (default: guest_payloads/)")
+    p.set_defaults(func=cmd_payloads)
+
+    p = sub.add_parser("disasm", help="assemble a payload and show its listing")
+    p.add_argument("payload", help="a .asm file, or the name of a shipped payload")
+    p.set_defaults(func=cmd_disasm)
+
+    p = sub.add_parser("run", help="run a payload in a fresh VM")
+    p.add_argument("payload", help="a .asm file, or the name of a shipped payload")
+    p.add_argument("--vcpus", type=_positive_int, default=None,
+                   help="number of vCPUs (default: the payload's header, else 1)")
+    p.add_argument("--pages", type=_positive_int, default=64,
+                   help="4 KiB pages in the data slot at 1 GiB (default 64)")
+    p.add_argument("--timeout", type=_seconds, default=10.0,
+                   help="stop a guest that runs longer than this many seconds (default 10)")
+    p.add_argument("--trace", action="store_true",
+                   help="print every exit, decoded, with the instruction that caused it")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("minivmm: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KvmUnavailable as e:
+        print(f"minivmm: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (UsageError, PayloadError) as e:
+        print(f"minivmm: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KvmError as e:
+        print(f"minivmm: {e}", file=sys.stderr)
+        return EXIT_GUEST_FAILED
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Kvm: the /dev/kvm system file descriptor.
+
+Mirrors the "System ioctls" of Documentation/virt/kvm/api.rst section 4:
+4.1 KVM_GET_API_VERSION, 4.2 KVM_CREATE_VM, 4.4 KVM_CHECK_EXTENSION,
+4.5 KVM_GET_VCPU_MMAP_SIZE, 4.46 KVM_GET_SUPPORTED_CPUID.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+
+from . import abi
+from ._sys import KvmError, KvmUnavailable, ioctl
+
+DEFAULT_DEVICE = "/dev/kvm"
+
+
+def vendor_module() -> str:
+    """Which KVM vendor module is loaded: kvm_intel, kvm_amd, kvm_pvm, or 'unknown'."""
+    for name in ("kvm_pvm", "kvm_intel", "kvm_amd"):
+        if os.path.isdir(f"/sys/module/{name}"):
+            return name
+    return "unknown"
+
+
+class Kvm:
+    """An open /dev/kvm. Use as a context manager, or call close()."""
+
+    def __init__(self, device: str = DEFAULT_DEVICE):
+        self.device = device
+        try:
+            self.fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise KvmUnavailable(f"open {device}", errno.ENOENT,
+                                 "no KVM device: load the kvm module (modprobe kvm_intel or "
+                                 "kvm_amd) or enable virtualization for this machine") from None
+        except PermissionError as e:
+            raise KvmUnavailable(f"open {device}", e.errno,
+                                 f"no permission: add your user to the group owning {device} "
+                                 "(usually 'kvm') or run as root") from None
+        except OSError as e:
+            raise KvmUnavailable(f"open {device}", e.errno or 0) from None
+        self._cpuid = None
+        try:
+            version = self.get_api_version()
+            if version != abi.KVM_API_VERSION:
+                raise KvmError("KVM_GET_API_VERSION", 0,
+                               f"kernel reports API version {version}, minivmm speaks "
+                               f"{abi.KVM_API_VERSION}")
+        except BaseException:
+            self.close()
+            raise
+
+    # -- lifecycle --
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "Kvm":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- one method per ioctl --
+    def get_api_version(self) -> int:
+        """KVM_GET_API_VERSION: always 12 on a supported kernel (api.rst 4.1)."""
+        return ioctl(self.fd, abi.KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")
+
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION: 0 if the capability is absent, else a positive value (api.rst 4.4)."""
+        return ioctl(self.fd, abi.KVM_CHECK_EXTENSION, cap, "KVM_CHECK_EXTENSION")
+
+    def get_vcpu_mmap_size(self) -> int:
+        """KVM_GET_VCPU_MMAP_SIZE: bytes of the kvm_run mapping, ring not included (api.rst 4.5)."""
+        return ioctl(self.fd, abi.KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
+
+    def get_supported_cpuid(self, max_entries: int = 256) -> ctypes.Structure:
+        """KVM_GET_SUPPORTED_CPUID: the CPUID leaves KVM can offer (api.rst 4.46). Cached."""
+        if self._cpuid is None:
+            buf = abi.cpuid2_type(max_entries)()
+            buf.nent = max_entries
+            ioctl(self.fd, abi.KVM_GET_SUPPORTED_CPUID, ctypes.addressof(buf),
+                  "KVM_GET_SUPPORTED_CPUID",
+                  {errno.E2BIG: f"more than {max_entries} CPUID entries"})
+            self._cpuid = buf
+        return self._cpuid
+
+    def create_vm(self, machine_type: int = 0) -> "Vm":
+        """KVM_CREATE_VM: a new, empty VM (api.rst 4.2)."""
+        from .vm import Vm
+        fd = ioctl(self.fd, abi.KVM_CREATE_VM, machine_type, "KVM_CREATE_VM",
+                   {errno.EINVAL: "unknown machine type", errno.ENOMEM: "out of memory"})
+        return Vm(self, fd)
+
+    # -- conveniences built on the above --
+    def caps(self, names=None) -> dict:
+        """A {name: value} table of capabilities."""
+        names = names or sorted(abi.CAP_NAMES.values())
+        return {n: self.check_extension(getattr(abi, n)) for n in names}

@@ -1,0 +1,420 @@
+"""Machine: a VM, its memory, one thread per vCPU, the port devices, and the run policy.
+
+Not a single ioctl's mirror: this is where policy lives (threads, timeouts,
+devices). It follows the KVM_RUN protocol of Documentation/virt/kvm/api.rst
+4.10 and section 5 ("The kvm_run structure"): exit_reason, the io and mmio
+members, and ``immediate_exit`` plus a signal to kick a vCPU out of KVM_RUN
+(api.rst 5, "immediate_exit"; measured in host-probes.md section 3).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import struct
+import threading
+import time
+
+from . import abi
+from ._sys import KvmError
+from .kvm import Kvm
+from .payload import Payload, disassemble, disassemble_one, load
+from .x86 import layout as L
+from .x86.modes import (EXCEPTION_NAMES, STUB_COMMON_CODE, STUB_FRAME_FIELDS, setup_memory,
+                         setup_vcpu)
+
+KICK_SIGNAL = signal.SIGUSR1
+DEFAULT_PAGES = 64
+OK_ENDS = ("exit-port", "hlt")
+
+_IO, _HLT, _MMIO, _INTR = abi.KVM_EXIT_IO, abi.KVM_EXIT_HLT, abi.KVM_EXIT_MMIO, abi.KVM_EXIT_INTR
+_OUT = abi.KVM_EXIT_IO_OUT
+
+
+class MachineError(ValueError):
+    """A request the machine cannot honour (bad vCPU count, too many pages, ...)."""
+
+
+def _no_op(signum, frame):  # the kick only needs KVM_RUN to see a pending signal
+    pass
+
+
+def install_kick_handler() -> None:
+    """Install a handler for the kick signal (only the main thread may do this)."""
+    if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, signal.SIG_IGN, None):
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("minivmm must install its SIGUSR1 handler from the main thread: "
+                               "call minivmm.machine.install_kick_handler() there first")
+        signal.signal(KICK_SIGNAL, _no_op)
+
+
+if threading.current_thread() is threading.main_thread():
+    install_kick_handler()
+
+
+@dataclasses.dataclass
+class VcpuEnd:
+    """How a vCPU finished."""
+    reason: str                       # exit-port | hlt | exception | shutdown | timeout | ...
+    code: int | None = None           # exit-port value
+    vector: int | None = None         # exceptions
+    rip: int | None = None
+    instruction: str | None = None
+    detail: dict = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out = {"reason": self.reason, "code": self.code, "vector": self.vector,
+               "rip": self.rip, "instruction": self.instruction}
+        out.update(self.detail)
+        return out
+
+    def summary(self) -> str:
+        where = f" at {self.rip:#x}" if self.rip is not None else ""
+        ins = f" ({self.instruction})" if self.instruction else ""
+        if self.reason == "exit-port":
+            return f"exited with code {self.code}"
+        if self.reason == "exception":
+            name = EXCEPTION_NAMES.get(self.vector, f"vector {self.vector}")
+            extra = f", error code {self.detail.get('error_code', 0):#x}"
+            if self.vector == 14:
+                extra += f", CR2 {self.detail.get('cr2', 0):#x}"
+            return f"CPU exception {name}{extra}{where}{ins}"
+        if self.reason == "unhandled-io":
+            d = self.detail
+            return (f"unhandled port I/O: {d['direction']} port {d['port']:#x}, "
+                    f"{d['size']} byte(s){where}{ins}")
+        if self.reason == "unhandled-mmio":
+            d = self.detail
+            return (f"access outside RAM (MMIO): {'write' if d['is_write'] else 'read'} of "
+                    f"{d['len']} byte(s) at {d['phys_addr']:#x}{where}{ins}")
+        if self.reason == "shutdown":
+            return f"triple fault (KVM_EXIT_SHUTDOWN){where}{ins}"
+        if self.reason == "timeout":
+            return f"stopped by the timeout{where}{ins}"
+        return f"{self.reason}{where}{ins}"
+
+
+class VcpuState:
+    """A vCPU as the Machine drives it: its thread, console, exit counts and end."""
+
+    def __init__(self, index: int, vcpu):
+        self.index = index
+        self.vcpu = vcpu
+        self.console = bytearray()
+        self.exit_counts: dict = {}
+        self.syncs = 0
+        self.end: VcpuEnd | None = None
+        self.thread: threading.Thread | None = None
+        self.stop_reason: str | None = None   # set by the host to kick the vCPU out
+
+    def exits_by_name(self) -> dict:
+        names = {"io": 0, "hlt": 0, "mmio": 0}
+        for reason, n in self.exit_counts.items():
+            names[abi.EXIT_NAMES.get(reason, str(reason)).lower()] = n
+        return names
+
+
+@dataclasses.dataclass
+class RunResult:
+    payload: Payload
+    vcpus: list
+    elapsed_s: float
+
+    @property
+    def ok(self) -> bool:
+        return all(st.end is not None and st.end.reason in OK_ENDS and not st.end.code
+                   for st in self.vcpus)
+
+    def to_dict(self) -> dict:
+        return {"payload": self.payload.name, "mode": self.payload.mode, "cpl": self.payload.cpl,
+                "vcpus": [{"index": st.index,
+                           "console": st.console.decode("utf-8", "replace"),
+                           "end": st.end.to_dict() if st.end else None,
+                           "exits": st.exits_by_name(),
+                           "syncs": st.syncs} for st in self.vcpus],
+                "elapsed_s": round(self.elapsed_s, 6), "ok": self.ok}
+
+
+class Machine:
+    """A payload in a fresh VM: slot 0 (system) and slot 1 (data), one thread per vCPU.
+
+    Use as a context manager; ``run()`` runs every vCPU until it ends or the timeout.
+    """
+
+    def __init__(self, payload: Payload | str, vcpus: int | None = None,
+                 pages: int = DEFAULT_PAGES, kvm: Kvm | None = None,
+                 data_flags: int = 0, system_flags: int = 0, before_vcpus=None,
+                 on_vcpu=None, regs: dict | None = None):
+        self.payload = load(payload) if isinstance(payload, str) else payload
+        self._own_kvm = kvm is None
+        self.kvm = kvm
+        self.vm = None
+        self.states: list[VcpuState] = []
+        self.trace = None                 # callable(state, reason) for every exit, or None
+        self.on_sync = None               # callable(state, tag) at a sync exit, or None
+        self.on_ring_full = None          # callable(state) at KVM_EXIT_DIRTY_RING_FULL
+        self._lock = threading.Lock()
+        nvcpus = vcpus if vcpus is not None else (self.payload.vcpus or 1)
+        if pages < 1:
+            raise MachineError(f"--pages must be at least 1 (got {pages})")
+        if pages > L.MAX_DATA_PAGES:
+            raise MachineError(f"--pages {pages} is more than this machine can map "
+                               f"(at most {L.MAX_DATA_PAGES} pages, "
+                               f"{L.MAX_DATA_PAGES * 4096 >> 30} GiB)")
+        self.pages = pages
+        try:
+            if self.kvm is None:
+                self.kvm = Kvm()
+            max_vcpus = self.kvm.check_extension(abi.KVM_CAP_MAX_VCPUS) or \
+                self.kvm.check_extension(abi.KVM_CAP_NR_VCPUS) or 1
+            if not 1 <= nvcpus <= max_vcpus:
+                raise MachineError(f"--vcpus must be between 1 and {max_vcpus} "
+                                   f"(KVM_CAP_MAX_VCPUS), got {nvcpus}")
+            self.vm = self.kvm.create_vm()
+            if self.kvm.check_extension(abi.KVM_CAP_SET_TSS_ADDR):
+                self.vm.set_tss_addr(0xFFFBD000)   # VMX needs it for real mode; harmless elsewhere
+            if before_vcpus:
+                before_vcpus(self)
+            sys_mem = self.vm.add_memory(L.SLOT_SYSTEM, 0, L.system_slot_size(nvcpus),
+                                         system_flags, "system")
+            try:
+                self.vm.add_memory(L.SLOT_DATA, L.DATA_GPA, pages * L.PAGE, data_flags, "data")
+            except MemoryError as e:
+                raise MachineError(f"--pages {pages}: {e}") from None
+            setup_memory(sys_mem, self.payload.mode, nvcpus, pages)
+            sys_mem.write(L.CODE, self.payload.code)
+            cpuid = self.kvm.get_supported_cpuid()
+            share = pages // nvcpus
+            for i in range(nvcpus):
+                vcpu = self.vm.create_vcpu(i)
+                vcpu.set_cpuid2(cpuid)
+                init = {"rdi": i, "rsi": L.DATA_GPA + i * share * L.PAGE, "rdx": share, "rcx": 0}
+                init.update(regs or {})
+                setup_vcpu(vcpu, self.payload.mode, self.payload.cpl, i, init)
+                st = VcpuState(i, vcpu)
+                self.states.append(st)
+                if on_vcpu:
+                    on_vcpu(self, st)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- lifecycle --
+    def close(self) -> None:
+        for st in self.states:
+            if st.thread is not None and st.thread.is_alive():
+                self._kick(st, "closed")
+                st.thread.join()
+        if self.vm is not None:
+            self.vm.close()
+            self.vm = None
+        if self._own_kvm and self.kvm is not None:
+            self.kvm.close()
+            self.kvm = None
+
+    def __enter__(self) -> "Machine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def data(self):
+        return self.vm.memory[L.SLOT_DATA]
+
+    @property
+    def system(self):
+        return self.vm.memory[L.SLOT_SYSTEM]
+
+    # -- running --
+    def run(self, timeout: float | None = None) -> RunResult:
+        """Start one thread per vCPU, wait until all end (or the timeout), return the result.
+
+        Ctrl-C (KeyboardInterrupt) stops every vCPU before it propagates.
+        """
+        if timeout is not None and timeout < 0:
+            raise MachineError(f"timeout must not be negative (got {timeout})")
+        install_kick_handler()
+        start = time.monotonic()
+        for st in self.states:
+            st.thread = threading.Thread(target=self._vcpu_thread, args=(st,),
+                                         name=f"vcpu{st.index}", daemon=True)
+            st.thread.start()
+        deadline = None if timeout is None else start + timeout
+        try:
+            for st in self.states:
+                while st.thread.is_alive():
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        self.stop("timeout")
+                        break
+                    st.thread.join(0.2 if left is None else min(left, 0.2))
+        except KeyboardInterrupt:
+            self.stop("interrupted")
+            raise
+        finally:
+            for st in self.states:
+                st.thread.join()
+        return RunResult(self.payload, self.states, time.monotonic() - start)
+
+    def stop(self, reason: str = "stopped") -> None:
+        """Kick every running vCPU out of KVM_RUN and wait for its thread."""
+        for st in self.states:
+            if st.thread is not None and st.thread.is_alive():
+                self._kick(st, reason)
+        for st in self.states:
+            if st.thread is not None:
+                while st.thread.is_alive():
+                    st.thread.join(0.05)
+                    if st.thread.is_alive():   # the signal came between two KVM_RUNs: again
+                        self._kick(st, reason)
+
+    def _kick(self, st: VcpuState, reason: str) -> None:
+        if st.stop_reason is None:
+            st.stop_reason = reason
+        st.vcpu.run_struct.immediate_exit = 1    # if it is between two KVM_RUNs
+        try:
+            signal.pthread_kill(st.thread.ident, KICK_SIGNAL)   # if it is inside KVM_RUN
+        except (ProcessLookupError, TypeError):
+            pass
+
+    def _vcpu_thread(self, st: VcpuState) -> None:
+        try:
+            self._vcpu_loop(st)
+        except KvmError as e:
+            st.end = VcpuEnd("kvm-error", detail={"error": str(e)})
+        except Exception as e:  # a bug of ours must still end the vCPU visibly
+            st.end = VcpuEnd("host-error", detail={"error": f"{type(e).__name__}: {e}"})
+
+    def _vcpu_loop(self, st: VcpuState) -> None:
+        vcpu = st.vcpu
+        run = vcpu.run_struct
+        io = run.io
+        kmap = vcpu.map
+        counts = st.exit_counts
+        console = st.console
+        trace = self.trace
+        while st.end is None:
+            reason = vcpu.run()
+            counts[reason] = counts.get(reason, 0) + 1
+            if trace is not None:
+                trace(st, reason)
+            if reason == _IO:
+                port = io.port
+                if io.direction == _OUT:
+                    value = kmap[io.data_offset]
+                    if port == L.PORT_SYNC:
+                        st.syncs += 1
+                        if self.on_sync is not None:
+                            tag = int.from_bytes(vcpu.io_data()[:io.size], "little")
+                            self.on_sync(st, tag)
+                        continue
+                    if port == L.PORT_DEBUGCON or port == L.PORT_CONSOLE:
+                        console.extend(vcpu.io_data())
+                        continue
+                    if port == L.PORT_EXIT:
+                        st.end = self._end_at(st, "exit-port", code=value, after=True)
+                        break
+                    if port == L.PORT_EXCEPTION and self.payload.mode == "long":
+                        st.end = self._exception_end(st)
+                        break
+                elif port == L.PORT_EXCEPTION:     # the stub asks: resume? never, here
+                    vcpu.set_io_data(b"\0\0\0\0")
+                    continue
+                st.end = self._end_at(st, "unhandled-io", after=io.direction == _OUT,
+                                      detail=_strip(vcpu.describe_exit(reason)))
+            elif reason == _INTR:
+                if st.stop_reason is not None:
+                    run.immediate_exit = 0
+                    st.end = self._end_at(st, st.stop_reason)
+                # else: a stray signal; just re-enter
+            elif reason == _HLT:
+                st.end = self._end_at(st, "hlt", after=True)
+            elif reason == _MMIO:
+                detail = _strip(vcpu.describe_exit(reason))
+                st.end = self._end_at(st, "unhandled-mmio", after=bool(run.mmio.is_write),
+                                      detail=detail)
+            elif reason == abi.KVM_EXIT_DIRTY_RING_FULL and self.on_ring_full is not None:
+                self.on_ring_full(st)
+            elif reason == abi.KVM_EXIT_SHUTDOWN:
+                st.end = self._end_at(st, "shutdown", registers=True)
+            elif reason == abi.KVM_EXIT_INTERNAL_ERROR:
+                st.end = self._end_at(st, "internal-error", registers=True,
+                                      detail=_strip(vcpu.describe_exit(reason)))
+            elif reason == abi.KVM_EXIT_FAIL_ENTRY:
+                st.end = self._end_at(st, "fail-entry", registers=True,
+                                      detail=_strip(vcpu.describe_exit(reason)))
+            else:
+                st.end = self._end_at(st, "unexpected-exit", registers=True,
+                                      detail=_strip(vcpu.describe_exit(reason)))
+
+    # -- reporting where a vCPU stopped --
+    def registers(self, st: VcpuState) -> dict:
+        regs, sregs = st.vcpu.get_regs(), st.vcpu.get_sregs()
+        out = {name: getattr(regs, name) for name, _ in abi.kvm_regs._fields_}
+        out.update(cr0=sregs.cr0, cr2=sregs.cr2, cr3=sregs.cr3, cr4=sregs.cr4, efer=sregs.efer,
+                   cs=sregs.cs.selector, ss=sregs.ss.selector, cs_base=sregs.cs.base)
+        return out
+
+    def linear(self, st: VcpuState, rip: int) -> int:
+        """RIP to a guest-physical address (identity paging; real mode adds the CS base)."""
+        if self.payload.mode == "real":
+            return st.vcpu.get_sregs().cs.base + rip
+        return rip
+
+    def describe_instruction(self, st: VcpuState, rip: int, after: bool = False) -> str | None:
+        """The payload's instruction at rip, or (after=True) the one ending at rip."""
+        p = self.payload
+        ins = p.instruction_ending_at(rip) if after else p.instruction_at(rip)
+        if ins is not None:
+            return f"{ins.text}" + (f"  ; line {ins.line}" if ins.line else "")
+        if p.mode == "long" and L.STUBS <= rip < L.STUB_COMMON + len(STUB_COMMON_CODE) + 1:
+            # minivmm's own exception stubs: decode them linearly from the stub's start
+            start = L.STUB_COMMON if rip > L.STUB_COMMON else rip & ~0xF
+            code = self.system.read(start, L.STUB_COMMON + len(STUB_COMMON_CODE) - start)
+            for ins in disassemble(code, start, "long"):
+                if (ins.address + ins.size if after else ins.address) == rip:
+                    return f"{ins.text}  ; exception stub"
+            return None
+        mem = self.vm.slot_for(self.linear(st, rip))
+        if after or mem is None:
+            return None
+        addr = self.linear(st, rip)
+        raw = mem.read(addr, min(16, mem.gpa + mem.size - addr))
+        one = disassemble_one(raw, rip, p.mode)
+        return one.text if one else None
+
+    def _end_at(self, st, reason, code=None, after=False, registers=False, detail=None):
+        regs = st.vcpu.get_regs()
+        end = VcpuEnd(reason, code=code, rip=regs.rip,
+                      instruction=self.describe_instruction(st, regs.rip, after),
+                      detail=dict(detail or {}))
+        if registers:
+            end.detail["registers"] = self.registers(st)
+        return end
+
+    def _exception_end(self, st) -> VcpuEnd:
+        """Read the frame the exception stub left on its stack (x86/modes.py)."""
+        regs = st.vcpu.get_regs()
+        mem = self.vm.slot_for(regs.rsp)
+        if mem is None:
+            return self._end_at(st, "exception", registers=True)
+        frame = dict(zip(STUB_FRAME_FIELDS,
+                         struct.unpack("<8Q", mem.read(regs.rsp, 8 * len(STUB_FRAME_FIELDS)))))
+        cr2 = st.vcpu.get_sregs().cr2
+        return VcpuEnd("exception", vector=frame["vector"], rip=frame["rip"],
+                       instruction=self.describe_instruction(st, frame["rip"]),
+                       detail={"error_code": frame["error_code"], "cr2": cr2,
+                               "name": EXCEPTION_NAMES.get(frame["vector"], "?"),
+                               "cs": frame["cs"], "rsp": frame["rsp"],
+                               "rflags": frame["rflags"]})
+
+
+def _strip(exit_info: dict) -> dict:
+    return {k: v for k, v in exit_info.items() if k not in ("reason", "exit_reason")}
+
+
+def run_payload(payload, vcpus=None, pages=DEFAULT_PAGES, timeout=None) -> RunResult:
+    """One-call convenience: build a Machine, run it, close it."""
+    with Machine(payload, vcpus=vcpus, pages=pages) as m:
+        return m.run(timeout)

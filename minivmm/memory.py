@@ -1,0 +1,67 @@
+"""Guest memory: anonymous host mappings that back KVM memory slots.
+
+Mirrors the memory model of Documentation/virt/kvm/api.rst 4.35
+KVM_SET_USER_MEMORY_REGION: a slot maps ``memory_size`` bytes of guest-physical
+space at ``guest_phys_addr`` onto host virtual memory at ``userspace_addr``.
+Mappings are MAP_NORESERVE, so a large sparse slot costs only what is touched.
+"""
+from __future__ import annotations
+
+import ctypes
+import mmap
+
+PAGE_SIZE = 4096
+
+
+class GuestMemory:
+    """One anonymous mapping that backs one memory slot."""
+
+    def __init__(self, slot: int, gpa: int, size: int, flags: int = 0, name: str = ""):
+        if size <= 0 or size % PAGE_SIZE or gpa % PAGE_SIZE:
+            raise ValueError(f"slot {slot}: size and address must be non-zero multiples of "
+                             f"{PAGE_SIZE} (got size {size:#x}, gpa {gpa:#x})")
+        self.slot, self.gpa, self.size, self.flags = slot, gpa, size, flags
+        self.name = name or f"slot{slot}"
+        try:
+            self.map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+                                 | getattr(mmap, "MAP_NORESERVE", 0x4000),
+                                 prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as e:
+            raise MemoryError(f"cannot map {size} bytes for {self.name}: {e.strerror}") from None
+        # The address KVM needs; the ctypes view pins the buffer until close().
+        self._anchor = ctypes.c_char.from_buffer(self.map)
+        self.host_addr = ctypes.addressof(self._anchor)
+
+    @property
+    def pages(self) -> int:
+        return self.size // PAGE_SIZE
+
+    def contains(self, gpa: int, length: int = 1) -> bool:
+        return self.gpa <= gpa and gpa + length <= self.gpa + self.size
+
+    def write(self, gpa: int, data: bytes) -> None:
+        off = gpa - self.gpa
+        if not self.contains(gpa, len(data)):
+            raise ValueError(f"write of {len(data)} bytes at {gpa:#x} outside {self.name}")
+        self.map[off:off + len(data)] = data
+
+    def read(self, gpa: int, length: int) -> bytes:
+        if not self.contains(gpa, length):
+            raise ValueError(f"read of {length} bytes at {gpa:#x} outside {self.name}")
+        off = gpa - self.gpa
+        return self.map[off:off + length]
+
+    def close(self) -> None:
+        if self.map is not None:
+            del self._anchor
+            self.map.close()
+            self.map = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"GuestMemory(slot={self.slot}, gpa={self.gpa:#x}, size={self.size:#x})"

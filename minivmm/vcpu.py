@@ -1,0 +1,155 @@
+"""Vcpu: a vCPU file descriptor and its mmapped ``struct kvm_run``.
+
+Mirrors the "vCPU ioctls" of Documentation/virt/kvm/api.rst section 4:
+4.10 KVM_RUN, 4.11/4.12 KVM_GET/SET_REGS, 4.13/4.14 KVM_GET/SET_SREGS,
+4.46 KVM_SET_CPUID2, 4.53 KVM_SET_GUEST_DEBUG; and section 5, "The kvm_run
+structure" (page 0 of the vCPU mapping; x86 page layout in
+arch/x86/include/uapi/asm/kvm.h: PIO data at page 1, coalesced MMIO at 2,
+dirty ring from page 64).
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+
+from . import _sys, abi
+from ._sys import KvmError, ioctl
+
+_EINTR = errno.EINTR
+
+
+class Vcpu:
+    """A vCPU created by Vm.create_vcpu(); closed by its Vm."""
+
+    def __init__(self, vm, fd: int, vcpu_id: int):
+        self.vm, self.fd, self.id = vm, fd, vcpu_id
+        self.map = None
+        self.ring_map = None  # set by minivmm.dirty.ring when the ring is enabled
+        try:
+            size = vm.kvm.get_vcpu_mmap_size()
+            self.map = _sys.map_shared(fd, size, 0, "mmap(kvm_run)")
+        except BaseException:
+            os.close(fd)
+            self.fd = -1
+            raise
+        self.run_struct = abi.kvm_run.from_buffer(self.map)
+        self._run_args = (fd, abi.KVM_RUN, None)
+
+    def close(self) -> None:
+        if self.ring_map is not None:
+            self.ring_map.close()
+            self.ring_map = None
+        if self.map is not None:
+            del self.run_struct
+            self.map.close()
+            self.map = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    # -- KVM_RUN: the hot path, kept lean --
+    def run(self) -> int:
+        """KVM_RUN: enter the guest until it exits; return kvm_run.exit_reason.
+
+        Returns KVM_EXIT_INTR when the call was interrupted (EINTR): then the
+        kernel may not have written exit_reason, so it is not read (host-probes.md 3).
+        """
+        if _sys.tracer is not None:
+            try:
+                ioctl(self.fd, abi.KVM_RUN, 0, "KVM_RUN")
+            except KvmError as e:
+                if e.errno == _EINTR:
+                    return abi.KVM_EXIT_INTR
+                raise
+            return self.run_struct.exit_reason
+        if _sys._ioctl(*self._run_args) < 0:
+            err = ctypes.get_errno()
+            if err == _EINTR:
+                return abi.KVM_EXIT_INTR
+            raise KvmError("KVM_RUN", err, _RUN_HINTS.get(err))
+        return self.run_struct.exit_reason
+
+    # -- registers --
+    def get_regs(self) -> abi.kvm_regs:
+        """KVM_GET_REGS (api.rst 4.11)."""
+        regs = abi.kvm_regs()
+        ioctl(self.fd, abi.KVM_GET_REGS, ctypes.addressof(regs), "KVM_GET_REGS")
+        return regs
+
+    def set_regs(self, regs: abi.kvm_regs) -> None:
+        """KVM_SET_REGS (api.rst 4.12)."""
+        ioctl(self.fd, abi.KVM_SET_REGS, ctypes.addressof(regs), "KVM_SET_REGS")
+
+    def get_sregs(self) -> abi.kvm_sregs:
+        """KVM_GET_SREGS (api.rst 4.13)."""
+        sregs = abi.kvm_sregs()
+        ioctl(self.fd, abi.KVM_GET_SREGS, ctypes.addressof(sregs), "KVM_GET_SREGS")
+        return sregs
+
+    def set_sregs(self, sregs: abi.kvm_sregs) -> None:
+        """KVM_SET_SREGS (api.rst 4.14)."""
+        ioctl(self.fd, abi.KVM_SET_SREGS, ctypes.addressof(sregs), "KVM_SET_SREGS",
+              {errno.EINVAL: "inconsistent control registers or segments (e.g. long mode "
+                             "without the LM CPUID bit: call set_cpuid2 first)"})
+
+    def set_cpuid2(self, cpuid) -> None:
+        """KVM_SET_CPUID2: the CPUID the guest sees (api.rst 4.46); needed for long mode."""
+        ioctl(self.fd, abi.KVM_SET_CPUID2, ctypes.addressof(cpuid), "KVM_SET_CPUID2")
+
+    def set_guest_debug(self, control: int, debugreg=None) -> None:
+        """KVM_SET_GUEST_DEBUG: single-step and breakpoints (api.rst 4.53)."""
+        dbg = abi.kvm_guest_debug(control=control)
+        for i, value in enumerate(debugreg or ()):
+            dbg.arch.debugreg[i] = value
+        ioctl(self.fd, abi.KVM_SET_GUEST_DEBUG, ctypes.addressof(dbg), "KVM_SET_GUEST_DEBUG")
+
+    # -- reading an exit --
+    def io_data(self) -> bytes:
+        """The bytes of the current KVM_EXIT_IO (they live at kvm_run + io.data_offset)."""
+        io = self.run_struct.io
+        off = io.data_offset
+        return self.map[off:off + io.size * io.count]
+
+    def set_io_data(self, data: bytes) -> None:
+        """Answer an IN: KVM copies these bytes into the guest on the next KVM_RUN."""
+        off = self.run_struct.io.data_offset
+        self.map[off:off + len(data)] = data
+
+    def describe_exit(self, reason: int | None = None) -> dict:
+        """The current exit, decoded into plain values (for traces and reports)."""
+        run = self.run_struct
+        reason = run.exit_reason if reason is None else reason
+        out: dict = {"reason": abi.EXIT_NAMES.get(reason, str(reason)), "exit_reason": reason}
+        if reason == abi.KVM_EXIT_IO:
+            io = run.io
+            out.update(direction="out" if io.direction == abi.KVM_EXIT_IO_OUT else "in",
+                       port=io.port, size=io.size, count=io.count)
+            if io.direction == abi.KVM_EXIT_IO_OUT:
+                out["data"] = int.from_bytes(self.io_data()[:io.size], "little")
+        elif reason == abi.KVM_EXIT_MMIO:
+            m = run.mmio
+            out.update(phys_addr=m.phys_addr, len=m.len, is_write=bool(m.is_write))
+            if m.is_write:
+                out["data"] = int.from_bytes(bytes(m.data)[:m.len], "little")
+        elif reason == abi.KVM_EXIT_FAIL_ENTRY:
+            f = run.fail_entry
+            out.update(hardware_entry_failure_reason=f.hardware_entry_failure_reason, cpu=f.cpu)
+        elif reason == abi.KVM_EXIT_INTERNAL_ERROR:
+            i = run.internal
+            out.update(suberror=i.suberror,
+                       data=[i.data[k] for k in range(min(i.ndata, 16))])
+        elif reason == abi.KVM_EXIT_DEBUG:
+            d = run.debug.arch
+            out.update(exception=d.exception, pc=d.pc, dr6=d.dr6, dr7=d.dr7)
+        elif reason == abi.KVM_EXIT_SYSTEM_EVENT:
+            e = run.system_event
+            out.update(type=e.type, data=[e.data[k] for k in range(min(e.ndata, 16))])
+        return out
+
+
+_RUN_HINTS = {
+    errno.EFAULT: "the guest touched host memory that is not mapped",
+    errno.ENOEXEC: "the vCPU state is not runnable (were registers set?)",
+    errno.EIO: "this VM belongs to another process (after fork, api.rst 4.10)",
+}

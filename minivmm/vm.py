@@ -1,0 +1,133 @@
+"""Vm: a VM file descriptor.
+
+Mirrors the "VM ioctls" of Documentation/virt/kvm/api.rst section 4, one
+method each: 4.7 KVM_CREATE_VCPU, 4.8 KVM_GET_DIRTY_LOG, 4.35
+KVM_SET_USER_MEMORY_REGION, 4.37 KVM_ENABLE_CAP, 4.40
+KVM_SET_IDENTITY_MAP_ADDR, 4.44 KVM_SET_TSS_ADDR, 4.117 KVM_CLEAR_DIRTY_LOG,
+and KVM_RESET_DIRTY_RINGS (section 7.36 KVM_CAP_DIRTY_LOG_RING).
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+
+from . import abi
+from ._sys import ioctl
+from .memory import GuestMemory
+
+
+class Vm:
+    """A VM created by Kvm.create_vm(). Owns its vCPUs and the memory it was given."""
+
+    def __init__(self, kvm, fd: int):
+        self.kvm = kvm
+        self.fd = fd
+        self.vcpus: list = []
+        self.memory: dict[int, GuestMemory] = {}
+
+    # -- lifecycle: vCPUs first, then the VM fd, then the memory behind it --
+    def close(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.close()
+        self.vcpus.clear()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        for mem in self.memory.values():
+            mem.close()
+        self.memory.clear()
+
+    def __enter__(self) -> "Vm":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- one method per ioctl --
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION on the VM fd (api.rst 4.4, KVM_CAP_CHECK_EXTENSION_VM)."""
+        return ioctl(self.fd, abi.KVM_CHECK_EXTENSION, cap, "KVM_CHECK_EXTENSION")
+
+    def set_user_memory_region(self, slot: int, flags: int, gpa: int, size: int,
+                               host_addr: int) -> None:
+        """KVM_SET_USER_MEMORY_REGION: create, move, change or (size 0) delete a slot."""
+        region = abi.kvm_userspace_memory_region(slot, flags, gpa, size, host_addr)
+        ioctl(self.fd, abi.KVM_SET_USER_MEMORY_REGION, ctypes.addressof(region),
+              "KVM_SET_USER_MEMORY_REGION",
+              {errno.EEXIST: "the range overlaps another slot",
+               errno.EINVAL: "bad flags, unaligned address or size, or an existing slot "
+                             "resized", errno.EFAULT: "the host memory is not mapped"})
+
+    def create_vcpu(self, vcpu_id: int):
+        """KVM_CREATE_VCPU: a new vCPU with this id; maps its kvm_run page."""
+        from .vcpu import Vcpu
+        fd = ioctl(self.fd, abi.KVM_CREATE_VCPU, vcpu_id, "KVM_CREATE_VCPU",
+                   {errno.EEXIST: f"vCPU id {vcpu_id} already exists",
+                    errno.EINVAL: f"vCPU id {vcpu_id} is above KVM's maximum"})
+        vcpu = Vcpu(self, fd, vcpu_id)
+        self.vcpus.append(vcpu)
+        return vcpu
+
+    def enable_cap(self, cap: int, *args: int, flags: int = 0, hints: dict | None = None) -> int:
+        """KVM_ENABLE_CAP on the VM fd (api.rst 4.37)."""
+        arg = abi.kvm_enable_cap(cap=cap, flags=flags)
+        for i, value in enumerate(args):
+            arg.args[i] = value
+        name = abi.CAP_NAMES.get(cap, str(cap))
+        return ioctl(self.fd, abi.KVM_ENABLE_CAP, ctypes.addressof(arg),
+                     f"KVM_ENABLE_CAP({name})", hints)
+
+    def get_dirty_log(self, slot: int, bitmap_addr: int) -> None:
+        """KVM_GET_DIRTY_LOG: copy the slot's dirty bitmap to bitmap_addr (api.rst 4.8)."""
+        arg = abi.kvm_dirty_log(slot=slot, dirty_bitmap=bitmap_addr)
+        ioctl(self.fd, abi.KVM_GET_DIRTY_LOG, ctypes.addressof(arg), "KVM_GET_DIRTY_LOG",
+              {errno.ENOENT: f"slot {slot} does not exist or does not log dirty pages",
+               errno.ENXIO: "the dirty ring is enabled on this VM; the bitmap is not "
+                            "available (api.rst 7.36)"})
+
+    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int,
+                        bitmap_addr: int) -> None:
+        """KVM_CLEAR_DIRTY_LOG: re-protect the pages whose bits are set (api.rst 4.117)."""
+        arg = abi.kvm_clear_dirty_log(slot=slot, num_pages=num_pages, first_page=first_page,
+                                      dirty_bitmap=bitmap_addr)
+        ioctl(self.fd, abi.KVM_CLEAR_DIRTY_LOG, ctypes.addressof(arg), "KVM_CLEAR_DIRTY_LOG",
+              {errno.EINVAL: "first_page must be a multiple of 64, and num_pages too unless "
+                             "it reaches the end of the slot",
+               errno.ENOENT: f"slot {slot} does not exist or does not log dirty pages",
+               errno.ENXIO: "the dirty ring is enabled on this VM"})
+
+    def reset_dirty_rings(self) -> int:
+        """KVM_RESET_DIRTY_RINGS: recycle every harvested entry; returns how many (api.rst 7.36)."""
+        return ioctl(self.fd, abi.KVM_RESET_DIRTY_RINGS, 0, "KVM_RESET_DIRTY_RINGS",
+                     {errno.EINVAL: "the dirty ring is not enabled on this VM"})
+
+    def set_tss_addr(self, addr: int) -> None:
+        """KVM_SET_TSS_ADDR: three pages VMX needs for real mode (api.rst 4.44); address by value."""
+        ioctl(self.fd, abi.KVM_SET_TSS_ADDR, addr, "KVM_SET_TSS_ADDR")
+
+    def set_identity_map_addr(self, addr: int) -> None:
+        """KVM_SET_IDENTITY_MAP_ADDR: one page VMX needs (api.rst 4.40); a pointer to a u64."""
+        value = ctypes.c_uint64(addr)
+        ioctl(self.fd, abi.KVM_SET_IDENTITY_MAP_ADDR, ctypes.addressof(value),
+              "KVM_SET_IDENTITY_MAP_ADDR",
+              {errno.EINVAL: "must be set before the first vCPU is created"})
+
+    # -- conveniences --
+    def add_memory(self, slot: int, gpa: int, size: int, flags: int = 0,
+                   name: str = "") -> GuestMemory:
+        """Map anonymous memory and register it as a slot. The VM owns and frees it."""
+        mem = GuestMemory(slot, gpa, size, flags, name)
+        try:
+            self.set_user_memory_region(slot, flags, gpa, size, mem.host_addr)
+        except BaseException:
+            mem.close()
+            raise
+        self.memory[slot] = mem
+        return mem
+
+    def slot_for(self, gpa: int) -> GuestMemory | None:
+        for mem in self.memory.values():
+            if mem.contains(gpa):
+                return mem
+        return None

@@ -1,0 +1,177 @@
+"""Real, protected and long mode: the memory the CPU reads, and the registers KVM sets.
+
+Mirrors ``struct kvm_sregs`` / ``struct kvm_segment`` (arch/x86/include/uapi/asm/kvm.h,
+api.rst 4.13 KVM_GET_SREGS) and the in-memory x86 structures of the Intel SDM vol. 3:
+GDT descriptors (3.4.5), 64-bit TSS with I/O permission bitmap (7.7, 19.5.2),
+64-bit interrupt gates (6.14.1) and 4-level paging with 2 MiB pages (4.5).
+
+Why long mode runs at CPL3 by default: on kvm_pvm hosts CPL0 code is emulated
+one instruction at a time; CPL3 code runs natively (host-probes.md, abi.md 6).
+CPL3 port I/O needs the TSS I/O bitmap (kvm_pvm ignores IOPL; IOPL=3 is set too,
+for VMX/SVM hosts), and exceptions from CPL3 need RSP0 in that TSS.
+"""
+from __future__ import annotations
+
+import struct
+
+from .. import abi
+from . import layout as L
+
+MODES = ("real", "protected", "long")
+
+CR0_PE, CR0_MP, CR0_ET, CR0_NE, CR0_WP, CR0_PG = 1, 2, 0x10, 0x20, 1 << 16, 1 << 31
+CR4_PAE, CR4_OSFXSR, CR4_OSXMMEXCPT = 1 << 5, 1 << 9, 1 << 10
+EFER_LME, EFER_LMA = 1 << 8, 1 << 10
+PTE_P, PTE_RW, PTE_US, PTE_PS = 1, 2, 4, 0x80
+
+# Vectors for which the CPU pushes an error code (SDM vol. 3, table 6-1).
+ERROR_CODE_VECTORS = {8, 10, 11, 12, 13, 14, 17, 21, 29, 30}
+EXCEPTION_NAMES = {
+    0: "#DE divide error", 1: "#DB debug", 2: "NMI", 3: "#BP breakpoint", 4: "#OF overflow",
+    5: "#BR bound range", 6: "#UD invalid opcode", 7: "#NM device not available",
+    8: "#DF double fault", 10: "#TS invalid TSS", 11: "#NP segment not present",
+    12: "#SS stack fault", 13: "#GP general protection", 14: "#PF page fault",
+    16: "#MF x87 error", 17: "#AC alignment check", 18: "#MC machine check",
+    19: "#XM SIMD exception", 20: "#VE virtualization", 21: "#CP control protection",
+}
+
+# The shared part of the exception stubs (64-bit, CPL0). On entry the stack holds
+# vector, error code, then the CPU's frame (RIP, CS, RFLAGS, RSP, SS). It reports
+# the vector on port 0xe0; the host reads the frame at RSP. The host's answer to
+# `in eax, 0xe0` is 0 (stay halted) or 1 (resume with iretq).
+STUB_COMMON_CODE = bytes.fromhex(
+    "50"            # push rax
+    "8b442408"      # mov eax, [rsp+8]      ; the vector
+    "e7e0"          # out 0xe0, eax
+    "e5e0"          # in eax, 0xe0
+    "85c0"          # test eax, eax
+    "7407"          # jz .stop
+    "58"            # pop rax
+    "4883c410"      # add rsp, 16           ; drop vector and error code
+    "48cf"          # iretq
+    "f4"            # .stop: hlt
+    "ebfd"          # jmp .stop
+)
+# After `push rax` the frame is: rax, vector, error, rip, cs, rflags, rsp, ss.
+STUB_FRAME_FIELDS = ("rax", "vector", "error_code", "rip", "cs", "rflags", "rsp", "ss")
+
+
+def _stub(vector: int) -> bytes:
+    code = b"" if vector in ERROR_CODE_VECTORS else b"\x6a\x00"   # push 0
+    code += bytes((0x6A, vector))                                   # push vector
+    here = L.STUBS + 16 * vector + len(code) + 5
+    code += b"\xe9" + struct.pack("<i", L.STUB_COMMON - here)       # jmp common
+    return code.ljust(16, b"\xcc")
+
+
+def _descriptor(base: int, limit: int, access: int, flags: int) -> bytes:
+    """An 8-byte GDT code/data descriptor (SDM 3.4.5)."""
+    return struct.pack("<HHBBBB", limit & 0xFFFF, base & 0xFFFF, (base >> 16) & 0xFF, access,
+                       ((limit >> 16) & 0xF) | (flags << 4), (base >> 24) & 0xFF)
+
+
+def _tss_descriptor(base: int, limit: int) -> bytes:
+    """A 16-byte 64-bit TSS descriptor, type 9 (available), present."""
+    low = _descriptor(base, limit, 0x89, 0)
+    return low + struct.pack("<II", base >> 32, 0)
+
+
+def _gate(offset: int, dpl: int) -> bytes:
+    """A 16-byte 64-bit interrupt gate to a CPL0 handler (SDM 6.14.1)."""
+    return struct.pack("<HHBBHII", offset & 0xFFFF, L.SEL_CODE0, 0, 0x8E | (dpl << 5),
+                       (offset >> 16) & 0xFFFF, offset >> 32, 0)
+
+
+def gdt_bytes(mode: str) -> bytes:
+    null = bytes(8)
+    if mode == "protected":
+        return null + _descriptor(0, 0xFFFFF, 0x9A, 0xC) + _descriptor(0, 0xFFFFF, 0x92, 0xC)
+    return (null
+            + _descriptor(0, 0xFFFFF, 0x9A, 0xA)     # 0x08 64-bit code, DPL0
+            + _descriptor(0, 0xFFFFF, 0x92, 0xC)     # 0x10 data, DPL0
+            + _descriptor(0, 0xFFFFF, 0xFA, 0xA)     # 0x18 64-bit code, DPL3
+            + _descriptor(0, 0xFFFFF, 0xF2, 0xC)     # 0x20 data, DPL3
+            + _tss_descriptor(L.vcpu_block(0) + L.TSS_OFF, L.TSS_SIZE + L.IOBITMAP_BYTES))
+
+
+def setup_memory(mem, mode: str, vcpus: int, data_pages: int) -> None:
+    """Write GDT, and for long mode page tables, IDT, stubs and per-vCPU TSSes, into slot 0."""
+    mem.write(L.GDT, gdt_bytes(mode))
+    if mode != "long":
+        return
+    ngib = L.mapped_gib(data_pages)
+    if ngib > L.PD_MAX:
+        raise ValueError(f"data slot too large: at most {L.MAX_DATA_PAGES} pages")
+    flags = PTE_P | PTE_RW | PTE_US     # user-accessible: payloads run at CPL3
+    mem.write(L.PML4, struct.pack("<Q", L.PDPT | flags))
+    mem.write(L.PDPT, struct.pack(f"<{ngib}Q", *((L.PD_BASE + g * L.PAGE) | flags
+                                                for g in range(ngib))))
+    for g in range(ngib):
+        entries = ((g * L.GIB + i * L.MIB2) | flags | PTE_PS for i in range(512))
+        mem.write(L.PD_BASE + g * L.PAGE, struct.pack("<512Q", *entries))
+    # IDT: 32 exception gates; #BP gets DPL3 so `int3` behaves the same on VMX/SVM.
+    mem.write(L.IDT, b"".join(_gate(L.STUBS + 16 * v, 3 if v == 3 else 0) for v in range(32)))
+    mem.write(L.STUBS, b"".join(_stub(v) for v in range(32)))
+    mem.write(L.STUB_COMMON, STUB_COMMON_CODE)
+    for i in range(vcpus):
+        block = L.vcpu_block(i)
+        tss = bytearray(L.TSS_SIZE)
+        struct.pack_into("<Q", tss, 4, block + L.EXC_STACK_TOP_OFF)     # RSP0
+        struct.pack_into("<H", tss, 102, L.TSS_SIZE)                    # I/O bitmap offset
+        # All-zero bitmap = every port allowed, then the required 0xff terminator.
+        mem.write(block + L.TSS_OFF, bytes(tss) + bytes(L.IOBITMAP_BYTES) + b"\xff")
+
+
+def _seg(selector, base=0, limit=0xFFFFFFFF, type_=3, dpl=0, db=0, s=1, l_=0, g=1):
+    return abi.kvm_segment(base=base, limit=limit, selector=selector, type=type_, present=1,
+                           dpl=dpl, db=db, s=s, l=l_, g=g)
+
+
+def setup_vcpu(vcpu, mode: str, cpl: int, index: int, regs_init: dict) -> None:
+    """Set special and general registers so the vCPU starts the payload in ``mode``."""
+    sregs = vcpu.get_sregs()
+    regs = abi.kvm_regs()
+    block = L.vcpu_block(index)
+    stack_top = block + L.USER_STACK_TOP_OFF
+    if mode == "real":
+        # CS = DS = ES = 0x1000 (base 0x10000, where the payload is); SS:SP = own stack.
+        code_seg = L.CODE >> 4
+        for name in ("cs", "ds", "es", "fs", "gs"):
+            seg = getattr(sregs, name)
+            seg.selector, seg.base = code_seg, L.CODE
+        sregs.ss.selector, sregs.ss.base = block >> 4, block
+        regs.rip, regs.rsp, regs.rflags = 0, L.USER_STACK_TOP_OFF, 0x2
+    elif mode == "protected":
+        sregs.cs = _seg(0x08, type_=11, db=1)
+        for name in ("ds", "es", "fs", "gs", "ss"):
+            setattr(sregs, name, _seg(0x10, db=1))
+        sregs.tr = _seg(0, limit=0x67, type_=11, s=0, g=0)
+        sregs.gdt.base, sregs.gdt.limit = L.GDT, 3 * 8 - 1
+        sregs.cr0 = CR0_PE | CR0_ET | CR0_NE
+        regs.rip, regs.rsp, regs.rflags = L.CODE, stack_top, 0x2
+    elif mode == "long":
+        if cpl == 3:
+            sregs.cs = _seg(L.SEL_CODE3, type_=11, dpl=3, l_=1)
+            data = _seg(L.SEL_DATA3, dpl=3, db=1)
+            rflags = 0x3002            # IOPL=3 for VMX/SVM; kvm_pvm uses the I/O bitmap
+        else:
+            sregs.cs = _seg(L.SEL_CODE0, type_=11, l_=1)
+            data = _seg(L.SEL_DATA0, db=1)
+            rflags = 0x2
+        for name in ("ds", "es", "fs", "gs", "ss"):
+            setattr(sregs, name, data)
+        sregs.tr = _seg(L.SEL_TSS, base=block + L.TSS_OFF, limit=L.TSS_SIZE + L.IOBITMAP_BYTES,
+                        type_=11, s=0, g=0)
+        sregs.gdt.base, sregs.gdt.limit = L.GDT, 7 * 8 - 1
+        sregs.idt.base, sregs.idt.limit = L.IDT, 32 * 16 - 1
+        sregs.cr3 = L.PML4
+        sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT
+        sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG
+        sregs.efer = EFER_LME | EFER_LMA
+        regs.rip, regs.rsp, regs.rflags = L.CODE, stack_top, rflags
+    else:
+        raise ValueError(f"unknown mode {mode!r}")
+    for name, value in regs_init.items():
+        setattr(regs, name, value)
+    vcpu.set_sregs(sregs)
+    vcpu.set_regs(regs)
