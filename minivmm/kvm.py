@@ -13,7 +13,7 @@ import os
 from . import abi
 from ._sys import KvmError, KvmUnavailable, ioctl
 
-DEFAULT_DEVICE = "/dev/kvm"
+DEFAULT_DEVICE = os.environ.get("MINIVMM_KVM_DEVICE", "/dev/kvm")
 
 
 def vendor_module() -> str:
@@ -27,7 +27,8 @@ def vendor_module() -> str:
 class Kvm:
     """An open /dev/kvm. Use as a context manager, or call close()."""
 
-    def __init__(self, device: str = DEFAULT_DEVICE):
+    def __init__(self, device: str | None = None):
+        device = device or os.environ.get("MINIVMM_KVM_DEVICE", "/dev/kvm")
         self.device = device
         try:
             self.fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)

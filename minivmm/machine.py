@@ -105,6 +105,9 @@ class VcpuState:
         self.syncs = 0
         self.end: VcpuEnd | None = None
         self.thread: threading.Thread | None = None
+        # Set when the thread's loop is over. Waiting on it, not on Thread.join, because
+        # on Python 3.11 a Ctrl-C inside join() can mark a live thread as stopped.
+        self.done = threading.Event()
         self.stop_reason: str | None = None   # set by the host to kick the vCPU out
 
     def exits_by_name(self) -> dict:
@@ -201,10 +204,7 @@ class Machine:
 
     # -- lifecycle --
     def close(self) -> None:
-        for st in self.states:
-            if st.thread is not None and st.thread.is_alive():
-                self._kick(st, "closed")
-                st.thread.join()
+        self.stop("closed")
         if self.vm is not None:
             self.vm.close()
             self.vm = None
@@ -243,35 +243,48 @@ class Machine:
         deadline = None if timeout is None else start + timeout
         try:
             for st in self.states:
-                while st.thread.is_alive():
+                while not st.done.is_set():
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
                         self.stop("timeout")
                         break
-                    st.thread.join(0.2 if left is None else min(left, 0.2))
+                    st.done.wait(0.2 if left is None else min(left, 0.2))
         except KeyboardInterrupt:
             self.stop("interrupted")
             raise
         finally:
-            for st in self.states:
-                st.thread.join()
+            self.stop("stopped")
         return RunResult(self.payload, self.states, time.monotonic() - start)
 
     def stop(self, reason: str = "stopped") -> None:
-        """Kick every running vCPU out of KVM_RUN and wait for its thread."""
-        for st in self.states:
-            if st.thread is not None and st.thread.is_alive():
+        """Kick every running vCPU out of KVM_RUN and wait until its thread is over.
+
+        A second Ctrl-C while stopping does not cut this short: the vCPU threads
+        must be gone before their kvm_run mappings can be released.
+        """
+        running = [st for st in self.states if st.thread is not None]
+        for st in running:
+            if not st.done.is_set():
                 self._kick(st, reason)
-        for st in self.states:
-            if st.thread is not None:
-                while st.thread.is_alive():
-                    st.thread.join(0.05)
-                    if st.thread.is_alive():   # the signal came between two KVM_RUNs: again
-                        self._kick(st, reason)
+        interrupted = False
+        for st in running:
+            while True:
+                try:
+                    if st.done.wait(0.05):
+                        break
+                    self._kick(st, reason)   # the signal came between two KVM_RUNs: again
+                except KeyboardInterrupt:
+                    interrupted = True
+            st.thread.join()
+            st.thread = None
+        if interrupted:
+            raise KeyboardInterrupt
 
     def _kick(self, st: VcpuState, reason: str) -> None:
         if st.stop_reason is None:
             st.stop_reason = reason
+        if st.thread is None:
+            return
         st.vcpu.run_struct.immediate_exit = 1    # if it is between two KVM_RUNs
         try:
             signal.pthread_kill(st.thread.ident, KICK_SIGNAL)   # if it is inside KVM_RUN
@@ -285,6 +298,8 @@ class Machine:
             st.end = VcpuEnd("kvm-error", detail={"error": str(e)})
         except Exception as e:  # a bug of ours must still end the vCPU visibly
             st.end = VcpuEnd("host-error", detail={"error": f"{type(e).__name__}: {e}"})
+        finally:
+            st.done.set()
 
     def _vcpu_loop(self, st: VcpuState) -> None:
         vcpu = st.vcpu

@@ -222,7 +222,8 @@ def _assemble_child(source: str, mode: str, origin: int, stmts) -> tuple:
         return ("ok", bytes(enc or b""))
     except keystone.KsError as e:
         message = str(e).split(" (KS_ERR")[0]
-    # Find the failing line: assemble growing prefixes with unknown symbols resolved to 0.
+    # Find the failing line: assemble growing prefixes with unknown symbols resolved to 0
+    # (safe only here, in the short-lived child: a resolver changes keystone's radix).
     ks = _ks(mode)
     ks.sym_resolver = lambda symbol, value: True
     for i in range(1, len(stmts) + 1):
@@ -287,14 +288,27 @@ def disassemble_one(code: bytes, address: int, mode: str) -> Instruction | None:
     return None
 
 
+def _directive_size(ks, body: str, address: int) -> int:
+    try:
+        enc, _ = ks.asm(body, address)
+    except keystone.KsError:
+        word, _, args = body.partition(" ")
+        if '"' in args:
+            raise
+        enc, _ = ks.asm(f"{word} " + re.sub(r"[A-Za-z_.$@][\w.$@]*", "0", args), address)
+    return len(enc or b"")
+
+
 def _listing(code: bytes, mode: str, origin: int, stmts, name) -> list:
     """Tie each source instruction line to exactly one decoded instruction.
 
     Data directives are sized by assembling them alone; everything must add up
     to the assembled length, or the assembler's output is not what the source says.
     """
+    # No sym_resolver here: setting one makes keystone 0.9.2 read later decimal
+    # immediates as hex (`mov al, 10` -> 0x10), process-wide. Symbols in a data
+    # directive are replaced by 0 instead; only the size matters here.
     ks = _ks(mode)
-    ks.sym_resolver = lambda symbol, value: True
     md = _cs(mode)
     listing = []
     offset = 0
@@ -315,8 +329,7 @@ def _listing(code: bytes, mode: str, origin: int, stmts, name) -> list:
                 addr = origin + offset
                 offset += (-addr) % align
             elif word in _DATA_DIRECTIVES:
-                enc, _ = ks.asm(body, origin + offset)
-                offset += len(enc or b"")
+                offset += _directive_size(ks, body, origin + offset)
             continue
         decoded = next(md.disasm(code[offset:offset + 16], origin + offset, 1), None)
         if decoded is None:

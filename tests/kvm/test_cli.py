@@ -1,0 +1,105 @@
+"""The minivmm command on the real /dev/kvm: output, JSON and exit statuses."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from minivmm.x86 import layout as L
+from tests.conftest import ROOT, payload, run_cli
+from tests.unit.test_cli_errors import one_line_error
+
+
+def test_caps_json():
+    proc = run_cli("caps", "--json")
+    assert proc.returncode == 0, proc.stderr
+    rep = json.loads(proc.stdout)
+    assert rep["api_version"] == 12
+    assert rep["vcpu_mmap_size"] >= 12288
+    for cap in ("KVM_CAP_DIRTY_LOG_RING", "KVM_CAP_DIRTY_LOG_RING_ACQ_REL",
+                "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2"):
+        assert cap in rep["capabilities"]
+    assert rep["vendor_module"] in ("kvm_pvm", "kvm_intel", "kvm_amd", "unknown")
+    assert "dirty ring" in rep["dirty_ring_verdict"]
+
+
+def test_caps_text_has_a_verdict():
+    proc = run_cli("caps")
+    assert proc.returncode == 0 and "verdict: " in proc.stdout and "API version 12" in proc.stdout
+
+
+def test_run_multi_vcpu_json_has_four_vcpus_each_with_its_line():
+    proc = run_cli("run", payload("multi_vcpu"), "--vcpus", "4", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)          # exactly one JSON object
+    assert out["mode"] == "long" and out["cpl"] == 3
+    assert [v["console"] for v in out["vcpus"]] == [f"hello from vCPU {i}\n" for i in range(4)]
+    for v in out["vcpus"]:
+        assert v["end"]["reason"] == "exit-port" and v["end"]["code"] == 0
+        assert v["end"]["instruction"].startswith("out 0xf4, al")
+        assert v["exits"]["io"] == 19
+
+
+def test_run_text_output_and_names():
+    proc = run_cli("run", "hello_protected")
+    assert proc.returncode == 0, proc.stderr
+    assert "vCPU 0 | Hello from protected mode" in proc.stdout
+    assert "vCPU 0 ended: hlt" in proc.stdout
+
+
+def test_trace_prints_every_exit_with_its_instruction():
+    proc = run_cli("run", "hello_long", "--trace")
+    assert proc.returncode == 0
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("[vcpu0")]
+    assert len(lines) == len("Hello from long mode\n") + 1
+    assert all("by out 0xe9, al" in l for l in lines[:-1])
+    assert "port=0xf4" in lines[-1] and "by out 0xf4, al" in lines[-1]
+
+
+def test_payloads_and_disasm():
+    proc = run_cli("payloads")
+    assert proc.returncode == 0 and "hello_real" in proc.stdout and "multi_vcpu" in proc.stdout
+    proc = run_cli("disasm", "hello_long")
+    assert proc.returncode == 0 and "out 0xe9, al" in proc.stdout
+
+
+@pytest.mark.parametrize("args,word", [
+    (["--vcpus", "0"], "--vcpus must be"),
+    (["--vcpus", "100000"], "between 1 and"),
+    (["--pages", "0"], "at least 1"),
+    (["--pages", str(L.MAX_DATA_PAGES + 1)], "more than this machine can map"),
+])
+def test_bad_sizes(args, word):
+    assert word in one_line_error(run_cli("run", payload("hello_long"), *args))
+
+
+@pytest.mark.parametrize("name,args,word", [
+    ("spin", ["--timeout", "0.5"], "stopped by the timeout at 0x"),
+    ("triple_fault", [], "triple fault"),
+    ("mmio", [], "access outside RAM (MMIO): write of 4 byte(s) at 0xd0000000"),
+    ("exception", [], "#GP"),
+])
+def test_guest_failures_exit_nonzero_with_one_line(name, args, word):
+    proc = run_cli("run", payload(name), *args, timeout=30)
+    line = one_line_error(proc, code=1)
+    assert word in line
+
+
+def test_triple_fault_text_shows_registers():
+    proc = run_cli("run", payload("triple_fault"))
+    assert "registers: rax=" in proc.stdout and "rip=0x" in proc.stdout
+
+
+def test_ctrl_c_stops_all_vcpus_and_exits_130():
+    proc = subprocess.Popen([sys.executable, "-m", "minivmm", "run", payload("spin"),
+                             "--vcpus", "3", "--timeout", "60"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    start = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130, (out, err)
+    assert time.monotonic() - start < 5
+    assert "interrupted" in err and "Traceback" not in err

@@ -1,0 +1,56 @@
+"""File descriptors and mappings are released deterministically."""
+import os
+
+from minivmm import Kvm
+from minivmm.machine import Machine
+from tests.conftest import payload
+
+
+def _fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _maps():
+    with open("/proc/self/maps") as f:
+        return sum(1 for _ in f)
+
+
+def test_thousand_vms_leak_nothing():
+    with Kvm() as kvm:
+        for _ in range(20):           # warm-up: lazy imports and caches settle
+            with kvm.create_vm() as vm:
+                vm.add_memory(0, 0, 0x10000)
+                vm.create_vcpu(0)
+        fds, maps = _fds(), _maps()
+        for _ in range(1000):
+            with kvm.create_vm() as vm:
+                vm.add_memory(0, 0, 0x10000)
+                vcpu = vm.create_vcpu(0)
+                assert vcpu.run_struct.exit_reason == 0
+        assert _fds() == fds
+        assert _maps() == maps
+
+
+def test_machines_release_everything_even_after_a_failure():
+    names = ("hello_long", "exception", "mmio")
+    for name in names:                # warm-up: capstone, thread stacks, allocator arenas
+        for _ in range(3):
+            with Machine(payload(name)) as m:
+                m.run(timeout=10)
+    fds, maps = _fds(), _maps()
+    for name in names:
+        for _ in range(20):
+            with Machine(payload(name)) as m:
+                m.run(timeout=10)
+    assert _fds() == fds and _maps() == maps
+
+
+def test_kvm_closes_on_error_inside_with():
+    fds = _fds()
+    try:
+        with Kvm() as kvm, kvm.create_vm() as vm:
+            vm.create_vcpu(0)
+            vm.create_vcpu(0)     # EEXIST
+    except Exception as e:
+        assert "KVM_CREATE_VCPU" in str(e) and "EEXIST" in str(e)
+    assert _fds() == fds

@@ -1,0 +1,149 @@
+"""Payloads run end to end on the real /dev/kvm, in every CPU mode."""
+import pytest
+
+from minivmm import abi
+from minivmm.machine import Machine, MachineError
+from minivmm.payload import assemble_source
+from minivmm.x86 import layout as L
+from tests.conftest import payload
+
+
+def run(name, **kw):
+    timeout = kw.pop("timeout", 20)
+    with Machine(payload(name), **kw) as m:
+        return m.run(timeout=timeout)
+
+
+@pytest.mark.parametrize("name,mode,text,end", [
+    ("hello_real", "real", "Hello from real mode\n", "hlt"),
+    ("hello_protected", "protected", "Hello from protected mode\n", "hlt"),
+    ("hello_long", "long", "Hello from long mode\n", "exit-port"),
+])
+def test_hello_in_each_mode(name, mode, text, end):
+    r = run(name)
+    assert r.payload.mode == mode
+    st, = r.vcpus
+    assert st.console.decode() == text
+    assert st.end.reason == end
+    assert r.ok
+    # one IO exit per console byte, plus the exit port in long mode
+    assert st.exits_by_name()["io"] == len(text) + (end == "exit-port")
+
+
+def test_long_mode_runs_at_cpl3_by_default():
+    with Machine(payload("hello_long")) as m:
+        sregs = m.states[0].vcpu.get_sregs()
+        assert sregs.cs.dpl == 3 and sregs.cs.selector & 3 == 3 and sregs.cs.l == 1
+        assert sregs.efer & 0x500 == 0x500
+        assert sregs.tr.base == L.vcpu_block(0)
+
+
+def test_multi_vcpu_each_prints_its_index():
+    r = run("multi_vcpu", vcpus=4)
+    assert [st.console.decode() for st in r.vcpus] == [f"hello from vCPU {i}\n" for i in range(4)]
+    assert all(st.end.reason == "exit-port" and st.end.code == 0 for st in r.vcpus)
+
+
+def test_more_vcpus_than_host_cpus():
+    r = run("multi_vcpu", vcpus=12)
+    assert sorted(st.console.decode() for st in r.vcpus) == \
+        sorted(f"hello from vCPU {i}\n" for i in range(12))
+
+
+def test_exception_is_reported_with_vector_and_instruction():
+    r = run("exception")
+    end = r.vcpus[0].end
+    assert end.reason == "exception" and end.vector == 13
+    assert end.detail["error_code"] == 0
+    assert end.instruction.startswith("hlt")
+    assert not r.ok
+
+
+def test_page_fault_reports_cr2():
+    src = ";! mode: long\n    mov rax, 0x400000000000\n    mov qword ptr [rax], 1\n"
+    with Machine(assemble_source(src, "pf.asm")) as m:
+        r = m.run(timeout=20)
+    end = r.vcpus[0].end
+    assert (end.reason, end.vector) == ("exception", 14)
+    assert end.detail["cr2"] == 0x400000000000
+    assert end.detail["error_code"] & 0x6 == 0x6     # write, user
+    assert end.instruction.startswith("mov qword ptr [rax], 1")
+
+
+def test_spin_is_stopped_by_timeout_with_location():
+    r = run("spin", timeout=0.3)
+    end = r.vcpus[0].end
+    assert end.reason == "timeout"
+    assert 0x10000 <= end.rip < 0x10000 + len(r.payload.code)
+    assert end.instruction.split()[0] in ("pause", "jmp")
+    assert r.vcpus[0].console == b"."
+
+
+def test_mmio_outside_ram_names_the_writing_instruction():
+    r = run("mmio")
+    end = r.vcpus[0].end
+    assert end.reason == "unhandled-mmio"
+    assert end.detail["phys_addr"] == 0xD0000000 and end.detail["len"] == 4
+    assert end.detail["is_write"] and end.detail["data"] == 0x11223344
+    # RIP is past the store; the report names the store itself
+    assert end.instruction.startswith("mov dword ptr [rdi], 0x11223344")
+
+
+def test_out_names_the_instruction_not_the_next_one():
+    r = run("hello_long")
+    end = r.vcpus[0].end
+    assert end.instruction.startswith("out 0xf4, al")
+    ins = r.payload.instruction_ending_at(end.rip)
+    assert ins.text == "out 0xf4, al"
+
+
+def test_triple_fault_reports_registers():
+    r = run("triple_fault")
+    end = r.vcpus[0].end
+    assert end.reason == "shutdown"
+    regs = end.detail["registers"]
+    assert regs["rip"] == end.rip and regs["cr3"] == L.PML4
+    assert "ud2" in end.instruction
+
+
+def test_unhandled_port():
+    src = ";! mode: long\n    mov al, 7\n    out 0x80, al\n"
+    with Machine(assemble_source(src, "port.asm")) as m:
+        r = m.run(timeout=20)
+    end = r.vcpus[0].end
+    assert end.reason == "unhandled-io"
+    assert end.detail["port"] == 0x80 and end.detail["direction"] == "out"
+    assert end.detail["data"] == 7 and end.instruction.startswith("out 0x80, al")
+
+
+def test_entry_registers_follow_the_convention():
+    src = (";! mode: long\n    mov rax, rdi\n    out 0xf0, eax\n    mov rax, rsi\n"
+           "    out 0xf0, eax\n    mov rax, rdx\n    out 0xf0, eax\n    xor eax, eax\n"
+           "    out 0xf4, al\n")
+    tags = {}
+    with Machine(assemble_source(src, "regs.asm"), vcpus=2, pages=64) as m:
+        m.on_sync = lambda st, tag: tags.setdefault(st.index, []).append(tag)
+        m.run(timeout=20)
+    assert tags[0] == [0, L.DATA_GPA, 32]
+    assert tags[1] == [1, L.DATA_GPA + 32 * 4096, 32]
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(vcpus=0), "between 1 and"),
+    (dict(vcpus=100000), "between 1 and"),
+    (dict(pages=0), "at least 1"),
+    (dict(pages=L.MAX_DATA_PAGES + 1), "more than this machine can map"),
+])
+def test_bad_machine_requests(kw, match):
+    with pytest.raises(MachineError, match=match):
+        Machine(payload("hello_long"), **kw)
+
+
+def test_negative_timeout_rejected():
+    with Machine(payload("hello_long")) as m:
+        with pytest.raises(MachineError, match="negative"):
+            m.run(timeout=-1)
+
+
+def test_exit_reason_names_cover_the_machine_ends():
+    assert abi.EXIT_NAMES[abi.KVM_EXIT_DIRTY_RING_FULL] == "DIRTY_RING_FULL"
