@@ -15,7 +15,7 @@ import struct
 import threading
 import time
 
-from . import abi
+from . import _sys, abi
 from ._sys import KvmError
 from .kvm import Kvm
 from .payload import Payload, disassemble, disassemble_one, load
@@ -226,6 +226,27 @@ class Machine:
     def system(self):
         return self.vm.memory[L.SLOT_SYSTEM]
 
+    def dump_image(self, path: str) -> None:
+        """Write slots, registers and CPUID as a machine image for the native baseline.
+
+        The format is documented in benchmarks/native/IMAGE_FORMAT.md; it lets a small
+        C program run exactly the guest bytes and entry state this Machine would run.
+        """
+        out = [b"MVMMIMG1", struct.pack("<II", 1, len(self.vm.memory))]
+        for slot, mem in sorted(self.vm.memory.items()):
+            # slot 0 holds code, tables and stacks; the data slot starts out all zero
+            content = bytes(mem.map).rstrip(b"\0") if slot == L.SLOT_SYSTEM else b""
+            out.append(struct.pack("<IIQQQ", slot, mem.flags, mem.gpa, mem.size, len(content)))
+            out.append(content)
+        out.append(struct.pack("<I", len(self.states)))
+        for st in self.states:
+            out.append(bytes(st.vcpu.get_regs()) + bytes(st.vcpu.get_sregs()))
+        cpuid = self.kvm.get_supported_cpuid()
+        out.append(struct.pack("<I", cpuid.nent))
+        out.extend(bytes(cpuid.entries[i]) for i in range(cpuid.nent))
+        with open(path, "wb") as f:
+            f.write(b"".join(out))
+
     # -- running --
     def run(self, timeout: float | None = None) -> RunResult:
         """Start one thread per vCPU, wait until all end (or the timeout), return the result.
@@ -309,8 +330,16 @@ class Machine:
         counts = st.exit_counts
         console = st.console
         trace = self.trace
+        # The hot path: KVM_RUN called directly when no ioctl tracer is installed.
+        run_call = vcpu.run if _sys.tracer is not None else None
+        libc_ioctl, run_args = _sys._ioctl, vcpu._run_args
         while st.end is None:
-            reason = vcpu.run()
+            if run_call is not None:
+                reason = run_call()
+            elif libc_ioctl(*run_args) >= 0:
+                reason = run.exit_reason
+            else:
+                reason = vcpu.run_failed()
             counts[reason] = counts.get(reason, 0) + 1
             if trace is not None:
                 trace(st, reason)

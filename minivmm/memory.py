@@ -53,8 +53,13 @@ class GuestMemory:
 
     def close(self) -> None:
         if self.map is not None:
-            del self._anchor
-            self.map.close()
+            if hasattr(self, "_anchor"):
+                del self._anchor
+            try:
+                self.map.close()
+            except BufferError:
+                raise BufferError(f"{self.name}: a view of this guest memory (a numpy array or "
+                                  "memoryview) is still alive; delete it before closing") from None
             self.map = None
 
     def __enter__(self):

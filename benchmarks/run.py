@@ -1,0 +1,110 @@
+"""`make bench`: minivmm (Python) against the native C baseline, same guest bytes, same run.
+
+The Python side builds each Machine and writes it as an image (Machine.dump_image);
+benchmarks/native/minivmm-native runs that image. Ratios are printed, and the raw
+figures saved to benchmarks/out/results.json. Targets come from the issues; a ratio
+below target is printed as BELOW, never hidden.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from minivmm.kvm import Kvm, vendor_module
+from minivmm.machine import Machine
+
+ROOT = Path(__file__).resolve().parent.parent
+NATIVE = ROOT / "benchmarks" / "native" / "minivmm-native"
+OUT = ROOT / "benchmarks" / "out"
+
+
+def native(*args) -> dict:
+    proc = subprocess.run([str(NATIVE), *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+    if proc.returncode != 0:
+        raise SystemExit(f"native baseline failed: {proc.stderr.strip()}")
+    return json.loads(proc.stdout)
+
+
+def python_exits(payload: str, n: int, image: str | None = None) -> dict:
+    with Machine(str(ROOT / "guest_payloads" / f"{payload}.asm"), regs={"rcx": n}) as m:
+        if image:
+            m.dump_image(image)
+        result = m.run(timeout=600)
+    st = result.vcpus[0]
+    if not result.ok:
+        raise SystemExit(f"{payload}: guest did not finish cleanly: {st.end.summary()}")
+    exits = sum(st.exit_counts.values())
+    return {"exits": exits, "elapsed_s": result.elapsed_s,
+            "exits_per_s": exits / result.elapsed_s}
+
+
+def bench_exits(reps: int, scale: float) -> list:
+    rows = []
+    for label, payload, n in (("real mode", "bench_out_real", 150_000),
+                              ("long mode CPL3", "bench_out", 30_000)):
+        n = max(1000, int(n * scale))
+        py, nat = [], []
+        with tempfile.TemporaryDirectory() as tmp:
+            image = os.path.join(tmp, f"{payload}.img")
+            python_exits(payload, 1000, None)            # warm-up (imports, assembly cache)
+            for rep in range(reps):
+                py.append(python_exits(payload, n, image if rep == 0 else None)["exits_per_s"])
+                nat.append(native("exits", image)["exits_per_s"])
+        p, c = statistics.median(py), statistics.median(nat)
+        rows.append({"bench": f"KVM_RUN round trips, {label}", "n": n, "python": p,
+                     "native": c, "ratio": p / c, "target": 0.75, "unit": "exits/s",
+                     "python_all": py, "native_all": nat})
+    return rows
+
+
+def print_rows(rows: list) -> None:
+    print(f"{'benchmark':48} {'python':>12} {'native':>12} {'ratio':>7} {'target':>7}")
+    for r in rows:
+        ok = r["ratio"] >= r["target"] if r.get("higher_is_better", True) else \
+            r["ratio"] <= r["target"]
+        print(f"{r['bench']:48} {r['python']:12.0f} {r['native']:12.0f} {r['ratio']:7.2f} "
+              f"{('>=' if r.get('higher_is_better', True) else '<=')}{r['target']:<5} "
+              f"{'ok' if ok else 'BELOW'}  ({r['unit']})")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=3, help="repetitions per figure (median)")
+    ap.add_argument("--scale", type=float, default=1.0, help="scale iteration counts")
+    ap.add_argument("--only", choices=["exits", "dirty"], help="run one group")
+    args = ap.parse_args(argv)
+    if not NATIVE.exists():
+        raise SystemExit(f"{NATIVE} is missing: run `make native` first")
+    with Kvm() as kvm:
+        header = {"kernel": os.uname().release, "vendor": vendor_module(),
+                  "cpus": os.cpu_count(), "python": sys.version.split()[0],
+                  "date": time.strftime("%Y-%m-%d %H:%M")}
+    print(f"minivmm bench on {header['kernel']} ({header['vendor']}), {header['cpus']} CPUs, "
+          f"Python {header['python']}; medians of {args.reps}")
+    rows = []
+    if args.only in (None, "exits"):
+        rows += bench_exits(args.reps, args.scale)
+    if args.only in (None, "dirty"):
+        try:
+            from benchmarks.dirty import bench_dirty
+        except ImportError:
+            bench_dirty = None
+        if bench_dirty is not None:
+            rows += bench_dirty(args.reps, args.scale, native)
+    print_rows(rows)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "results.json").write_text(json.dumps({"host": header, "rows": rows}, indent=2))
+    print(f"raw figures: {OUT / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
