@@ -156,6 +156,8 @@ class Machine:
         self.trace = None                 # callable(state, reason) for every exit, or None
         self.on_sync = None               # callable(state, tag) at a sync exit, or None
         self.on_ring_full = None          # callable(state) at KVM_EXIT_DIRTY_RING_FULL
+        self.on_end = None                # callable(state) when a vCPU's thread is over
+        self._start, self._deadline = time.monotonic(), None
         self._lock = threading.Lock()
         nvcpus = vcpus if vcpus is not None else (self.payload.vcpus or 1)
         if pages < 1:
@@ -253,19 +255,34 @@ class Machine:
 
         Ctrl-C (KeyboardInterrupt) stops every vCPU before it propagates.
         """
+        self.start(timeout)
+        return self.wait()
+
+    def start(self, timeout: float | None = None) -> None:
+        """Start the vCPU threads and return at once; wait() collects the result."""
         if timeout is not None and timeout < 0:
             raise MachineError(f"timeout must not be negative (got {timeout})")
         install_kick_handler()
-        start = time.monotonic()
+        self._start = time.monotonic()
+        self._deadline = None if timeout is None else self._start + timeout
         for st in self.states:
             st.thread = threading.Thread(target=self._vcpu_thread, args=(st,),
                                          name=f"vcpu{st.index}", daemon=True)
             st.thread.start()
-        deadline = None if timeout is None else start + timeout
+
+    def expired(self) -> bool:
+        """True once the timeout given to start() has passed; stops the vCPUs then."""
+        if self._deadline is not None and time.monotonic() >= self._deadline:
+            self.stop("timeout")
+            return True
+        return False
+
+    def wait(self) -> RunResult:
+        """Wait until every vCPU has ended (stopping them at the deadline)."""
         try:
             for st in self.states:
                 while not st.done.is_set():
-                    left = None if deadline is None else deadline - time.monotonic()
+                    left = None if self._deadline is None else self._deadline - time.monotonic()
                     if left is not None and left <= 0:
                         self.stop("timeout")
                         break
@@ -275,7 +292,7 @@ class Machine:
             raise
         finally:
             self.stop("stopped")
-        return RunResult(self.payload, self.states, time.monotonic() - start)
+        return RunResult(self.payload, self.states, time.monotonic() - self._start)
 
     def stop(self, reason: str = "stopped") -> None:
         """Kick every running vCPU out of KVM_RUN and wait until its thread is over.
@@ -320,7 +337,13 @@ class Machine:
         except Exception as e:  # a bug of ours must still end the vCPU visibly
             st.end = VcpuEnd("host-error", detail={"error": f"{type(e).__name__}: {e}"})
         finally:
-            st.done.set()
+            if self.on_end is not None:
+                try:
+                    self.on_end(st)
+                finally:
+                    st.done.set()
+            else:
+                st.done.set()
 
     def _vcpu_loop(self, st: VcpuState) -> None:
         vcpu = st.vcpu
@@ -379,7 +402,7 @@ class Machine:
                 st.end = self._end_at(st, "unhandled-mmio", after=bool(run.mmio.is_write),
                                       detail=detail)
             elif reason == abi.KVM_EXIT_DIRTY_RING_FULL and self.on_ring_full is not None:
-                self.on_ring_full(st)
+                st.end = self.on_ring_full(st)     # harvest, reset, re-enter (or an end)
             elif reason == abi.KVM_EXIT_SHUTDOWN:
                 st.end = self._end_at(st, "shutdown", registers=True)
             elif reason == abi.KVM_EXIT_INTERNAL_ERROR:

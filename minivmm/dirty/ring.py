@@ -1,0 +1,84 @@
+"""The per-vCPU dirty ring: enabling it, mapping it, harvesting it.
+
+Mirrors Documentation/virt/kvm/api.rst 7.36 (KVM_CAP_DIRTY_LOG_RING and
+KVM_CAP_DIRTY_LOG_RING_ACQ_REL), ``kvm_vm_ioctl_enable_dirty_log_ring()`` in
+virt/kvm/kvm_main.c and the ring itself in virt/kvm/dirty_ring.c. The ring of
+``struct kvm_dirty_gfn`` lives at page KVM_DIRTY_LOG_PAGE_OFFSET (64) of the
+vCPU mapping (arch/x86/include/uapi/asm/kvm.h), mapped MAP_SHARED and writable
+(abi.md rules 20-23). Harvesting itself is in harvest.py.
+"""
+from __future__ import annotations
+
+import errno
+import mmap
+
+from .. import _sys, abi
+from .harvest import ENTRY_BYTES, HarvestResult, harvest
+from .ringsize import ring_limits, validate_entries
+
+
+class DirtyRingError(ValueError):
+    """A dirty-ring request refused before (or by) the kernel, with the reason."""
+
+
+def ring_capability(kvm, allow_acq_rel: bool = True, disabled: bool = False) -> int | None:
+    """The capability to enable: ACQ_REL when offered (as the kernel selftests prefer), else
+    the plain ring, else None. ``disabled`` pretends the kernel has neither (for tests)."""
+    if disabled:
+        return None
+    if allow_acq_rel and kvm.check_extension(abi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL) > 0:
+        return abi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL
+    if kvm.check_extension(abi.KVM_CAP_DIRTY_LOG_RING) > 0:
+        return abi.KVM_CAP_DIRTY_LOG_RING
+    return None
+
+
+def enable_dirty_ring(vm, entries: int, cap: int | None = None) -> int:
+    """KVM_ENABLE_CAP(dirty ring) with ``entries`` per vCPU; returns the capability used.
+
+    The size is validated first (power of two, within the host's limits), and a VM
+    that already has vCPUs is refused here with the reason the kernel would not give.
+    """
+    if cap is None:
+        cap = ring_capability(vm.kvm)
+        if cap is None:
+            raise DirtyRingError("this kernel offers no dirty ring (KVM_CAP_DIRTY_LOG_RING "
+                                 "and KVM_CAP_DIRTY_LOG_RING_ACQ_REL are 0): use the bitmap")
+    try:
+        validate_entries(entries, ring_limits(vm.kvm))
+    except ValueError as e:
+        raise DirtyRingError(str(e)) from None
+    if vm.vcpus:
+        raise DirtyRingError("enable the dirty ring before creating vCPUs: this VM already has "
+                             f"{len(vm.vcpus)} (KVM refuses with EINVAL, api.rst 7.36)")
+    vm.enable_cap(cap, entries * ENTRY_BYTES, hints={
+        errno.EINVAL: "enable the dirty ring once, before creating vCPUs, with a power-of-two "
+                      "size of at least one page",
+        errno.E2BIG: "ring larger than KVM_CAP_DIRTY_LOG_RING allows"})
+    vm.dirty_ring_entries = entries
+    return cap
+
+
+class VcpuRing:
+    """One vCPU's ring as the VMM sees it: the shared mapping and the VMM's fetch index.
+
+    Created right after KVM_CREATE_VCPU, so no harvester ever sees a vCPU without it.
+    """
+
+    def __init__(self, vcpu, entries: int):
+        self.vcpu, self.entries = vcpu, entries
+        self.fetch = 0                      # free-running u32, as the kernel's indices
+        offset = mmap.PAGESIZE * abi.KVM_DIRTY_LOG_PAGE_OFFSET   # host page size (selftests)
+        self.map = _sys.map_shared(vcpu.fd, entries * ENTRY_BYTES, offset, "mmap(dirty ring)")
+        vcpu.ring_map = self.map            # Vcpu.close() unmaps it
+
+    def harvest(self) -> HarvestResult:
+        """Take every DIRTY entry from the fetch index on and mark it RESET (api.rst 7.36)."""
+        result = harvest(self.map, self.entries, self.fetch)
+        self.fetch = result.fetch
+        return result
+
+    def flags(self):
+        """A copy of every entry's flags, for the ring view (index = position in the ring)."""
+        import numpy as np
+        return np.frombuffer(self.map, dtype="<u4", count=self.entries * 4)[0::4].copy()

@@ -1,0 +1,481 @@
+"""One tracker interface over the dirty ring and the dirty bitmap, and the session that
+runs a payload iteration by iteration, collecting and verifying at every sync.
+
+Mirrors the collection protocols of Documentation/virt/kvm/api.rst 7.36
+(harvest, then KVM_RESET_DIRTY_RINGS, then read the pages; KVM_EXIT_DIRTY_RING_FULL
+asks for exactly that) and 4.8/4.117 (KVM_GET_DIRTY_LOG, then KVM_CLEAR_DIRTY_LOG
+under KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2). One VM cannot use both on x86
+(GET_DIRTY_LOG fails with ENXIO once the ring is on, abi.md rule 48), so "both"
+means two VMs running the same payload side by side.
+"""
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+import time
+
+import numpy as np
+
+from .. import abi
+from ..machine import Machine, VcpuEnd
+from ..payload import Payload, load
+from ..x86 import layout as L
+from .bitmap import SlotBitmap, decode, enable_manual_protect
+from .harvest import dedupe
+from .ring import DirtyRingError, VcpuRing, enable_dirty_ring, ring_capability
+from .verify import ContentOracle, plan
+
+SLOT_NAMES = {L.SLOT_SYSTEM: "system", L.SLOT_DATA: "data"}
+# Ring-full exits in a row that find nothing to harvest before the vCPU is stopped:
+# the kernel's ring index no longer matches ours (the ring overflowed, abi.md 6).
+EMPTY_FULL_LIMIT = 3
+_EMPTY = np.empty(0, np.int64)
+
+
+@dataclasses.dataclass
+class Collection:
+    """What one collection found, per slot, with its bookkeeping."""
+    pages: dict                          # slot id -> sorted unique page indices
+    per_vcpu: dict | None                # ring only: vCPU -> {slot id: pages}
+    entries: int = 0                     # ring entries (or set bits) taken
+    duplicates: int = 0
+    bogus: list = dataclasses.field(default_factory=list)
+    ring_full_exits: int = 0
+    resets: list = dataclasses.field(default_factory=list)   # (returned, harvested)
+    lost: list = dataclasses.field(default_factory=list)     # evidence of lost entries
+    collect_s: float = 0.0
+
+    @property
+    def reset_count_ok(self) -> bool:
+        return all(got == want for got, want in self.resets)
+
+
+class Tracker:
+    """Base: which slots log, what happens before vCPUs exist, how to collect."""
+    name = "?"
+
+    def __init__(self):
+        self.lock = threading.RLock()
+        self.machine = None
+        self.slot_pages: dict = {}
+
+    def before_vcpus(self, machine) -> None:
+        pass
+
+    def on_vcpu(self, machine, st) -> None:
+        pass
+
+    def bind(self, machine) -> None:
+        self.machine = machine
+        self.slot_pages = {slot: mem.pages for slot, mem in machine.vm.memory.items()
+                           if mem.flags & abi.KVM_MEM_LOG_DIRTY_PAGES}
+
+    def poll(self) -> None:
+        """Collect while vCPUs run (async mode); kept until the next collect()."""
+
+    def collect(self) -> Collection:
+        raise NotImplementedError
+
+    def on_ring_full(self, st):
+        return VcpuEnd("unexpected-exit", detail={"exit": "DIRTY_RING_FULL without a ring"})
+
+
+class RingTracker(Tracker):
+    """Per-vCPU dirty rings: harvest each, then one KVM_RESET_DIRTY_RINGS for the VM."""
+    name = "ring"
+
+    def __init__(self, entries: int = 4096, allow_acq_rel: bool = True,
+                 force_unavailable: bool = False):
+        super().__init__()
+        self.entries = entries
+        self.allow_acq_rel, self.force_unavailable = allow_acq_rel, force_unavailable
+        self.cap = None
+        self.rings: dict[int, VcpuRing] = {}
+        self._acc: dict[int, list] = {}
+        self._since_reset = 0
+        self._resets, self._lost = [], []
+        self._ring_full = 0
+        self._empty_full: dict[int, int] = {}
+        self._bg_s = 0.0
+
+    def before_vcpus(self, machine) -> None:
+        self.cap = ring_capability(machine.kvm, self.allow_acq_rel, self.force_unavailable)
+        if self.cap is None:
+            raise DirtyRingError("this kernel offers no dirty ring (KVM_CAP_DIRTY_LOG_RING is "
+                                 "0): use --tracker bitmap")
+        enable_dirty_ring(machine.vm, self.entries, self.cap)
+
+    def on_vcpu(self, machine, st) -> None:
+        self.rings[st.index] = VcpuRing(st.vcpu, self.entries)
+        self._acc[st.index] = []
+
+    def _harvest_locked(self, index: int, ring: VcpuRing) -> int:
+        r = ring.harvest()
+        if r.count:
+            self._acc[index].append((r.slots, r.offsets))
+            self._since_reset += r.count
+            if r.count == ring.entries:
+                self._lost.append(f"vCPU {index}: a harvest took a full lap of {ring.entries} "
+                                  "entries: the ring was full, so later dirty pages may have "
+                                  "overwritten entries")
+        return r.count
+
+    def _reset_locked(self) -> None:
+        got = self.machine.vm.reset_dirty_rings()
+        self._resets.append((got, self._since_reset))
+        self._since_reset = 0
+
+    def poll(self) -> None:
+        with self.lock:
+            t0 = time.perf_counter()
+            for i, ring in self.rings.items():
+                self._harvest_locked(i, ring)
+            if self._since_reset:
+                self._reset_locked()
+            self._bg_s += time.perf_counter() - t0
+
+    def on_ring_full(self, st):
+        with self.lock:
+            t0 = time.perf_counter()
+            self._ring_full += 1
+            n = self._harvest_locked(st.index, self.rings[st.index])
+            self._reset_locked()
+            self._bg_s += time.perf_counter() - t0
+            if n:
+                self._empty_full[st.index] = 0
+                return None
+            self._empty_full[st.index] = self._empty_full.get(st.index, 0) + 1
+            if self._empty_full[st.index] < EMPTY_FULL_LIMIT:
+                return None
+            why = (f"vCPU {st.index}: {EMPTY_FULL_LIMIT} KVM_EXIT_DIRTY_RING_FULL exits in a row "
+                   "found no DIRTY entry at the VMM's fetch index: the ring overflowed (KVM "
+                   "pushed past its size; entries were overwritten and their pages are lost)")
+            self._lost.append(why)
+            return VcpuEnd("ring-overflow", detail={"error": why})
+
+    def collect(self) -> Collection:
+        with self.lock:
+            t0 = time.perf_counter()
+            for i, ring in self.rings.items():
+                self._harvest_locked(i, ring)
+            self._reset_locked()
+            took = time.perf_counter() - t0
+            col = self._build_locked(took)
+        return col
+
+    def _build_locked(self, took: float) -> Collection:
+        per_vcpu, all_s, all_o = {}, [], []
+        for i, parts in self._acc.items():
+            if parts:
+                s = np.concatenate([p[0] for p in parts])
+                o = np.concatenate([p[1] for p in parts])
+                by_slot, _, _ = dedupe(s, o, self.slot_pages)
+                per_vcpu[i] = {k: v.astype(np.int64) for k, v in by_slot.items()}
+                all_s.append(s)
+                all_o.append(o)
+            else:
+                per_vcpu[i] = {}
+            self._acc[i] = []
+        if all_s:
+            s, o = np.concatenate(all_s), np.concatenate(all_o)
+            by_slot, dups, bogus = dedupe(s, o, self.slot_pages)
+            entries = len(s)
+        else:
+            by_slot, dups, bogus, entries = {}, 0, [], 0
+        col = Collection(pages={k: v.astype(np.int64) for k, v in by_slot.items()},
+                         per_vcpu=per_vcpu, entries=entries, duplicates=dups, bogus=bogus,
+                         ring_full_exits=self._ring_full, resets=self._resets,
+                         lost=self._lost, collect_s=took)
+        col.background_s = self._bg_s
+        self._ring_full, self._resets, self._lost, self._bg_s = 0, [], [], 0.0
+        return col
+
+
+class BitmapTracker(Tracker):
+    """KVM_GET_DIRTY_LOG per logged slot; with manual protect, KVM_CLEAR_DIRTY_LOG after."""
+    name = "bitmap"
+
+    def __init__(self, manual_protect: bool = True, initially_set: bool = False):
+        super().__init__()
+        self.want_manual, self.initially_set = manual_protect, initially_set
+        self.manual = False
+        self.bitmaps: dict[int, SlotBitmap] = {}
+        self._acc: dict[int, np.ndarray] = {}
+        self._bg_s = 0.0
+
+    def before_vcpus(self, machine) -> None:
+        offered = machine.kvm.check_extension(abi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)
+        if self.want_manual and offered & abi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
+            enable_manual_protect(machine.vm, self.initially_set
+                                  and bool(offered & abi.KVM_DIRTY_LOG_INITIALLY_SET))
+            self.manual = True
+
+    def bind(self, machine) -> None:
+        super().bind(machine)
+        self.bitmaps = {slot: SlotBitmap(machine.vm, slot, pages)
+                        for slot, pages in self.slot_pages.items()}
+        self._acc = {slot: np.zeros_like(bm.words) for slot, bm in self.bitmaps.items()}
+
+    def _get_clear_locked(self) -> None:
+        for slot, bm in self.bitmaps.items():
+            words = bm.get()
+            np.bitwise_or(self._acc[slot], words, out=self._acc[slot])
+            if self.manual:
+                bm.clear(words)
+
+    def poll(self) -> None:
+        with self.lock:
+            t0 = time.perf_counter()
+            self._get_clear_locked()
+            self._bg_s += time.perf_counter() - t0
+
+    def collect(self) -> Collection:
+        with self.lock:
+            t0 = time.perf_counter()
+            self._get_clear_locked()
+            pages, entries = {}, 0
+            for slot, acc in self._acc.items():
+                p = decode(acc, self.slot_pages[slot]).astype(np.int64)
+                acc[:] = 0
+                if len(p):
+                    pages[slot] = p
+                    entries += len(p)
+            took = time.perf_counter() - t0
+            col = Collection(pages=pages, per_vcpu=None, entries=entries, collect_s=took)
+            col.background_s, self._bg_s = self._bg_s, 0.0
+        return col
+
+
+def make_tracker(kind: str, ring_entries: int = 4096, manual_protect: bool = True,
+                 initially_set: bool = False, force_no_ring: bool = False) -> Tracker:
+    if kind == "ring":
+        return RingTracker(ring_entries, force_unavailable=force_no_ring)
+    if kind == "bitmap":
+        return BitmapTracker(manual_protect, initially_set)
+    raise ValueError(f"unknown tracker {kind!r} (ring or bitmap)")
+
+
+@dataclasses.dataclass
+class IterationRecord:
+    """One collection, verified: what the tracker reported against both oracles."""
+    iteration: int | str
+    tracker: str
+    collection: Collection
+    data_pages: np.ndarray               # reported data-slot pages, all vCPUs
+    expected: np.ndarray | None          # plan oracle, all vCPUs (None: no plan)
+    changed: np.ndarray                  # content oracle: pages whose content changed
+    missed: np.ndarray                   # changed or planned but not reported
+    extra: np.ndarray                    # reported but content unchanged
+    rows: list                           # per-vCPU rows for the table
+    scope: str = ""
+
+    @property
+    def ok(self) -> bool:
+        c = self.collection
+        return not len(self.missed) and c.reset_count_ok and not c.lost and not c.bogus
+
+    def to_dict(self, with_pages: bool = True) -> dict:
+        c = self.collection
+        out = {"iteration": self.iteration,
+               "pages": {SLOT_NAMES.get(s, str(s)): p.tolist() for s, p in c.pages.items()}
+               if with_pages else {},
+               "reported": len(self.data_pages),
+               "expected": None if self.expected is None else len(self.expected),
+               "missed": len(self.missed), "missed_pages": self.missed.tolist()[:64],
+               "extra": len(self.extra), "extra_pages": self.extra.tolist()[:64],
+               "entries": c.entries, "duplicates": c.duplicates, "bogus": len(c.bogus),
+               "ring_full_exits": c.ring_full_exits, "reset_count_ok": c.reset_count_ok,
+               "resets": [list(r) for r in c.resets], "lost": c.lost,
+               "collect_s": round(c.collect_s, 6),
+               "background_s": round(getattr(c, "background_s", 0.0), 6),
+               "vcpus": self.rows, "content_scope": self.scope}
+        out["pages"].setdefault("data", [])
+        return out
+
+
+class DirtySession:
+    """A payload in a fresh VM with a tracker, run iteration by iteration.
+
+    Each sync exit (out 0xf0) of every running vCPU is a barrier: the last vCPU to
+    arrive collects, verifies and then lets all continue. ``collect="async"`` adds a
+    reaper thread that harvests while the vCPUs run, as QEMU's does.
+    """
+
+    def __init__(self, payload: Payload | str, tracker: str | Tracker = "ring",
+                 vcpus: int | None = None, pages: int = 4096, iterations: int = 5,
+                 ring_entries: int = 4096, collect: str = "sync", manual_protect: bool = True,
+                 initially_set: bool = False, stride: int = 4, seed: int = 1,
+                 writes: int | None = None, force_no_ring: bool = False, kvm=None,
+                 poll_interval_s: float = 0.001):
+        if collect not in ("sync", "async"):
+            raise ValueError(f"collect must be sync or async, not {collect!r}")
+        if iterations < 1:
+            raise ValueError(f"iterations must be at least 1 (got {iterations})")
+        self.payload = load(payload) if isinstance(payload, str) else payload
+        self.tracker = tracker if isinstance(tracker, Tracker) else make_tracker(
+            tracker, ring_entries, manual_protect, initially_set, force_no_ring)
+        self.collect_mode, self.iterations_asked = collect, iterations
+        self.poll_interval_s = poll_interval_s
+        nvcpus = vcpus if vcpus is not None else (self.payload.vcpus or 1)
+        writes = writes if writes is not None else max(1, pages // nvcpus // 4)
+        self.params = {"stride": stride, "seed": seed, "writes": writes}
+        log = abi.KVM_MEM_LOG_DIRTY_PAGES
+        self.machine = Machine(self.payload, vcpus=vcpus, pages=pages, kvm=kvm,
+                               data_flags=log, system_flags=log,
+                               before_vcpus=self.tracker.before_vcpus,
+                               on_vcpu=self.tracker.on_vcpu,
+                               regs={"rcx": iterations, "r8": stride, "r9": seed, "r10": writes})
+        try:
+            self.tracker.bind(self.machine)
+            self.oracle = ContentOracle(self.machine.data.map, pages)
+        except BaseException:
+            self.machine.close()
+            raise
+        m = self.machine
+        m.on_sync, m.on_ring_full, m.on_end = self._on_sync, self.tracker.on_ring_full, self._on_end
+        self.nvcpus, self.pages = len(m.states), pages
+        self.records: list[IterationRecord] = []
+        self._cond = threading.Condition()
+        self._arrived: dict[int, int] = {}
+        self._running = self.nvcpus
+        self._generation = 0
+        self._queue: queue.Queue = queue.Queue()
+        self._gated = False
+        self._go = threading.Event()
+        self._reaper_stop = threading.Event()
+        self.result = None
+
+    # -- lifecycle --
+    def close(self) -> None:
+        self._reaper_stop.set()
+        self._go.set()
+        self.machine.close()
+
+    def __enter__(self) -> "DirtySession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- running --
+    def run(self, timeout: float | None = 60.0) -> list:
+        """Run to the end; return every IterationRecord (the final collection included)."""
+        return list(self.iterate(timeout, gated=False))
+
+    def iterate(self, timeout: float | None = 60.0, gated: bool = True):
+        """Yield an IterationRecord per collection; with gated=True the vCPUs stay paused
+        at the barrier until the next record is asked for (step by step from Python)."""
+        self._gated = gated
+        self.machine.start(timeout)
+        reaper = None
+        if self.collect_mode == "async":
+            reaper = threading.Thread(target=self._reap, name="reaper", daemon=True)
+            reaper.start()
+        try:
+            while True:
+                try:
+                    item = self._queue.get(timeout=0.1)
+                except queue.Empty:
+                    if self.machine.expired():
+                        self._go.set()
+                    continue
+                if item is None:
+                    break
+                yield item
+                self._go.set()
+            self.result = self.machine.wait()
+        except BaseException:
+            self._go.set()
+            self.machine.stop("interrupted")
+            raise
+        finally:
+            self._reaper_stop.set()
+            if reaper is not None:
+                reaper.join()
+        final = self._record("final", self.tracker.collect())
+        if len(final.data_pages) or len(final.missed) or final.collection.pages:
+            self.records.append(final)
+            yield final
+
+    def _reap(self) -> None:
+        while not self._reaper_stop.wait(self.poll_interval_s):
+            self.tracker.poll()
+
+    # -- the barrier (runs in vCPU threads) --
+    def _on_sync(self, st, tag: int) -> None:
+        with self._cond:
+            self._arrived[st.index] = tag
+            gen = self._generation
+            if len(self._arrived) >= self._running:
+                self._complete_locked(st)
+            else:
+                while gen == self._generation and st.stop_reason is None:
+                    self._cond.wait(0.05)
+
+    def _on_end(self, st) -> None:
+        with self._cond:
+            self._running -= 1
+            if self._arrived and len(self._arrived) >= self._running:
+                self._complete_locked(st)
+            if self._running == 0:
+                self._queue.put(None)
+
+    def _complete_locked(self, st) -> None:
+        iteration = max(self._arrived.values())
+        record = self._record(iteration, self.tracker.collect())
+        self.records.append(record)
+        self._arrived.clear()
+        self._go.clear()
+        self._queue.put(record)
+        if self._gated:
+            while not self._go.wait(0.05) and st.stop_reason is None:
+                pass
+        self._generation += 1
+        self._cond.notify_all()
+
+    def _record(self, iteration, col: Collection) -> IterationRecord:
+        data = col.pages.get(L.SLOT_DATA, _EMPTY)
+        plans = plan(self.payload.name, self.nvcpus, self.pages, iteration, self.params) \
+            if isinstance(iteration, int) else None
+        expected = np.unique(np.concatenate(list(plans.values()))) if plans else None
+        if not isinstance(iteration, int):
+            expected = None
+        content = self.oracle.check(data, expected)
+        missed = content["missed"]
+        if expected is not None:
+            missed = np.union1d(missed, np.setdiff1d(expected, data, assume_unique=True))
+        share = self.pages // self.nvcpus
+        rows = []
+        for i in range(self.nvcpus):
+            lo, hi = i * share, (i + 1) * share if i < self.nvcpus - 1 else self.pages
+            mine = data[(data >= lo) & (data < hi)]
+            want = plans[i] if plans else None
+            row = {"vcpu": i, "reported": len(mine),
+                   "expected": None if want is None else len(want),
+                   "missed": int(((missed >= lo) & (missed < hi)).sum()),
+                   "extra": len(np.setdiff1d(mine, want)) if want is not None else
+                   int(((content["extra"] >= lo) & (content["extra"] < hi)).sum())}
+            if col.per_vcpu is not None:
+                ring_pages = col.per_vcpu.get(i, {}).get(L.SLOT_DATA, _EMPTY)
+                # a write lands in the writing vCPU's ring (abi.md rule 28)
+                row["in_own_ring"] = len(ring_pages)
+                row["foreign"] = int(((ring_pages < lo) | (ring_pages >= hi)).sum())
+            rows.append(row)
+        return IterationRecord(iteration, self.tracker.name, col, data, expected,
+                               content["changed"], missed, content["extra"], rows,
+                               content["scope"])
+
+
+def compare_runs(a: list, b: list) -> list:
+    """Per-iteration differences of the data-slot page sets of two runs ([] = agree)."""
+    diffs = []
+    amap = {r.iteration: r for r in a}
+    bmap = {r.iteration: r for r in b}
+    for it in sorted(set(amap) | set(bmap), key=str):
+        pa = amap[it].data_pages if it in amap else _EMPTY
+        pb = bmap[it].data_pages if it in bmap else _EMPTY
+        if not np.array_equal(pa, pb):
+            diffs.append({"iteration": it, "only_first": np.setdiff1d(pa, pb).tolist()[:64],
+                          "only_second": np.setdiff1d(pb, pa).tolist()[:64]})
+    return diffs
