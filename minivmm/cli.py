@@ -188,6 +188,77 @@ def cmd_run(args) -> int:
     return EXIT_OK
 
 
+# -- dirty --
+
+def _run_dirty_session(args, tracker: str):
+    from .dirty.tracker import DirtySession
+    from .dirty.ring import DirtyRingError
+    from .machine import MachineError
+    try:
+        session = DirtySession(args.payload, tracker=tracker, vcpus=args.vcpus, pages=args.pages,
+                               iterations=args.iterations, ring_entries=args.ring_entries,
+                               collect=args.collect, manual_protect=not args.no_manual_protect,
+                               initially_set=args.initially_set, stride=args.stride,
+                               seed=args.seed, writes=args.writes,
+                               force_no_ring=os.environ.get("MINIVMM_FORCE_NO_RING") == "1")
+    except (DirtyRingError, MachineError, ValueError) as e:
+        if isinstance(e, PayloadError):
+            raise
+        raise UsageError(str(e)) from None
+    with session:
+        records = session.run(timeout=args.timeout)
+        return session.tracker, records, session.result, session
+
+
+def cmd_dirty(args) -> int:
+    from .dirty import report
+    from .dirty.ring import ring_capability
+    from .kvm import Kvm
+    if args.vcpus is not None and args.vcpus < 1:
+        raise UsageError(f"--vcpus must be at least 1 (got {args.vcpus})")
+    if args.iterations < 1:
+        raise UsageError(f"--iterations must be at least 1 (got {args.iterations})")
+    trackers = ["ring", "bitmap"] if args.tracker == "both" else [args.tracker]
+    if args.tracker == "auto":
+        with Kvm() as kvm:
+            has_ring = ring_capability(kvm, disabled=os.environ.get("MINIVMM_FORCE_NO_RING") == "1")
+        trackers = ["ring", "bitmap"] if has_ring else ["bitmap"]
+        if not has_ring:
+            print("minivmm: note: this kernel offers no dirty ring; using the bitmap only",
+                  file=sys.stderr)
+    runs = []
+    nvcpus = None
+    for kind in trackers:
+        tracker, records, result, session = _run_dirty_session(args, kind)
+        nvcpus = session.nvcpus
+        runs.append((tracker, records, result))
+    summary = report.to_json({"payload": runs[0][1] and session.payload.name or args.payload,
+                              "vcpus": nvcpus, "pages": args.pages,
+                              "iterations": args.iterations, "collect": args.collect,
+                              "ring_entries": args.ring_entries}, runs)
+    summary["payload"] = session.payload.name
+    if args.plot:
+        report.plot(summary, args.plot)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(report.table(summary))
+        if args.plot:
+            print(f"picture: {args.plot}")
+    if not summary["ok"]:
+        if args.json:
+            print(f"minivmm: {report.verdict(summary)}", file=sys.stderr)
+        return EXIT_GUEST_FAILED
+    return EXIT_OK
+
+
+def _power_of_two_entries(text: str) -> int:
+    value = _positive_int(text)
+    if value <= 0 or value & (value - 1):
+        raise argparse.ArgumentTypeError(f"ring size {value} is not a power of two")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="minivmm", description="A tiny virtual machine monitor that drives /dev/kvm "
@@ -220,6 +291,41 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print every exit, decoded, with the instruction that caused it")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("dirty", help="run a dirtying payload and check what KVM reports dirty",
+                       description="Run a payload that dirties guest memory, collect dirty pages "
+                       "at every sync with the dirty ring, the bitmap, or both (two VMs side by "
+                       "side), and verify them against what the guest really wrote.")
+    p.add_argument("--payload", default="dirty_seq",
+                   help="payload file or name (default dirty_seq; also dirty_stride, "
+                   "dirty_random)")
+    p.add_argument("--tracker", choices=["ring", "bitmap", "both", "auto"], default="auto",
+                   help="dirty ring, bitmap, or both side by side (default auto: both when the "
+                   "kernel offers the ring, else the bitmap)")
+    p.add_argument("--vcpus", type=_positive_int, default=None,
+                   help="vCPUs (default: the payload's header)")
+    p.add_argument("--pages", type=_positive_int, default=4096, help="data-slot pages "
+                   "(default 4096), split evenly between vCPUs")
+    p.add_argument("--iterations", type=_positive_int, default=5, help="iterations (default 5)")
+    p.add_argument("--ring-entries", type=_power_of_two_entries, default=4096,
+                   help="dirty ring entries per vCPU, a power of two (default 4096)")
+    p.add_argument("--collect", choices=["sync", "async"], default="sync",
+                   help="sync: collect at each sync exit with vCPUs paused; async: a reaper "
+                   "thread harvests while vCPUs run, plus the sync collection (default sync)")
+    p.add_argument("--no-manual-protect", action="store_true",
+                   help="bitmap: do not enable KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2")
+    p.add_argument("--initially-set", action="store_true",
+                   help="bitmap: KVM_DIRTY_LOG_INITIALLY_SET (the first collection reports "
+                   "every page)")
+    p.add_argument("--stride", type=_positive_int, default=4, help="dirty_stride: k (R8)")
+    p.add_argument("--seed", type=_positive_int, default=1, help="dirty_random: seed (R9)")
+    p.add_argument("--writes", type=_positive_int, default=None,
+                   help="dirty_random: writes per iteration (R10; default a quarter of the share)")
+    p.add_argument("--timeout", type=_seconds, default=120.0,
+                   help="stop the guest after this many seconds (default 120)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--plot", metavar="FILE.png", help="write a picture of the pages per iteration")
+    p.set_defaults(func=cmd_dirty)
     return parser
 
 

@@ -1,0 +1,140 @@
+"""Rendering dirty-tracking runs: the per-iteration table, the JSON object, the picture.
+
+Not a kernel interface; it presents what tracker.py collected and verify.py checked.
+"""
+from __future__ import annotations
+
+from .tracker import compare_runs
+
+
+def run_summary(tracker, records, result, ring_entries, collect) -> dict:
+    ends = [st.end.to_dict() if st.end else None for st in result.vcpus] if result else []
+    return {"tracker": tracker.name,
+            "ring_entries": ring_entries if tracker.name == "ring" else None,
+            "capability": getattr(tracker, "cap", None),
+            "manual_protect": getattr(tracker, "manual", None), "collect": collect,
+            "iterations": [r.to_dict() for r in records],
+            "vcpu_ends": ends,
+            "vcpus_ok": bool(result and result.ok),
+            "ok": bool(result and result.ok) and all(r.ok for r in records)}
+
+
+def to_json(args, runs: list) -> dict:
+    diffs = compare_runs(runs[0][1], runs[1][1]) if len(runs) == 2 else []
+    out = {"payload": args["payload"], "vcpus": args["vcpus"], "pages": args["pages"],
+           "iterations": args["iterations"], "collect": args["collect"],
+           "runs": [run_summary(t, recs, res, args["ring_entries"], args["collect"])
+                    for t, recs, res in runs],
+           "agree": not diffs, "differences": diffs}
+    out["ok"] = all(r["ok"] for r in out["runs"]) and out["agree"]
+    return out
+
+
+def table(summary: dict) -> str:
+    lines = [f"{summary['payload']}: {summary['vcpus']} vCPU(s), {summary['pages']} data pages, "
+             f"{summary['iterations']} iteration(s), {summary['collect']} collection"]
+    head = (f"{'iter':>5}  {'tracker':7} {'vCPU':>4} {'reported':>8} {'expected':>8} "
+            f"{'missed':>6} {'extra':>6} {'dups':>5} {'ring-full':>9} {'reset':>5} "
+            f"{'collect':>10}")
+    lines.append(head)
+    by_iter: dict = {}
+    for run in summary["runs"]:
+        for it in run["iterations"]:
+            by_iter.setdefault(str(it["iteration"]), []).append((run, it))
+    for key in sorted(by_iter, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0)):
+        for run, it in by_iter[key]:
+            for n, row in enumerate(it["vcpus"]):
+                first = n == 0
+                exp = "-" if row["expected"] is None else row["expected"]
+                lines.append(
+                    f"{key if first else '':>5}  {run['tracker'] if first else '':7} "
+                    f"{row['vcpu']:>4} {row['reported']:>8} {exp:>8} {row['missed']:>6} "
+                    f"{row['extra']:>6} {it['duplicates'] if first else '':>5} "
+                    f"{it['ring_full_exits'] if first else '':>9} "
+                    f"{('ok' if it['reset_count_ok'] else 'BAD') if first else '':>5} "
+                    f"{(format(it['collect_s'] * 1000, '.2f') + ' ms') if first else '':>10}")
+            sys_pages = it["pages"].get("system")
+            if sys_pages:
+                lines.append(f"{'':>5}  {'':7} system slot pages also reported (stacks, "
+                             f"tables): {sys_pages[:8]}{' ...' if len(sys_pages) > 8 else ''}")
+            for why in it["lost"]:
+                lines.append(f"{'':>5}  LOST: {why}")
+            if it["missed"]:
+                lines.append(f"{'':>5}  MISSED pages: {it['missed_pages'][:16]}")
+    lines.append(verdict(summary))
+    return "\n".join(lines)
+
+
+def verdict(summary: dict) -> str:
+    runs = summary["runs"]
+    names = " and ".join(r["tracker"] for r in runs)
+    checked = sum(it["reported"] for r in runs for it in r["iterations"])
+    problems = []
+    for r in runs:
+        missed = sum(it["missed"] for it in r["iterations"])
+        if missed:
+            problems.append(f"{r['tracker']} missed {missed} page(s)")
+        if any(not it["reset_count_ok"] for it in r["iterations"]):
+            problems.append(f"{r['tracker']}: KVM_RESET_DIRTY_RINGS count disagreed with the "
+                            "harvest")
+        if any(it["lost"] for it in r["iterations"]):
+            problems.append(f"{r['tracker']}: ring overflow, pages lost")
+        if not r["vcpus_ok"]:
+            bad = [e for e in r["vcpu_ends"] if not e or e["reason"] not in ("exit-port", "hlt")]
+            problems.append(f"{r['tracker']}: a vCPU ended badly "
+                            f"({bad[0]['reason'] if bad and bad[0] else 'no end'})")
+    if len(runs) == 2 and not summary["agree"]:
+        problems.append(f"ring and bitmap disagree on {len(summary['differences'])} iteration(s)")
+    if problems:
+        return "verdict: FAIL - " + "; ".join(problems)
+    agree = " agree on every iteration;" if len(runs) == 2 else ""
+    return (f"verdict: OK - {names}{agree} no page missed ({checked} reported pages checked "
+            "against the content and plan oracles)")
+
+
+def plot(summary: dict, path: str) -> None:
+    """Iterations by pages, coloured by which tracker saw each page, misses marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = summary["runs"]
+    fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
+    iters = sorted({str(it["iteration"]) for r in runs for it in r["iterations"]},
+                   key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0))
+    xpos = {k: i for i, k in enumerate(iters)}
+    sets = {r["tracker"]: {str(it["iteration"]): set(it["pages"].get("data", []))
+                           for it in r["iterations"]} for r in runs}
+    names = list(sets)
+    colours = {"both": "tab:green", names[0]: "tab:blue"}
+    if len(names) == 2:
+        colours[names[1]] = "tab:orange"
+    width = 0.8
+    for k in iters:
+        x = xpos[k]
+        if len(names) == 2:
+            a, b = sets[names[0]].get(k, set()), sets[names[1]].get(k, set())
+            groups = {"both": a & b, names[0]: a - b, names[1]: b - a}
+        else:
+            groups = {names[0]: sets[names[0]].get(k, set())}
+        for label, pages in groups.items():
+            if pages:
+                ys = sorted(pages)
+                ax.scatter([x] * len(ys), ys, s=2, marker="s",
+                           color=colours[label], label=label if x == 0 else None)
+        for r in runs:
+            for it in r["iterations"]:
+                if str(it["iteration"]) == k and it["missed_pages"]:
+                    ax.scatter([x] * len(it["missed_pages"]), it["missed_pages"], s=30,
+                               marker="x", color="red", label="missed" if x == 0 else None)
+    ax.set_xticks(range(len(iters)), iters)
+    ax.set_xlim(-width, len(iters) - 1 + width)
+    ax.set_xlabel("iteration (collection)")
+    ax.set_ylabel("data-slot page")
+    ax.set_title(f"{summary['payload']}: dirty pages reported per iteration "
+                 f"({', '.join(names)}; {summary['collect']})")
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(markerscale=4, loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
