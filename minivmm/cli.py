@@ -259,12 +259,19 @@ def _power_of_two_entries(text: str) -> int:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the rest is in --help)."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="minivmm", description="A tiny virtual machine monitor that drives /dev/kvm "
         "directly, one ioctl at a time.")
     parser.add_argument("--version", action="version", version=f"minivmm {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
     p = sub.add_parser("caps", help="show the KVM capabilities that matter to minivmm")
