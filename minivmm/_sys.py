@@ -20,6 +20,12 @@ _ioctl = libc.ioctl
 _ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 _ioctl.restype = ctypes.c_int
 
+# KVM_RUN is the hot call: a second handle without argtypes skips ctypes' argument
+# conversion (~0.9 us of ~1.8 us per call here). Only safe for small request numbers:
+# without argtypes an int travels as a C int, and KVM_RUN (0xAE80) fits one.
+_ioctl_fast = ctypes.CDLL(None, use_errno=True).ioctl
+_ioctl_fast.restype = ctypes.c_int
+
 # Optional observer of every ioctl (name, fd, request, arg, result, errno, seconds).
 # None costs one attribute test per call.
 tracer = None

@@ -355,7 +355,7 @@ class Machine:
         trace = self.trace
         # The hot path: KVM_RUN called directly when no ioctl tracer is installed.
         run_call = vcpu.run if _sys.tracer is not None else None
-        libc_ioctl, run_args = _sys._ioctl, vcpu._run_args
+        libc_ioctl, run_args = _sys._ioctl_fast, vcpu._run_args
         while st.end is None:
             if run_call is not None:
                 reason = run_call()

@@ -34,6 +34,7 @@ class Vcpu:
             self.fd = -1
             raise
         self.run_struct = abi.kvm_run.from_buffer(self.map)
+        assert abi.KVM_RUN < 2 ** 31     # _sys._ioctl_fast passes it as a C int
         self._run_args = (fd, abi.KVM_RUN, None)
 
     def close(self) -> None:
@@ -63,7 +64,7 @@ class Vcpu:
                     return abi.KVM_EXIT_INTR
                 raise
             return self.run_struct.exit_reason
-        if _sys._ioctl(*self._run_args) < 0:
+        if _sys._ioctl_fast(*self._run_args) < 0:
             return self.run_failed()
         return self.run_struct.exit_reason
 
