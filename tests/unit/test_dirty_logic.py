@@ -1,0 +1,101 @@
+"""Bitmap decoding, CLEAR pieces, ring-size rules and the oracles, without KVM."""
+import mmap
+
+import numpy as np
+import pytest
+
+from minivmm.dirty import bitmap as B
+from minivmm.dirty.ringsize import validate_entries
+from minivmm.dirty.verify import ContentOracle, lcg_pages, plan
+
+LIMITS = {"min_entries": 256, "max_entries": 65536, "reserved_entries": 64}
+
+
+@pytest.mark.parametrize("npages", [1, 63, 64, 65, 224, 1000, 4096 + 3])
+def test_bitmap_round_trip_and_bit_order(npages):
+    rng = np.random.default_rng(npages)
+    pages = np.unique(rng.integers(0, npages, size=min(npages, 50))).astype(np.uint64)
+    words = B.encode(pages, npages)
+    assert len(words) == (npages + 63) // 64               # ALIGN(npages, 64) / 8 bytes
+    assert np.array_equal(B.decode(words, npages), pages)
+    # bit i of the little-endian words is page i (abi.md rule 52)
+    raw = words.astype("<u8").tobytes()
+    for p in pages.tolist():
+        assert raw[p // 8] >> (p % 8) & 1
+
+
+def test_decode_ignores_bits_past_the_slot():
+    words = np.array([~np.uint64(0)], np.uint64)
+    assert B.decode(words, 10).tolist() == list(range(10))
+
+
+class FakeVm:
+    """Records CLEAR calls; stands in for the VM only to check piece arithmetic."""
+
+    def __init__(self):
+        self.calls = []
+
+    def clear_dirty_log(self, slot, first, num, addr):
+        self.calls.append((slot, first, num))
+
+
+@pytest.mark.parametrize("pages,npages,expect", [
+    ([0, 1, 2], 4096, [(0, 64)]),
+    ([5, 12799], 12800, [(0, 64), (12736, 64)]),                # far apart: two pieces
+    ([5, 64 * 30 + 1], 4096, [(0, 64 * 31)]),                  # a short gap is bridged
+    ([1000 * 64 + 1, 1000 * 64 + 2], 1000 * 64 + 3, [(64000, 3)]),  # last piece ends the slot
+])
+def test_clear_pieces_are_64_page_aligned(pages, npages, expect):
+    vm = FakeVm()
+    bm = B.SlotBitmap(vm, 1, npages)
+    calls = bm.clear(B.encode(np.array(pages, np.uint64), npages))
+    assert [(f, n) for _, f, n in vm.calls] == expect and calls == len(expect)
+    for _, first, num in vm.calls:
+        assert first % 64 == 0
+        assert num % 64 == 0 or first + num == npages
+
+
+@pytest.mark.parametrize("entries,word", [(0, "power of two"), (3000, "power of two"),
+                                          (128, "too small"), (1 << 17, "too large")])
+def test_ring_size_rules(entries, word):
+    with pytest.raises(ValueError, match=word):
+        validate_entries(entries, LIMITS)
+
+
+def test_ring_size_accepts_the_range():
+    for e in (256, 4096, 65536):
+        validate_entries(e, LIMITS)
+    with pytest.raises(ValueError, match="no dirty ring"):
+        validate_entries(4096, {"min_entries": 256, "max_entries": 0, "reserved_entries": 64})
+
+
+def test_content_oracle_finds_misses_and_extras():
+    mem = mmap.mmap(-1, 8 * 4096)
+    oracle = ContentOracle(mem, 8)
+    view = np.frombuffer(mem, dtype="<u8")
+    view[0 * 512] = 1
+    view[3 * 512] = 1
+    res = oracle.check(np.array([0, 5]))
+    assert res["changed"].tolist() == [0, 3]
+    assert res["missed"].tolist() == [3] and res["extra"].tolist() == [5]
+    res = oracle.check(np.array([], np.int64))               # nothing changed since
+    assert not len(res["changed"]) and not len(res["missed"])
+    del view
+
+
+def test_lcg_plan_replays_the_generator_and_jumps_ahead():
+    seq = lcg_pages(7, 100, 10, 1).tolist() + lcg_pages(7, 100, 10, 2).tolist()
+    # iteration 2 continues the same generator, computed by the jump-ahead
+    x, manual = 7, []
+    for _ in range(20):
+        x = (x * 6364136223846793005 + 1442695040888963407) % 2 ** 64
+        manual.append((x >> 33) % 100)
+    assert seq == manual
+
+
+def test_plans_per_payload():
+    p = plan("dirty_seq", 2, 10, 1, {})
+    assert p[0].tolist() == [0, 1, 2, 3, 4] and p[1].tolist() == [5, 6, 7, 8, 9]
+    p = plan("dirty_stride", 2, 20, 3, {"stride": 4})
+    assert p[0].tolist() == [0, 4, 8] and p[1].tolist() == [10, 14, 18]
+    assert plan("my_own_payload", 1, 10, 1, {}) is None
