@@ -5,3 +5,5 @@ from ._sys import KvmError, KvmUnavailable  # noqa: F401
 from .kvm import Kvm  # noqa: F401
 from .vm import Vm  # noqa: F401
 from .vcpu import Vcpu  # noqa: F401
+from .machine import Machine, run_payload  # noqa: F401,E402
+from .dirty.tracker import DirtySession  # noqa: F401,E402
