@@ -1,13 +1,19 @@
 #!/usr/bin/env python3
-"""Write small real-mode test images for minivmm-native (see IMAGE_FORMAT.md).
+"""Write small test images for minivmm-native (see IMAGE_FORMAT.md).
 
     python3 make_test_image.py [OUTDIR [NVCPUS]]
 
-writes OUTDIR/exits.img (1000 sync exits), OUTDIR/dirty.img (3 rounds of
-writing one byte to each of 64 tracked pages) and OUTDIR/dirty-w4.img (the
-same, but every page is written 4 times per round).  With NVCPUS > 1 every vCPU
-runs the same code (and so dirties the same pages).  Plain python3 + struct.
+Real mode (emulated by KVM on a PVM host):
+  exits.img      1000 sync exits
+  dirty.img      3 rounds of writing one byte to each of 64 tracked pages
+  dirty-w4.img   the same, but every page is written 4 times per round
+64-bit CPL3 long mode (runs natively on PVM; needs /dev/kvm for the CPUID):
+  long-exits.img, long-dirty.img   the same two guests as exits/dirty.img
+
+With NVCPUS > 1 every vCPU runs the same code (and so dirties the same pages).
+Plain python3 standard library only.
 """
+import fcntl
 import os
 import struct
 import sys
@@ -42,10 +48,10 @@ def real_mode_sregs(cs_selector):
     return sregs
 
 
-def regs(rip, rax=0):
+def regs(rip, rax=0, rflags=0x2, rsp=0):
     # struct kvm_regs: rax rbx rcx rdx rsi rdi rsp rbp r8..r15 rip rflags
     r = [0] * 18
-    r[0], r[16], r[17] = rax, rip, 0x2
+    r[0], r[6], r[16], r[17] = rax, rsp, rip, rflags
     return struct.pack("<18Q", *r)
 
 
@@ -104,6 +110,83 @@ assert dirty_code() == bytes.fromhex(
     "88d0" "e6f0" "4a" "75e6" "b000" "e6f4")
 
 
+# ---- 64-bit CPL3 long mode ------------------------------------------------
+# Layout of slot 0: PML4 0x1000, PDPT 0x2000, PD 0x3000 (two 2 MiB user pages
+# identity-mapping 0..4 MiB), GDT 0x4000, IDT 0x5000, TSS 0x6000, code 0x10000.
+# Tracked slot 1: 64 pages at 0x200000.
+LONG_CODE_GPA, LONG_DATA_GPA = 0x10000, 0x200000
+
+# mov ecx, 1000; L: out 0xf0, al; dec ecx; jnz L; out 0xf4, al
+LONG_EXITS_CODE = bytes.fromhex("b9e8030000" "e6f0" "ffc9" "75fa" "e6f4")
+
+#  0: mov edx, 3            5: outer: mov edi, 0x200000    10: mov ecx, 64
+# 15: inner: mov [rdi], dl  17: add edi, 0x1000   23: dec ecx   25: jnz inner
+# 27: mov eax, edx          29: out 0xf0, al      31: dec edx   33: jnz outer
+# 35: xor eax, eax; out 0xf4, al
+LONG_DIRTY_CODE = bytes.fromhex(
+    "ba03000000" "bf00002000" "b940000000" "8817" "81c700100000" "ffc9" "75f4"
+    "89d0" "e6f0" "ffca" "75e2" "31c0e6f4")
+
+
+def supported_cpuid():
+    """KVM_GET_SUPPORTED_CPUID: returns (raw kvm_cpuid_entry2 bytes, count)."""
+    nent = 256
+    # _IOWR(KVMIO=0xAE, 0x05, struct kvm_cpuid2 /* 8 bytes */)
+    req = (3 << 30) | (8 << 16) | (0xAE << 8) | 0x05
+    buf = bytearray(struct.pack("<II", nent, 0) + bytes(40 * nent))
+    fd = os.open("/dev/kvm", os.O_RDWR)
+    try:
+        fcntl.ioctl(fd, req, buf)
+    finally:
+        os.close(fd)
+    nent = struct.unpack_from("<I", buf)[0]
+    return bytes(buf[8:8 + 40 * nent]), nent
+
+
+def long_mode_sregs():
+    # 64-bit user code (dpl 3, L=1) and user data; selectors carry RPL 3.
+    cs = segment(0, 0xffffffff, 0x33, 11, dpl=3, l=1, g=1)
+    ds = segment(0, 0xffffffff, 0x2b, 3, dpl=3, db=1, g=1)
+    tr = segment(0x6000, 0x67, 0x40, 11, s=0)           # busy 64-bit TSS
+    ldt = struct.pack("<QIH10B", 0, 0xffff, 0, 2, 1, 0, 0, 0, 0, 0, 0, 1, 0)  # unusable
+    sregs = b"".join([
+        cs, ds, ds, ds, ds, ds, tr, ldt,
+        dtable(0x4000, 0x4f), dtable(0x5000, 0xfff),
+        # cr0 PE|MP|ET|NE|WP|PG, cr2, cr3, cr4 PAE|OSFXSR|OSXMMEXCPT, cr8,
+        # efer LME|LMA, apic_base
+        struct.pack("<7Q", 0x80050033, 0, 0x1000, 0x620, 0, 0x500, 0xfee00900),
+        bytes(32),
+    ])
+    assert len(sregs) == 312
+    return sregs
+
+
+def long_mode_low_memory(code):
+    mem = bytearray(LONG_CODE_GPA)
+    struct.pack_into("<Q", mem, 0x1000, 0x2000 | 0x7)          # P|RW|US
+    struct.pack_into("<Q", mem, 0x2000, 0x3000 | 0x7)
+    struct.pack_into("<Q", mem, 0x3000, 0x000000 | 0x87)       # 2 MiB page, user
+    struct.pack_into("<Q", mem, 0x3008, 0x200000 | 0x87)
+    # Only consulted on segment reloads: kernel/user code+data and the TSS.
+    for sel, desc in ((0x08, 0x00af9b000000ffff), (0x10, 0x00cf93000000ffff),
+                      (0x28, 0x00cff3000000ffff), (0x30, 0x00affb000000ffff),
+                      (0x40, 0x00008b0060000067)):
+        struct.pack_into("<Q", mem, 0x4000 + sel, desc)
+    return bytes(mem) + code
+
+
+def write_long_images(outdir, nvcpus):
+    cpuid, ncpuid = supported_cpuid()
+    # IOPL 3 lets CPL3 code use `out`; the stack is never touched.
+    cpus = [(regs(LONG_CODE_GPA, rflags=0x3002, rsp=0x8000), long_mode_sregs())] * nvcpus
+    for name, code in (("long-exits.img", LONG_EXITS_CODE),
+                       ("long-dirty.img", LONG_DIRTY_CODE)):
+        slots = [(0, 0, 0, LONG_DATA_GPA, long_mode_low_memory(code)),
+                 (1, KVM_MEM_LOG_DIRTY_PAGES, LONG_DATA_GPA, 64 * 4096, b"")]
+        with open(os.path.join(outdir, name), "wb") as f:
+            f.write(image(slots, cpus, cpuid, ncpuid))
+
+
 def main():
     outdir = sys.argv[1] if len(sys.argv) > 1 else "."
     nvcpus = int(sys.argv[2]) if len(sys.argv) > 2 else 1
@@ -121,6 +204,10 @@ def main():
             f.write(image([(0, 0, 0, 0x80000, code),
                            (1, KVM_MEM_LOG_DIRTY_PAGES, 0x80000, 64 * 4096, b"")],
                           cpus))
+    try:
+        write_long_images(outdir, nvcpus)
+    except OSError as e:
+        print(f"skipping long-mode images (no /dev/kvm?): {e}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -222,7 +222,7 @@ static void setup_vm(void)
 		if (max <= 0)
 			die(2, "KVM_CHECK_EXTENSION: dirty ring not supported");
 		if ((uint64_t)ring_entries * sizeof(struct kvm_dirty_gfn) > (uint64_t)max)
-			die(2, "ring of %u entries exceeds KVM maximum of %d bytes",
+			die(2, "KVM_CHECK_EXTENSION: ring of %u entries exceeds the maximum of %d bytes",
 			    ring_entries, max);
 		cap.args[0] = (uint64_t)ring_entries * sizeof(struct kvm_dirty_gfn);
 		if (ioctl(vm_fd, KVM_ENABLE_CAP, &cap) < 0)
@@ -319,8 +319,9 @@ static uint64_t harvest_ring(struct vcpu *v, uint64_t *distinct)
 	return n;
 }
 
-/* Harvest + reset (ring) or get + clear (bitmap).  Caller holds `lock`. */
-static void collect(void)
+/* Harvest + reset (ring) or get + clear (bitmap).  Caller holds `lock`.
+ * Returns the number of ring entries harvested. */
+static uint64_t collect(void)
 {
 	uint64_t distinct = 0, entries = 0;
 	double t0 = now();
@@ -365,6 +366,7 @@ static void collect(void)
 	st_pages += distinct;
 	st_entries += entries;
 	st_dups += entries > distinct ? entries - distinct : 0;
+	return entries;
 }
 
 /* Last arrival (or a finishing vCPU) collects and releases everyone. */
@@ -490,9 +492,15 @@ static void *vcpu_thread(void *arg)
 		} else if (run->exit_reason == KVM_EXIT_DIRTY_RING_FULL &&
 			   tracker == TRACK_RING) {
 			pthread_mutex_lock(&lock);
-			collect();
+			uint64_t got = collect();
 			st_ring_full++;
 			pthread_mutex_unlock(&lock);
+			/* KVM says full but we see nothing at our fetch index: the
+			 * ring wrapped past the soft limit (seen with emulated guest
+			 * code) and re-entering would loop forever. */
+			if (!got)
+				die(3, "vcpu %d: dirty ring full but nothing to harvest "
+				    "(ring overflowed; use more --ring-entries)", v->idx);
 			continue;
 		}
 		bad_exit(v);
