@@ -6,6 +6,7 @@ turns every user error into one line on stderr and a non-zero exit status.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -273,20 +274,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"minivmm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
+    # Options every command takes.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--trace-ioctls", action="store_true",
+                        help="print every ioctl minivmm issues, decoded (name, fd, the struct's "
+                        "fields, result or errno, duration)")
 
-    p = sub.add_parser("caps", help="show the KVM capabilities that matter to minivmm")
+    p = sub.add_parser("caps", parents=[common], help="show the KVM capabilities that matter to minivmm")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_caps)
 
-    p = sub.add_parser("payloads", help="list the shipped guest payloads")
+    p = sub.add_parser("payloads", parents=[common], help="list the shipped guest payloads")
     p.add_argument("--dir", help="directory to list (default: guest_payloads/)")
     p.set_defaults(func=cmd_payloads)
 
-    p = sub.add_parser("disasm", help="assemble a payload and show its listing")
+    p = sub.add_parser("disasm", parents=[common], help="assemble a payload and show its listing")
     p.add_argument("payload", help="a .asm file, or the name of a shipped payload")
     p.set_defaults(func=cmd_disasm)
 
-    p = sub.add_parser("run", help="run a payload in a fresh VM")
+    p = sub.add_parser("run", parents=[common], help="run a payload in a fresh VM")
     p.add_argument("payload", help="a .asm file, or the name of a shipped payload")
     p.add_argument("--vcpus", type=_positive_int, default=None,
                    help="number of vCPUs (default: the payload's header, else 1)")
@@ -299,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("dirty", help="run a dirtying payload and check what KVM reports dirty",
+    p = sub.add_parser("dirty", parents=[common], help="run a dirtying payload and check what KVM reports dirty",
                        description="Run a payload that dirties guest memory, collect dirty pages "
                        "at every sync with the dirty ring, the bitmap, or both (two VMs side by "
                        "side), and verify them against what the guest really wrote.")
@@ -333,13 +339,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--plot", metavar="FILE.png", help="write a picture of the pages per iteration")
     p.set_defaults(func=cmd_dirty)
+    for module in EXTRA_COMMANDS:
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:
+            if not e.name or not module.startswith(e.name):
+                raise   # a real import error inside an existing command module
+            continue
+        mod.register(sub, common)
     return parser
+
+
+# Commands that live in their own modules; each has register(subparsers, common_parent).
+EXTRA_COMMANDS = ("minivmm.step", "minivmm.abicheck.cli")
+
+
+def _install_ioctl_trace(args) -> None:
+    if getattr(args, "trace_ioctls", False):
+        from . import trace
+        trace.install(sys.stderr if getattr(args, "json", False) else sys.stdout)
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _install_ioctl_trace(args)
         return args.func(args)
     except KeyboardInterrupt:
         print("minivmm: interrupted", file=sys.stderr)

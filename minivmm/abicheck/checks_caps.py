@@ -1,0 +1,123 @@
+"""Checks: capabilities and system ioctls (abi.md rules 1-6)."""
+from __future__ import annotations
+
+import os
+
+from .. import abi
+from .._sys import ioctl
+from .registry import check, expect, expect_eq, expect_errno
+
+RING_MAX_BYTES = abi.KVM_DIRTY_RING_MAX_ENTRIES * 16
+
+
+def _pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+@check("caps.ring.size", 1, "virt/kvm/kvm_main.c kvm_vm_ioctl_check_extension_generic()",
+       fault="check_extension_lie")
+def ring_size(ctx):
+    """KVM_CHECK_EXTENSION(KVM_CAP_DIRTY_LOG_RING) is the max ring size in bytes, same on VM fd"""
+    sys_value = ctx.cap(abi.KVM_CAP_DIRTY_LOG_RING)
+    vm_value = ctx.vm().check_extension(abi.KVM_CAP_DIRTY_LOG_RING)
+    ctx.diag(f"KVM_CAP_DIRTY_LOG_RING = {sys_value} on /dev/kvm, {vm_value} on a VM fd")
+    expect_eq(vm_value, sys_value, "value on the VM fd equals /dev/kvm's")
+    if sys_value:
+        expect(_pow2(sys_value) and sys_value % 16 == 0 and sys_value <= RING_MAX_BYTES,
+               "ring size is a power of two, a whole number of 16-byte entries, at most "
+               "KVM_DIRTY_RING_MAX_ENTRIES x 16", f"power of two <= {RING_MAX_BYTES}", sys_value)
+
+
+@check("caps.ring.acq_rel", 2, "virt/kvm/kvm_main.c kvm_vm_ioctl_check_extension_generic(); "
+       "api.rst 7.36", fault="check_extension_lie")
+def ring_acq_rel(ctx):
+    """KVM_CAP_DIRTY_LOG_RING_ACQ_REL reports the same size as the plain ring on x86"""
+    plain = ctx.require(abi.KVM_CAP_DIRTY_LOG_RING)
+    acq = ctx.cap(abi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL)
+    ctx.diag(f"RING = {plain}, RING_ACQ_REL = {acq}")
+    if os.uname().machine == "x86_64":
+        expect_eq(acq, plain, "x86 (TSO) advertises ACQ_REL with the plain ring's size")
+    expect(_pow2(acq), "ACQ_REL size is a power of two", "power of two", acq)
+
+
+@check("caps.ring.with_bitmap_x86", 3, "virt/kvm/kvm_main.c (CONFIG_NEED_KVM_DIRTY_RING_WITH_"
+       "BITMAP, arm64 only)", fault="check_extension_lie")
+def ring_with_bitmap(ctx):
+    """KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP is 0 on x86"""
+    value = ctx.cap(abi.KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP)
+    if os.uname().machine != "x86_64":
+        from .registry import Skip
+        raise Skip("only x86 is expected to report 0")
+    expect_eq(value, 0, "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP on x86")
+
+
+@check("caps.manual_protect2.value", 4, "virt/kvm/kvm_main.c KVM_DIRTY_LOG_MANUAL_CAPS; "
+       "api.rst 7.18", fault="check_extension_lie")
+def manual_protect2(ctx):
+    """KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 offers MANUAL_PROTECT_ENABLE (and maybe INITIALLY_SET)"""
+    value = ctx.require(abi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)
+    ctx.diag(f"KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = {value}")
+    expect(value & abi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE and not value & ~3,
+           "value is KVM_DIRTY_LOG_MANUAL_CAPS: bit 0 set, only bits 0-1", "1 or 3", value)
+
+
+@check("caps.manual_protect.obsolete", 4, "virt/kvm/kvm_main.c kvm_vm_ioctl_enable_cap_generic()"
+       "; api.rst 7.18", fault="fake_success")
+def manual_protect_obsolete(ctx):
+    """The obsolete KVM_CAP_MANUAL_DIRTY_LOG_PROTECT (166) cannot be enabled"""
+    vm = ctx.vm()
+    expect_errno(lambda: vm.enable_cap(abi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT, 1), "EINVAL",
+                 "KVM_ENABLE_CAP(166)")
+
+
+@check("caps.vcpu_mmap_size", 5, "virt/kvm/kvm_main.c kvm_dev_ioctl() KVM_GET_VCPU_MMAP_SIZE",
+       fault="version_lie")
+def vcpu_mmap_size(ctx):
+    """KVM_GET_VCPU_MMAP_SIZE covers kvm_run, PIO and coalesced-MMIO pages, not the ring"""
+    size = ctx.kvm.get_vcpu_mmap_size()
+    page = os.sysconf("SC_PAGESIZE")
+    ctx.diag(f"KVM_GET_VCPU_MMAP_SIZE = {size}")
+    expect(size % page == 0, "a whole number of pages", f"multiple of {page}", size)
+    if os.uname().machine == "x86_64":
+        expect_eq(size, (abi.KVM_COALESCED_MMIO_PAGE_OFFSET + 1) * page,
+                  "x86: kvm_run + PIO page + coalesced MMIO page")
+    expect(size < abi.KVM_DIRTY_LOG_PAGE_OFFSET * page, "the ring (page 64 on) is not included",
+           f"< {abi.KVM_DIRTY_LOG_PAGE_OFFSET * page}", size)
+
+
+@check("caps.api_version", 6, "virt/kvm/kvm_main.c kvm_dev_ioctl(); api.rst 4.1",
+       fault="version_lie")
+def api_version(ctx):
+    """KVM_GET_API_VERSION is 12; a non-zero argument is EINVAL"""
+    expect_eq(ctx.kvm.get_api_version(), abi.KVM_API_VERSION, "KVM_GET_API_VERSION")
+    expect_errno(lambda: ioctl(ctx.kvm.fd, abi.KVM_GET_API_VERSION, 1, "KVM_GET_API_VERSION"),
+                 "EINVAL", "KVM_GET_API_VERSION with argument 1")
+
+
+def _close_if_fd(result):
+    if isinstance(result, int) and result > 2:
+        os.close(result)
+
+
+@check("caps.create_vm.bad_type", 6, "arch/x86/kvm/x86.c kvm_arch_init_vm(); api.rst 4.2",
+       fault="fake_success")
+def create_vm_bad_type(ctx):
+    """KVM_CREATE_VM with an unknown machine type (99) is EINVAL"""
+    def call():
+        fd = ioctl(ctx.kvm.fd, abi.KVM_CREATE_VM, 99, "KVM_CREATE_VM")
+        _close_if_fd(fd)
+        return fd
+    expect_errno(call, "EINVAL", "KVM_CREATE_VM(type 99)")
+
+
+@check("caps.create_vm.on_vm_fd", 6, "virt/kvm/kvm_main.c kvm_vm_ioctl() (no KVM_CREATE_VM)",
+       fault="fake_success")
+def create_vm_on_vm_fd(ctx):
+    """KVM_CREATE_VM issued on a VM fd is not a VM ioctl: ENOTTY"""
+    vm = ctx.vm()
+
+    def call():
+        fd = ioctl(vm.fd, abi.KVM_CREATE_VM, 0, "KVM_CREATE_VM")
+        _close_if_fd(fd)
+        return fd
+    expect_errno(call, "ENOTTY", "KVM_CREATE_VM on a VM fd")

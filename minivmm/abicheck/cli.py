@@ -1,0 +1,55 @@
+"""`minivmm abi-check`: run the checks and report in KTAP (default), JSON or JUnit."""
+from __future__ import annotations
+
+import sys
+
+from . import report
+from .runner import host_header, load_checks, run_one, select
+
+EXIT_CANNOT_RUN = 2
+
+
+def register(sub, common) -> None:
+    p = sub.add_parser("abi-check", parents=[common],
+                       help="numbered, cited regression checks of KVM's dirty-log ABI (KTAP)",
+                       description="Run numbered, cited checks of the dirty ring and dirty "
+                       "bitmap ABI against the running kernel, each in a fresh VM, and report "
+                       "in KTAP. Exit status: 0 all passed or skipped, 1 a failure, 4 all "
+                       "skipped, 2 cannot run (no /dev/kvm).")
+    p.add_argument("--list", action="store_true", help="list the checks (id, rules, citation)")
+    p.add_argument("-k", metavar="PATTERN", dest="pattern",
+                   help="only checks whose id matches (substring or glob)")
+    p.add_argument("--format", choices=["ktap", "json", "junit"], default="ktap")
+    p.add_argument("--unsafe", action="store_true",
+                   help="also run checks that may WARN or taint the kernel")
+    p.add_argument("--output", metavar="FILE", help="write the report here instead of stdout")
+    p.set_defaults(func=cmd_abi_check)
+
+
+def cmd_abi_check(args) -> int:
+    from ..cli import UsageError
+    from ..kvm import Kvm
+    from .._sys import KvmUnavailable
+    load_checks()
+    specs = select(args.pattern)
+    if args.pattern and not specs:
+        raise UsageError(f"no check id matches {args.pattern!r} (see --list)")
+    if args.list:
+        sys.stdout.write(report.listing(specs))
+        return 0
+    try:
+        kvm = Kvm()
+    except KvmUnavailable as e:
+        print(f"minivmm abi-check: cannot run: {e}", file=sys.stderr)
+        return EXIT_CANNOT_RUN
+    with kvm:
+        header = host_header(kvm)
+        results = [run_one(s, kvm, args.unsafe) for s in specs]
+    text = {"ktap": report.ktap, "json": report.to_json, "junit": report.junit}[args.format](
+        results, header)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    return report.exit_status(results)

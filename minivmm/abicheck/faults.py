@@ -1,0 +1,213 @@
+"""Fault injection: make the kernel (as a check sees it) lie, so that every check is
+shown able to fail. Used by the test suite; each check names the fault it must catch.
+
+The injector stands where every kernel access passes: minivmm._sys.ioctl (through its
+``tracer`` hook), minivmm._sys.map_shared, and the Ctx methods that read the ring, mmap
+and run guests.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+
+import numpy as np
+
+from .. import _sys
+from .._sys import KvmError
+from . import ctx as ctxmod
+
+FAULTS: dict = {}
+
+
+def fault(name: str, doc: str):
+    """Register a context-manager factory under ``name``."""
+    def deco(fn):
+        cm = contextlib.contextmanager(fn)
+        cm.doc = doc
+        FAULTS[name] = cm
+        return cm
+    return deco
+
+
+@contextlib.contextmanager
+def _ioctl_hook(change):
+    """Install ``change(name, request, arg, ret, err) -> (ret, err)`` around every ioctl."""
+    old = _sys.tracer
+
+    def tracer(fd, request, arg, name, hints):
+        ret = _sys._ioctl(fd, request, arg)
+        err = ctypes.get_errno() if ret < 0 else 0
+        ret, err = change(name, request, arg, ret, err)
+        if ret < 0:
+            raise KvmError(name, err, (hints or {}).get(err))
+        return ret
+    _sys.tracer = tracer
+    try:
+        yield
+    finally:
+        _sys.tracer = old
+
+
+@contextlib.contextmanager
+def _patch(obj, attr, value):
+    old = getattr(obj, attr)
+    setattr(obj, attr, value)
+    try:
+        yield
+    finally:
+        setattr(obj, attr, old)
+
+
+@fault("errno_swap", "every failing ioctl reports ENOTTY instead of its real errno")
+def errno_swap():
+    with _ioctl_hook(lambda n, q, a, ret, err: (ret, errno.ENOTTY if ret < 0 else 0)):
+        yield
+
+
+@fault("fake_success", "every failing ioctl reports success (0)")
+def fake_success():
+    with _ioctl_hook(lambda n, q, a, ret, err: (0, 0) if ret < 0 else (ret, err)):
+        yield
+
+
+_VM_CALLS = ("KVM_ENABLE_CAP", "KVM_SET_USER_MEMORY_REGION", "KVM_GET_DIRTY_LOG",
+             "KVM_CLEAR_DIRTY_LOG", "KVM_RESET_DIRTY_RINGS")
+
+
+@fault("vm_calls_fail", "KVM_ENABLE_CAP, memslot and dirty-log ioctls fail with EINVAL")
+def vm_calls_fail():
+    def change(name, q, a, ret, err):
+        if name.startswith(_VM_CALLS):
+            return -1, errno.EINVAL
+        return ret, err
+    with _ioctl_hook(change):
+        yield
+
+
+@fault("check_extension_lie", "KVM_CHECK_EXTENSION answers one more than the kernel")
+def check_extension_lie():
+    def change(name, q, a, ret, err):
+        return (ret + 1, err) if name == "KVM_CHECK_EXTENSION" and ret >= 0 else (ret, err)
+    with _ioctl_hook(change):
+        yield
+
+
+@fault("version_lie", "system ioctls (API version, vCPU mmap size) answer one more")
+def version_lie():
+    def change(name, q, a, ret, err):
+        if name in ("KVM_GET_API_VERSION", "KVM_GET_VCPU_MMAP_SIZE") and ret >= 0:
+            return ret + 1, err
+        return ret, err
+    with _ioctl_hook(change):
+        yield
+
+
+@fault("reset_count_lie", "KVM_RESET_DIRTY_RINGS returns one more than it reset")
+def reset_count_lie():
+    def change(name, q, a, ret, err):
+        return (ret + 1, err) if name == "KVM_RESET_DIRTY_RINGS" and ret >= 0 else (ret, err)
+    with _ioctl_hook(change):
+        yield
+
+
+@fault("bitmap_flip", "KVM_GET_DIRTY_LOG hands back its bitmap with bit 0 flipped")
+def bitmap_flip():
+    def change(name, q, a, ret, err):
+        if name == "KVM_GET_DIRTY_LOG" and ret >= 0:
+            from ..abi import kvm_dirty_log
+            log = kvm_dirty_log.from_address(a)
+            word = ctypes.c_uint64.from_address(log.dirty_bitmap)
+            word.value ^= 1
+        return ret, err
+    with _ioctl_hook(change):
+        yield
+
+
+@fault("ring_drop", "ring harvests and raw ring reads lose their last DIRTY entry")
+def ring_drop():
+    real_h, real_e = ctxmod.Ctx.harvest, ctxmod.Ctx.ring_entries
+
+    def harvest(self, ring):
+        s, o = real_h(self, ring)
+        return s[:-1], o[:-1]
+
+    def entries(self, ring, start=0, count=None):
+        out = real_e(self, ring, start, count)
+        dirty = [i for i, e in enumerate(out) if e[0] & 1]
+        if dirty:
+            out[dirty[-1]] = (0, 0, 0)
+        return out
+    with _patch(ctxmod.Ctx, "harvest", harvest), _patch(ctxmod.Ctx, "ring_entries", entries):
+        yield
+
+
+@fault("ring_duplicate", "ring harvests repeat their first entry; raw reads repeat it too")
+def ring_duplicate():
+    real_h, real_e = ctxmod.Ctx.harvest, ctxmod.Ctx.ring_entries
+
+    def harvest(self, ring):
+        s, o = real_h(self, ring)
+        if len(s):
+            return np.concatenate([s, s[:1]]), np.concatenate([o, o[:1]])
+        return s, o
+
+    def entries(self, ring, start=0, count=None):
+        out = real_e(self, ring, start, count)
+        dirty = [i for i, e in enumerate(out) if e[0] & 1]
+        if dirty and dirty[-1] + 1 < len(out):
+            out[dirty[-1] + 1] = out[dirty[0]]
+        return out
+    with _patch(ctxmod.Ctx, "harvest", harvest), _patch(ctxmod.Ctx, "ring_entries", entries):
+        yield
+
+
+@fault("ring_offset_shift", "ring entries report offset + 1 (the gfn+1 bug the 2025 selftest "
+                            "rework exposed)")
+def ring_offset_shift():
+    real_h, real_e = ctxmod.Ctx.harvest, ctxmod.Ctx.ring_entries
+
+    def harvest(self, ring):
+        s, o = real_h(self, ring)
+        return s, o + 1
+
+    def entries(self, ring, start=0, count=None):
+        return [(f, s, o + 1 if f & 1 else o) for f, s, o in real_e(self, ring, start, count)]
+    with _patch(ctxmod.Ctx, "harvest", harvest), _patch(ctxmod.Ctx, "ring_entries", entries):
+        yield
+
+
+@fault("hide_ring_full", "KVM_RUN's KVM_EXIT_DIRTY_RING_FULL is reported as an unknown exit")
+def hide_ring_full():
+    real = ctxmod.Ctx.run_to_port
+
+    def run_to_port(self, m, index=0, timeout=10.0):
+        ev = real(self, m, index, timeout)
+        if ev.kind == "ring-full":
+            return ctxmod.Event("other", 0, {"reason": "UNKNOWN (injected)"})
+        return ev
+    with _patch(ctxmod.Ctx, "run_to_port", run_to_port):
+        yield
+
+
+@fault("mmap_invert", "mmap of a KVM fd fails with ENOMEM where the kernel allowed it, and "
+                      "succeeds (anonymous memory) where the kernel refused it")
+def mmap_invert():
+    import mmap as _mmap
+    real = ctxmod.Ctx.mmap
+    real_shared = _sys.map_shared
+
+    def fake(self, fd, length, offset, flags=_mmap.MAP_SHARED,
+             prot=_mmap.PROT_READ | _mmap.PROT_WRITE):
+        try:
+            real(self, fd, length, offset, flags, prot)
+        except KvmError:
+            m = _mmap.mmap(-1, length)
+            self.on_close(m.close)
+            return m
+        raise KvmError("mmap", errno.ENOMEM)
+
+    def fake_shared(fd, length, offset=0, name="mmap", prot=None):
+        raise KvmError(name, errno.ENOMEM)
+    with _patch(ctxmod.Ctx, "mmap", fake), _patch(_sys, "map_shared", fake_shared):
+        yield

@@ -1,0 +1,98 @@
+"""Reporters: KTAP (Documentation/dev-tools/ktap.rst, as the kernel's selftests print),
+JSON, and JUnit XML for CI systems; plus the kselftest exit status."""
+from __future__ import annotations
+
+import json
+from xml.sax.saxutils import escape, quoteattr
+
+KSFT_PASS, KSFT_FAIL, KSFT_SKIP = 0, 1, 4
+
+
+def exit_status(results) -> int:
+    """kselftest convention: 0 all passed or skipped, 1 any failure, 4 everything skipped."""
+    if any(r.status == "fail" for r in results):
+        return KSFT_FAIL
+    if results and all(r.status == "skip" for r in results):
+        return KSFT_SKIP
+    return KSFT_PASS
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def ktap(results, header: dict) -> str:
+    out = ["KTAP version 1",
+           f"# minivmm abi-check on {header['kernel']} ({header['machine']}), "
+           f"vendor module {header['vendor_module']}"]
+    out.append("# capabilities: " + " ".join(f"{k[8:]}={v}"
+                                              for k, v in header["capabilities"].items()))
+    out.append(f"# {header['cve']}")
+    out.append(f"1..{len(results)}")
+    for n, r in enumerate(results, 1):
+        out.append(f"# {r.id}: {r.summary} [abi.md rule(s) {', '.join(map(str, r.rules))}; "
+                   f"{r.cite}]")
+        for d in r.diagnostics:
+            out.append(f"# {_one_line(d)}")
+        if r.status == "pass":
+            out.append(f"ok {n} {r.id}")
+        elif r.status == "skip":
+            out.append(f"ok {n} {r.id} # SKIP {_one_line(r.reason)}")
+        else:
+            out.append(f"# FAIL {r.id}: {_one_line(r.reason)}")
+            out.append(f"not ok {n} {r.id}")
+    counts = {s: sum(r.status == s for r in results) for s in ("pass", "fail", "skip")}
+    out.append(f"# Totals: pass:{counts['pass']} fail:{counts['fail']} xfail:0 xpass:0 "
+               f"skip:{counts['skip']} error:0")
+    return "\n".join(out) + "\n"
+
+
+def to_json(results, header: dict) -> str:
+    return json.dumps({"header": header, "results": [
+        {"n": n, "id": r.id, "status": r.status, "reason": r.reason, "rules": list(r.rules),
+         "cite": r.cite, "summary": r.summary, "diagnostics": r.diagnostics,
+         "seconds": round(r.seconds, 4)} for n, r in enumerate(results, 1)],
+        "exit_status": exit_status(results)}, indent=2) + "\n"
+
+
+def junit(results, header: dict) -> str:
+    fails = sum(r.status == "fail" for r in results)
+    skips = sum(r.status == "skip" for r in results)
+    total = sum(r.seconds for r in results)
+    out = ['<?xml version="1.0" encoding="UTF-8"?>',
+           f'<testsuites><testsuite name="minivmm-abi-check" tests="{len(results)}" '
+           f'failures="{fails}" skipped="{skips}" errors="0" time="{total:.3f}" '
+           f'hostname={quoteattr(header["kernel"])}>',
+           "<properties>" + "".join(
+               f"<property name={quoteattr(k)} value={quoteattr(str(v))}/>"
+               for k, v in [("vendor_module", header["vendor_module"]),
+                            *header["capabilities"].items()]) + "</properties>"]
+    for r in results:
+        out.append(f'<testcase classname="abi_check.{escape(r.id.split(".")[0])}" '
+                   f'name={quoteattr(r.id)} time="{r.seconds:.3f}">')
+        if r.status == "fail":
+            out.append(f"<failure message={quoteattr(_one_line(r.reason))}>"
+                       f"{escape(chr(10).join(r.diagnostics))}</failure>")
+        elif r.status == "skip":
+            out.append(f"<skipped message={quoteattr(_one_line(r.reason))}/>")
+        out.append(f"<system-out>{escape(r.summary + ' | ' + r.cite)}</system-out></testcase>")
+    out.append("</testsuite></testsuites>")
+    return "\n".join(out) + "\n"
+
+
+def listing(specs) -> str:
+    out = []
+    for s in specs:
+        flags = " [unsafe]" if s.unsafe else ""
+        out.append(f"{s.id}{flags}\n    rules {', '.join(map(str, s.rules))}; {s.cite}\n"
+                   f"    {s.summary}")
+    return "\n".join(out) + "\n"
+
+
+def markdown_table(specs) -> str:
+    out = ["| # | check | abi.md rules | citation | what it checks |", "|---|---|---|---|---|"]
+    for n, s in enumerate(specs, 1):
+        flags = " (unsafe)" if s.unsafe else ""
+        out.append(f"| {n} | `{s.id}`{flags} | {', '.join(map(str, s.rules))} | {s.cite} | "
+                   f"{s.summary} |")
+    return "\n".join(out) + "\n"

@@ -1,0 +1,112 @@
+"""Selecting and running checks, each in its own fresh VM(s), and the host header."""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import importlib
+import os
+import time
+import traceback
+
+from .. import abi
+from .._sys import KvmError
+from ..kvm import vendor_module
+from .ctx import Ctx
+from .registry import REGISTRY, Fail, Skip
+
+CHECK_MODULES = ("caps", "ring_enable", "ring_mmap", "entries", "reset", "softfull",
+                 "bitmap", "memslots", "misc", "unsafe")
+
+
+def load_checks() -> dict:
+    """Import every checks_* module (each registers its checks) and return the registry."""
+    for name in CHECK_MODULES:
+        try:
+            importlib.import_module(f"minivmm.abicheck.checks_{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"minivmm.abicheck.checks_{name}":
+                raise
+    return REGISTRY
+
+
+@dataclasses.dataclass
+class Result:
+    id: str
+    status: str                      # pass | fail | skip
+    reason: str = ""
+    diagnostics: list = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+    rules: tuple = ()
+    cite: str = ""
+    summary: str = ""
+
+
+def select(pattern: str | None = None, ids=None) -> list:
+    specs = list(load_checks().values())
+    if ids:
+        specs = [s for s in specs if s.id in ids]
+    if pattern:
+        pat = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
+        specs = [s for s in specs if fnmatch.fnmatch(s.id, pat)]
+    return specs
+
+
+def run_one(spec, kvm, unsafe: bool = False) -> Result:
+    res = Result(spec.id, "pass", rules=spec.rules, cite=spec.cite, summary=spec.summary)
+    if spec.unsafe and not unsafe:
+        res.status, res.reason = "skip", "needs --unsafe (may WARN or taint the kernel)"
+        return res
+    ctx = Ctx(kvm, unsafe)
+    t0 = time.perf_counter()
+    try:
+        spec.fn(ctx)
+    except Skip as e:
+        res.status, res.reason = "skip", str(e)
+    except Fail as e:
+        res.status, res.reason = "fail", str(e)
+    except KvmError as e:
+        res.status, res.reason = "fail", f"unexpected error: {e}"
+    except Exception as e:
+        res.status, res.reason = "fail", f"check raised {type(e).__name__}: {e}"
+        res.diagnostics.extend(traceback.format_exc().rstrip().splitlines()[-6:])
+    finally:
+        ctx.close()
+        res.seconds = time.perf_counter() - t0
+    res.diagnostics[:0] = ctx.diagnostics
+    return res
+
+
+HEADER_CAPS = ("KVM_CAP_DIRTY_LOG_RING", "KVM_CAP_DIRTY_LOG_RING_ACQ_REL",
+               "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP", "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2",
+               "KVM_CAP_MAX_VCPUS", "KVM_CAP_NR_MEMSLOTS", "KVM_CAP_MULTI_ADDRESS_SPACE")
+
+# CVE-2026-52969 (commit 577a8d3bae05, abi.md 5): first fixed release of each stable line.
+CVE_FIXED = {(5, 15): (5, 15, 209), (6, 1): (6, 1, 175), (6, 6): (6, 6, 141),
+             (6, 12): (6, 12, 91), (6, 18): (6, 18, 33), (7, 0): (7, 0, 10)}
+
+
+def cve_line(release: str) -> str:
+    """Informational: is this kernel version at or past the CVE-2026-52969 fix? (no PoC run)"""
+    nums = []
+    for part in release.split("-")[0].split(".")[:3]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        nums.append(int(digits) if digits else 0)
+    while len(nums) < 3:
+        nums.append(0)
+    ver = tuple(nums)
+    fixed = CVE_FIXED.get(ver[:2])
+    if fixed:
+        state = "at or past the fix" if ver >= fixed else "BEFORE the fix"
+        return (f"CVE-2026-52969 (wrapped offset in kvm_reset_dirty_gfn): {release} is {state} "
+                f"({'.'.join(map(str, fixed))}); version comparison only, no exploit is run")
+    if ver >= (7, 1, 0):
+        return f"CVE-2026-52969: {release} is newer than every fixed release listed (7.0.10)"
+    return (f"CVE-2026-52969: no fixed release known for the {ver[0]}.{ver[1]} line "
+            f"(affected from 5.11); version comparison only")
+
+
+def host_header(kvm) -> dict:
+    return {"kernel": os.uname().release, "machine": os.uname().machine,
+            "vendor_module": vendor_module(),
+            "capabilities": {n: kvm.check_extension(getattr(abi, n)) for n in HEADER_CAPS},
+            "cve": cve_line(os.uname().release)}
