@@ -68,11 +68,15 @@ def bench_exits(reps: int, scale: float) -> list:
 def print_rows(rows: list) -> None:
     print(f"{'benchmark':48} {'python':>12} {'native':>12} {'ratio':>7} {'target':>7}")
     for r in rows:
+        err = f"  ERROR: {r['error']}" if r.get("error") else ""
+        if r.get("python") is None or r.get("native") is None or r.get("ratio") is None:
+            print(f"{r['bench']:48} {r.get('info', '')}{err}")    # no native ratio: info
+            continue
         ok = r["ratio"] >= r["target"] if r.get("higher_is_better", True) else \
             r["ratio"] <= r["target"]
         print(f"{r['bench']:48} {r['python']:12.0f} {r['native']:12.0f} {r['ratio']:7.2f} "
               f"{('>=' if r.get('higher_is_better', True) else '<=')}{r['target']:<5} "
-              f"{'ok' if ok else 'BELOW'}  ({r['unit']})")
+              f"{'ok' if ok else 'BELOW'}  ({r['unit']}){err}")
 
 
 def main(argv=None) -> int:

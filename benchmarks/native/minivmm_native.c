@@ -56,6 +56,7 @@ struct vcpu {
 	struct kvm_sregs sregs;
 	uint64_t exits, syncs;
 	int exit_code;
+	int empty_full;           /* ring-full exits in a row that found nothing */
 	double t_end;
 	pthread_t thread;
 };
@@ -495,10 +496,12 @@ static void *vcpu_thread(void *arg)
 			uint64_t got = collect();
 			st_ring_full++;
 			pthread_mutex_unlock(&lock);
-			/* KVM says full but we see nothing at our fetch index: the
-			 * ring wrapped past the soft limit (seen with emulated guest
-			 * code) and re-entering would loop forever. */
-			if (!got)
+			/* Nothing to harvest once is normal with several vCPUs (another
+			 * vCPU's collection emptied every ring first). Several times in a
+			 * row means the ring wrapped past the soft limit (seen with
+			 * emulated guest code) and re-entering would loop forever. */
+			v->empty_full = got ? 0 : v->empty_full + 1;
+			if (v->empty_full >= 3)
 				die(3, "vcpu %d: dirty ring full but nothing to harvest "
 				    "(ring overflowed; use more --ring-entries)", v->idx);
 			continue;

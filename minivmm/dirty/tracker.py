@@ -37,7 +37,7 @@ _EMPTY = np.empty(0, np.int64)
 class Collection:
     """What one collection found, per slot, with its bookkeeping."""
     pages: dict                          # slot id -> sorted unique page indices
-    per_vcpu: dict | None                # ring only: vCPU -> {slot id: pages}
+    raw: dict | None                     # ring only: vCPU -> (slots, offsets) as harvested
     entries: int = 0                     # ring entries (or set bits) taken
     duplicates: int = 0
     bogus: list = dataclasses.field(default_factory=list)
@@ -49,6 +49,11 @@ class Collection:
     @property
     def reset_count_ok(self) -> bool:
         return all(got == want for got, want in self.resets)
+
+    def vcpu_pages(self, index: int, slot: int) -> np.ndarray:
+        """Ring only: the unique pages of ``slot`` found in vCPU ``index``'s ring."""
+        slots, offsets = self.raw.get(index, (_EMPTY, _EMPTY))
+        return np.unique(offsets[slots == slot]).astype(np.int64)
 
 
 class Tracker:
@@ -139,7 +144,11 @@ class RingTracker(Tracker):
         with self.lock:
             t0 = time.perf_counter()
             self._ring_full += 1
+            # every ring, not only the full one: the others are likely close to full too
             n = self._harvest_locked(st.index, self.rings[st.index])
+            for i, ring in self.rings.items():
+                if i != st.index:
+                    self._harvest_locked(i, ring)
             self._reset_locked()
             self._bg_s += time.perf_counter() - t0
             if n:
@@ -160,33 +169,31 @@ class RingTracker(Tracker):
             for i, ring in self.rings.items():
                 self._harvest_locked(i, ring)
             self._reset_locked()
-            took = time.perf_counter() - t0
-            col = self._build_locked(took)
+            col = self._build_locked()
+            col.collect_s = time.perf_counter() - t0     # harvest + reset + de-duplication
         return col
 
-    def _build_locked(self, took: float) -> Collection:
-        per_vcpu, all_s, all_o = {}, [], []
+    def _build_locked(self) -> Collection:
+        raw, all_s, all_o = {}, [], []
         for i, parts in self._acc.items():
             if parts:
-                s = np.concatenate([p[0] for p in parts])
-                o = np.concatenate([p[1] for p in parts])
-                by_slot, _, _ = dedupe(s, o, self.slot_pages)
-                per_vcpu[i] = {k: v.astype(np.int64) for k, v in by_slot.items()}
+                s = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+                o = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+                raw[i] = (s, o)
                 all_s.append(s)
                 all_o.append(o)
-            else:
-                per_vcpu[i] = {}
             self._acc[i] = []
         if all_s:
-            s, o = np.concatenate(all_s), np.concatenate(all_o)
+            s = np.concatenate(all_s) if len(all_s) > 1 else all_s[0]
+            o = np.concatenate(all_o) if len(all_o) > 1 else all_o[0]
             by_slot, dups, bogus = dedupe(s, o, self.slot_pages)
             entries = len(s)
         else:
             by_slot, dups, bogus, entries = {}, 0, [], 0
         col = Collection(pages={k: v.astype(np.int64) for k, v in by_slot.items()},
-                         per_vcpu=per_vcpu, entries=entries, duplicates=dups, bogus=bogus,
+                         raw=raw, entries=entries, duplicates=dups, bogus=bogus,
                          ring_full_exits=self._ring_full, resets=self._resets,
-                         lost=self._lost, collect_s=took)
+                         lost=self._lost)
         col.background_s = self._bg_s
         self._ring_full, self._resets, self._lost, self._bg_s = 0, [], [], 0.0
         return col
@@ -242,7 +249,7 @@ class BitmapTracker(Tracker):
                     pages[slot] = p
                     entries += len(p)
             took = time.perf_counter() - t0
-            col = Collection(pages=pages, per_vcpu=None, entries=entries, collect_s=took)
+            col = Collection(pages=pages, raw=None, entries=entries, collect_s=took)
             col.background_s, self._bg_s = self._bg_s, 0.0
         return col
 
@@ -328,7 +335,7 @@ class DirtySession:
                                regs={"rcx": iterations, "r8": stride, "r9": seed, "r10": writes})
         try:
             self.tracker.bind(self.machine)
-            self.oracle = ContentOracle(self.machine.data.map, pages)
+            self.oracle = ContentOracle(self.machine.data, pages)
         except BaseException:
             self.machine.close()
             raise
@@ -382,7 +389,9 @@ class DirtySession:
                     continue
                 if item is None:
                     break
-                yield item
+                record = self._record(*item)
+                self.records.append(record)
+                yield record
                 self._go.set()
             self.result = self.machine.wait()
         except BaseException:
@@ -393,7 +402,7 @@ class DirtySession:
             self._reaper_stop.set()
             if reaper is not None:
                 reaper.join()
-        final = self._record("final", self.tracker.collect())
+        final = self._record("final", self.tracker.collect(), self.oracle.snapshot())
         if len(final.data_pages) or len(final.missed) or final.collection.pages:
             self.records.append(final)
             yield final
@@ -422,26 +431,27 @@ class DirtySession:
                 self._queue.put(None)
 
     def _complete_locked(self, st) -> None:
+        # Only what needs the vCPUs paused happens here: collecting, and reading the
+        # pages' contents; checking and reporting happen in the consumer's thread.
         iteration = max(self._arrived.values())
-        record = self._record(iteration, self.tracker.collect())
-        self.records.append(record)
+        col = self.tracker.collect()
+        self._queue.put((iteration, col, self.oracle.snapshot()))
         self._arrived.clear()
         self._go.clear()
-        self._queue.put(record)
         if self._gated:
             while not self._go.wait(0.05) and st.stop_reason is None:
                 pass
         self._generation += 1
         self._cond.notify_all()
 
-    def _record(self, iteration, col: Collection) -> IterationRecord:
+    def _record(self, iteration, col: Collection, snap: tuple) -> IterationRecord:
         data = col.pages.get(L.SLOT_DATA, _EMPTY)
         plans = plan(self.payload.name, self.nvcpus, self.pages, iteration, self.params) \
             if isinstance(iteration, int) else None
         expected = np.unique(np.concatenate(list(plans.values()))) if plans else None
         if not isinstance(iteration, int):
             expected = None
-        content = self.oracle.check(data, expected)
+        content = self.oracle.compare(snap, data)
         missed = content["missed"]
         if expected is not None:
             missed = np.union1d(missed, np.setdiff1d(expected, data, assume_unique=True))
@@ -456,8 +466,8 @@ class DirtySession:
                    "missed": int(((missed >= lo) & (missed < hi)).sum()),
                    "extra": len(np.setdiff1d(mine, want)) if want is not None else
                    int(((content["extra"] >= lo) & (content["extra"] < hi)).sum())}
-            if col.per_vcpu is not None:
-                ring_pages = col.per_vcpu.get(i, {}).get(L.SLOT_DATA, _EMPTY)
+            if col.raw is not None:
+                ring_pages = col.vcpu_pages(i, L.SLOT_DATA)
                 # a write lands in the writing vCPU's ring (abi.md rule 28)
                 row["in_own_ring"] = len(ring_pages)
                 row["foreign"] = int(((ring_pages < lo) | (ring_pages >= hi)).sum())

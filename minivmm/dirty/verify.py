@@ -10,52 +10,67 @@ payload's parameters (README, "Dirty payloads").
 """
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 
 PAGE_WORDS = 4096 // 8
-# Above this many pages the content check reads only reported and planned pages:
-# reading every page of a huge sparse slot would fault in its whole page table.
-FULL_SCAN_PAGES = 1 << 18
 
 LCG_MUL = 6364136223846793005
 LCG_ADD = 1442695040888963407
 MASK64 = (1 << 64) - 1
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+
+
+def resident_pages(addr: int, pages: int) -> np.ndarray:
+    """Indices of the pages of [addr, addr + pages*4096) that are in memory (mincore(2)).
+
+    A page never touched is not resident and still reads as zero; not reading it keeps
+    the shared zero page out of the guest's way (a later first write would then need a
+    copy-on-write fault instead of a plain one).
+    """
+    vec = np.zeros(pages, np.uint8)
+    if _libc.mincore(addr, pages * 4096, vec.ctypes.data) != 0:
+        raise OSError(ctypes.get_errno(), "mincore failed")
+    return np.flatnonzero(vec & 1)
+
 
 class ContentOracle:
-    """Remembers the first u64 of every data page at the previous collection."""
+    """Remembers the first u64 of every data page at the previous collection.
 
-    def __init__(self, data_map, pages: int):
-        self.map, self.pages = data_map, pages
-        self.full = pages <= FULL_SCAN_PAGES
-        self.prev = self._read(None) if self.full else {}
+    A fresh anonymous slot is all zero, so nothing is read up front; each snapshot reads
+    only the resident pages (the guest wrote there, or something read them).
+    """
 
-    def _read(self, idx):
-        view = np.frombuffer(self.map, dtype="<u8", count=self.pages * PAGE_WORDS)
+    def __init__(self, mem, pages: int):
+        self.mem, self.pages = mem, pages
+        self.prev = np.zeros(pages, np.uint64)   # calloc'd: costs only what is written
+        self.scope = "every resident page (the others still hold zero)"
+
+    def snapshot(self) -> tuple:
+        """(page indices, first u64 of each): take it while the vCPUs are paused."""
+        idx = resident_pages(self.mem.host_addr, self.pages)
+        view = np.frombuffer(self.mem.map, dtype="<u8", count=self.pages * PAGE_WORDS)
         try:
-            first = view[::PAGE_WORDS]
-            return first.copy() if idx is None else first[idx]
+            return idx, view[idx * PAGE_WORDS]
         finally:
             del view
 
-    def check(self, reported: np.ndarray, expected: np.ndarray | None = None) -> dict:
-        """Compare against the previous call; return changed, missed and extra pages."""
+    def compare(self, snap: tuple, reported: np.ndarray) -> dict:
+        """Changed pages since the previous compare; which of them were missed; extras."""
+        idx, values = snap
         reported = np.asarray(reported, np.int64)
-        if self.full:
-            cur = self._read(None)
-            changed = np.flatnonzero(cur != self.prev)
-            self.prev = cur
-        else:
-            cand = reported if expected is None else np.union1d(reported, expected)
-            cand = cand.astype(np.int64)
-            values = self._read(cand)
-            old = np.array([self.prev.get(int(p), 0) for p in cand], np.uint64)
-            changed = cand[values != old]
-            self.prev.update(zip(cand.tolist(), values.tolist()))
+        changed = idx[values != self.prev[idx]].astype(np.int64)
+        self.prev[idx] = values
         missed = np.setdiff1d(changed, reported, assume_unique=True)
         extra = np.setdiff1d(reported, changed, assume_unique=True)
-        return {"changed": changed, "missed": missed, "extra": extra,
-                "scope": "every page" if self.full else "reported and planned pages"}
+        return {"changed": changed, "missed": missed, "extra": extra, "scope": self.scope}
+
+    def check(self, reported: np.ndarray, expected=None) -> dict:
+        """snapshot() and compare() in one go (when nothing runs concurrently)."""
+        return self.compare(self.snapshot(), reported)
 
 
 def plan(payload: str, vcpus: int, pages: int, iteration: int, params: dict) -> dict | None:

@@ -1,12 +1,11 @@
 """Bitmap decoding, CLEAR pieces, ring-size rules and the oracles, without KVM."""
-import mmap
-
 import numpy as np
 import pytest
 
 from minivmm.dirty import bitmap as B
 from minivmm.dirty.ringsize import validate_entries
-from minivmm.dirty.verify import ContentOracle, lcg_pages, plan
+from minivmm.dirty.verify import ContentOracle, lcg_pages, plan, resident_pages
+from minivmm.memory import GuestMemory
 
 LIMITS = {"min_entries": 256, "max_entries": 65536, "reserved_entries": 64}
 
@@ -70,9 +69,9 @@ def test_ring_size_accepts_the_range():
 
 
 def test_content_oracle_finds_misses_and_extras():
-    mem = mmap.mmap(-1, 8 * 4096)
+    mem = GuestMemory(1, 0, 8 * 4096)
     oracle = ContentOracle(mem, 8)
-    view = np.frombuffer(mem, dtype="<u8")
+    view = np.frombuffer(mem.map, dtype="<u8")
     view[0 * 512] = 1
     view[3 * 512] = 1
     res = oracle.check(np.array([0, 5]))
@@ -80,7 +79,9 @@ def test_content_oracle_finds_misses_and_extras():
     assert res["missed"].tolist() == [3] and res["extra"].tolist() == [5]
     res = oracle.check(np.array([], np.int64))               # nothing changed since
     assert not len(res["changed"]) and not len(res["missed"])
+    assert resident_pages(mem.host_addr, 8).tolist() == [0, 3]   # only what was written
     del view
+    mem.close()
 
 
 def test_lcg_plan_replays_the_generator_and_jumps_ahead():

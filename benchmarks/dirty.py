@@ -1,0 +1,290 @@
+"""Dirty-tracking benchmarks (issue 3, speed): minivmm's DirtySession against the native baseline.
+
+Same guest bytes on both sides: DirtySession builds the machine, Machine.dump_image writes
+it before the run, and benchmarks/native/minivmm-native runs that image with the same
+tracker. Two figures per configuration:
+
+* end to end: dirty pages per second (data pages reported over all iterations / wall time
+  of ``session.run()``; native: its ``pages_per_s``), target >= 0.90 of native;
+* collection alone: ns per collected page (harvest + reset + dedupe, or GET + CLEAR +
+  decode, including ring-full harvests), target <= 1.5x native.
+
+Plus a "scale" group without a native ratio: 64 vCPUs, and a 16 GiB data slot with 1%
+of its pages dirtied (run in a subprocess so its peak RSS is its own):
+
+    python -m benchmarks.dirty --scale-case ring|bitmap [--image PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+PAGES_PER_VCPU = 16384
+ITERATIONS = 10
+CONFIGS = (("ring", 4096), ("ring", 65536), ("bitmap", None))
+
+SCALE_VCPUS, SCALE_VCPU_PAGES, SCALE_ITERATIONS = 64, 64, 3
+HUGE_PAGES, HUGE_STRIDE, HUGE_ITERATIONS = 4194304, 100, 2     # 16 GiB slot, 1% dirtied
+RUN_TIMEOUT = 300.0
+
+
+def _label(tracker: str, entries: int | None) -> str:
+    return f"ring {entries}" if tracker == "ring" else "bitmap"
+
+
+def _check(session, records) -> str | None:
+    """None when every check passed, else what failed (first few reasons)."""
+    bad = []
+    res = session.result
+    if res is None or not res.ok:
+        ends = [st.end.summary() if st.end else "no end" for st in session.machine.states
+                if st.end is None or st.end.reason not in ("exit-port", "hlt") or st.end.code]
+        bad.append(f"guest did not finish cleanly: {ends[:3]}")
+    for r in records:
+        if len(r.missed):
+            bad.append(f"iteration {r.iteration}: {len(r.missed)} missed pages")
+        elif not r.ok:
+            c = r.collection
+            bad.append(f"iteration {r.iteration}: not ok (reset_count_ok={c.reset_count_ok}, "
+                       f"lost={len(c.lost)}, bogus={len(c.bogus)})")
+    want = sum(1 for r in records if isinstance(r.iteration, int))
+    if want != session.iterations_asked:
+        bad.append(f"{want} sync collections, expected {session.iterations_asked}")
+    return "; ".join(bad[:4]) if bad else None
+
+
+def python_dirty(tracker: str, entries: int | None, vcpus: int, pages: int, iterations: int,
+                 payload: str = "dirty_seq", stride: int = 4, image: str | None = None) -> dict:
+    """One DirtySession run; returns its end-to-end and collection figures."""
+    from minivmm.dirty.tracker import DirtySession
+
+    kw = {"ring_entries": entries} if entries else {}
+    with DirtySession(payload, tracker=tracker, vcpus=vcpus, pages=pages,
+                      iterations=iterations, stride=stride, collect="sync", **kw) as s:
+        if image:
+            s.machine.dump_image(image)
+        # Time the whole of tracker.collect(): the tracker's own collect_s stops before
+        # the ring's dedupe (_build_locked), which the native figure includes.
+        inner, spent = s.tracker.collect, [0.0]
+
+        def timed_collect():
+            t0 = time.perf_counter()
+            try:
+                return inner()
+            finally:
+                spent[0] += time.perf_counter() - t0
+
+        s.tracker.collect = timed_collect
+        # Verification (content and plan oracles) runs inside the barrier; timed apart
+        # so the report can tell it from tracking. _record is DirtySession's own hook.
+        record, verify = getattr(s, "_record", None), [0.0]
+        if record is not None:
+            def timed_record(*a):
+                t0 = time.perf_counter()
+                try:
+                    return record(*a)
+                finally:
+                    verify[0] += time.perf_counter() - t0
+            s._record = timed_record
+        t0 = time.perf_counter()
+        records = s.run(timeout=RUN_TIMEOUT)
+        elapsed = time.perf_counter() - t0
+        error = _check(s, records)
+        data_pages = sum(len(r.data_pages) for r in records)
+        collected = sum(len(p) for r in records for p in r.collection.pages.values())
+        reported_s = sum(r.collection.collect_s for r in records)
+        background_s = sum(getattr(r.collection, "background_s", 0.0) for r in records)
+        collect_s = spent[0] + background_s
+        return {"elapsed_s": elapsed, "data_pages": data_pages, "pages": collected,
+                "pages_per_s": data_pages / elapsed if elapsed > 0 else 0.0,
+                "collect_s": collect_s, "reported_collect_s": reported_s,
+                "background_s": background_s, "verify_s": verify[0],
+                "collect_ns_per_page": collect_s * 1e9 / collected if collected else 0.0,
+                "ring_full_exits": sum(r.collection.ring_full_exits for r in records),
+                "records": len(records), "error": error}
+
+
+def _native_dirty(native, image: str, tracker: str, entries: int | None) -> dict:
+    args = ["dirty", image, "--tracker", tracker]
+    if entries:
+        args += ["--ring-entries", entries]
+    try:
+        return native(*args)
+    except (SystemExit, subprocess.SubprocessError, ValueError) as e:
+        return {"error": f"native: {e}"}
+
+
+def bench_speed(reps: int, scale: float, native) -> list:
+    per_vcpu = max(1024, int(PAGES_PER_VCPU * scale))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        python_dirty("ring", 4096, 1, 1024, 2)                  # warm-up: imports, assembly
+        for vcpus in (1, 2):
+            pages = per_vcpu * vcpus
+            for tracker, entries in CONFIGS:
+                label = f"{_label(tracker, entries)}, {vcpus} vCPU"
+                image = os.path.join(tmp, f"dirty_{tracker}_{entries}_{vcpus}.img")
+                py, nat, errors = [], [], []
+                for rep in range(reps):
+                    p = python_dirty(tracker, entries, vcpus, pages, ITERATIONS,
+                                     image=image if rep == 0 else None)
+                    n = _native_dirty(native, image, tracker, entries)
+                    py.append(p)
+                    nat.append(n)
+                    errors += [e for e in (p["error"], n.get("error")) if e]
+                    if "pages" in n and n["pages"] < p["data_pages"]:
+                        errors.append(f"native collected {n['pages']} pages, fewer than "
+                                      f"python's {p['data_pages']} data pages")
+                ok_nat = [n for n in nat if "error" not in n]
+                common = {"n": pages, "vcpus": vcpus, "tracker": tracker,
+                          "ring_entries": entries, "iterations": ITERATIONS}
+                pps = statistics.median(x["pages_per_s"] for x in py)
+                ns = statistics.median(x["collect_ns_per_page"] for x in py)
+                npps = statistics.median(x["pages_per_s"] for x in ok_nat) if ok_nat else None
+                nns = statistics.median(x["collect_ns_per_page"] for x in ok_nat) \
+                    if ok_nat else None
+                e2e = {"bench": f"dirty pages/s, {label}", **common, "python": pps,
+                       "native": npps, "ratio": pps / npps if npps else None,
+                       "target": 0.90, "unit": "pages/s",
+                       "python_all": [x["pages_per_s"] for x in py],
+                       "native_all": [x.get("pages_per_s") for x in nat],
+                       "python_elapsed_s": [x["elapsed_s"] for x in py],
+                       "native_elapsed_s": [x.get("elapsed_s") for x in nat],
+                       "python_data_pages": py[0]["data_pages"],
+                       "python_verify_s": [x["verify_s"] for x in py],
+                       "python_pages_per_s_without_verify": statistics.median(
+                           x["data_pages"] / (x["elapsed_s"] - x["verify_s"]) for x in py),
+                       "native_pages": [x.get("pages") for x in nat]}
+                col = {"bench": f"dirty collect ns/page, {label}", **common, "python": ns,
+                       "native": nns, "ratio": ns / nns if nns else None, "target": 1.5,
+                       "unit": "ns/page", "higher_is_better": False,
+                       "python_all": [x["collect_ns_per_page"] for x in py],
+                       "native_all": [x.get("collect_ns_per_page") for x in nat],
+                       "python_collect_s": [x["collect_s"] for x in py],
+                       "python_tracker_collect_s": [x["reported_collect_s"] for x in py],
+                       "python_background_s": [x["background_s"] for x in py],
+                       "python_pages": [x["pages"] for x in py],
+                       "python_ring_full_exits": [x["ring_full_exits"] for x in py],
+                       "native_collect_s": [x.get("collect_s") for x in nat],
+                       "native_ring_full_exits": [x.get("ring_full_exits") for x in nat]}
+                if errors:
+                    e2e["error"] = col["error"] = "; ".join(dict.fromkeys(errors))
+                rows += [e2e, col]
+    return rows
+
+
+# ------------------------------------------------------------------ scale
+
+def _peak_rss_kib() -> int:
+    """This process image's peak RSS. ru_maxrss is the figure asked for, but Linux carries
+    the parent's high-water mark over fork/vfork + exec into it (exec folds the old mm's
+    hiwater into signal->maxrss), so a child of a big parent reports the parent's peak;
+    /proc/self/status VmHWM is the same measure for this mm only."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def scale_case(tracker: str, image: str | None = None) -> dict:
+    """The 16 GiB slot with 1% dirtied; meant to run in its own process (peak RSS)."""
+    rss0 = _peak_rss_kib()
+    t0 = time.perf_counter()
+    p = python_dirty(tracker, 4096 if tracker == "ring" else None, 1, HUGE_PAGES,
+                     HUGE_ITERATIONS, payload="dirty_stride", stride=HUGE_STRIDE, image=image)
+    p["total_s"] = time.perf_counter() - t0
+    p["rss_before_kib"] = rss0
+    p["peak_rss_kib"] = _peak_rss_kib()
+    p["ru_maxrss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return p
+
+
+def bench_scale(native) -> list:
+    rows = []
+    # (a) 64 vCPU threads, a small share each
+    pages = SCALE_VCPUS * SCALE_VCPU_PAGES
+    try:
+        p = python_dirty("ring", 4096, SCALE_VCPUS, pages, SCALE_ITERATIONS)
+    except Exception as e:                                   # noqa: BLE001 (report it)
+        p = {"error": f"{type(e).__name__}: {e}", "elapsed_s": None, "data_pages": 0}
+    row = {"bench": f"scale: {SCALE_VCPUS} vCPUs, dirty_seq, ring 4096", "n": pages,
+           "vcpus": SCALE_VCPUS, "iterations": SCALE_ITERATIONS, "python": None,
+           "native": None, "ratio": None, "target": None, "unit": "s",
+           "elapsed_s": p["elapsed_s"], "data_pages": p["data_pages"],
+           "checks_ok": p["error"] is None,
+           "info": f"{p['elapsed_s'] or 0:.3f} s, {p['data_pages']} pages, "
+                   f"checks {'ok' if p['error'] is None else 'FAILED'}"}
+    if p["error"]:
+        row["error"] = p["error"]
+    rows.append(row)
+
+    # (b) 16 GiB data slot, 1% of its pages dirtied, each tracker in its own process
+    with tempfile.TemporaryDirectory() as tmp:
+        for tracker in ("ring", "bitmap"):
+            image = os.path.join(tmp, f"huge_{tracker}.img")
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+                filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+            proc = subprocess.run([sys.executable, "-m", "benchmarks.dirty", "--scale-case",
+                                   tracker, "--image", image], capture_output=True, text=True,
+                                  timeout=600, cwd=ROOT, env=env)
+            label = f"scale: 16 GiB slot, 1% dirty, {_label(tracker, 4096)}"
+            row = {"bench": label, "n": HUGE_PAGES, "vcpus": 1, "stride": HUGE_STRIDE,
+                   "iterations": HUGE_ITERATIONS, "python": None, "native": None,
+                   "ratio": None, "target": None, "unit": "s"}
+            try:
+                p = json.loads(proc.stdout.strip().splitlines()[-1])
+            except (IndexError, ValueError):
+                row["error"] = f"subprocess failed ({proc.returncode}): " \
+                               f"{proc.stderr.strip()[-400:]}"
+                row["info"] = "FAILED"
+                rows.append(row)
+                continue
+            n = _native_dirty(native, image, tracker, 4096 if tracker == "ring" else None) \
+                if os.path.exists(image) else {"error": "no image"}
+            row.update(elapsed_s=p["elapsed_s"], total_s=p["total_s"],
+                       data_pages=p["data_pages"], checks_ok=p["error"] is None,
+                       peak_rss_kib=p["peak_rss_kib"], rss_before_kib=p["rss_before_kib"],
+                       ru_maxrss_kib=p["ru_maxrss_kib"],
+                       collect_ns_per_page=p["collect_ns_per_page"], verify_s=p["verify_s"],
+                       native_elapsed_s=n.get("elapsed_s"), native_pages=n.get("pages"))
+            row["info"] = (f"{p['elapsed_s']:.3f} s run ({p['total_s']:.2f} s with setup), "
+                           f"{p['data_pages']} pages (verify {p['verify_s']:.3f} s), checks "
+                           f"{'ok' if p['error'] is None else 'FAILED'}, peak RSS "
+                           f"{p['peak_rss_kib'] / 1024:.0f} MiB (before {p['rss_before_kib'] / 1024:.0f})"
+                           + (f"; native {n['elapsed_s']:.3f} s" if "elapsed_s" in n else ""))
+            if p["error"]:
+                row["error"] = p["error"]
+            rows.append(row)
+    return rows
+
+
+def bench_dirty(reps: int, scale: float, native) -> list:
+    return bench_speed(reps, scale, native) + bench_scale(native)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="dirty-tracking benchmark helpers")
+    ap.add_argument("--scale-case", choices=["ring", "bitmap"], required=True,
+                    help="run the 16 GiB / 1%% case once and print its figures as JSON")
+    ap.add_argument("--image", help="also write the machine image here (for the native run)")
+    args = ap.parse_args(argv)
+    print(json.dumps(scale_case(args.scale_case, args.image)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
