@@ -26,8 +26,10 @@ _ioctl.restype = ctypes.c_int
 _ioctl_fast = ctypes.CDLL(None, use_errno=True).ioctl
 _ioctl_fast.restype = ctypes.c_int
 
-# Optional observer of every ioctl (name, fd, request, arg, result, errno, seconds).
-# None costs one attribute test per call.
+# Optional stand-in for every ioctl: tracer(fd, request, arg, name, hints, run=None)
+# performs the call itself and returns its result or raises KvmError, as ioctl() does
+# (minivmm.trace prints each call; abicheck.faults injects faults). None costs one
+# attribute test per call.
 tracer = None
 
 

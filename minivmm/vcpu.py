@@ -57,8 +57,8 @@ class Vcpu:
         kernel may not have written exit_reason, so it is not read (host-probes.md 3).
         """
         if _sys.tracer is not None:
-            try:
-                ioctl(self.fd, abi.KVM_RUN, 0, "KVM_RUN")
+            try:   # hand the tracer our kvm_run so it can name the exit
+                _sys.tracer(self.fd, abi.KVM_RUN, 0, "KVM_RUN", _RUN_HINTS, run=self.run_struct)
             except KvmError as e:
                 if e.errno == _EINTR:
                     return abi.KVM_EXIT_INTR

@@ -35,7 +35,7 @@ def _ioctl_hook(change):
     """Install ``change(name, request, arg, ret, err) -> (ret, err)`` around every ioctl."""
     old = _sys.tracer
 
-    def tracer(fd, request, arg, name, hints):
+    def tracer(fd, request, arg, name, hints, run=None):
         ret = _sys._ioctl(fd, request, arg)
         err = ctypes.get_errno() if ret < 0 else 0
         ret, err = change(name, request, arg, ret, err)
