@@ -139,7 +139,8 @@ def _trace_printer(machine, stream):
         after = (reason == abi.KVM_EXIT_IO and info.get("direction") == "out") or \
                 (reason == abi.KVM_EXIT_MMIO and info.get("is_write")) or \
                 reason == abi.KVM_EXIT_HLT
-        ins = machine.describe_instruction(st, regs.rip, after) or "?"
+        io_out = reason == abi.KVM_EXIT_IO and info.get("direction") == "out"
+        ins = machine.describe_instruction(st, regs.rip, after, io_out) or "?"
         fields = " ".join(f"{k}={v:#x}" if isinstance(v, int) and k not in ("size", "count", "len")
                           else f"{k}={v}" for k, v in info.items()
                           if k not in ("reason", "exit_reason"))

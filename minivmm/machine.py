@@ -380,7 +380,8 @@ class Machine:
                         console.extend(vcpu.io_data())
                         continue
                     if port == L.PORT_EXIT:
-                        st.end = self._end_at(st, "exit-port", code=value, after=True)
+                        st.end = self._end_at(st, "exit-port", code=value, after=True,
+                                              io_out=True)
                         break
                     if port == L.PORT_EXCEPTION and self.payload.mode == "long":
                         st.end = self._exception_end(st)
@@ -389,6 +390,7 @@ class Machine:
                     vcpu.set_io_data(b"\0\0\0\0")
                     continue
                 st.end = self._end_at(st, "unhandled-io", after=io.direction == _OUT,
+                                      io_out=io.direction == _OUT,
                                       detail=_strip(vcpu.describe_exit(reason)))
             elif reason == _INTR:
                 if st.stop_reason is not None:
@@ -429,10 +431,22 @@ class Machine:
             return st.vcpu.get_sregs().cs.base + rip
         return rip
 
-    def describe_instruction(self, st: VcpuState, rip: int, after: bool = False) -> str | None:
-        """The payload's instruction at rip, or (after=True) the one ending at rip."""
+    def describe_instruction(self, st: VcpuState, rip: int, after: bool = False,
+                             io_out: bool = False) -> str | None:
+        """The payload's instruction at rip, or (after=True) the one ending at rip.
+
+        ``io_out``: the exit is an OUT. kvm_pvm has already moved RIP past it; VMX and
+        SVM complete a userspace OUT on the next KVM_RUN (complete_fast_pio_out in
+        arch/x86/kvm/x86.c), so RIP may still point at the out itself: accept both.
+        """
         p = self.payload
-        ins = p.instruction_ending_at(rip) if after else p.instruction_at(rip)
+        ins = None
+        if io_out:
+            here = p.instruction_at(rip)
+            if here is not None and here.mnemonic.startswith("out"):
+                ins = here
+        if ins is None:
+            ins = p.instruction_ending_at(rip) if after else p.instruction_at(rip)
         if ins is not None:
             return f"{ins.text}" + (f"  ; line {ins.line}" if ins.line else "")
         if p.mode == "long" and L.STUBS <= rip < L.STUB_COMMON + len(STUB_COMMON_CODE) + 1:
@@ -451,10 +465,11 @@ class Machine:
         one = disassemble_one(raw, rip, p.mode)
         return one.text if one else None
 
-    def _end_at(self, st, reason, code=None, after=False, registers=False, detail=None):
+    def _end_at(self, st, reason, code=None, after=False, registers=False, detail=None,
+                io_out=False):
         regs = st.vcpu.get_regs()
         end = VcpuEnd(reason, code=code, rip=regs.rip,
-                      instruction=self.describe_instruction(st, regs.rip, after),
+                      instruction=self.describe_instruction(st, regs.rip, after, io_out),
                       detail=dict(detail or {}))
         if registers:
             end.detail["registers"] = self.registers(st)

@@ -147,3 +147,14 @@ def test_negative_timeout_rejected():
 
 def test_exit_reason_names_cover_the_machine_ends():
     assert abi.EXIT_NAMES[abi.KVM_EXIT_DIRTY_RING_FULL] == "DIRTY_RING_FULL"
+
+
+def test_out_is_named_whether_rip_is_past_it_or_still_at_it():
+    # kvm_pvm moves RIP past an OUT before exiting; VMX/SVM complete it on the next
+    # KVM_RUN, so RIP may still point at the out. Both must name the out.
+    with Machine(payload("hello_long")) as m:
+        st = m.states[0]
+        out = next(i for i in m.payload.listing if i.text == "out 0xf4, al")
+        past = m.describe_instruction(st, out.address + out.size, after=True, io_out=True)
+        at = m.describe_instruction(st, out.address, after=True, io_out=True)
+        assert past.startswith("out 0xf4, al") and at.startswith("out 0xf4, al")
