@@ -2,7 +2,7 @@
 
 Mirrors the "vCPU ioctls" of Documentation/virt/kvm/api.rst section 4:
 4.10 KVM_RUN, 4.11/4.12 KVM_GET/SET_REGS, 4.13/4.14 KVM_GET/SET_SREGS,
-4.46 KVM_SET_CPUID2, 4.53 KVM_SET_GUEST_DEBUG; and section 5, "The kvm_run
+KVM_SET_CPUID2, 4.53 KVM_SET_GUEST_DEBUG; and section 5, "The kvm_run
 structure" (page 0 of the vCPU mapping; x86 page layout in
 arch/x86/include/uapi/asm/kvm.h: PIO data at page 1, coalesced MMIO at 2,
 dirty ring from page 64).
@@ -42,8 +42,17 @@ class Vcpu:
             self.ring_map.close()
             self.ring_map = None
         if self.map is not None:
-            del self.run_struct
-            self.map.close()
+            if hasattr(self, "run_struct"):
+                del self.run_struct
+            try:
+                self.map.close()
+            except BufferError:
+                # still close the fd; the mapping goes when the last view does
+                os.close(self.fd)
+                self.fd = -1
+                raise BufferError(f"vCPU {self.id}: a view of its kvm_run page (e.g. "
+                                  "run_struct.io) is still alive; delete it before closing"
+                                  ) from None
             self.map = None
         if self.fd >= 0:
             os.close(self.fd)
@@ -99,7 +108,7 @@ class Vcpu:
                              "without the LM CPUID bit: call set_cpuid2 first)"})
 
     def set_cpuid2(self, cpuid) -> None:
-        """KVM_SET_CPUID2: the CPUID the guest sees (api.rst 4.46); needed for long mode."""
+        """KVM_SET_CPUID2: the CPUID the guest sees (api.rst, KVM_SET_CPUID2); needed for long mode."""
         ioctl(self.fd, abi.KVM_SET_CPUID2, ctypes.addressof(cpuid), "KVM_SET_CPUID2")
 
     def set_guest_debug(self, control: int, debugreg=None) -> None:

@@ -17,6 +17,12 @@ from ._sys import ioctl
 from .memory import GuestMemory
 
 
+_RING_HINTS = {
+    errno.EINVAL: "enable the dirty ring once, before the first KVM_CREATE_VCPU, with a "
+                  "power-of-two size of at least one page (api.rst 7.36)",
+    errno.E2BIG: "the ring is larger than KVM_CHECK_EXTENSION(KVM_CAP_DIRTY_LOG_RING) allows"}
+
+
 class Vm:
     """A VM created by Kvm.create_vm(). Owns its vCPUs and the memory it was given."""
 
@@ -25,18 +31,27 @@ class Vm:
         self.fd = fd
         self.vcpus: list = []
         self.memory: dict[int, GuestMemory] = {}
+        self.dirty_ring_entries = 0       # set when the dirty ring is enabled
 
     # -- lifecycle: vCPUs first, then the VM fd, then the memory behind it --
     def close(self) -> None:
-        for vcpu in self.vcpus:
-            vcpu.close()
+        """Close vCPUs, the VM fd and the memory; if one part fails (a live view of a
+        mapping), the rest is still closed and the first failure raised at the end."""
+        errors = []
+        for part in [*self.vcpus, None, *self.memory.values()]:
+            try:
+                if part is None:
+                    if self.fd >= 0:
+                        os.close(self.fd)
+                        self.fd = -1
+                else:
+                    part.close()
+            except BufferError as e:
+                errors.append(e)
         self.vcpus.clear()
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        for mem in self.memory.values():
-            mem.close()
         self.memory.clear()
+        if errors:
+            raise errors[0]
 
     def __enter__(self) -> "Vm":
         return self
@@ -75,8 +90,14 @@ class Vm:
         for i, value in enumerate(args):
             arg.args[i] = value
         name = abi.CAP_NAMES.get(cap, str(cap))
-        return ioctl(self.fd, abi.KVM_ENABLE_CAP, ctypes.addressof(arg),
-                     f"KVM_ENABLE_CAP({name})", hints)
+        if hints is None and cap in (abi.KVM_CAP_DIRTY_LOG_RING,
+                                     abi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL):
+            hints = _RING_HINTS
+        ret = ioctl(self.fd, abi.KVM_ENABLE_CAP, ctypes.addressof(arg),
+                    f"KVM_ENABLE_CAP({name})", hints)
+        if hints is _RING_HINTS:
+            self.dirty_ring_entries = (args[0] & 0xFFFFFFFF) // 16   # the kernel reads a u32
+        return ret
 
     def get_dirty_log(self, slot: int, bitmap_addr: int) -> None:
         """KVM_GET_DIRTY_LOG: copy the slot's dirty bitmap to bitmap_addr (api.rst 4.8)."""
