@@ -148,6 +148,7 @@ class Ctx:
                 return Event("other", reason, vcpu.describe_exit(reason))
         finally:
             dog.cancel()
+            dog.join()    # the timer thread holds the kvm_run view until it is over
 
     def expect_event(self, ev: Event, kind: str, what: str, value=None) -> None:
         if ev.kind != kind or (value is not None and ev.value != value):

@@ -1,0 +1,223 @@
+"""Checks: KVM_RESET_DIRTY_RINGS (abi.md rules 34-39, 41).
+
+Never writes the wrapped offsets of CVE-2026-52969 (0xffffffffffffffc1 then 0): the bogus
+entries below are far out of range, so even a kernel without the fix rejects them through
+its ``offset + __fls(mask) >= npages`` test, and they never coalesce with a valid entry.
+"""
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+
+from .. import _sys
+from .._sys import KvmError
+from . import faults
+from .checks_entries import (DATA_SLOT, DIRTY, EXIT, RESET, dirty_run, expect_pages_in_order,
+                             guest, small_ring, sync, write_pages, write_run)
+from .registry import Fail, check, expect, expect_eq
+
+CITE_RESET = ("virt/kvm/dirty_ring.c kvm_dirty_ring_reset(); virt/kvm/kvm_main.c "
+              "kvm_vm_ioctl_reset_dirty_pages()")
+
+
+@faults.fault("reset_skipped", "KVM_RESET_DIRTY_RINGS reports 0 without reaching the kernel "
+                               "(harvested entries are never recycled, pages never re-armed)")
+def reset_skipped():
+    old = _sys.tracer
+
+    def tracer(fd, request, arg, name, hints, **kw):    # kw: run= (minivmm._sys.tracer)
+        if name == "KVM_RESET_DIRTY_RINGS":
+            return 0
+        if old is not None:
+            return old(fd, request, arg, name, hints, **kw)
+        ret = _sys._ioctl(fd, request, arg)
+        if ret < 0:
+            err = ctypes.get_errno()
+            raise KvmError(name, err, (hints or {}).get(err))
+        return ret
+    _sys.tracer = tracer
+    try:
+        yield
+    finally:
+        _sys.tracer = old
+
+
+@check("ring.reset.count_sum", 34, CITE_RESET, fault="reset_count_lie")
+def reset_count_sum(ctx):
+    """RESET returns the entries reset summed over vCPUs (5 + 7 = 12); a second call 0"""
+    entries, _ = small_ring(ctx)
+    # vCPU 0 writes 5 pages of its share, vCPU 1 seven of its own (RDI = index)
+    body = ("    test rdi, rdi\n    jnz other\n" + write_run(0, 5) + EXIT +
+            "other:\n" + write_run(0, 7) + EXIT)
+    m = guest(ctx, body, vcpus=2, pages=16, ring=entries)
+    for i in (0, 1):
+        ctx.expect_event(ctx.run_to_port(m, i), "exit", f"vCPU {i} writes its pages")
+    expect_eq(m.vm.reset_dirty_rings(), 0, "RESET before anything was harvested")
+    counts = [len(ctx.harvest(m.rings[i])[1]) for i in (0, 1)]
+    ctx.diag(f"harvested per vCPU: {counts}")
+    expect_eq(counts, [5, 7], "entries harvested per vCPU (the control)")
+    expect_eq(m.vm.reset_dirty_rings(), 12, "RESET after harvesting 5 + 7 entries")
+    expect_eq(m.vm.reset_dirty_rings(), 0, "a second RESET")
+
+
+@check("ring.reset.flags_zero", 35, "virt/kvm/dirty_ring.c kvm_dirty_ring_reset() "
+       "(kvm_dirty_gfn_set_invalid)", fault="reset_skipped")
+def reset_flags_zero(ctx):
+    """Entries read DIRTY, then RESET once harvested, then 0 after KVM_RESET_DIRTY_RINGS"""
+    entries, _ = small_ring(ctx)
+    m = guest(ctx, write_run(0, 4) + EXIT, pages=8, ring=entries)
+    ctx.expect_event(ctx.run_to_port(m), "exit", "guest writes pages 0-3")
+    ring = m.rings[0]
+    before = ctx.ring_entries(ring, 0, 5)
+    expect_eq([e[0] for e in before], [DIRTY] * 4 + [0], "flags of positions 0-4 before harvest")
+    _, offsets = ctx.harvest(ring)
+    expect_pages_in_order(offsets, [0, 1, 2, 3], "harvested offsets")
+    harvested = [e[0] for e in ctx.ring_entries(ring, 0, 5)]
+    expect_eq(harvested, [RESET] * 4 + [0], "flags of positions 0-4 after harvest")
+    got = m.vm.reset_dirty_rings()
+    after = [e[0] for e in ctx.ring_entries(ring, 0, 5)]
+    ctx.diag(f"flags before {[e[0] for e in before]}, harvested {harvested}, after reset "
+             f"{after} (RESET returned {got})")
+    expect_eq(after, [0] * 5, "flags of positions 0-4 after KVM_RESET_DIRTY_RINGS")
+
+
+@check("ring.reset.gap", 36, CITE_RESET + " (stops at the first entry without RESET)",
+       fault="reset_count_lie")
+def reset_gap(ctx):
+    """A gap at reset_index: 0 reset, later RESET entries wait until the gap is harvested"""
+    entries, _ = small_ring(ctx)
+    m = guest(ctx, write_run(0, 4) + EXIT, pages=8, ring=entries)
+    ctx.expect_event(ctx.run_to_port(m), "exit", "guest writes pages 0-3")
+    ring = m.rings[0]
+    expect_eq(len(dirty_run(ctx, ring)), 4, "DIRTY entries before the test (the control)")
+    for pos in (1, 2, 3):                        # harvest out of order: skip position 0
+        ctx.set_flags(ring, pos, RESET)
+    expect_eq(m.vm.reset_dirty_rings(), 0, "RESET with position 0 still DIRTY")
+    flags = [e[0] for e in ctx.ring_entries(ring, 0, 4)]
+    expect_eq(flags, [DIRTY, RESET, RESET, RESET], "flags after that RESET (nothing consumed)")
+    ctx.set_flags(ring, 0, RESET)                # fill the gap
+    got = m.vm.reset_dirty_rings()
+    flags = [e[0] for e in ctx.ring_entries(ring, 0, 4)]
+    ctx.diag(f"after filling the gap: RESET returned {got}, flags {flags}")
+    expect_eq(got, 4, "RESET once the gap is filled")
+    expect_eq(flags, [0, 0, 0, 0], "flags after it")
+
+
+@check("ring.reset.flags3", 37, "virt/kvm/dirty_ring.c kvm_dirty_gfn_harvested() "
+       "(flags & KVM_DIRTY_GFN_F_RESET); api.rst 7.36", fault="reset_count_lie")
+def reset_flags3(ctx):
+    """flags == 3 (DIRTY|RESET) counts as harvested"""
+    entries, _ = small_ring(ctx)
+    m = guest(ctx, write_run(0, 3) + EXIT, pages=8, ring=entries)
+    ctx.expect_event(ctx.run_to_port(m), "exit", "guest writes pages 0-2")
+    ring = m.rings[0]
+    expect_eq(len(dirty_run(ctx, ring)), 3, "DIRTY entries (the control)")
+    for pos in range(3):
+        ctx.set_flags(ring, pos, DIRTY | RESET)
+    got = m.vm.reset_dirty_rings()
+    flags = [e[0] for e in ctx.ring_entries(ring, 0, 3)]
+    ctx.diag(f"RESET returned {got}; flags now {flags}")
+    expect_eq(got, 3, "RESET of three entries marked 3")
+    expect_eq(flags, [0, 0, 0], "flags after it")
+
+
+@check("ring.reset.bogus_entries", 38, "virt/kvm/dirty_ring.c kvm_reset_dirty_gfn() "
+       "(as_id, slot id, missing memslot and offset >= npages are ignored)",
+       fault="reset_count_lie")
+def reset_bogus_entries(ctx):
+    """Harvested entries with a bogus slot, as_id or offset are counted and ignored"""
+    entries, _ = small_ring(ctx)
+    npages = 16
+    m = guest(ctx, write_run(0, 6) + sync(1) + write_pages([0, 5], 2) + EXIT,
+              pages=npages, ring=entries)
+    ctx.expect_event(ctx.run_to_port(m), "sync", "guest writes pages 0-5")
+    ring = m.rings[0]
+    _, offsets = ctx.harvest(ring)
+    expect_pages_in_order(offsets, list(range(6)), "harvested offsets (the control)")
+    # Rewritten after harvesting, as a buggy or hostile VMM could. Far out of range, never
+    # the CVE-2026-52969 wrap pair; each differs in slot or lies >= 64 pages from its
+    # neighbours, so none coalesces with a valid entry.
+    bogus = {1: (999, 1), 2: (DATA_SLOT, npages + 1000), 3: ((1 << 16) | DATA_SLOT, 3),
+             4: (DATA_SLOT, 1 << 40)}
+    for pos, (slot, off) in bogus.items():
+        ctx.set_entry(ring, pos, slot, off)
+    ctx.diag(f"rewritten entries (position: slot, offset): {bogus}")
+    got = m.vm.reset_dirty_rings()
+    expect_eq(got, 6, "RESET counts every harvested entry, bogus ones included")
+    flags = [e[0] for e in ctx.ring_entries(ring, 0, 6)]
+    expect_eq(flags, [0] * 6, "flags of all six after the reset")
+    # The VM is still healthy: page 0 (a valid entry) was re-armed and logs again.
+    ctx.expect_event(ctx.run_to_port(m), "exit", "the guest runs on after the reset")
+    _, offsets = ctx.harvest(ring)
+    ctx.diag(f"after the reset the guest re-wrote pages 0 and 5: entries {offsets.tolist()}")
+    expect(0 in offsets.tolist(), "page 0 (a valid entry) is logged again", "0 reported",
+           offsets.tolist())
+
+
+@check("ring.reset.relog", 39, "virt/kvm/dirty_ring.c kvm_reset_dirty_gfn() -> "
+       "kvm_arch_mmu_enable_log_dirty_pt_masked() (re-protects the page)",
+       fault="reset_skipped")
+def reset_relog(ctx):
+    """After harvest and reset, a new write to the same page is logged again"""
+    entries, _ = small_ring(ctx)
+    m = guest(ctx, write_pages([2], 1) + sync(1) + write_pages([2], 2) + sync(2)
+              + write_pages([2], 3) + EXIT, pages=4, ring=entries)
+    ring = m.rings[0]
+    ctx.expect_event(ctx.run_to_port(m), "sync", "first write of page 2")
+    _, first = ctx.harvest(ring)
+    expect_pages_in_order(first, [2], "entries after the first write")
+    count = m.vm.reset_dirty_rings()
+    ctx.expect_event(ctx.run_to_port(m), "sync", "second write of page 2, after the reset")
+    _, second = ctx.harvest(ring)
+    ctx.expect_event(ctx.run_to_port(m), "exit", "third write, harvested but not reset")
+    _, third = ctx.harvest(ring)
+    ctx.diag(f"entries: first write {first.tolist()} (RESET returned {count}), after reset "
+             f"{second.tolist()}, "
+             f"without reset {third.tolist()} (0 where the first write lifts protection)")
+    expect_pages_in_order(second, [2], "entries for the write after the reset")
+
+
+@check("ring.reset.while_running", (41, 34), "tools/testing/selftests/kvm/dirty_log_test.c "
+       "(reaps while the vCPU runs); " + CITE_RESET, fault="reset_count_lie")
+def reset_while_running(ctx):
+    """RESET while the vCPU runs: counts match, pages re-log, the guest keeps progressing"""
+    entries, _ = small_ring(ctx)
+    npages, stop_page = 16, 31
+    # Rewrites pages 0-15 with a growing counter until the host sets a stop word.
+    body = ("    mov r12, rsi\n    mov r13, 1\nloop_top:\n"
+            + write_run(0, npages, "r13", base="r12")
+            + f"    inc r13\n    mov rax, qword ptr [r12 + {stop_page * 4096}]\n"
+            "    test rax, rax\n    jz loop_top\n" + EXIT)
+    m = guest(ctx, body, pages=32, ring=entries)
+    ring, result = m.rings[0], {}
+    runner = threading.Thread(target=lambda: result.update(ev=ctx.run_to_port(m, 0, 5.0)),
+                              name="ring.reset.while_running vcpu", daemon=True)
+    cycles, progress = [], []
+    runner.start()
+    try:
+        deadline = time.monotonic() + 0.25
+        while time.monotonic() < deadline and runner.is_alive():
+            time.sleep(0.01)
+            _, offsets = ctx.harvest(ring)
+            got = m.vm.reset_dirty_rings()
+            cycles.append((len(offsets), got))
+            progress.append(int.from_bytes(m.data.read(0x4000_0000, 8), "little"))
+    finally:
+        m.data.write(0x4000_0000 + stop_page * 4096, (1).to_bytes(8, "little"))
+        runner.join(6.0)
+    if runner.is_alive():
+        raise Fail("the vCPU thread ends after the stop word", "ended", "still running")
+    ev = result.get("ev")
+    ctx.diag(f"{len(cycles)} harvest+reset cycles while running; (harvested, reset) first "
+             f"ones {cycles[:6]}; guest counter samples {progress[:3]}..{progress[-2:]}")
+    expect(ev is not None and ev.kind == "exit", "the guest exits when told to", "exit",
+           ev and (ev.kind, ev.value, ev.info))
+    mismatch = [(i, c) for i, c in enumerate(cycles) if c[0] != c[1]]
+    expect(not mismatch, "every RESET returns what was harvested since the last one",
+           "equal", mismatch[:4])
+    relogged = sum(1 for h, _ in cycles if h)
+    expect(relogged >= 3, "cycles that found pages re-dirtied after a reset made while "
+           "running", ">= 3", relogged)
+    expect(len(set(progress)) >= 3 and progress == sorted(progress),
+           "the guest's counter keeps growing across the resets", "increasing", progress[:8])
