@@ -202,7 +202,8 @@ def _run_dirty_session(args, tracker: str):
                                collect=args.collect, manual_protect=not args.no_manual_protect,
                                initially_set=args.initially_set, stride=args.stride,
                                seed=args.seed, writes=args.writes,
-                               force_no_ring=os.environ.get("MINIVMM_FORCE_NO_RING") == "1")
+                               force_no_ring=os.environ.get("MINIVMM_FORCE_NO_RING") == "1",
+                               show_ring=args.show_ring)
     except (DirtyRingError, MachineError, ValueError) as e:
         if isinstance(e, PayloadError):
             raise
@@ -239,14 +240,22 @@ def cmd_dirty(args) -> int:
                               "iterations": args.iterations, "collect": args.collect,
                               "ring_entries": args.ring_entries}, runs)
     summary["payload"] = session.payload.name
+    ring_records = [recs for t, recs, _ in runs if t.name == "ring"]
+    ring_plot = None
     if args.plot:
         report.plot(summary, args.plot)
+        if args.show_ring and ring_records:
+            ring_plot = args.plot[:-4] + "-rings.png" if args.plot.endswith(".png") \
+                else args.plot + "-rings.png"
+            report.plot_rings(ring_records[0], ring_plot)
     if args.json:
         print(json.dumps(summary))
     else:
         print(report.table(summary))
+        if args.show_ring and ring_records:
+            print(report.ring_view_text(ring_records[0]))
         if args.plot:
-            print(f"picture: {args.plot}")
+            print(f"picture: {args.plot}" + (f", rings: {ring_plot}" if ring_plot else ""))
     if not summary["ok"]:
         if args.json:
             print(f"minivmm: {report.verdict(summary)}", file=sys.stderr)
@@ -339,6 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop the guest after this many seconds (default 120)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--plot", metavar="FILE.png", help="write a picture of the pages per iteration")
+    p.add_argument("--show-ring", action="store_true",
+                   help="show each vCPU's ring around each collection: DIRTY, RESET and empty "
+                   "entries, the fetch index, what KVM_RESET_DIRTY_RINGS returned (with --plot, "
+                   "also FILE-rings.png)")
     p.set_defaults(func=cmd_dirty)
     for module in EXTRA_COMMANDS:
         try:

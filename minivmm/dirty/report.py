@@ -65,6 +65,76 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+RING_WIDTH = 64
+
+
+def ring_strip(flags, fetch: int, width: int = RING_WIDTH) -> tuple:
+    """One line per ring: each character stands for entries/width consecutive positions:
+    'D' some entry DIRTY, 'R' some harvested (RESET), '.' all empty; and a marker line
+    with '^' under the VMM's fetch index."""
+    import numpy as np
+    f = np.asarray(flags) & 3
+    n = len(f)
+    width = min(width, n)
+    cells = f.reshape(width, n // width)
+    line = "".join("D" if (c == 1).any() else "R" if (c & 2).any() else "." for c in cells)
+    mark = [" "] * width
+    mark[(fetch % n) // (n // width)] = "^"
+    return line, "".join(mark)
+
+
+def ring_view_text(records, entries_note: str = "") -> str:
+    """The rings around each collection: before harvest, after harvest, after reset."""
+    out = []
+    for r in records:
+        views = getattr(r.collection, "ring_views", None)
+        if not views:
+            continue
+        out.append(f"iteration {r.iteration}:")
+        for i, v in views.items():
+            n = v["entries"]
+            out.append(f"  vCPU {i} ring ({n} entries, {n // min(RING_WIDTH, n)} per char; "
+                       f"D dirty, R harvested/RESET, . empty, ^ fetch index)")
+            for label, flags, fetch in (("before harvest", v["before"], v["fetch_before"]),
+                                        ("after harvest", v["harvested_flags"], v["fetch_after"]),
+                                        ("after reset", v["after_reset"], v["fetch_after"])):
+                line, mark = ring_strip(flags, fetch)
+                out.append(f"    {label:15} |{line}|")
+                out.append(f"    {'':15}  {mark}")
+            out.append(f"    harvested {v['harvested']} entries (fetch {v['fetch_before']} -> "
+                       f"{v['fetch_after']}); KVM_RESET_DIRTY_RINGS returned "
+                       f"{v['reset_returned']} for the whole VM")
+    return "\n".join(out)
+
+
+def plot_rings(records, path: str) -> None:
+    """A picture of the ring view: one row per stage and collection, one column per entry."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.colors import ListedColormap
+    rows, labels = [], []
+    for r in records:
+        for i, v in (getattr(r.collection, "ring_views", None) or {}).items():
+            for stage, key in (("before", "before"), ("harvested", "harvested_flags"),
+                               ("reset", "after_reset")):
+                f = np.asarray(v[key]) & 3
+                rows.append(np.where(f == 1, 1, np.where(f & 2, 2, 0)))
+                labels.append(f"it {r.iteration} vCPU {i} {stage}")
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(10, 0.25 * len(rows) + 1.5), dpi=110)
+    ax.imshow(np.array(rows), aspect="auto", interpolation="nearest",
+              cmap=ListedColormap(["#eeeeee", "tab:red", "tab:blue"]), vmin=0, vmax=2)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.set_xlabel("ring position (red: DIRTY, blue: harvested/RESET, grey: empty)")
+    ax.set_title("dirty rings around each collection")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def verdict(summary: dict) -> str:
     runs = summary["runs"]
     names = " and ".join(r["tracker"] for r in runs)

@@ -103,6 +103,7 @@ class RingTracker(Tracker):
         self._ring_full = 0
         self._empty_full: dict[int, int] = {}
         self._bg_s = 0.0
+        self.show_ring = False            # record each ring's state around every collection
 
     def before_vcpus(self, machine) -> None:
         self.cap = ring_capability(machine.kvm, self.allow_acq_rel, self.force_unavailable)
@@ -164,6 +165,8 @@ class RingTracker(Tracker):
             return VcpuEnd("ring-overflow", detail={"error": why})
 
     def collect(self) -> Collection:
+        if self.show_ring:
+            return self._collect_with_views()
         with self.lock:
             t0 = time.perf_counter()
             for i, ring in self.rings.items():
@@ -171,6 +174,28 @@ class RingTracker(Tracker):
             self._reset_locked()
             col = self._build_locked()
             col.collect_s = time.perf_counter() - t0     # harvest + reset + de-duplication
+        return col
+
+    def _collect_with_views(self) -> Collection:
+        """collect(), plus each ring's flags before harvesting, after it (RESET marks) and
+        after KVM_RESET_DIRTY_RINGS, with the fetch indices (for the ring view)."""
+        with self.lock:
+            t0 = time.perf_counter()
+            views = {}
+            for i, ring in self.rings.items():
+                before, fetch0 = ring.flags(), ring.fetch
+                n = self._harvest_locked(i, ring)
+                views[i] = {"entries": ring.entries, "fetch_before": fetch0,
+                            "fetch_after": ring.fetch, "harvested": n,
+                            "before": before, "harvested_flags": ring.flags()}
+            self._reset_locked()
+            returned = self._resets[-1][0]
+            for i, ring in self.rings.items():
+                views[i]["after_reset"] = ring.flags()
+                views[i]["reset_returned"] = returned
+            col = self._build_locked()
+            col.collect_s = time.perf_counter() - t0
+            col.ring_views = views
         return col
 
     def _build_locked(self) -> Collection:
@@ -255,9 +280,12 @@ class BitmapTracker(Tracker):
 
 
 def make_tracker(kind: str, ring_entries: int = 4096, manual_protect: bool = True,
-                 initially_set: bool = False, force_no_ring: bool = False) -> Tracker:
+                 initially_set: bool = False, force_no_ring: bool = False,
+                 show_ring: bool = False) -> Tracker:
     if kind == "ring":
-        return RingTracker(ring_entries, force_unavailable=force_no_ring)
+        tracker = RingTracker(ring_entries, force_unavailable=force_no_ring)
+        tracker.show_ring = show_ring
+        return tracker
     if kind == "bitmap":
         return BitmapTracker(manual_protect, initially_set)
     raise ValueError(f"unknown tracker {kind!r} (ring or bitmap)")
@@ -297,8 +325,29 @@ class IterationRecord:
                "collect_s": round(c.collect_s, 6),
                "background_s": round(getattr(c, "background_s", 0.0), 6),
                "vcpus": self.rows, "content_scope": self.scope}
+        views = getattr(c, "ring_views", None)
+        if views:
+            out["ring_view"] = {str(i): ring_view_dict(v) for i, v in views.items()}
         out["pages"].setdefault("data", [])
         return out
+
+
+RING_STATES = {0: "empty", 1: "dirty", 2: "reset", 3: "reset"}
+
+
+def ring_view_dict(v: dict) -> dict:
+    """A ring's state at one collection, summarised: counts per state at each stage, the
+    fetch indices (free running, and as ring positions) and what the reset returned."""
+    def counts(flags):
+        f = np.asarray(flags) & 3
+        return {"dirty": int((f == 1).sum()), "reset": int(((f & 2) != 0).sum()),
+                "empty": int((f == 0).sum())}
+    n = v["entries"]
+    return {"entries": n, "fetch_before": v["fetch_before"], "fetch_after": v["fetch_after"],
+            "position_before": v["fetch_before"] % n, "position_after": v["fetch_after"] % n,
+            "harvested": v["harvested"], "reset_returned": v["reset_returned"],
+            "before_harvest": counts(v["before"]), "after_harvest": counts(v["harvested_flags"]),
+            "after_reset": counts(v["after_reset"])}
 
 
 class DirtySession:
@@ -314,14 +363,14 @@ class DirtySession:
                  ring_entries: int = 4096, collect: str = "sync", manual_protect: bool = True,
                  initially_set: bool = False, stride: int = 4, seed: int = 1,
                  writes: int | None = None, force_no_ring: bool = False, kvm=None,
-                 poll_interval_s: float = 0.001):
+                 poll_interval_s: float = 0.001, show_ring: bool = False):
         if collect not in ("sync", "async"):
             raise ValueError(f"collect must be sync or async, not {collect!r}")
         if iterations < 1:
             raise ValueError(f"iterations must be at least 1 (got {iterations})")
         self.payload = load(payload) if isinstance(payload, str) else payload
         self.tracker = tracker if isinstance(tracker, Tracker) else make_tracker(
-            tracker, ring_entries, manual_protect, initially_set, force_no_ring)
+            tracker, ring_entries, manual_protect, initially_set, force_no_ring, show_ring)
         self.collect_mode, self.iterations_asked = collect, iterations
         self.poll_interval_s = poll_interval_s
         nvcpus = vcpus if vcpus is not None else (self.payload.vcpus or 1)

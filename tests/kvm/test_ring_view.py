@@ -1,0 +1,55 @@
+"""The ring view: each vCPU's ring around each collection, checked entry by entry."""
+import json
+
+import numpy as np
+
+from minivmm.dirty.report import ring_strip, ring_view_text
+from minivmm.dirty.tracker import DirtySession
+from tests.conftest import payload, run_cli
+
+
+def test_ring_views_follow_the_protocol():
+    with DirtySession(payload("dirty_seq"), tracker="ring", vcpus=2, pages=256, iterations=2,
+                      ring_entries=256, show_ring=True) as s:
+        recs = s.run(timeout=60)
+    first, second = recs[0], recs[1]
+    for r in (first, second):
+        views = r.collection.ring_views
+        total = sum(v["harvested"] for v in views.values())
+        for i, v in views.items():
+            n = v["entries"]
+            before, mid, after = (np.asarray(v[k]) & 3 for k in
+                                  ("before", "harvested_flags", "after_reset"))
+            # harvesting turns exactly the DIRTY entries from the fetch index into RESET
+            assert (before == 1).sum() == v["harvested"] == v["fetch_after"] - v["fetch_before"]
+            pos = [(v["fetch_before"] + k) % n for k in range(v["harvested"])]
+            assert np.all(before[pos] == 1) and np.all(mid[pos] == 2)
+            assert (mid == 1).sum() == 0
+            assert np.all(after == 0)                    # the reset cleared them all
+            assert v["reset_returned"] == total          # summed over both vCPUs' rings
+    # iteration 2 continues where iteration 1 left off, wrapping past the ring's end
+    v0 = second.collection.ring_views[0]
+    assert v0["fetch_before"] == first.collection.ring_views[0]["fetch_after"]
+    assert v0["fetch_after"] > 256 and (v0["fetch_after"] % 256) < (v0["fetch_before"] % 256)
+    text = ring_view_text(recs)
+    assert "KVM_RESET_DIRTY_RINGS returned" in text and "before harvest  |" in text
+
+
+def test_ring_strip_marks_states_and_fetch():
+    flags = np.zeros(256, np.uint32)
+    flags[0:8] = 1
+    flags[8:16] = 2
+    line, mark = ring_strip(flags, fetch=8, width=32)
+    assert line[0] == "D" and line[1] == "R" and set(line[2:]) == {"."}
+    assert mark.index("^") == 1
+
+
+def test_cli_show_ring_json_has_counts():
+    proc = run_cli("dirty", "--tracker", "ring", "--vcpus", "1", "--pages", "64",
+                   "--iterations", "2", "--ring-entries", "256", "--show-ring", "--json")
+    assert proc.returncode == 0, proc.stderr
+    it = json.loads(proc.stdout)["runs"][0]["iterations"][0]
+    view = it["ring_view"]["0"]
+    assert view["harvested"] == view["before_harvest"]["dirty"] >= 64
+    assert view["after_harvest"]["dirty"] == 0 and view["after_reset"]["reset"] == 0
+    assert view["reset_returned"] == view["harvested"]
