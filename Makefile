@@ -29,8 +29,9 @@ bench: $(STAMP) native
 	$(PY) -m benchmarks.run
 
 lint: $(STAMP)
+	@$(PY) -m pip install --quiet --disable-pip-version-check 'pyflakes>=3.0'
 	$(PY) -m compileall -q minivmm tests benchmarks
-	@$(PY) -m pyflakes --version >/dev/null 2>&1 && $(PY) -m pyflakes minivmm tests benchmarks || echo "pyflakes not installed: compile check only"
+	$(PY) -m pyflakes minivmm tests benchmarks
 
 clean:
 	rm -rf $(VENV) build *.egg-info benchmarks/out

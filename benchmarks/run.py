@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not NATIVE.exists():
         raise SystemExit(f"{NATIVE} is missing: run `make native` first")
-    with Kvm() as kvm:
+    with Kvm():                      # fail early, with the reason, without KVM
         header = {"kernel": os.uname().release, "vendor": vendor_module(),
                   "cpus": os.cpu_count(), "python": sys.version.split()[0],
                   "date": time.strftime("%Y-%m-%d %H:%M")}

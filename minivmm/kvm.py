@@ -9,9 +9,13 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+from typing import TYPE_CHECKING
 
 from . import abi
 from ._sys import KvmError, KvmUnavailable, ioctl
+
+if TYPE_CHECKING:
+    from .vm import Vm
 
 DEFAULT_DEVICE = os.environ.get("MINIVMM_KVM_DEVICE", "/dev/kvm")
 

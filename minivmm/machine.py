@@ -9,7 +9,6 @@ members, and ``immediate_exit`` plus a signal to kick a vCPU out of KVM_RUN
 from __future__ import annotations
 
 import dataclasses
-import os
 import signal
 import struct
 import threading

@@ -6,41 +6,15 @@ its ``offset + __fls(mask) >= npages`` test, and they never coalesce with a vali
 """
 from __future__ import annotations
 
-import ctypes
 import threading
 import time
 
-from .. import _sys
-from .._sys import KvmError
-from . import faults
 from .checks_entries import (DATA_SLOT, DIRTY, EXIT, RESET, dirty_run, expect_pages_in_order,
                              guest, small_ring, sync, write_pages, write_run)
 from .registry import Fail, check, expect, expect_eq
 
 CITE_RESET = ("virt/kvm/dirty_ring.c kvm_dirty_ring_reset(); virt/kvm/kvm_main.c "
               "kvm_vm_ioctl_reset_dirty_pages()")
-
-
-@faults.fault("reset_skipped", "KVM_RESET_DIRTY_RINGS reports 0 without reaching the kernel "
-                               "(harvested entries are never recycled, pages never re-armed)")
-def reset_skipped():
-    old = _sys.tracer
-
-    def tracer(fd, request, arg, name, hints, **kw):    # kw: run= (minivmm._sys.tracer)
-        if name == "KVM_RESET_DIRTY_RINGS":
-            return 0
-        if old is not None:
-            return old(fd, request, arg, name, hints, **kw)
-        ret = _sys._ioctl(fd, request, arg)
-        if ret < 0:
-            err = ctypes.get_errno()
-            raise KvmError(name, err, (hints or {}).get(err))
-        return ret
-    _sys.tracer = tracer
-    try:
-        yield
-    finally:
-        _sys.tracer = old
 
 
 @check("ring.reset.count_sum", 34, CITE_RESET, fault="reset_count_lie")

@@ -195,7 +195,6 @@ def hide_ring_full():
 def mmap_invert():
     import mmap as _mmap
     real = ctxmod.Ctx.mmap
-    real_shared = _sys.map_shared
 
     def fake(self, fd, length, offset, flags=_mmap.MAP_SHARED,
              prot=_mmap.PROT_READ | _mmap.PROT_WRITE):
@@ -210,4 +209,40 @@ def mmap_invert():
     def fake_shared(fd, length, offset=0, name="mmap", prot=None):
         raise KvmError(name, errno.ENOMEM)
     with _patch(ctxmod.Ctx, "mmap", fake), _patch(_sys, "map_shared", fake_shared):
+        yield
+
+
+@contextlib.contextmanager
+def _never_reaches_kernel(call: str):
+    """``call`` returns 0 without reaching the kernel; every other ioctl is untouched."""
+    old = _sys.tracer
+
+    def tracer(fd, request, arg, name, hints, run=None):
+        if name == call:
+            return 0
+        if old is not None:
+            return old(fd, request, arg, name, hints, run=run)
+        ret = _sys._ioctl(fd, request, arg)
+        if ret < 0:
+            err = ctypes.get_errno()
+            raise KvmError(name, err, (hints or {}).get(err))
+        return ret
+    _sys.tracer = tracer
+    try:
+        yield
+    finally:
+        _sys.tracer = old
+
+
+@fault("clear_log_ignored", "KVM_CLEAR_DIRTY_LOG reports success (0) without clearing or "
+                            "re-protecting anything")
+def clear_log_ignored():
+    with _never_reaches_kernel("KVM_CLEAR_DIRTY_LOG"):
+        yield
+
+
+@fault("reset_skipped", "KVM_RESET_DIRTY_RINGS returns 0 without reaching the kernel "
+                        "(harvested entries are never recycled, pages never re-armed)")
+def reset_skipped():
+    with _never_reaches_kernel("KVM_RESET_DIRTY_RINGS"):
         yield
