@@ -23,7 +23,7 @@ class UsageError(Exception):
     """Bad input from the user: reported as one line, exit status 2."""
 
 
-def _positive_int(text: str) -> int:
+def _integer(text: str) -> int:
     try:
         return int(text, 0)
     except ValueError:
@@ -264,7 +264,7 @@ def cmd_dirty(args) -> int:
 
 
 def _power_of_two_entries(text: str) -> int:
-    value = _positive_int(text)
+    value = _integer(text)
     if value <= 0 or value & (value - 1):
         raise argparse.ArgumentTypeError(f"ring size {value} is not a power of two")
     return value
@@ -304,9 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", parents=[common], help="run a payload in a fresh VM")
     p.add_argument("payload", help="a .asm file, or the name of a shipped payload")
-    p.add_argument("--vcpus", type=_positive_int, default=None,
+    p.add_argument("--vcpus", type=_integer, default=None,
                    help="number of vCPUs (default: the payload's header, else 1)")
-    p.add_argument("--pages", type=_positive_int, default=64,
+    p.add_argument("--pages", type=_integer, default=64,
                    help="4 KiB pages in the data slot at 1 GiB (default 64)")
     p.add_argument("--timeout", type=_seconds, default=10.0,
                    help="stop a guest that runs longer than this many seconds (default 10)")
@@ -325,11 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracker", choices=["ring", "bitmap", "both", "auto"], default="auto",
                    help="dirty ring, bitmap, or both side by side (default auto: both when the "
                    "kernel offers the ring, else the bitmap)")
-    p.add_argument("--vcpus", type=_positive_int, default=None,
+    p.add_argument("--vcpus", type=_integer, default=None,
                    help="vCPUs (default: the payload's header)")
-    p.add_argument("--pages", type=_positive_int, default=4096, help="data-slot pages "
+    p.add_argument("--pages", type=_integer, default=4096, help="data-slot pages "
                    "(default 4096), split evenly between vCPUs")
-    p.add_argument("--iterations", type=_positive_int, default=5, help="iterations (default 5)")
+    p.add_argument("--iterations", type=_integer, default=5, help="iterations (default 5)")
     p.add_argument("--ring-entries", type=_power_of_two_entries, default=4096,
                    help="dirty ring entries per vCPU, a power of two (default 4096)")
     p.add_argument("--collect", choices=["sync", "async"], default="sync",
@@ -340,9 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--initially-set", action="store_true",
                    help="bitmap: KVM_DIRTY_LOG_INITIALLY_SET (the first collection reports "
                    "every page)")
-    p.add_argument("--stride", type=_positive_int, default=4, help="dirty_stride: k (R8)")
-    p.add_argument("--seed", type=_positive_int, default=1, help="dirty_random: seed (R9)")
-    p.add_argument("--writes", type=_positive_int, default=None,
+    p.add_argument("--stride", type=_integer, default=4, help="dirty_stride: k (R8)")
+    p.add_argument("--seed", type=_integer, default=1, help="dirty_random: seed (R9)")
+    p.add_argument("--writes", type=_integer, default=None,
                    help="dirty_random: writes per iteration (R10; default a quarter of the share)")
     p.add_argument("--timeout", type=_seconds, default=120.0,
                    help="stop the guest after this many seconds (default 120)")

@@ -1,0 +1,850 @@
+"""``minivmm step``: single-step a payload, one instruction per line; ``--dirty`` ties every
+dirty-ring entry to the instruction that produced it.
+
+Two ways to step, because which one works depends on the host (host-probes.md sections 2
+and 4; abi.md section 6):
+
+* **KVM guest debug** (Documentation/virt/kvm/api.rst 4.53 KVM_SET_GUEST_DEBUG):
+  ``KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP`` makes KVM return ``KVM_EXIT_DEBUG``
+  after every instruction (``kvm_run.debug.arch``: exception 1, ``pc`` = the next
+  instruction). Breakpoints use ``KVM_GUESTDBG_USE_HW_BP`` with DR0 = the address and
+  DR7 = 1 (local enable, execute). On VMX/SVM hosts this works in every mode; on
+  ``kvm_pvm`` only for code it emulates (real mode, protected mode, long mode at CPL0).
+* **In-guest stepping**, for native CPL3 code on ``kvm_pvm``: the VMM sets RFLAGS.TF
+  with KVM_SET_REGS. The CPU then raises a debug exception (#DB, vector 1) after every
+  instruction, a trap whose saved RIP is the next instruction (Intel SDM vol. 3, 18.3.1.4
+  "Single-Step Exception Condition" and 6.15 "Interrupt 1"). The #DB goes through the
+  guest IDT to minivmm's exception stub (x86/modes.py), which reports it with
+  ``out 0xe0`` and asks with ``in 0xe0`` whether to resume; the host answers 1 and the
+  stub's ``iretq`` restores RFLAGS with TF still set, so the next instruction traps too.
+  Breakpoints are an ``int3`` byte written over the instruction; its #BP (vector 3)
+  reaches the stub the same way.
+
+Either way the rule of host-probes.md 2 holds: an ``out`` leaves with its KVM_EXIT_IO and
+the step trap after it is lost, so that IO exit counts as the ``out``'s step.
+
+``auto`` decides at run time: for long-mode CPL3 code it single-steps one instruction
+with KVM guest debug on a throwaway VM and keeps guest debug only if that gives a
+KVM_EXIT_DEBUG in the payload (on kvm_pvm the #DB lands in the guest's stub instead).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import signal
+import struct
+import sys
+import threading
+import time
+
+from . import abi
+from .kvm import Kvm, vendor_module
+from .machine import KICK_SIGNAL, Machine, MachineError, VcpuEnd, install_kick_handler
+from .payload import Payload, disassemble_one, load
+from .x86 import layout as L
+from .x86.modes import EXCEPTION_NAMES, STUB_COMMON_CODE, STUB_FRAME_FIELDS
+
+MECHANISMS = ("auto", "guest-debug", "in-guest")
+GUEST_DEBUG, IN_GUEST = "guest-debug", "in-guest"
+MECHANISM_TEXT = {
+    GUEST_DEBUG: "KVM guest debug (KVM_SET_GUEST_DEBUG, KVM_GUESTDBG_SINGLESTEP: one "
+                 "KVM_EXIT_DEBUG per instruction)",
+    IN_GUEST: "in-guest stepping (RFLAGS.TF; each #DB trap reported by minivmm's stub "
+              "over port 0xe0)",
+}
+
+TF = 0x100                  # RFLAGS.TF, trap flag (SDM vol. 1, 3.4.3.3)
+# The status flags plus DF: what an instruction changes. IF and IOPL are left out on
+# purpose: kvm_pvm drops IOPL and sets IF on its own (host-probes.md 1), which is no
+# instruction's doing.
+FLAGS_SHOWN = 0x1 | 0x4 | 0x10 | 0x40 | 0x80 | 0x400 | 0x800   # CF PF AF ZF SF DF OF
+GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
+        "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+VEC_DB, VEC_BP = 1, 3
+INT3 = 0xCC
+STUB_END = L.STUB_COMMON + len(STUB_COMMON_CODE)
+RING_ENTRIES = 4096
+DEFAULT_COUNT = 1000
+DEFAULT_PAGES = 16
+PROBE_EXITS = 8             # exits the guest-debug probe waits for a verdict
+
+_IO, _DEBUG, _HLT, _INTR = abi.KVM_EXIT_IO, abi.KVM_EXIT_DEBUG, abi.KVM_EXIT_HLT, abi.KVM_EXIT_INTR
+_OUT = abi.KVM_EXIT_IO_OUT
+
+
+class StepError(ValueError):
+    """A step request that cannot be honoured (bad breakpoint, mechanism, vCPU)."""
+
+
+# -- what one step is --
+
+@dataclasses.dataclass
+class RingEntry:
+    """One dirty-ring entry, tied to the step at whose exit it was harvested."""
+    index: int        # free-running ring index (the VMM's fetch index + position)
+    vcpu: int
+    slot: int
+    page: int         # page offset inside the slot (kvm_dirty_gfn.offset)
+    by: str           # "payload", or "stub" for minivmm's own #DB stub's stack writes
+    what: str = ""    # for system pages: which part of slot 0 it is
+
+    @property
+    def slot_name(self) -> str:
+        return {L.SLOT_SYSTEM: "system", L.SLOT_DATA: "data"}.get(self.slot, f"slot {self.slot}")
+
+    def to_dict(self) -> dict:
+        return {"entry": self.index, "vcpu": self.vcpu, "slot": self.slot,
+                "slot_name": self.slot_name, "page": self.page, "by": self.by,
+                "what": self.what}
+
+
+@dataclasses.dataclass
+class Step:
+    number: int
+    address: int              # the instruction executed (payload address space: IP in real mode)
+    next: int                 # where execution continues
+    raw: bytes
+    instruction: str
+    line: int                 # source line, 0 when not from the payload's listing
+    changed: dict             # register -> value after the instruction (rip left out)
+    event: str                # how the host learned of it: debug-exit | db-trap | io-exit | hlt
+    io: dict | None = None    # for an `out`: port and value
+    dirty: list | None = None  # RingEntry list with --dirty
+
+    def to_dict(self, mechanism: str) -> dict:
+        out = {"step": self.number, "address": self.address, "next": self.next,
+               "bytes": self.raw.hex(), "instruction": self.instruction, "line": self.line,
+               "changed": self.changed, "event": self.event, "mechanism": mechanism}
+        if self.io is not None:
+            out["io"] = self.io
+        if self.dirty is not None:
+            out["dirty"] = [e.to_dict() for e in self.dirty]
+        return out
+
+
+# -- choosing the mechanism --
+
+def _in_stubs(pc: int) -> bool:
+    return L.STUBS <= pc < STUB_END
+
+
+def probe_guest_debug(payload: Payload, kvm: Kvm | None = None) -> tuple:
+    """Single-step the payload's first instruction(s) with KVM guest debug on a throwaway
+    VM. Returns (works, evidence): works is True when a KVM_EXIT_DEBUG arrived with the pc
+    in the payload, False when the step went somewhere else (the guest's #DB stub, a
+    triple fault), None when the payload ended before a verdict."""
+    with Machine(payload, vcpus=1, pages=1, kvm=kvm) as m:
+        vcpu = m.states[0].vcpu
+        vcpu.set_guest_debug(abi.KVM_GUESTDBG_ENABLE | abi.KVM_GUESTDBG_SINGLESTEP)
+        for _ in range(PROBE_EXITS):
+            reason = vcpu.run()
+            info = vcpu.describe_exit(reason)
+            if reason == _DEBUG:
+                pc = info["pc"]
+                if _in_stubs(pc):
+                    return False, (f"the step's #DB was delivered to the guest's own #DB "
+                                   f"handler (KVM_EXIT_DEBUG at pc {pc:#x}, inside minivmm's "
+                                   "exception stubs), not reported to the VMM")
+                return True, f"KVM_EXIT_DEBUG at pc {pc:#x}, the payload's next instruction"
+            if reason == abi.KVM_EXIT_SHUTDOWN:
+                return False, "the single-step ended in KVM_EXIT_SHUTDOWN"
+            if reason == _IO and info["direction"] == "out" and info["port"] == L.PORT_EXCEPTION:
+                return False, (f"the step raised vector {info['data']} in the guest's stub "
+                               "instead of a KVM_EXIT_DEBUG")
+            if reason == _IO and info["direction"] == "out" and info["port"] != L.PORT_EXIT:
+                continue            # an `out` replaces its debug exit: look at the next one
+            break
+        return None, f"no verdict: the probe saw {info['reason']} first"
+
+
+def choose_mechanism(payload: Payload, requested: str = "auto", kvm: Kvm | None = None) -> tuple:
+    """(mechanism, why) for this payload on this host."""
+    if requested not in MECHANISMS:
+        raise StepError(f"unknown mechanism {requested!r} "
+                        f"(expected one of {', '.join(MECHANISMS)})")
+    if requested == IN_GUEST and payload.mode != "long":
+        raise StepError(f"--mechanism in-guest needs long mode (the #DB stub lives in the long-"
+                        f"mode IDT); {payload.name} is a {payload.mode}-mode payload")
+    if requested != "auto":
+        return requested, "asked for with --mechanism"
+    vendor = vendor_module()
+    if payload.mode != "long" or payload.cpl == 0:
+        where = f"{payload.mode} mode" if payload.mode != "long" else "long mode at CPL0"
+        note = (" (kvm_pvm emulates it, so KVM sees every instruction)"
+                if vendor == "kvm_pvm" else "")
+        return GUEST_DEBUG, f"{where} code can be stepped by KVM itself{note}"
+    works, evidence = probe_guest_debug(payload, kvm)
+    if works:
+        return GUEST_DEBUG, f"probe on a throwaway VM: {evidence}"
+    return IN_GUEST, (f"probe on a throwaway VM: {evidence}; KVM guest debug cannot step "
+                      f"native CPL3 code on this host (vendor module {vendor})")
+
+
+# -- breakpoints --
+
+_LABEL_RE = re.compile(r"^\s*([A-Za-z_.$@][\w.$@]*)\s*:")
+
+
+def resolve_break(payload: Payload, text: str) -> int:
+    """An address (hex or decimal), ``line:N``, or a label of the payload, to the address of
+    an instruction in its listing (payload address space: IP in real mode)."""
+    text = text.strip()
+    starts = {ins.address: ins for ins in payload.listing}
+    if text.lower().startswith("line:"):
+        try:
+            no = int(text[5:], 10)
+        except ValueError:
+            raise StepError(f"--break {text}: expected line:N with N a line number") from None
+        for ins in payload.listing:
+            if ins.line == no:
+                return ins.address
+        raise StepError(f"--break {text}: line {no} of {payload.path} holds no instruction")
+    try:
+        addr = int(text, 0)
+    except ValueError:
+        addr = _label_address(payload, text)
+    if addr not in starts:
+        first, last = payload.listing[0], payload.listing[-1]
+        raise StepError(f"--break {text}: {addr:#x} is not the start of an instruction of "
+                        f"{payload.name} (its instructions span {first.address:#x}.."
+                        f"{last.address + last.size - 1:#x}; see `minivmm disasm`)")
+    return addr
+
+
+def _label_address(payload: Payload, name: str) -> int:
+    try:
+        lines = open(payload.path).read().splitlines()
+    except OSError:
+        lines = []
+    labels = {}
+    for no, line in enumerate(lines, 1):
+        m = _LABEL_RE.match(line)
+        if m:
+            labels.setdefault(m.group(1), no)
+    if name not in labels:
+        shown = ", ".join(sorted(labels)) or "none"
+        raise StepError(f"--break {name}: not a number, line:N, or a label of {payload.name} "
+                        f"(labels: {shown})")
+    for ins in payload.listing:          # the first instruction at or after the label
+        if ins.line >= labels[name]:
+            return ins.address
+    raise StepError(f"--break {name}: the label is followed by no instruction (data?)")
+
+
+# -- stepping --
+
+class StepSession:
+    """A payload in a fresh Machine, stepped in the calling thread (not Machine.run()).
+
+    Iterate over it for Step objects; ``end`` says why the stepping stopped. Use as a
+    context manager. ``timeout`` bounds the wait for any one step (a guest that stops
+    trapping, or a breakpoint never reached), not the whole session.
+    """
+
+    def __init__(self, payload: Payload | str, mechanism: str = "auto", vcpus: int = 1,
+                 vcpu: int = 0, pages: int = DEFAULT_PAGES, iterations: int = 1,
+                 breakpoint: str | int | None = None, dirty: bool = False,
+                 timeout: float = 10.0, kvm: Kvm | None = None):
+        self.payload = load(payload) if isinstance(payload, str) else payload
+        p = self.payload
+        if vcpus < 1:
+            raise StepError(f"--vcpus must be at least 1 (got {vcpus})")
+        if not 0 <= vcpu < vcpus:
+            raise StepError(f"--vcpu {vcpu} does not exist: the machine has {vcpus} vCPU(s) "
+                            f"(0..{vcpus - 1}; give --vcpus)")
+        if timeout <= 0:
+            raise StepError(f"--timeout must be positive (got {timeout})")
+        self.bp = breakpoint if isinstance(breakpoint, int) or breakpoint is None \
+            else resolve_break(p, breakpoint)
+        self.mechanism, self.why = choose_mechanism(p, mechanism, kvm)
+        self.timeout = timeout
+        self.by_address = {ins.address: ins for ins in p.listing}
+        self.rings: dict = {}
+        kwargs = {}
+        if dirty:
+            from .dirty.ring import (DirtyRingError, VcpuRing, enable_dirty_ring,
+                                     ring_capability)
+            log = abi.KVM_MEM_LOG_DIRTY_PAGES
+
+            def before_vcpus(m):
+                if ring_capability(m.kvm) is None:
+                    raise StepError("--dirty needs the dirty ring, and this kernel offers "
+                                    "none (KVM_CAP_DIRTY_LOG_RING is 0)")
+                try:
+                    enable_dirty_ring(m.vm, RING_ENTRIES)
+                except DirtyRingError as e:
+                    raise StepError(f"--dirty: {e}") from None
+
+            def on_vcpu(m, st):
+                self.rings[st.index] = VcpuRing(st.vcpu, RING_ENTRIES)
+            # Slot 0 logs too, as in `minivmm dirty`: the payload's stack, the page tables
+            # (accessed/dirty bits) and the stub's own frames are writes worth seeing.
+            kwargs = dict(data_flags=log, system_flags=log, before_vcpus=before_vcpus,
+                          on_vcpu=on_vcpu)
+        self.dirty = dirty
+        try:
+            self.machine = Machine(p, vcpus=vcpus, pages=pages, kvm=kvm,
+                                   regs={"rcx": iterations}, **kwargs)
+        except MachineError as e:
+            raise StepError(str(e)) from None
+        self.st = self.machine.states[vcpu]
+        self.vcpu = self.st.vcpu
+        self.ring = self.rings.get(vcpu)
+        self.end: VcpuEnd | None = None
+        self.steps = 0
+        self.console = bytearray()
+        self.syncs = 0
+        self.pre_break_entries = 0       # ring entries harvested while running to --break
+        self.stub_entries = 0            # ring entries written by the #DB stub itself
+        self.elapsed_s = 0.0             # time spent stepping (setup_s not included)
+        self.setup_s = 0.0
+        self._system_pages = _system_page_names(self.machine, vcpu)
+        self._stub_answer = None         # the answer owed to the stub's `in eax, 0xe0`
+        self._started = False
+        # Watchdog: a thread that kicks KVM_RUN out (immediate_exit + signal, as
+        # Machine does) when one step takes longer than the timeout.
+        self._lock = threading.Lock()
+        self._deadline = None
+        self._closed = False
+        self._ident = None
+        self._watchdog = None
+
+    # -- lifecycle --
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        if self._watchdog is not None:
+            self._watchdog.join()
+            self._watchdog = None
+        self.vcpu = self.st = self.ring = None
+        self.rings.clear()
+        self.machine.close()
+
+    def __enter__(self) -> "StepSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __iter__(self):
+        return self.run()
+
+    def run(self, count: int | None = None):
+        """Yield Step objects until the guest ends, the timeout, or ``count`` steps."""
+        t0, setup0 = time.perf_counter(), self.setup_s
+        try:
+            while self.end is None and (not count or self.steps < count):
+                step = self.next_step()
+                if step is None:
+                    break
+                yield step
+        finally:
+            self.elapsed_s += time.perf_counter() - t0 - (self.setup_s - setup0)
+
+    # -- the stepping loop --
+    def next_step(self) -> Step | None:
+        """Run until the next instruction completes; None (and ``end`` set) when it cannot."""
+        if self.end is not None:
+            return None
+        if not self._started:
+            t0 = time.perf_counter()
+            self._start()
+            self.setup_s = time.perf_counter() - t0   # the run to --break, not a step
+            if self.end is not None:
+                return None
+        self._deadline = time.monotonic() + self.timeout
+        try:
+            if self.mechanism == IN_GUEST:
+                return self._next_in_guest()
+            return self._next_guest_debug()
+        finally:
+            self._deadline = None
+
+    def _start(self) -> None:
+        self._started = True
+        install_kick_handler()
+        self._watchdog = threading.Thread(target=self._watch, name="step-watchdog", daemon=True)
+        self._watchdog.start()
+        regs = self.vcpu.get_regs()
+        self.pc = regs.rip
+        self.regs = _regs_dict(regs)
+        if self.bp is not None and self.bp != self.pc:
+            self._deadline = time.monotonic() + self.timeout
+            try:
+                self._run_to_breakpoint()
+            finally:
+                self._deadline = None
+            return
+        if self.mechanism == GUEST_DEBUG:
+            self.vcpu.set_guest_debug(abi.KVM_GUESTDBG_ENABLE | abi.KVM_GUESTDBG_SINGLESTEP)
+        else:
+            regs.rflags |= TF            # KVM_SET_REGS: the first instruction will trap
+            self.vcpu.set_regs(regs)
+
+    def _enter(self) -> int:
+        """KVM_RUN once; a kick by the watchdog comes back as KVM_EXIT_INTR."""
+        self._ident = threading.get_ident()
+        while True:
+            reason = self.vcpu.run()
+            if reason != _INTR:
+                return reason
+            run = self.vcpu.run_struct
+            if self._deadline is not None and time.monotonic() < self._deadline:
+                run.immediate_exit = 0   # a stale kick or a stray signal: enter again
+                continue
+            run.immediate_exit = 0
+            return reason
+
+    def _watch(self) -> None:
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                deadline = self._deadline
+                if deadline is not None and time.monotonic() >= deadline and self._ident:
+                    self.vcpu.run_struct.immediate_exit = 1
+                    try:
+                        signal.pthread_kill(self._ident, KICK_SIGNAL)
+                    except ProcessLookupError:
+                        pass
+            time.sleep(0.05)
+
+    # KVM guest debug: every exit is one instruction, or the end.
+    def _next_guest_debug(self) -> Step | None:
+        while True:
+            reason = self._enter()
+            if reason == _DEBUG:
+                regs = self.vcpu.get_regs()
+                if _in_stubs(regs.rip) and self.payload.mode == "long":
+                    self._end_in_stub()
+                    return None
+                step = self._step(regs, "debug-exit")
+                if step.instruction == "hlt":
+                    # Measured on kvm_pvm: a single-stepped hlt gives KVM_EXIT_DEBUG past
+                    # it and no KVM_EXIT_HLT; the next KVM_RUN would run on into whatever
+                    # follows. The guest meant to stop here. (Where KVM halts instead,
+                    # the KVM_EXIT_HLT is handled in _common_exit.)
+                    self.end = VcpuEnd("hlt", rip=regs.rip, instruction=step.instruction,
+                                       detail={"note": "KVM_EXIT_DEBUG replaced KVM_EXIT_HLT"})
+                return step
+            step = self._common_exit(reason)
+            if step is not False:
+                return step
+
+    # In-guest: the #DB stub reports each trap with `out 0xe0`, then asks with `in 0xe0`.
+    def _next_in_guest(self) -> Step | None:
+        while True:
+            reason = self._enter()
+            if reason == _IO and self.vcpu.run_struct.io.port == L.PORT_EXCEPTION:
+                if self.vcpu.run_struct.io.direction != _OUT:
+                    self._answer_stub()
+                    continue
+                regs = self.vcpu.get_regs()
+                frame = self._frame(regs.rsp)
+                if frame["vector"] != VEC_DB:
+                    self._end_exception(frame)
+                    return None
+                # The stub pushed rax; RIP, RSP and RFLAGS are the CPU's frame; every other
+                # register is still the payload's (the stub touches no other).
+                regs.rax, regs.rip, regs.rsp = frame["rax"], frame["rip"], frame["rsp"]
+                regs.rflags = frame["rflags"] & ~TF
+                self._stub_answer = 1    # resume: iretq restores RFLAGS with TF set
+                return self._step(regs, "db-trap", stub_rsp=frame["_at"])
+            step = self._common_exit(reason)
+            if step is not False:
+                return step
+
+    def _common_exit(self, reason):
+        """Exits both mechanisms treat alike. Returns a Step, None (the end), or False
+        (nothing to report: enter again)."""
+        vcpu = self.vcpu
+        if reason == _IO:
+            io = vcpu.run_struct.io
+            port, out, size = io.port, io.direction == _OUT, io.size
+            del io                          # no view of kvm_run may outlive the session
+            if not out:
+                self.end = self._end_here("unhandled-io", detail=_strip(vcpu.describe_exit(reason)))
+                return None
+            value = int.from_bytes(vcpu.io_data()[:size], "little")
+            regs = vcpu.get_regs()
+            # An `out` ends in its IO exit and the step trap after it is lost (host-probes
+            # 2): this exit is the out's step. RIP is already past it.
+            step = self._step(regs, "io-exit", io={"port": port, "value": value})
+            if port in (L.PORT_CONSOLE, L.PORT_DEBUGCON):
+                self.console.extend(vcpu.io_data())
+            elif port == L.PORT_SYNC:
+                self.syncs += 1
+            elif port == L.PORT_EXIT:
+                self.end = VcpuEnd("exit-port", code=value & 0xFF, rip=regs.rip,
+                                   instruction=step.instruction)
+            else:
+                self.end = self._end_here("unhandled-io", after=True,
+                                          detail=_strip(vcpu.describe_exit(reason)))
+            if self.mechanism == IN_GUEST and self.end is None:
+                self._keep_tf(regs)
+            return step
+        if reason == _HLT:
+            regs = self.vcpu.get_regs()
+            step = self._step(regs, "hlt")
+            self.end = VcpuEnd("hlt", rip=regs.rip, instruction=step.instruction)
+            return step
+        if reason == _INTR:
+            self.end = self._end_here("timeout", detail={"timeout_s": self.timeout})
+            return None
+        if reason == abi.KVM_EXIT_DIRTY_RING_FULL and self.ring is not None:
+            return False                    # the next step's harvest empties it
+        name = {abi.KVM_EXIT_SHUTDOWN: "shutdown", abi.KVM_EXIT_MMIO: "unhandled-mmio",
+                abi.KVM_EXIT_INTERNAL_ERROR: "internal-error"}.get(reason, "unexpected-exit")
+        self.end = self._end_here(name, detail=_strip(vcpu.describe_exit(reason)))
+        return None
+
+    def _keep_tf(self, regs) -> None:
+        # Measured here, TF survives an `out` (the next instruction traps), so this does
+        # nothing; should a host drop it, set it again. KVM_SET_REGS with the `out` still
+        # pending is safe: an out has nothing left to complete and RIP is already past it.
+        if not regs.rflags & TF:
+            regs.rflags |= TF
+            self.vcpu.set_regs(regs)
+
+    def _answer_stub(self) -> None:
+        answer = 1 if self._stub_answer else 0
+        self.vcpu.set_io_data(struct.pack("<I", answer))
+        self._stub_answer = None
+
+    def _frame(self, rsp: int) -> dict:
+        mem = self.machine.vm.slot_for(rsp)
+        frame = dict(zip(STUB_FRAME_FIELDS,
+                         struct.unpack("<8Q", mem.read(rsp, 8 * len(STUB_FRAME_FIELDS)))))
+        frame["_at"] = rsp
+        return frame
+
+    def _write_frame(self, frame: dict, **fields) -> None:
+        mem = self.machine.vm.slot_for(frame["_at"])
+        for name, value in fields.items():
+            mem.write(frame["_at"] + 8 * STUB_FRAME_FIELDS.index(name), struct.pack("<Q", value))
+
+    # -- a step's record --
+    def _step(self, regs, event: str, io=None, stub_rsp=None) -> Step:
+        """The instruction at self.pc has completed; regs is the state after it."""
+        addr = self.pc
+        now = _regs_dict(regs)
+        changed = {k: v for k, v in now.items() if self.regs.get(k) != v and k != "rflags"}
+        if (now["rflags"] ^ self.regs["rflags"]) & FLAGS_SHOWN:
+            changed["rflags"] = now["rflags"]
+        self.regs, self.pc = now, regs.rip
+        self.steps += 1
+        raw, text, line = self._instruction(addr)
+        step = Step(self.steps, addr, regs.rip, raw, text, line, changed, event, io)
+        if self.ring is not None:
+            step.dirty = self._harvest(stub_rsp)
+        return step
+
+    def _instruction(self, addr: int) -> tuple:
+        ins = self.by_address.get(addr)
+        if ins is None:                  # not in the listing (data run as code, ...)
+            lin = self.machine.linear(self.st, addr)
+            mem = self.machine.vm.slot_for(lin)
+            if mem is not None:
+                ins = disassemble_one(mem.read(lin, min(16, mem.gpa + mem.size - lin)), addr,
+                                      self.payload.mode)
+        if ins is None:
+            return b"", "(undecodable)", 0
+        return ins.raw, ins.text, ins.line
+
+    def _harvest(self, stub_rsp=None) -> list:
+        """Take what this vCPU's ring gained since the last step, then reset (api.rst 7.36),
+        so that the next write to the same page produces an entry at its own step."""
+        first = self.ring.fetch
+        got = self.ring.harvest()
+        if not got.count:
+            return []
+        self.machine.vm.reset_dirty_rings()
+        # The stub's frame (CPU frame + its pushes) occupies [rsp, rsp + 64): entries for
+        # those pages at a #DB report are the stub's writes, not the payload's.
+        stub_pages = set()
+        if stub_rsp is not None:
+            stub_pages = {stub_rsp // L.PAGE, (stub_rsp + 8 * len(STUB_FRAME_FIELDS) - 1) // L.PAGE}
+        out = []
+        for k in range(got.count):
+            slot, page = int(got.slots[k]) & 0xFFFF, int(got.offsets[k])
+            by, what = "payload", ""
+            if slot == L.SLOT_SYSTEM:
+                what = self._system_pages.get(page, "")
+                if page in stub_pages:
+                    by, what = "stub", "the #DB stub's exception frame"
+                    self.stub_entries += 1
+            out.append(RingEntry((first + k) & 0xFFFFFFFF, self.st.index, slot, page, by, what))
+        return out
+
+    # -- breakpoints --
+    def _run_to_breakpoint(self) -> None:
+        """Run freely (console and sync outs serviced) until the instruction at self.bp."""
+        bp = self.bp
+        lin = self.machine.linear(self.st, bp)
+        code = self.machine.vm.slot_for(lin)
+        saved = code.read(lin, 1)
+
+        def restore():                   # put the instruction's first byte back
+            if self.mechanism == IN_GUEST:
+                code.write(lin, saved)
+        if self.mechanism == GUEST_DEBUG:
+            debugreg = [lin, 0, 0, 0, 0, 0, 0, 0x1]          # DR0 = address, DR7 = L0, execute
+            self.vcpu.set_guest_debug(abi.KVM_GUESTDBG_ENABLE | abi.KVM_GUESTDBG_USE_HW_BP,
+                                      debugreg)
+        else:
+            code.write(lin, bytes((INT3,)))
+        while True:
+            reason = self._enter()
+            vcpu = self.vcpu
+            if reason == _DEBUG and self.mechanism == GUEST_DEBUG:
+                regs = vcpu.get_regs()
+                if regs.rip != bp:
+                    continue
+                # A hardware breakpoint fires again on every entry, RF or not (host-probes
+                # 2): stepping on without it is what steps over it.
+                vcpu.set_guest_debug(abi.KVM_GUESTDBG_ENABLE | abi.KVM_GUESTDBG_SINGLESTEP)
+                break
+            if reason == _IO and vcpu.run_struct.io.port == L.PORT_EXCEPTION:
+                if vcpu.run_struct.io.direction != _OUT:
+                    self._answer_stub()
+                    continue
+                regs = vcpu.get_regs()
+                frame = self._frame(regs.rsp)
+                restore()
+                if frame["vector"] != VEC_BP or frame["rip"] != bp + 1:
+                    self._end_exception(frame)
+                    return
+                # int3 is a trap: the frame's RIP is past it. With the instruction back in
+                # place, send the guest back to it with TF set: the next #DB is its step.
+                self._write_frame(frame, rip=bp, rflags=frame["rflags"] | TF)
+                regs.rax, regs.rip, regs.rsp = frame["rax"], bp, frame["rsp"]
+                regs.rflags = frame["rflags"]
+                self._stub_answer = 1
+                break
+            if reason == _IO:
+                io = vcpu.run_struct.io
+                port, out = io.port, io.direction == _OUT
+                del io
+                if out and port in (L.PORT_CONSOLE, L.PORT_DEBUGCON):
+                    self.console.extend(vcpu.io_data())
+                    continue
+                if out and port == L.PORT_SYNC:
+                    self.syncs += 1
+                    continue
+                if out and port == L.PORT_EXIT:
+                    self.end = self._end_here("exit-port", after=True)
+                    self.end.code = vcpu.io_data()[0]
+                else:
+                    self.end = self._end_here("unhandled-io", after=out,
+                                              detail=_strip(vcpu.describe_exit(reason)))
+            elif reason == _HLT:
+                self.end = self._end_here("hlt", after=True)
+            elif reason == abi.KVM_EXIT_DIRTY_RING_FULL and self.ring is not None:
+                self.pre_break_entries += len(self._harvest())
+                continue
+            else:
+                self._common_exit(reason)       # timeout, shutdown, ...: no step in these
+            restore()
+            self.end.detail["breakpoint"] = f"{bp:#x} never reached"
+            return
+        self.pc, self.regs = bp, _regs_dict(regs)
+        if self.ring is not None:
+            self.pre_break_entries = len(self._harvest())
+
+    # -- ends --
+    def _end_here(self, reason: str, after: bool = False, detail=None) -> VcpuEnd:
+        regs = self.vcpu.get_regs()
+        return VcpuEnd(reason, rip=regs.rip,
+                       instruction=self.machine.describe_instruction(self.st, regs.rip, after),
+                       detail=dict(detail or {}))
+
+    def _end_exception(self, frame: dict) -> None:
+        vec = frame["vector"]
+        detail = {"error_code": frame["error_code"], "name": EXCEPTION_NAMES.get(vec, "?"),
+                  "cr2": self.vcpu.get_sregs().cr2}
+        self.end = VcpuEnd("exception", vector=vec, rip=frame["rip"],
+                           instruction=self.machine.describe_instruction(self.st, frame["rip"]),
+                           detail=detail)
+
+    def _end_in_stub(self) -> None:
+        """KVM guest debug stepped into minivmm's exception stub: an exception was
+        delivered. Run the stub unstepped to its report and end with what it says."""
+        self.vcpu.set_guest_debug(0)
+        reason = self._enter()
+        io = self.vcpu.run_struct.io
+        reported = reason == _IO and io.port == L.PORT_EXCEPTION and io.direction == _OUT
+        del io
+        if not reported:
+            self.end = self._end_here("unexpected-exit",
+                                      detail=_strip(self.vcpu.describe_exit(reason)))
+            return
+        frame = self._frame(self.vcpu.get_regs().rsp)
+        self._end_exception(frame)
+        if frame["vector"] == VEC_DB:
+            self.end.detail["why"] = ("KVM guest debug's single-step trap went to the guest's "
+                                      "#DB handler instead of the VMM: this host cannot step "
+                                      "native CPL3 code with KVM guest debug; use "
+                                      "--mechanism in-guest (or auto)")
+
+
+def _regs_dict(regs) -> dict:
+    out = {name: getattr(regs, name) for name in GPRS}
+    out["rflags"] = regs.rflags & ~TF
+    return out
+
+
+def _strip(info: dict) -> dict:
+    return {k: v for k, v in info.items() if k not in ("reason", "exit_reason")}
+
+
+def _system_page_names(machine: Machine, vcpu: int) -> dict:
+    """What each interesting page of slot 0 is, for the --dirty report."""
+    names = {L.PML4 // L.PAGE: "page tables: PML4", L.PDPT // L.PAGE: "page tables: PDPT"}
+    for g in range(L.PD_MAX):
+        names[(L.PD_BASE + g * L.PAGE) // L.PAGE] = f"page tables: page directory for GiB {g}"
+    for i in range(len(machine.states)):
+        block = L.vcpu_block(i)
+        names[(block + L.EXC_STACK_TOP_OFF - 1) // L.PAGE] = f"vCPU {i}'s exception stack"
+        names[(block + L.USER_STACK_TOP_OFF - 1) // L.PAGE] = f"vCPU {i}'s stack"
+    for off in range(0, L.CODE_MAX, L.PAGE):
+        names[(L.CODE + off) // L.PAGE] = "payload code"
+    return names
+
+
+# -- the command --
+
+def format_step(step: Step) -> str:
+    notes = [f"{k}={v:#x}" for k, v in step.changed.items()]
+    if step.io is not None:
+        port, value = step.io["port"], step.io["value"]
+        named = {L.PORT_CONSOLE: f"console {chr(value & 0xFF)!r}",
+                 L.PORT_DEBUGCON: f"console {chr(value & 0xFF)!r}",
+                 L.PORT_SYNC: f"sync {value}", L.PORT_EXIT: f"exit {value & 0xFF}"}
+        notes.append(named.get(port, f"port {port:#x} <- {value:#x}"))
+    line = f"; line {step.line}" if step.line else ";"
+    return (f"step {step.number:<4} {step.address:#07x}  {step.raw.hex(' '):<21} "
+            f"{step.instruction:<32} {line:<10} {' '.join(notes)}").rstrip()
+
+
+def format_entry(step: Step, e: RingEntry) -> str:
+    if e.slot == L.SLOT_DATA:
+        target = f"data page {e.page}"
+    else:
+        target = f"{e.slot_name} page {e.page:#x}" + (f" ({e.what})" if e.what else "")
+    who = f"{step.instruction} at {step.address:#x}" if e.by == "payload" \
+        else f"minivmm's #DB stub (reporting the step of {step.instruction})"
+    return f"    {who} dirtied {target}, ring entry {e.index} of vCPU {e.vcpu}"
+
+
+def _n(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def cmd_step(args) -> int:
+    from .cli import EXIT_GUEST_FAILED, EXIT_OK, UsageError
+    if args.count < 0:
+        raise UsageError(f"--count must not be negative (got {args.count})")
+    if args.iterations < 0:
+        raise UsageError(f"--iterations must not be negative (got {args.iterations})")
+    payload = load(args.payload)
+    try:
+        session = StepSession(payload, mechanism=args.mechanism, vcpus=args.vcpus,
+                              vcpu=args.vcpu, pages=args.pages, iterations=args.iterations,
+                              breakpoint=args.breakpoint, dirty=args.dirty,
+                              timeout=args.timeout)
+    except StepError as e:
+        raise UsageError(str(e)) from None
+    out = sys.stdout
+    with session:
+        p = session.payload
+        where = f"{p.mode} mode" + (f", CPL{p.cpl}" if p.mode == "long" else "")
+        header = (f"stepping {p.name} ({where}) on vCPU {args.vcpu} of {args.vcpus} with "
+                  f"{MECHANISM_TEXT[session.mechanism]}; why: {session.why}")
+        if not args.json:
+            print(header, file=out)
+            if session.bp is not None:
+                print(f"breakpoint at {session.bp:#x}", file=out)
+        shown_stub = 0
+        for step in session.run(args.count or None):
+            if args.json:
+                print(json.dumps(step.to_dict(session.mechanism)), file=out)
+                continue
+            print(format_step(step), file=out)
+            for e in step.dirty or ():
+                if e.by == "stub":
+                    shown_stub += 1
+                    continue
+                print(format_entry(step, e), file=out)
+        end = session.end
+        rate = session.steps / session.elapsed_s if session.elapsed_s else 0.0
+        summary = {"end": end.to_dict() if end else {"reason": "count",
+                                                     "count": args.count},
+                   "steps": session.steps, "mechanism": session.mechanism,
+                   "why": session.why, "payload": p.name, "vcpu": args.vcpu,
+                   "breakpoint": session.bp,
+                   "console": session.console.decode("utf-8", "replace"),
+                   "syncs": session.syncs, "elapsed_s": round(session.elapsed_s, 6),
+                   "steps_per_s": round(rate, 1)}
+        if args.dirty:
+            summary.update(stub_entries=session.stub_entries,
+                           entries_before_breakpoint=session.pre_break_entries)
+        if args.json:
+            print(json.dumps(summary), file=out)
+        else:
+            if end is None:
+                print(f"stopped after {_n(session.steps, 'step')} (--count {args.count})",
+                      file=out)
+            else:
+                why = end.detail.get("why") or end.detail.get("breakpoint")
+                print(f"guest ended after {_n(session.steps, 'step')}: {end.summary()}"
+                      + (f" ({why})" if why else ""), file=out)
+            if session.console:
+                print(f"console: {session.console.decode('utf-8', 'replace')!r}", file=out)
+            if shown_stub:
+                print(f"note: {shown_stub} more ring entries were the #DB stub writing its "
+                      "exception frame on the exception stack (slot 0), once per step; not "
+                      "shown (they are in --json, \"by\": \"stub\")", file=out)
+            if args.dirty and session.pre_break_entries:
+                print(f"note: {session.pre_break_entries} ring entries came from the free "
+                      "run before the breakpoint", file=out)
+            print(f"{_n(session.steps, 'step')} in {session.elapsed_s * 1000:.1f} ms "
+                  f"({rate:.0f} steps/s)", file=out)
+    ok = end is None or (end.reason in ("exit-port", "hlt") and not end.code)
+    return EXIT_OK if ok else EXIT_GUEST_FAILED
+
+
+def register(subparsers, common) -> None:
+    from .cli import _integer, _seconds
+    p = subparsers.add_parser(
+        "step", parents=[common], help="single-step a payload, one instruction per line",
+        description="Single-step a payload: per step the address, bytes, disassembly, source "
+        "line and the registers that changed. KVM guest debug steps emulated code; native "
+        "CPL3 code on kvm_pvm is stepped from inside the guest (RFLAGS.TF and a #DB stub). "
+        "With --dirty, every dirty-ring entry is tied to the instruction that produced it.")
+    p.add_argument("payload", help="a .asm file, or the name of a shipped payload")
+    p.add_argument("--count", type=_integer, default=DEFAULT_COUNT,
+                   help=f"stop after this many steps (default {DEFAULT_COUNT}; 0 = until the "
+                   "guest ends)")
+    p.add_argument("--break", dest="breakpoint", metavar="ADDR",
+                   help="run freely up to this instruction, then step from it: an address "
+                   "(0x10014), line:N, or a label")
+    p.add_argument("--mechanism", choices=MECHANISMS, default="auto",
+                   help="how to step (default auto: probe whether KVM guest debug can step "
+                   "this code on this host, else step inside the guest)")
+    p.add_argument("--vcpus", type=_integer, default=1,
+                   help="vCPUs in the machine (default 1; only the stepped one runs)")
+    p.add_argument("--vcpu", type=_integer, default=0, help="which vCPU to step (default 0)")
+    p.add_argument("--pages", type=_integer, default=DEFAULT_PAGES,
+                   help=f"4 KiB pages in the data slot (default {DEFAULT_PAGES})")
+    p.add_argument("--iterations", type=_integer, default=1,
+                   help="RCX at entry: iterations for the dirty_* payloads (default 1)")
+    p.add_argument("--dirty", action="store_true",
+                   help="enable the dirty ring, harvest after every step and show which "
+                   "instruction produced each entry")
+    p.add_argument("--timeout", type=_seconds, default=10.0,
+                   help="give up when one step (or the run to --break) takes longer than this "
+                   "many seconds (default 10)")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per step per line, then one summary object")
+    p.set_defaults(func=cmd_step)
