@@ -25,7 +25,7 @@ class Vcpu:
     def __init__(self, vm, fd: int, vcpu_id: int):
         self.vm, self.fd, self.id = vm, fd, vcpu_id
         self.map = None
-        self.ring_map = None  # set by minivmm.dirty.ring when the ring is enabled
+        self.ring = None      # a minivmm.dirty.ring.VcpuRing once the ring is mapped
         try:
             size = vm.kvm.get_vcpu_mmap_size()
             self.map = _sys.map_shared(fd, size, 0, "mmap(kvm_run)")
@@ -38,9 +38,9 @@ class Vcpu:
         self._run_args = (fd, abi.KVM_RUN, None)
 
     def close(self) -> None:
-        if self.ring_map is not None:
-            self.ring_map.close()
-            self.ring_map = None
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
         if self.map is not None:
             if hasattr(self, "run_struct"):
                 del self.run_struct

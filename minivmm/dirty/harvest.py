@@ -97,6 +97,48 @@ def harvest(buf, entries: int, fetch: int) -> HarvestResult:
     return HarvestResult(slots, offsets, count, (fetch + count) & _U32)
 
 
+class PageSets:
+    """De-duplication with one reusable page map per slot (no allocation per call).
+
+    Same results as dedupe(): (by_slot sorted unique offsets, duplicates, bogus).
+    """
+
+    def __init__(self, slot_pages: dict):
+        self.maps = {s: np.zeros(p, dtype=bool) for s, p in slot_pages.items()}
+
+    def unique(self, slots, offsets):
+        n = len(slots)
+        by_slot, bogus, known, unique = {}, [], 0, 0
+        if n == 0:
+            return by_slot, 0, bogus
+        one_slot = n and slots[0] == slots[-1] and (slots == slots[0]).all()
+        for s, seen in self.maps.items():
+            if one_slot:
+                if slots[0] != s:
+                    continue
+                o = offsets
+            else:
+                o = offsets[slots == s]
+            if not len(o):
+                continue
+            known += len(o)
+            bad = o >= len(seen)
+            if bad.any():
+                bogus += [(s, int(x)) for x in o[bad]]
+                o = o[~bad]
+                if not len(o):
+                    continue
+            seen[o] = True
+            u = np.flatnonzero(seen)
+            seen[u] = False                      # ready for the next call
+            by_slot[s] = u.astype(np.uint64)
+            unique += len(u)
+        if known != n:                           # entries naming a slot we do not log
+            other = ~np.isin(slots, np.fromiter(self.maps, np.uint32, len(self.maps)))
+            bogus += list(zip(slots[other].tolist(), offsets[other].tolist()))
+        return by_slot, n - len(bogus) - unique, bogus
+
+
 def harvest_reference(buf, entries: int, fetch: int) -> HarvestResult:
     """The oracle: one entry at a time with struct, same semantics as harvest()."""
     mask = _check_entries(entries)

@@ -70,7 +70,12 @@ class VcpuRing:
         self.fetch = 0                      # free-running u32, as the kernel's indices
         offset = mmap.PAGESIZE * abi.KVM_DIRTY_LOG_PAGE_OFFSET   # host page size (selftests)
         self.map = _sys.map_shared(vcpu.fd, entries * ENTRY_BYTES, offset, "mmap(dirty ring)")
-        vcpu.ring_map = self.map            # Vcpu.close() unmaps it
+        vcpu.ring = self                    # Vcpu.close() closes it
+
+    def close(self) -> None:
+        if self.map is not None:
+            self.map.close()
+            self.map = None
 
     def harvest(self) -> HarvestResult:
         """Take every DIRTY entry from the fetch index on and mark it RESET (api.rst 7.36)."""

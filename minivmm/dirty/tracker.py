@@ -22,7 +22,7 @@ from ..machine import Machine, VcpuEnd
 from ..payload import Payload, load
 from ..x86 import layout as L
 from .bitmap import SlotBitmap, decode, enable_manual_protect
-from .harvest import dedupe
+from .harvest import PageSets
 from .ring import DirtyRingError, VcpuRing, enable_dirty_ring, ring_capability
 from .verify import ContentOracle, plan
 
@@ -75,6 +75,7 @@ class Tracker:
         self.machine = machine
         self.slot_pages = {slot: mem.pages for slot, mem in machine.vm.memory.items()
                            if mem.flags & abi.KVM_MEM_LOG_DIRTY_PAGES}
+        self.page_sets = PageSets(self.slot_pages)
 
     def poll(self) -> None:
         """Collect while vCPUs run (async mode); kept until the next collect()."""
@@ -214,7 +215,7 @@ class RingTracker(Tracker):
         if all_s:
             s = np.concatenate(all_s) if len(all_s) > 1 else all_s[0]
             o = np.concatenate(all_o) if len(all_o) > 1 else all_o[0]
-            by_slot, dups, bogus = dedupe(s, o, self.slot_pages)
+            by_slot, dups, bogus = self.page_sets.unique(s, o)
             entries = len(s)
         else:
             by_slot, dups, bogus, entries = {}, 0, [], 0

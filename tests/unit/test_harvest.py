@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from minivmm.dirty.harvest import (ENTRY_BYTES, HarvestResult, dedupe, harvest,
+from minivmm.dirty.harvest import (ENTRY_BYTES, HarvestResult, PageSets, dedupe, harvest,
                                    harvest_reference, make_ring, publish)
 
 U32 = 1 << 32
@@ -263,3 +263,21 @@ def test_harvest_then_dedupe():
     by_slot, dups, bogus = dedupe(res.slots, res.offsets, {0: 30, 1: 30})
     assert by_slot[0].tolist() == list(range(30)) == by_slot[1].tolist()
     assert dups == 200 - 60 and bogus == []
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_page_sets_equal_dedupe(seed):
+    rng = np.random.default_rng(seed)
+    slot_pages = {0: 512, 1: int(rng.integers(1, 5000)), 7: 64}
+    n = int(rng.integers(0, 3000))
+    slots = rng.choice(np.array([0, 1, 1, 1, 7, 9], np.uint32), n).astype(np.uint32)
+    if seed % 3 == 0:
+        slots[:] = 1                                   # the common one-slot case
+    offsets = rng.integers(0, 6000, n).astype(np.uint64)
+    ps = PageSets(slot_pages)
+    for _ in range(2):                                 # the maps are reused: still right
+        a, da, ba = ps.unique(slots, offsets)
+        b, db, bb = dedupe(slots, offsets, slot_pages)
+        assert a.keys() == b.keys() and da == db and sorted(ba) == sorted(bb)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
