@@ -15,6 +15,7 @@ import pickle
 import re
 import select
 import signal
+import sys
 from pathlib import Path
 
 import capstone
@@ -150,7 +151,8 @@ def payload_dir() -> Path:
     if env:
         return Path(env)
     here = Path(__file__).resolve().parent
-    for cand in (here.parent / "guest_payloads", here / "guest_payloads"):
+    for cand in (here.parent / "guest_payloads",                       # a source checkout
+                 Path(sys.prefix) / "share" / "minivmm" / "guest_payloads"):   # an install
         if cand.is_dir():
             return cand
     return here.parent / "guest_payloads"

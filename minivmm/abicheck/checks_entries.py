@@ -16,6 +16,7 @@ import numpy as np
 
 from .. import abi
 from ..dirty.ringsize import ring_limits
+from ..dirty.verify import lcg_pages
 from .registry import Fail, Skip, check, expect, expect_eq
 
 DIRTY, RESET = abi.KVM_DIRTY_GFN_F_DIRTY, abi.KVM_DIRTY_GFN_F_RESET
@@ -334,8 +335,6 @@ def entries_multi_vcpu(ctx):
 
 # --- dirty_log_test-style correctness run ------------------------------------------------
 
-LCG_MUL, LCG_ADD, MASK64 = 6364136223846793005, 1442695040888963407, (1 << 64) - 1
-
 RANDOM_BODY = """
     mov r12, rsi
     mov r13, rdx
@@ -371,15 +370,9 @@ finished:
 
 
 def lcg_plan(seed: int, pages: int, writes: int, iterations: int) -> list:
-    """The pages RANDOM_BODY writes in each iteration (a set per iteration)."""
-    x, out = seed & MASK64, []
-    for _ in range(iterations):
-        s = set()
-        for _ in range(writes):
-            x = (x * LCG_MUL + LCG_ADD) & MASK64
-            s.add((x >> 33) % pages)
-        out.append(s)
-    return out
+    """The pages RANDOM_BODY writes in each iteration (a set per iteration): the same
+    generator as guest_payloads/dirty_random.asm, replayed by minivmm.dirty.verify."""
+    return [set(lcg_pages(seed, pages, writes, it).tolist()) for it in range(1, iterations + 1)]
 
 
 def first_words(mem, pages: int) -> np.ndarray:

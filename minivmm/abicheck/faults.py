@@ -85,29 +85,27 @@ def vm_calls_fail():
         yield
 
 
+def _one_more(*calls):
+    """The named ioctls answer one more than the kernel did (when they succeed)."""
+    return _ioctl_hook(lambda name, q, a, ret, err:
+                       (ret + 1, err) if name in calls and ret >= 0 else (ret, err))
+
+
 @fault("check_extension_lie", "KVM_CHECK_EXTENSION answers one more than the kernel")
 def check_extension_lie():
-    def change(name, q, a, ret, err):
-        return (ret + 1, err) if name == "KVM_CHECK_EXTENSION" and ret >= 0 else (ret, err)
-    with _ioctl_hook(change):
+    with _one_more("KVM_CHECK_EXTENSION"):
         yield
 
 
 @fault("version_lie", "system ioctls (API version, vCPU mmap size) answer one more")
 def version_lie():
-    def change(name, q, a, ret, err):
-        if name in ("KVM_GET_API_VERSION", "KVM_GET_VCPU_MMAP_SIZE") and ret >= 0:
-            return ret + 1, err
-        return ret, err
-    with _ioctl_hook(change):
+    with _one_more("KVM_GET_API_VERSION", "KVM_GET_VCPU_MMAP_SIZE"):
         yield
 
 
 @fault("reset_count_lie", "KVM_RESET_DIRTY_RINGS returns one more than it reset")
 def reset_count_lie():
-    def change(name, q, a, ret, err):
-        return (ret + 1, err) if name == "KVM_RESET_DIRTY_RINGS" and ret >= 0 else (ret, err)
-    with _ioctl_hook(change):
+    with _one_more("KVM_RESET_DIRTY_RINGS"):
         yield
 
 
