@@ -82,10 +82,10 @@ def python_dirty(tracker: str, entries: int | None, vcpus: int, pages: int, iter
         # the ring's dedupe (_build_locked), which the native figure includes.
         inner, spent = s.tracker.collect, [0.0]
 
-        def timed_collect():
+        def timed_collect(*args, **kwargs):
             t0 = time.perf_counter()
             try:
-                return inner()
+                return inner(*args, **kwargs)
             finally:
                 spent[0] += time.perf_counter() - t0
 

@@ -139,6 +139,55 @@ class PageSets:
         return by_slot, n - len(bogus) - unique, bogus
 
 
+GFN = np.dtype([("flags", "<u4"), ("slot", "<u4"), ("offset", "<u8")])
+
+
+def harvest_paused(buf, entries: int, fetch: int, flags) -> tuple:
+    """Harvest a ring whose vCPU is out of KVM_RUN: ``(raw entries, count, new fetch)``.
+
+    Nothing is pushed meanwhile, and KVM fills the ring in order, so from the fetch index
+    the entries are DIRTY up to KVM's dirty index and not DIRTY after it: the end of the
+    run is found by bisection, the run copied in one piece and marked RESET with one
+    strided store (``flags``: a u32 view of the flags words). This is the hot path at
+    ring-full exits and sync collections; each numpy call is expensive right after a
+    guest ran (on kvm_pvm every distinct code path starts cold), so it makes one.
+    A kernel that broke the ordering would show up as a KVM_RESET_DIRTY_RINGS count
+    that disagrees with the harvest, which the tracker checks every time.
+    """
+    mask = _check_entries(entries)
+    fetch &= _U32
+
+    def dirty(i):
+        return struct.unpack_from("<I", buf, ((fetch + i) & mask) * ENTRY_BYTES)[0] & 3 == DIRTY
+    if not dirty(0):
+        return b"", 0, fetch
+    if dirty(entries - 1):
+        count = entries
+    else:
+        lo, hi = 0, entries - 1               # dirty(lo), not dirty(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if dirty(mid):
+                lo = mid
+            else:
+                hi = mid
+        count = hi
+    pos = fetch & mask
+    first = min(count, entries - pos)
+    raw = buf[pos * ENTRY_BYTES:(pos + first) * ENTRY_BYTES]
+    flags[pos:pos + first] = RESET
+    if count > first:                          # the run wraps past the ring's end
+        raw += buf[:(count - first) * ENTRY_BYTES]
+        flags[:count - first] = RESET
+    return raw, count, (fetch + count) & _U32
+
+
+def decode_raw(raw: bytes) -> tuple:
+    """Raw kvm_dirty_gfn entries -> (slots uint32, offsets uint64)."""
+    a = np.frombuffer(raw, dtype=GFN)
+    return a["slot"], a["offset"]
+
+
 def harvest_reference(buf, entries: int, fetch: int) -> HarvestResult:
     """The oracle: one entry at a time with struct, same semantics as harvest()."""
     mask = _check_entries(entries)

@@ -12,8 +12,10 @@ from __future__ import annotations
 import errno
 import mmap
 
+import numpy as np
+
 from .. import _sys, abi
-from .harvest import ENTRY_BYTES, HarvestResult, harvest
+from .harvest import ENTRY_BYTES, HarvestResult, harvest, harvest_paused
 from .ringsize import ring_limits, validate_entries
 
 
@@ -70,10 +72,13 @@ class VcpuRing:
         self.fetch = 0                      # free-running u32, as the kernel's indices
         offset = mmap.PAGESIZE * abi.KVM_DIRTY_LOG_PAGE_OFFSET   # host page size (selftests)
         self.map = _sys.map_shared(vcpu.fd, entries * ENTRY_BYTES, offset, "mmap(dirty ring)")
+        # the flags words as u32s, for the one strided RESET store of harvest_paused()
+        self._flags = np.frombuffer(self.map, dtype="<u4", count=entries * 4)[0::4]
         vcpu.ring = self                    # Vcpu.close() closes it
 
     def close(self) -> None:
         if self.map is not None:
+            self._flags = None              # the view pins the mapping
             self.map.close()
             self.map = None
 
@@ -82,6 +87,11 @@ class VcpuRing:
         result = harvest(self.map, self.entries, self.fetch)
         self.fetch = result.fetch
         return result
+
+    def harvest_paused(self) -> tuple:
+        """harvest() for a ring whose vCPU is out of KVM_RUN: (raw entries, count)."""
+        raw, count, self.fetch = harvest_paused(self.map, self.entries, self.fetch, self._flags)
+        return raw, count
 
     def peek(self, count: int | None = None, start: int | None = None) -> list:
         """Raw (flags, slot, offset) entries from ``start`` (default: the fetch index),
@@ -94,5 +104,4 @@ class VcpuRing:
 
     def flags(self):
         """A copy of every entry's flags, for the ring view (index = position in the ring)."""
-        import numpy as np
         return np.frombuffer(self.map, dtype="<u4", count=self.entries * 4)[0::4].copy()

@@ -22,7 +22,7 @@ from ..machine import Machine, VcpuEnd
 from ..payload import Payload, load
 from ..x86 import layout as L
 from .bitmap import SlotBitmap, decode, enable_manual_protect
-from .harvest import PageSets
+from .harvest import PageSets, decode_raw
 from .ring import DirtyRingError, VcpuRing, enable_dirty_ring, ring_capability
 from .verify import ContentOracle, plan
 
@@ -80,7 +80,8 @@ class Tracker:
     def poll(self) -> None:
         """Collect while vCPUs run (async mode); kept until the next collect()."""
 
-    def collect(self) -> Collection:
+    def collect(self, paused: bool = False) -> Collection:
+        """Everything dirtied since the last collect. ``paused``: no vCPU is in KVM_RUN."""
         raise NotImplementedError
 
     def on_ring_full(self, st):
@@ -118,17 +119,24 @@ class RingTracker(Tracker):
         self.rings[st.index] = VcpuRing(st.vcpu, self.entries)
         self._acc[st.index] = []
 
-    def _harvest_locked(self, index: int, ring: VcpuRing) -> int:
-        r = ring.harvest()
-        if r.count:
-            self._since_full[index] = self._since_full.get(index, 0) + r.count
-            self._acc[index].append((r.slots, r.offsets))
-            self._since_reset += r.count
-            if r.count == ring.entries:
+    def _harvest_locked(self, index: int, ring: VcpuRing, paused: bool = False) -> int:
+        """Harvest one ring into the accumulator; ``paused``: its vCPU is out of KVM_RUN,
+        so the cheaper harvest_paused() applies (raw entries, decoded at collect)."""
+        if paused:
+            raw, count = ring.harvest_paused()
+            item = raw
+        else:
+            r = ring.harvest()
+            count, item = r.count, (r.slots, r.offsets)
+        if count:
+            self._since_full[index] = self._since_full.get(index, 0) + count
+            self._acc[index].append(item)
+            self._since_reset += count
+            if count == ring.entries:
                 self._lost.append(f"vCPU {index}: a harvest took a full lap of {ring.entries} "
                                   "entries: the ring was full, so later dirty pages may have "
                                   "overwritten entries")
-        return r.count
+        return count
 
     def _reset_locked(self) -> None:
         got = self.machine.vm.reset_dirty_rings()
@@ -149,8 +157,8 @@ class RingTracker(Tracker):
             t0 = time.perf_counter()
             self._ring_full += 1
             # every ring, not only the full one: the others are likely close to full too
-            for i, ring in self.rings.items():
-                self._harvest_locked(i, ring)
+            for i, ring in self.rings.items():      # only this vCPU is surely out of KVM_RUN
+                self._harvest_locked(i, ring, paused=i == st.index)
             self._reset_locked()
             self._bg_s += time.perf_counter() - t0
             # Entries taken from this ring since its previous ring-full exit, by whichever
@@ -168,13 +176,15 @@ class RingTracker(Tracker):
             self._lost.append(why)
             return VcpuEnd("ring-overflow", detail={"error": why})
 
-    def collect(self) -> Collection:
+    def collect(self, paused: bool = False) -> Collection:
+        """Harvest every ring, reset, de-duplicate. ``paused``: every vCPU is out of KVM_RUN
+        (a sync barrier, or all ended), which allows the cheaper harvest."""
         if self.show_ring:
             return self._collect_with_views()
         with self.lock:
             t0 = time.perf_counter()
             for i, ring in self.rings.items():
-                self._harvest_locked(i, ring)
+                self._harvest_locked(i, ring, paused)
             self._reset_locked()
             col = self._build_locked()
             col.collect_s = time.perf_counter() - t0     # harvest + reset + de-duplication
@@ -205,6 +215,10 @@ class RingTracker(Tracker):
     def _build_locked(self) -> Collection:
         raw, all_s, all_o = {}, [], []
         for i, parts in self._acc.items():
+            raws = [p for p in parts if isinstance(p, bytes)]
+            if raws:        # one decode for every paused harvest since the last collect
+                parts = [p for p in parts if not isinstance(p, bytes)]
+                parts.append(decode_raw(b"".join(raws) if len(raws) > 1 else raws[0]))
             if parts:
                 s = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
                 o = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
@@ -266,7 +280,7 @@ class BitmapTracker(Tracker):
             self._get_clear_locked()
             self._bg_s += time.perf_counter() - t0
 
-    def collect(self) -> Collection:
+    def collect(self, paused: bool = False) -> Collection:
         with self.lock:
             t0 = time.perf_counter()
             self._get_clear_locked()
@@ -458,7 +472,7 @@ class DirtySession:
             self._reaper_stop.set()
             if reaper is not None:
                 reaper.join()
-        final = self._record("final", self.tracker.collect(), self._snapshot())
+        final = self._record("final", self.tracker.collect(paused=True), self._snapshot())
         if len(final.data_pages) or len(final.missed) or final.collection.pages:
             self.records.append(final)
             yield final
@@ -490,7 +504,7 @@ class DirtySession:
         # Only what needs the vCPUs paused happens here: collecting, and reading the
         # pages' contents; checking and reporting happen in the consumer's thread.
         iteration = max(self._arrived.values())
-        col = self.tracker.collect()
+        col = self.tracker.collect(paused=True)
         self._queue.put((iteration, col, self._snapshot()))
         self._arrived.clear()
         self._go.clear()

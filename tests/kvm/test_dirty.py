@@ -133,6 +133,7 @@ def test_overflowing_ring_is_detected_and_never_loops(monkeypatch):
     # every ring-full exit then harvests nothing.
     empty = ringmod.harvest(bytearray(16 * 256), 256, 0)
     monkeypatch.setattr(ringmod.VcpuRing, "harvest", lambda self: empty)
+    monkeypatch.setattr(ringmod.VcpuRing, "harvest_paused", lambda self: (b"", 0))
     start = time.monotonic()
     with session(tracker="ring", vcpus=1, pages=8192, iterations=1) as s:
         recs = s.run(timeout=60)

@@ -7,7 +7,8 @@ import struct
 import numpy as np
 import pytest
 
-from minivmm.dirty.harvest import (ENTRY_BYTES, HarvestResult, PageSets, dedupe, harvest,
+from minivmm.dirty.harvest import (ENTRY_BYTES, HarvestResult, PageSets, decode_raw, dedupe,
+                                   harvest, harvest_paused,
                                    harvest_reference, make_ring, publish)
 
 U32 = 1 << 32
@@ -281,3 +282,26 @@ def test_page_sets_equal_dedupe(seed):
         assert a.keys() == b.keys() and da == db and sorted(ba) == sorted(bb)
         for k in a:
             np.testing.assert_array_equal(a[k], b[k])
+
+
+@pytest.mark.parametrize("seed", range(80))
+def test_harvest_paused_equals_reference_on_a_quiescent_ring(seed):
+    # A paused vCPU's ring: from the fetch index a run of DIRTY entries, then entries
+    # that are empty (0) as KVM leaves them after a reset.
+    rnd = random.Random(seed)
+    entries = rnd.choice([16, 64, 256, 4096])
+    fetch = rnd.randrange(U32) if seed % 4 else U32 - rnd.randrange(1, entries)
+    run = rnd.choice([0, 1, entries, rnd.randrange(entries + 1)])
+    buf = make_ring(entries)
+    for i in range(run):
+        publish(buf, entries, fetch + i, rnd.randrange(4), rnd.randrange(1 << 40))
+    ref_buf, fast_buf = bytearray(buf), bytearray(buf)
+    ref = harvest_reference(ref_buf, entries, fetch)
+    flags = np.frombuffer(fast_buf, dtype="<u4")[0::4]
+    raw, count, new_fetch = harvest_paused(fast_buf, entries, fetch, flags)
+    slots, offsets = decode_raw(raw)
+    del flags
+    assert count == ref.count == run and new_fetch == ref.fetch
+    np.testing.assert_array_equal(slots, ref.slots)
+    np.testing.assert_array_equal(offsets, ref.offsets)
+    assert fast_buf == ref_buf
