@@ -235,11 +235,10 @@ def cmd_dirty(args) -> int:
         tracker, records, result, session = _run_dirty_session(args, kind)
         nvcpus = session.nvcpus
         runs.append((tracker, records, result))
-    summary = report.to_json({"payload": runs[0][1] and session.payload.name or args.payload,
+    summary = report.to_json({"payload": session.payload.name,
                               "vcpus": nvcpus, "pages": args.pages,
                               "iterations": args.iterations, "collect": args.collect,
                               "ring_entries": args.ring_entries}, runs)
-    summary["payload"] = session.payload.name
     ring_records = [recs for t, recs, _ in runs if t.name == "ring"]
     ring_plot = None
     if args.plot:

@@ -336,12 +336,10 @@ class Machine:
         except Exception as e:  # a bug of ours must still end the vCPU visibly
             st.end = VcpuEnd("host-error", detail={"error": f"{type(e).__name__}: {e}"})
         finally:
-            if self.on_end is not None:
-                try:
+            try:
+                if self.on_end is not None:
                     self.on_end(st)
-                finally:
-                    st.done.set()
-            else:
+            finally:
                 st.done.set()
 
     def _vcpu_loop(self, st: VcpuState) -> None:
@@ -474,14 +472,25 @@ class Machine:
             end.detail["registers"] = self.registers(st)
         return end
 
-    def _exception_end(self, st) -> VcpuEnd:
-        """Read the frame the exception stub left on its stack (x86/modes.py)."""
-        regs = st.vcpu.get_regs()
-        mem = self.vm.slot_for(regs.rsp)
+    def stub_frame(self, rsp: int) -> dict | None:
+        """The frame minivmm's exception stub left at ``rsp`` (x86/modes.py), with its
+        address under "_at"; None when ``rsp`` is not in guest memory."""
+        mem = self.vm.slot_for(rsp)
         if mem is None:
-            return self._end_at(st, "exception", registers=True)
+            return None
         frame = dict(zip(STUB_FRAME_FIELDS,
-                         struct.unpack("<8Q", mem.read(regs.rsp, 8 * len(STUB_FRAME_FIELDS)))))
+                         struct.unpack("<8Q", mem.read(rsp, 8 * len(STUB_FRAME_FIELDS)))))
+        frame["_at"] = rsp
+        return frame
+
+    def _exception_end(self, st) -> VcpuEnd:
+        frame = self.stub_frame(st.vcpu.get_regs().rsp)
+        if frame is None:
+            return self._end_at(st, "exception", registers=True)
+        return self.exception_end(st, frame)
+
+    def exception_end(self, st, frame: dict) -> VcpuEnd:
+        """How a vCPU ended, from the exception frame its stub reported."""
         cr2 = st.vcpu.get_sregs().cr2
         return VcpuEnd("exception", vector=frame["vector"], rip=frame["rip"],
                        instruction=self.describe_instruction(st, frame["rip"]),

@@ -43,7 +43,7 @@ from .kvm import Kvm, vendor_module
 from .machine import KICK_SIGNAL, Machine, MachineError, VcpuEnd, install_kick_handler
 from .payload import Payload, disassemble_one, load
 from .x86 import layout as L
-from .x86.modes import EXCEPTION_NAMES, STUB_COMMON_CODE, STUB_FRAME_FIELDS
+from .x86.modes import STUB_COMMON_CODE, STUB_FRAME_FIELDS
 
 MECHANISMS = ("auto", "guest-debug", "in-guest")
 GUEST_DEBUG, IN_GUEST = "guest-debug", "in-guest"
@@ -513,11 +513,7 @@ class StepSession:
         self._stub_answer = None
 
     def _frame(self, rsp: int) -> dict:
-        mem = self.machine.vm.slot_for(rsp)
-        frame = dict(zip(STUB_FRAME_FIELDS,
-                         struct.unpack("<8Q", mem.read(rsp, 8 * len(STUB_FRAME_FIELDS)))))
-        frame["_at"] = rsp
-        return frame
+        return self.machine.stub_frame(rsp)
 
     def _write_frame(self, frame: dict, **fields) -> None:
         mem = self.machine.vm.slot_for(frame["_at"])
@@ -660,12 +656,7 @@ class StepSession:
                        detail=dict(detail or {}))
 
     def _end_exception(self, frame: dict) -> None:
-        vec = frame["vector"]
-        detail = {"error_code": frame["error_code"], "name": EXCEPTION_NAMES.get(vec, "?"),
-                  "cr2": self.vcpu.get_sregs().cr2}
-        self.end = VcpuEnd("exception", vector=vec, rip=frame["rip"],
-                           instruction=self.machine.describe_instruction(self.st, frame["rip"]),
-                           detail=detail)
+        self.end = self.machine.exception_end(self.st, frame)
 
     def _end_in_stub(self) -> None:
         """KVM guest debug stepped into minivmm's exception stub: an exception was

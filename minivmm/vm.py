@@ -31,7 +31,6 @@ class Vm:
         self.fd = fd
         self.vcpus: list = []
         self.memory: dict[int, GuestMemory] = {}
-        self.dirty_ring_entries = 0       # set when the dirty ring is enabled
 
     # -- lifecycle: vCPUs first, then the VM fd, then the memory behind it --
     def close(self) -> None:
@@ -93,11 +92,8 @@ class Vm:
         if hints is None and cap in (abi.KVM_CAP_DIRTY_LOG_RING,
                                      abi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL):
             hints = _RING_HINTS
-        ret = ioctl(self.fd, abi.KVM_ENABLE_CAP, ctypes.addressof(arg),
-                    f"KVM_ENABLE_CAP({name})", hints)
-        if hints is _RING_HINTS:
-            self.dirty_ring_entries = (args[0] & 0xFFFFFFFF) // 16   # the kernel reads a u32
-        return ret
+        return ioctl(self.fd, abi.KVM_ENABLE_CAP, ctypes.addressof(arg),
+                     f"KVM_ENABLE_CAP({name})", hints)
 
     def get_dirty_log(self, slot: int, bitmap_addr: int) -> None:
         """KVM_GET_DIRTY_LOG: copy the slot's dirty bitmap to bitmap_addr (api.rst 4.8)."""

@@ -80,7 +80,6 @@ class Ctx:
         """KVM_ENABLE_CAP(ring) of ``entries`` on ``vm``; returns the capability used."""
         cap = self.ring_cap()
         vm.enable_cap(cap, entries * 16)
-        vm.dirty_ring_entries = entries
         return cap
 
     def guest(self, body: str, vcpus: int = 1, pages: int = 16, ring: int | None = None,

@@ -9,7 +9,6 @@ vCPU mapping (arch/x86/include/uapi/asm/kvm.h), mapped MAP_SHARED and writable
 """
 from __future__ import annotations
 
-import errno
 import mmap
 
 import numpy as np
@@ -53,11 +52,7 @@ def enable_dirty_ring(vm, entries: int, cap: int | None = None) -> int:
     if vm.vcpus:
         raise DirtyRingError("enable the dirty ring before creating vCPUs: this VM already has "
                              f"{len(vm.vcpus)} (KVM refuses with EINVAL, api.rst 7.36)")
-    vm.enable_cap(cap, entries * ENTRY_BYTES, hints={
-        errno.EINVAL: "enable the dirty ring once, before creating vCPUs, with a power-of-two "
-                      "size of at least one page",
-        errno.E2BIG: "ring larger than KVM_CAP_DIRTY_LOG_RING allows"})
-    vm.dirty_ring_entries = entries
+    vm.enable_cap(cap, entries * ENTRY_BYTES)      # Vm.enable_cap names the likely causes
     return cap
 
 
