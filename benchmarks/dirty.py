@@ -108,7 +108,7 @@ def python_dirty(tracker: str, entries: int | None, vcpus: int, pages: int, iter
         data_pages = sum(len(r.data_pages) for r in records)
         collected = sum(len(p) for r in records for p in r.collection.pages.values())
         reported_s = sum(r.collection.collect_s for r in records)
-        background_s = sum(getattr(r.collection, "background_s", 0.0) for r in records)
+        background_s = sum(r.collection.background_s for r in records)
         collect_s = spent[0] + background_s
         return {"elapsed_s": elapsed, "data_pages": data_pages, "pages": collected,
                 "pages_per_s": data_pages / elapsed if elapsed > 0 else 0.0,

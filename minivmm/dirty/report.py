@@ -87,7 +87,7 @@ def ring_view_text(records, entries_note: str = "") -> str:
     """The rings around each collection: before harvest, after harvest, after reset."""
     out = []
     for r in records:
-        views = getattr(r.collection, "ring_views", None)
+        views = r.collection.ring_views
         if not views:
             continue
         out.append(f"iteration {r.iteration}:")
@@ -116,7 +116,7 @@ def plot_rings(records, path: str) -> None:
     from matplotlib.colors import ListedColormap
     rows, labels = [], []
     for r in records:
-        for i, v in (getattr(r.collection, "ring_views", None) or {}).items():
+        for i, v in (r.collection.ring_views or {}).items():
             for stage, key in (("before", "before"), ("harvested", "harvested_flags"),
                                ("reset", "after_reset")):
                 f = np.asarray(v[key]) & 3

@@ -45,6 +45,8 @@ class Collection:
     resets: list = dataclasses.field(default_factory=list)   # (returned, harvested)
     lost: list = dataclasses.field(default_factory=list)     # evidence of lost entries
     collect_s: float = 0.0
+    background_s: float = 0.0            # collecting while vCPUs ran (ring-full, reaper)
+    ring_views: dict | None = None       # ring only, with show_ring: see ring_view_dict()
 
     @property
     def reset_count_ok(self) -> bool:
@@ -179,36 +181,27 @@ class RingTracker(Tracker):
     def collect(self, paused: bool = False) -> Collection:
         """Harvest every ring, reset, de-duplicate. ``paused``: every vCPU is out of KVM_RUN
         (a sync barrier, or all ended), which allows the cheaper harvest."""
-        if self.show_ring:
-            return self._collect_with_views()
+        # show_ring: each ring's flags before harvesting, after it (RESET marks) and after
+        # KVM_RESET_DIRTY_RINGS, with the fetch indices (for the ring view)
+        views = {} if self.show_ring else None
         with self.lock:
             t0 = time.perf_counter()
             for i, ring in self.rings.items():
-                self._harvest_locked(i, ring, paused)
-            self._reset_locked()
-            col = self._build_locked()
-            col.collect_s = time.perf_counter() - t0     # harvest + reset + de-duplication
-        return col
-
-    def _collect_with_views(self) -> Collection:
-        """collect(), plus each ring's flags before harvesting, after it (RESET marks) and
-        after KVM_RESET_DIRTY_RINGS, with the fetch indices (for the ring view)."""
-        with self.lock:
-            t0 = time.perf_counter()
-            views = {}
-            for i, ring in self.rings.items():
+                if views is None:
+                    self._harvest_locked(i, ring, paused)
+                    continue
                 before, fetch0 = ring.flags(), ring.fetch
-                n = self._harvest_locked(i, ring)
+                n = self._harvest_locked(i, ring, paused)
                 views[i] = {"entries": ring.entries, "fetch_before": fetch0,
                             "fetch_after": ring.fetch, "harvested": n,
                             "before": before, "harvested_flags": ring.flags()}
             self._reset_locked()
-            returned = self._resets[-1][0]
-            for i, ring in self.rings.items():
-                views[i]["after_reset"] = ring.flags()
-                views[i]["reset_returned"] = returned
+            if views is not None:
+                for i, ring in self.rings.items():
+                    views[i].update(after_reset=ring.flags(),
+                                    reset_returned=self._resets[-1][0])
             col = self._build_locked()
-            col.collect_s = time.perf_counter() - t0
+            col.collect_s = time.perf_counter() - t0     # harvest + reset + de-duplication
             col.ring_views = views
         return col
 
@@ -341,9 +334,9 @@ class IterationRecord:
                "ring_full_exits": c.ring_full_exits, "reset_count_ok": c.reset_count_ok,
                "resets": [list(r) for r in c.resets], "lost": c.lost,
                "collect_s": round(c.collect_s, 6),
-               "background_s": round(getattr(c, "background_s", 0.0), 6),
+               "background_s": round(c.background_s, 6),
                "vcpus": self.rows, "content_scope": self.scope}
-        views = getattr(c, "ring_views", None)
+        views = c.ring_views
         if views:
             out["ring_view"] = {str(i): ring_view_dict(v) for i, v in views.items()}
         out["pages"].setdefault("data", [])
