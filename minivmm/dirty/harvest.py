@@ -211,6 +211,9 @@ def harvest_reference(buf, entries: int, fetch: int) -> HarvestResult:
 def dedupe(slots, offsets, slot_pages: dict[int, int]):
     """Group harvested (slot, offset) pairs by slot, sorted and de-duplicated.
 
+    The stand-alone form, and the reference the tests hold PageSets (the tracker's
+    reusable version) to.
+
     Returns ``(by_slot, duplicates, bogus)``: ``by_slot`` maps each slot that
     has at least one valid entry to its sorted unique offsets (uint64);
     ``duplicates`` counts valid entries beyond the first per page; ``bogus``

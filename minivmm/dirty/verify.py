@@ -68,7 +68,7 @@ class ContentOracle:
         extra = np.setdiff1d(reported, changed, assume_unique=True)
         return {"changed": changed, "missed": missed, "extra": extra, "scope": self.scope}
 
-    def check(self, reported: np.ndarray, expected=None) -> dict:
+    def check(self, reported: np.ndarray) -> dict:
         """snapshot() and compare() in one go (when nothing runs concurrently)."""
         return self.compare(self.snapshot(), reported)
 
