@@ -14,7 +14,7 @@ import struct
 import threading
 import time
 
-from . import _sys, abi
+from . import abi
 from ._sys import KvmError
 from .kvm import Kvm
 from .payload import Payload, disassemble, disassemble_one, load
@@ -350,16 +350,8 @@ class Machine:
         counts = st.exit_counts
         console = st.console
         trace = self.trace
-        # The hot path: KVM_RUN called directly when no ioctl tracer is installed.
-        run_call = vcpu.run if _sys.tracer is not None else None
-        libc_ioctl, run_args = _sys._ioctl_fast, vcpu._run_args
         while st.end is None:
-            if run_call is not None:
-                reason = run_call()
-            elif libc_ioctl(*run_args) >= 0:
-                reason = run.exit_reason
-            else:
-                reason = vcpu.run_failed()
+            reason = vcpu.run()
             counts[reason] = counts.get(reason, 0) + 1
             if trace is not None:
                 trace(st, reason)

@@ -74,15 +74,11 @@ class Vcpu:
                 raise
             return self.run_struct.exit_reason
         if _sys._ioctl_fast(*self._run_args) < 0:
-            return self.run_failed()
+            err = ctypes.get_errno()
+            if err == _EINTR:
+                return abi.KVM_EXIT_INTR
+            raise KvmError("KVM_RUN", err, _RUN_HINTS.get(err))
         return self.run_struct.exit_reason
-
-    def run_failed(self) -> int:
-        """After KVM_RUN returned -1: KVM_EXIT_INTR for EINTR, else raise KvmError."""
-        err = ctypes.get_errno()
-        if err == _EINTR:
-            return abi.KVM_EXIT_INTR
-        raise KvmError("KVM_RUN", err, _RUN_HINTS.get(err))
 
     # -- registers --
     def get_regs(self) -> abi.kvm_regs:
