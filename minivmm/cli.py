@@ -131,22 +131,20 @@ def cmd_disasm(args) -> int:
 
 def _trace_printer(machine, stream):
     lock = threading.Lock()
-    count = [0]
 
     def trace(st, reason):
         info = st.vcpu.describe_exit(reason)
         regs = st.vcpu.get_regs()
-        after = (reason == abi.KVM_EXIT_IO and info.get("direction") == "out") or \
-                (reason == abi.KVM_EXIT_MMIO and info.get("is_write")) or \
-                reason == abi.KVM_EXIT_HLT
         io_out = reason == abi.KVM_EXIT_IO and info.get("direction") == "out"
+        # after an out, an MMIO write or a hlt, RIP may be past the instruction
+        after = io_out or (reason == abi.KVM_EXIT_MMIO and info.get("is_write")) or \
+            reason == abi.KVM_EXIT_HLT
         ins = machine.describe_instruction(st, regs.rip, after, io_out) or "?"
         fields = " ".join(f"{k}={v:#x}" if isinstance(v, int) and k not in ("size", "count", "len")
                           else f"{k}={v}" for k, v in info.items()
                           if k not in ("reason", "exit_reason"))
         with lock:
-            count[0] += 1
-            print(f"[vcpu{st.index} #{st.exit_counts and sum(st.exit_counts.values())}] "
+            print(f"[vcpu{st.index} #{sum(st.exit_counts.values())}] "
                   f"{info['reason']:<14} {fields:44} rip={regs.rip:#x}  "
                   f"{'by' if after else 'at'} {ins}", file=stream, flush=True)
     return trace
