@@ -13,6 +13,7 @@ On x86 (TSO) plain loads and stores really issued to the mapping suffice
 """
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass
 
@@ -100,21 +101,33 @@ def harvest(buf, entries: int, fetch: int) -> HarvestResult:
 class PageSets:
     """De-duplication with one reusable page map per slot (no allocation per call).
 
-    Same results as dedupe(): (by_slot sorted unique offsets, duplicates, bogus).
+    ``add()`` marks a batch of (slot, offset) pairs, ``take()`` returns what the batches
+    since the last take covered and clears the maps: one pass per slot however many
+    rings fed it. ``unique()`` is both at once, with the results of dedupe():
+    (by_slot sorted unique offsets, duplicates, bogus). Offsets may be any integer
+    array, strided views of staged entries included; pages come back as int64.
     """
 
     def __init__(self, slot_pages: dict):
         self.maps = {s: np.zeros(p, dtype=bool) for s, p in slot_pages.items()}
+        self._ids = np.fromiter(self.maps, np.uint32, len(self.maps))
+        self._marked, self._entries, self._bogus = set(), 0, []
 
-    def unique(self, slots, offsets):
+    def add(self, slots, offsets) -> None:
         n = len(slots)
-        by_slot, bogus, known, unique = {}, [], 0, 0
         if n == 0:
-            return by_slot, 0, bogus
-        one_slot = n and slots[0] == slots[-1] and (slots == slots[0]).all()
+            return
+        self._entries += n
+        if offsets.dtype == np.int64:           # a page index >= 2**63 must count as bogus
+            offsets = offsets.view(np.uint64)
+        elif offsets.dtype != np.uint64:
+            offsets = offsets.astype(np.uint64)
+        first = slots[0]
+        one_slot = first == slots[-1] and (slots == first).all()
+        known = 0
         for s, seen in self.maps.items():
             if one_slot:
-                if slots[0] != s:
+                if first != s:
                     continue
                 o = offsets
             else:
@@ -122,70 +135,172 @@ class PageSets:
             if not len(o):
                 continue
             known += len(o)
-            bad = o >= len(seen)
-            if bad.any():
-                bogus += [(s, int(x)) for x in o[bad]]
+            if o.max() >= len(seen):             # one reduction on the common, clean path
+                bad = o >= len(seen)
+                self._bogus += [(s, int(x)) for x in o[bad]]
                 o = o[~bad]
                 if not len(o):
                     continue
-            seen[o] = True
-            u = np.flatnonzero(seen)
-            seen[u] = False                      # ready for the next call
-            by_slot[s] = u.astype(np.uint64)
-            unique += len(u)
+            seen[o.view(np.int64)] = True        # every value < len(seen): same as signed
+            self._marked.add(s)
         if known != n:                           # entries naming a slot we do not log
-            other = ~np.isin(slots, np.fromiter(self.maps, np.uint32, len(self.maps)))
-            bogus += list(zip(slots[other].tolist(), offsets[other].tolist()))
-        return by_slot, n - len(bogus) - unique, bogus
+            other = ~np.isin(slots, self._ids)
+            self._bogus += list(zip(slots[other].tolist(), offsets[other].tolist()))
+
+    def add_words(self, word0, offsets) -> int:
+        """add() for staged entries (Stage.words()); returns how many were not DIRTY when
+        copied (left out: their slot and offset are not trustworthy).
+
+        The common case, every entry DIRTY in one known slot with offsets in range, costs
+        one compare, one reduction and one scatter.
+        """
+        n = len(word0)
+        if n == 0:
+            return 0
+        key = int(word0[0])
+        seen = self.maps.get(key >> 32)
+        if key & 3 == DIRTY and seen is not None and (word0 == key).all() \
+                and offsets.max() < len(seen):
+            seen[offsets.view(np.int64)] = True
+            self._marked.add(key >> 32)
+            self._entries += n
+            return 0
+        ok = (word0 & 3) == DIRTY
+        self.add((word0[ok] >> np.uint64(32)).astype(np.uint32), offsets[ok])
+        return n - int(np.count_nonzero(ok))
+
+    def take(self):
+        by_slot, unique = {}, 0
+        for s, seen in self.maps.items():
+            if s not in self._marked:
+                continue
+            u = np.flatnonzero(seen)
+            if len(u) * 64 >= len(seen):         # cheaper to zero the whole map
+                seen.fill(False)
+            else:
+                seen[u] = False                  # ready for the next batches
+            by_slot[s] = u
+            unique += len(u)
+        bogus = self._bogus
+        dups = self._entries - len(bogus) - unique
+        self._marked, self._entries, self._bogus = set(), 0, []
+        return by_slot, dups, bogus
+
+    def unique(self, slots, offsets):
+        self.add(slots, offsets)
+        return self.take()
 
 
 GFN = np.dtype([("flags", "<u4"), ("slot", "<u4"), ("offset", "<u8")])
 
 
-def harvest_paused(buf, entries: int, fetch: int, flags) -> tuple:
-    """Harvest a ring whose vCPU is out of KVM_RUN: ``(raw entries, count, new fetch)``.
+def dirty_count(flags: memoryview, entries: int, fetch: int) -> int:
+    """Length of the run of DIRTY entries from ``fetch``, found by bisection.
 
-    Nothing is pushed meanwhile, and KVM fills the ring in order, so from the fetch index
-    the entries are DIRTY up to KVM's dirty index and not DIRTY after it: the end of the
-    run is found by bisection, the run copied in one piece and marked RESET with one
-    strided store (``flags``: a u32 view of the flags words). This is the hot path at
-    ring-full exits and sync collections; each numpy call is expensive right after a
-    guest ran (on kvm_pvm every distinct code path starts cold), so it makes one.
-    A kernel that broke the ordering would show up as a KVM_RESET_DIRTY_RINGS count
-    that disagrees with the harvest, which the tracker checks every time.
+    KVM publishes a ring's entries strictly in order (one vCPU pushes, flags written
+    last: ``kvm_dirty_ring_push()`` in virt/kvm/dirty_ring.c), so over one lap from the
+    fetch index the DIRTY entries form a prefix. It only grows while the vCPU runs, and
+    a DIRTY entry stays DIRTY until we RESET it, so bisection is exact for a paused
+    vCPU and safe for a running one (an entry published meanwhile is left for the next
+    harvest). A dozen reads instead of a scan. The flags of every entry taken are read
+    again from the copy at collection (Stage), so a kernel that broke the ordering is
+    caught there. ``flags``: the ring as a u32 memoryview (entry i's flags at 4 * i).
     """
     mask = _check_entries(entries)
     fetch &= _U32
+    if flags[(fetch & mask) * 4] & 3 != DIRTY:
+        return 0
+    if flags[((fetch + entries - 1) & mask) * 4] & 3 == DIRTY:
+        return entries
+    lo, hi = 0, entries - 1                   # DIRTY at lo, not at hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if flags[((fetch + mid) & mask) * 4] & 3 == DIRTY:
+            lo = mid
+        else:
+            hi = mid
+    return hi
 
-    def dirty(i):
-        return struct.unpack_from("<I", buf, ((fetch + i) & mask) * ENTRY_BYTES)[0] & 3 == DIRTY
-    if not dirty(0):
-        return b"", 0, fetch
-    if dirty(entries - 1):
-        count = entries
-    else:
-        lo, hi = 0, entries - 1               # dirty(lo), not dirty(hi)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if dirty(mid):
-                lo = mid
-            else:
-                hi = mid
-        count = hi
+
+class Stage:
+    """Raw kvm_dirty_gfn entries taken from one ring and not yet collected.
+
+    A page-aligned anonymous mapping kept from one collection to the next and grown by
+    doubling: fresh memory costs a page fault per 4 KiB at first touch, which on a
+    nested host is dearer than the copy itself.
+    """
+
+    def __init__(self, capacity: int):
+        self.count = 0
+        self._map = None
+        self._grow(max(capacity, 1))
+
+    def _grow(self, capacity: int) -> None:
+        new = mmap.mmap(-1, capacity * ENTRY_BYTES)
+        if self.count:
+            new[:self.count * ENTRY_BYTES] = self._map[:self.count * ENTRY_BYTES]
+        old, self._map, self.capacity = self._map, new, capacity
+        self._array = np.frombuffer(new, dtype=GFN)
+        pairs = self._array.view("<u8").reshape(capacity, 2)
+        # word 0 = flags | slot << 32, word 1 = offset: views made once per buffer
+        self._word0, self._offset = pairs[:, 0], pairs[:, 1]
+        if old is not None:
+            try:
+                old.close()
+            except BufferError:                  # a caller still holds a view: GC frees it
+                pass
+
+    def add(self, src) -> None:
+        """Append whole entries copied from ``src`` (a bytes-like slice of a ring)."""
+        n = len(src) // ENTRY_BYTES
+        if self.count + n > self.capacity:
+            self._array = self._word0 = self._offset = None
+            self._grow(max(2 * self.capacity, self.count + n))
+        at = self.count * ENTRY_BYTES
+        self._map[at:at + n * ENTRY_BYTES] = src
+        self.count += n
+
+    def entries(self) -> np.ndarray:
+        """The staged entries (a GFN view, valid until the next add or clear)."""
+        return self._array[:self.count]
+
+    def words(self) -> tuple:
+        """(flags | slot << 32, offset) of the staged entries, as u64 views."""
+        return self._word0[:self.count], self._offset[:self.count]
+
+    def clear(self) -> None:
+        self.count = 0
+
+    def close(self) -> None:
+        self._array = self._word0 = self._offset = None
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:          # a view of it is still alive: unmapped with it
+                pass
+            self._map = None
+
+
+def take(ring: memoryview, flags: np.ndarray, entries: int, fetch: int, count: int,
+         stage: Stage) -> int:
+    """Copy ``count`` entries from ``fetch`` into ``stage`` and mark them RESET; returns
+    the new fetch index. The entries must be DIRTY (dirty_count said so): KVM leaves a DIRTY entry alone until it is RESET and reset, so copying slot
+    and offset after reading its flags is complete on x86 (TSO).
+
+    ``ring``: the mapping as bytes; ``flags``: its flags words (a u32 view, stride 16).
+    One copy and one strided store per contiguous run, two when the run wraps: each
+    distinct operation is dear right after KVM_RUN on a nested host, so there are few.
+    """
+    mask = _check_entries(entries)
+    fetch &= _U32
     pos = fetch & mask
     first = min(count, entries - pos)
-    raw = buf[pos * ENTRY_BYTES:(pos + first) * ENTRY_BYTES]
+    stage.add(ring[pos * ENTRY_BYTES:(pos + first) * ENTRY_BYTES])
     flags[pos:pos + first] = RESET
     if count > first:                          # the run wraps past the ring's end
-        raw += buf[:(count - first) * ENTRY_BYTES]
+        stage.add(ring[:(count - first) * ENTRY_BYTES])
         flags[:count - first] = RESET
-    return raw, count, (fetch + count) & _U32
-
-
-def decode_raw(raw: bytes) -> tuple:
-    """Raw kvm_dirty_gfn entries -> (slots uint32, offsets uint64)."""
-    a = np.frombuffer(raw, dtype=GFN)
-    return a["slot"], a["offset"]
+    return (fetch + count) & _U32
 
 
 def harvest_reference(buf, entries: int, fetch: int) -> HarvestResult:

@@ -14,7 +14,7 @@ import mmap
 import numpy as np
 
 from .. import _sys, abi
-from .harvest import ENTRY_BYTES, HarvestResult, harvest, harvest_paused
+from .harvest import ENTRY_BYTES, HarvestResult, Stage, dirty_count, harvest, take
 from .ringsize import ring_limits, validate_entries
 
 
@@ -67,13 +67,20 @@ class VcpuRing:
         self.fetch = 0                      # free-running u32, as the kernel's indices
         offset = mmap.PAGESIZE * abi.KVM_DIRTY_LOG_PAGE_OFFSET   # host page size (selftests)
         self.map = _sys.map_shared(vcpu.fd, entries * ENTRY_BYTES, offset, "mmap(dirty ring)")
-        # the flags words as u32s, for the one strided RESET store of harvest_paused()
+        # Views made once: the bytes (copied out by take()), the u32 words (read by the
+        # bisection of dirty_count()) and the flags words (one strided RESET store).
+        self._bytes = memoryview(self.map)
+        self._words = self._bytes.cast("I")
         self._flags = np.frombuffer(self.map, dtype="<u4", count=entries * 4)[0::4]
+        self.stage = Stage(entries)         # taken entries, until the tracker collects them
         vcpu.ring = self                    # Vcpu.close() closes it
 
     def close(self) -> None:
         if self.map is not None:
-            self._flags = None              # the view pins the mapping
+            self._flags = None              # the views pin the mapping
+            self._words.release()
+            self._bytes.release()
+            self.stage.close()
             self.map.close()
             self.map = None
 
@@ -83,10 +90,14 @@ class VcpuRing:
         self.fetch = result.fetch
         return result
 
-    def harvest_paused(self) -> tuple:
-        """harvest() for a ring whose vCPU is out of KVM_RUN: (raw entries, count)."""
-        raw, count, self.fetch = harvest_paused(self.map, self.entries, self.fetch, self._flags)
-        return raw, count
+    def take(self) -> int:
+        """Move every DIRTY entry from the fetch index into ``self.stage`` and mark it
+        RESET; returns how many. The vCPU may be running (dirty_count explains why)."""
+        count = dirty_count(self._words, self.entries, self.fetch)
+        if count:
+            self.fetch = take(self._bytes, self._flags, self.entries, self.fetch, count,
+                              self.stage)
+        return count
 
     def peek(self, count: int | None = None, start: int | None = None) -> list:
         """Raw (flags, slot, offset) entries from ``start`` (default: the fetch index),

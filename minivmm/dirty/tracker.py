@@ -14,6 +14,7 @@ import dataclasses
 import queue
 import threading
 import time
+import traceback
 
 import numpy as np
 
@@ -22,7 +23,7 @@ from ..machine import Machine, VcpuEnd
 from ..payload import Payload, load
 from ..x86 import layout as L
 from .bitmap import SlotBitmap, decode, enable_manual_protect
-from .harvest import PageSets, decode_raw
+from .harvest import PageSets
 from .ring import DirtyRingError, VcpuRing, enable_dirty_ring, ring_capability
 from .verify import ContentOracle, plan
 
@@ -37,7 +38,7 @@ _EMPTY = np.empty(0, np.int64)
 class Collection:
     """What one collection found, per slot, with its bookkeeping."""
     pages: dict                          # slot id -> sorted unique page indices
-    raw: dict | None                     # ring only: vCPU -> (slots, offsets) as harvested
+    raw: dict | None                     # ring with keep_raw: vCPU -> (slots, offsets) as harvested
     entries: int = 0                     # ring entries (or set bits) taken
     duplicates: int = 0
     bogus: list = dataclasses.field(default_factory=list)
@@ -82,8 +83,8 @@ class Tracker:
     def poll(self) -> None:
         """Collect while vCPUs run (async mode); kept until the next collect()."""
 
-    def collect(self, paused: bool = False) -> Collection:
-        """Everything dirtied since the last collect. ``paused``: no vCPU is in KVM_RUN."""
+    def collect(self) -> Collection:
+        """Everything dirtied since the last collect."""
         raise NotImplementedError
 
     def on_ring_full(self, st):
@@ -101,7 +102,9 @@ class RingTracker(Tracker):
         self.allow_acq_rel, self.force_unavailable = allow_acq_rel, force_unavailable
         self.cap = None
         self.rings: dict[int, VcpuRing] = {}
-        self._acc: dict[int, list] = {}
+        # Per-vCPU raw entries in each Collection (Collection.raw): a copy per collection,
+        # wanted by the per-vCPU table; DirtySession turns it off when it does not verify.
+        self.keep_raw = True
         self._since_reset = 0
         self._resets, self._lost = [], []
         self._ring_full = 0
@@ -119,20 +122,12 @@ class RingTracker(Tracker):
 
     def on_vcpu(self, machine, st) -> None:
         self.rings[st.index] = VcpuRing(st.vcpu, self.entries)
-        self._acc[st.index] = []
 
-    def _harvest_locked(self, index: int, ring: VcpuRing, paused: bool = False) -> int:
-        """Harvest one ring into the accumulator; ``paused``: its vCPU is out of KVM_RUN,
-        so the cheaper harvest_paused() applies (raw entries, decoded at collect)."""
-        if paused:
-            raw, count = ring.harvest_paused()
-            item = raw
-        else:
-            r = ring.harvest()
-            count, item = r.count, (r.slots, r.offsets)
+    def _harvest_locked(self, index: int, ring: VcpuRing) -> int:
+        """Take one ring's DIRTY entries into its stage (decoded at collect)."""
+        count = ring.take()
         if count:
             self._since_full[index] = self._since_full.get(index, 0) + count
-            self._acc[index].append(item)
             self._since_reset += count
             if count == ring.entries:
                 self._lost.append(f"vCPU {index}: a harvest took a full lap of {ring.entries} "
@@ -159,8 +154,8 @@ class RingTracker(Tracker):
             t0 = time.perf_counter()
             self._ring_full += 1
             # every ring, not only the full one: the others are likely close to full too
-            for i, ring in self.rings.items():      # only this vCPU is surely out of KVM_RUN
-                self._harvest_locked(i, ring, paused=i == st.index)
+            for i, ring in self.rings.items():
+                self._harvest_locked(i, ring)
             self._reset_locked()
             self._bg_s += time.perf_counter() - t0
             # Entries taken from this ring since its previous ring-full exit, by whichever
@@ -178,9 +173,8 @@ class RingTracker(Tracker):
             self._lost.append(why)
             return VcpuEnd("ring-overflow", detail={"error": why})
 
-    def collect(self, paused: bool = False) -> Collection:
-        """Harvest every ring, reset, de-duplicate. ``paused``: every vCPU is out of KVM_RUN
-        (a sync barrier, or all ended), which allows the cheaper harvest."""
+    def collect(self) -> Collection:
+        """Harvest every ring, reset, de-duplicate."""
         # show_ring: each ring's flags before harvesting, after it (RESET marks) and after
         # KVM_RESET_DIRTY_RINGS, with the fetch indices (for the ring view)
         views = {} if self.show_ring else None
@@ -188,10 +182,10 @@ class RingTracker(Tracker):
             t0 = time.perf_counter()
             for i, ring in self.rings.items():
                 if views is None:
-                    self._harvest_locked(i, ring, paused)
+                    self._harvest_locked(i, ring)
                     continue
                 before, fetch0 = ring.flags(), ring.fetch
-                n = self._harvest_locked(i, ring, paused)
+                n = self._harvest_locked(i, ring)
                 views[i] = {"entries": ring.entries, "fetch_before": fetch0,
                             "fetch_after": ring.fetch, "harvested": n,
                             "before": before, "harvested_flags": ring.flags()}
@@ -206,29 +200,24 @@ class RingTracker(Tracker):
         return col
 
     def _build_locked(self) -> Collection:
-        raw, all_s, all_o = {}, [], []
-        for i, parts in self._acc.items():
-            raws = [p for p in parts if isinstance(p, bytes)]
-            if raws:        # one decode for every paused harvest since the last collect
-                parts = [p for p in parts if not isinstance(p, bytes)]
-                parts.append(decode_raw(b"".join(raws) if len(raws) > 1 else raws[0]))
-            if parts:
-                s = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
-                o = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
-                raw[i] = (s, o)
-                all_s.append(s)
-                all_o.append(o)
-            self._acc[i] = []
-        if all_s:
-            s = np.concatenate(all_s) if len(all_s) > 1 else all_s[0]
-            o = np.concatenate(all_o) if len(all_o) > 1 else all_o[0]
-            by_slot, dups, bogus = self.page_sets.unique(s, o)
-            entries = len(s)
-        else:
-            by_slot, dups, bogus, entries = {}, 0, [], 0
-        col = Collection(pages={k: v.astype(np.int64) for k, v in by_slot.items()},
-                         raw=raw, entries=entries, duplicates=dups, bogus=bogus,
-                         ring_full_exits=self._ring_full, resets=self._resets,
+        raw, entries = ({} if self.keep_raw else None), 0
+        for i, ring in self.rings.items():
+            g = ring.stage.entries()
+            if not len(g):
+                continue
+            if raw is not None:
+                c = g.copy()                     # the stage is reused: keep a copy
+                raw[i] = (c["slot"], c["offset"])
+            holes = self.page_sets.add_words(*ring.stage.words())
+            if holes:
+                self._lost.append(f"vCPU {i}: {holes} entries taken as DIRTY were not DIRTY "
+                                  "when copied: the kernel published the ring out of order; "
+                                  "their pages are not trusted")
+            entries += len(g)
+            ring.stage.clear()
+        by_slot, dups, bogus = self.page_sets.take()
+        col = Collection(pages=by_slot, raw=raw, entries=entries, duplicates=dups,
+                         bogus=bogus, ring_full_exits=self._ring_full, resets=self._resets,
                          lost=self._lost)
         col.background_s = self._bg_s
         self._ring_full, self._resets, self._lost, self._bg_s = 0, [], [], 0.0
@@ -273,7 +262,7 @@ class BitmapTracker(Tracker):
             self._get_clear_locked()
             self._bg_s += time.perf_counter() - t0
 
-    def collect(self, paused: bool = False) -> Collection:
+    def collect(self) -> Collection:
         with self.lock:
             t0 = time.perf_counter()
             self._get_clear_locked()
@@ -361,6 +350,14 @@ def ring_view_dict(v: dict) -> dict:
             "after_reset": counts(v["after_reset"])}
 
 
+class CollectionError(RuntimeError):
+    """A collection failed in a vCPU or reaper thread; ``thread_traceback`` says where."""
+
+    def __init__(self, message: str, thread_traceback: str = ""):
+        super().__init__(message)
+        self.thread_traceback = thread_traceback
+
+
 class DirtySession:
     """A payload in a fresh VM with a tracker, run iteration by iteration.
 
@@ -384,8 +381,11 @@ class DirtySession:
         self.tracker = tracker if isinstance(tracker, Tracker) else make_tracker(
             tracker, ring_entries, manual_protect, initially_set, force_no_ring, show_ring)
         self.collect_mode, self.iterations_asked = collect, iterations
-        # verify=False only collects (what the native baseline does): for benchmarks
+        # verify=False only collects (what the native baseline does): for benchmarks.
+        # Nothing then reads the per-vCPU raw entries, so the ring need not copy them.
         self.verify = verify
+        if not verify and isinstance(self.tracker, RingTracker):
+            self.tracker.keep_raw = False
         self.poll_interval_s = poll_interval_s
         nvcpus = vcpus if vcpus is not None else (self.payload.vcpus or 1)
         writes = writes if writes is not None else max(1, pages // nvcpus // 4)
@@ -414,6 +414,7 @@ class DirtySession:
         self._gated = False
         self._go = threading.Event()
         self._reaper_stop = threading.Event()
+        self._failure: BaseException | None = None
         self.result = None
 
     # -- lifecycle --
@@ -449,9 +450,13 @@ class DirtySession:
                 except queue.Empty:
                     if self.machine.expired():
                         self._go.set()
+                        if all(st.done.is_set() for st in self.machine.states):
+                            break
                     continue
                 if item is None:
                     break
+                if isinstance(item, BaseException):
+                    raise item
                 record = self._record(*item)
                 self.records.append(record)
                 yield record
@@ -465,14 +470,18 @@ class DirtySession:
             self._reaper_stop.set()
             if reaper is not None:
                 reaper.join()
-        final = self._record("final", self.tracker.collect(paused=True), self._snapshot())
+        final = self._record("final", self.tracker.collect(), self._snapshot())
         if len(final.data_pages) or len(final.missed) or final.collection.pages:
             self.records.append(final)
             yield final
 
     def _reap(self) -> None:
         while not self._reaper_stop.wait(self.poll_interval_s):
-            self.tracker.poll()
+            try:
+                self.tracker.poll()
+            except Exception as e:
+                self._fail(e)
+                return
 
     # -- the barrier (runs in vCPU threads) --
     def _on_sync(self, st, tag: int) -> None:
@@ -488,17 +497,35 @@ class DirtySession:
     def _on_end(self, st) -> None:
         with self._cond:
             self._running -= 1
-            if self._arrived and len(self._arrived) >= self._running:
-                self._complete_locked(st)
-            if self._running == 0:
-                self._queue.put(None)
+            try:
+                if self._arrived and len(self._arrived) >= self._running:
+                    self._complete_locked(st)
+            finally:
+                if self._running == 0:
+                    self._queue.put(None)
+
+    def _fail(self, error: BaseException) -> None:
+        """A collection failed in a vCPU or reaper thread: hand it to the consumer, which
+        stops the machine and raises CollectionError (rather than waiting for a record
+        forever). Only text crosses over: the traceback's frames would keep that thread's
+        views of its kvm_run page alive and the VM could not be closed."""
+        if self._failure is None:
+            text = "".join(traceback.format_exception(error))
+            error.__traceback__ = None
+            self._failure = CollectionError(
+                f"collection failed in thread {threading.current_thread().name}: "
+                f"{type(error).__name__}: {error}", text)
+            self._queue.put(self._failure)
 
     def _complete_locked(self, st) -> None:
         # Only what needs the vCPUs paused happens here: collecting, and reading the
         # pages' contents; checking and reporting happen in the consumer's thread.
         iteration = max(self._arrived.values())
-        col = self.tracker.collect(paused=True)
-        self._queue.put((iteration, col, self._snapshot()))
+        try:
+            col = self.tracker.collect()
+            self._queue.put((iteration, col, self._snapshot()))
+        except Exception as e:
+            self._fail(e)
         self._arrived.clear()
         self._go.clear()
         if self._gated:

@@ -10,7 +10,7 @@ import pytest
 from minivmm import Kvm, KvmError, abi
 from minivmm.dirty import ring as ringmod
 from minivmm.dirty.ring import DirtyRingError, enable_dirty_ring
-from minivmm.dirty.tracker import DirtySession, compare_runs
+from minivmm.dirty.tracker import CollectionError, DirtySession, compare_runs
 from minivmm.x86 import layout as L
 from tests.conftest import ROOT, payload, run_cli
 from tests.unit.test_cli_errors import one_line_error
@@ -131,9 +131,7 @@ def test_reset_count_mismatch_is_reported(monkeypatch):
 def test_overflowing_ring_is_detected_and_never_loops(monkeypatch):
     # Simulate a ring whose entries the VMM never finds (as after a kernel overflow):
     # every ring-full exit then harvests nothing.
-    empty = ringmod.harvest(bytearray(16 * 256), 256, 0)
-    monkeypatch.setattr(ringmod.VcpuRing, "harvest", lambda self: empty)
-    monkeypatch.setattr(ringmod.VcpuRing, "harvest_paused", lambda self: (b"", 0))
+    monkeypatch.setattr(ringmod.VcpuRing, "take", lambda self: 0)
     start = time.monotonic()
     with session(tracker="ring", vcpus=1, pages=8192, iterations=1) as s:
         recs = s.run(timeout=60)
@@ -142,6 +140,23 @@ def test_overflowing_ring_is_detected_and_never_loops(monkeypatch):
     assert end.reason == "ring-overflow" and "overflowed" in end.detail["error"]
     assert any(r.collection.lost for r in recs)
     assert any(len(r.missed) for r in recs)          # the lost pages are reported as missed
+
+
+@pytest.mark.parametrize("collect", ["sync", "async"])
+def test_a_failing_collection_is_raised_not_waited_for(monkeypatch, collect):
+    # A bug in a collection runs in a vCPU (or reaper) thread: the session must stop
+    # the machine and raise it in the caller's thread, not wait for its timeout.
+    def broken(self):
+        raise RuntimeError("collector bug")
+    with session(tracker="ring", collect=collect, iterations=50) as s:
+        monkeypatch.setattr(type(s.tracker), "collect", broken)
+        monkeypatch.setattr(type(s.tracker), "poll", broken)
+        start = time.monotonic()
+        with pytest.raises(CollectionError, match="RuntimeError: collector bug") as info:
+            s.run(timeout=60)
+        assert time.monotonic() - start < 20
+        assert "in broken" in info.value.thread_traceback
+        assert all(st.done.is_set() for st in s.machine.states)
 
 
 def test_cli_dirty_both_json():

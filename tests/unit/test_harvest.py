@@ -7,9 +7,9 @@ import struct
 import numpy as np
 import pytest
 
-from minivmm.dirty.harvest import (ENTRY_BYTES, HarvestResult, PageSets, decode_raw, dedupe,
-                                   harvest, harvest_paused,
-                                   harvest_reference, make_ring, publish)
+from minivmm.dirty.harvest import (DIRTY, ENTRY_BYTES, RESET, HarvestResult, PageSets, Stage,
+                                   dedupe, dirty_count, harvest, harvest_reference, make_ring,
+                                   publish, take)
 
 U32 = 1 << 32
 
@@ -284,24 +284,131 @@ def test_page_sets_equal_dedupe(seed):
             np.testing.assert_array_equal(a[k], b[k])
 
 
+def staged_take(buf, entries, fetch, stage):
+    """What VcpuRing.take() does, on a synthetic ring: (count, new fetch)."""
+    words = memoryview(buf).cast("I")
+    flags = np.frombuffer(buf, dtype="<u4")[0::4]
+    count = dirty_count(words, entries, fetch)
+    new = take(memoryview(buf), flags, entries, fetch, count, stage) if count else fetch & (U32 - 1)
+    del flags
+    words.release()
+    return count, new
+
+
+def quiescent_ring(rnd, entries, fetch, run):
+    """A ring as KVM leaves it: from the fetch index a run of DIRTY entries, then empty
+    (0) entries, and behind the fetch index some RESET ones not yet reset."""
+    buf = make_ring(entries)
+    for i in range(run):
+        publish(buf, entries, fetch + i, rnd.randrange(4), rnd.randrange(1 << 40))
+    for i in range(1, rnd.randrange(entries - run + 1) if run < entries else 1):
+        publish(buf, entries, fetch - i, 1, 5)
+        set_flags(buf, entries, fetch - i, RESET)
+    return buf
+
+
 @pytest.mark.parametrize("seed", range(80))
-def test_harvest_paused_equals_reference_on_a_quiescent_ring(seed):
-    # A paused vCPU's ring: from the fetch index a run of DIRTY entries, then entries
-    # that are empty (0) as KVM leaves them after a reset.
+def test_staged_take_equals_reference_on_a_quiescent_ring(seed):
     rnd = random.Random(seed)
     entries = rnd.choice([16, 64, 256, 4096])
     fetch = rnd.randrange(U32) if seed % 4 else U32 - rnd.randrange(1, entries)
     run = rnd.choice([0, 1, entries, rnd.randrange(entries + 1)])
-    buf = make_ring(entries)
-    for i in range(run):
-        publish(buf, entries, fetch + i, rnd.randrange(4), rnd.randrange(1 << 40))
+    buf = quiescent_ring(rnd, entries, fetch, run)
     ref_buf, fast_buf = bytearray(buf), bytearray(buf)
     ref = harvest_reference(ref_buf, entries, fetch)
-    flags = np.frombuffer(fast_buf, dtype="<u4")[0::4]
-    raw, count, new_fetch = harvest_paused(fast_buf, entries, fetch, flags)
-    slots, offsets = decode_raw(raw)
-    del flags
-    assert count == ref.count == run and new_fetch == ref.fetch
-    np.testing.assert_array_equal(slots, ref.slots)
-    np.testing.assert_array_equal(offsets, ref.offsets)
-    assert fast_buf == ref_buf
+    stage = Stage(rnd.choice([1, entries]))        # capacity 1: add() must grow it
+    count, new_fetch = staged_take(fast_buf, entries, fetch, stage)
+    g = stage.entries()
+    assert count == ref.count == run == stage.count and new_fetch == ref.fetch
+    np.testing.assert_array_equal(g["slot"], ref.slots)
+    np.testing.assert_array_equal(g["offset"], ref.offsets)
+    assert (g["flags"] == DIRTY).all()             # copied before the RESET store
+    assert fast_buf == ref_buf                     # same RESET marks, slot and offset kept
+    del g
+    stage.close()
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_stage_accumulates_several_takes_in_order(seed):
+    # Several ring-full harvests between two collections land in one stage, in order.
+    rnd = random.Random(seed)
+    entries = rnd.choice([16, 64, 256])
+    fetch, stage, ref_s, ref_o = rnd.randrange(U32), Stage(entries), [], []
+    for _ in range(rnd.randrange(1, 8)):
+        buf = quiescent_ring(rnd, entries, fetch, rnd.randrange(entries + 1))
+        ref = harvest_reference(bytearray(buf), entries, fetch)
+        ref_s += ref.slots.tolist()
+        ref_o += ref.offsets.tolist()
+        count, fetch = staged_take(buf, entries, fetch, stage)
+        assert count == ref.count
+    word0, offsets = stage.words()
+    assert (word0 >> np.uint64(32)).tolist() == ref_s and offsets.tolist() == ref_o
+    del word0, offsets
+    stage.clear()
+    assert stage.count == 0 and len(stage.entries()) == 0
+    stage.close()
+
+
+def test_dirty_count_sees_only_the_prefix_published_so_far():
+    # While the vCPU runs, KVM appends behind the run: a count taken earlier stays valid
+    # and the next one picks up exactly the new entries.
+    entries, buf = 64, make_ring(64)
+    words = memoryview(buf).cast("I")
+    for i in range(10):
+        publish(buf, entries, i, 1, i)
+    assert dirty_count(words, entries, 0) == 10
+    for i in range(10, 30):
+        publish(buf, entries, i, 1, i)
+    assert dirty_count(words, entries, 0) == 30
+    for i in range(10):                                # harvested: RESET behind the fetch index
+        set_flags(buf, entries, i, RESET)
+    assert dirty_count(words, entries, 10) == 20
+    for i in range(30, 64):
+        publish(buf, entries, i, 1, i)
+    assert dirty_count(words, entries, 10) == 54
+    for i in range(64, 74):                            # reset by KVM, then pushed again
+        publish(buf, entries, i, 1, i)
+    assert dirty_count(words, entries, 10) == 64       # a full lap
+    words.release()
+
+
+def test_a_hole_in_the_run_is_caught_at_collection():
+    # KVM never leaves a non-DIRTY entry inside the run; if a kernel did, the bisection
+    # could step over it, so the copy's flags are checked again when collecting.
+    entries, buf = 64, make_ring(64)
+    for i in range(40):
+        publish(buf, entries, i, 1, i)
+    set_flags(buf, entries, 5, 0)                      # the hole
+    stage = Stage(entries)
+    count, _ = staged_take(buf, entries, 0, stage)
+    ps = PageSets({1: 64})
+    holes = ps.add_words(*stage.words())
+    by_slot, dups, bogus = ps.take()
+    if count > 5:                                      # the bisection stepped over it
+        assert holes == 1 and 5 not in by_slot[1].tolist()
+        assert by_slot[1].tolist() == [i for i in range(count) if i != 5]
+    else:
+        assert holes == 0 and count == 5
+    stage.close()
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_page_sets_add_words_equals_dedupe(seed):
+    rng = np.random.default_rng(seed)
+    slot_pages = {0: 512, 1: int(rng.integers(1, 5000)), 7: 64}
+    n = int(rng.integers(0, 3000))
+    slots = rng.choice(np.array([0, 1, 1, 1, 7, 9], np.uint32), n).astype(np.uint32)
+    if seed % 3 == 0:
+        slots[:] = 1                                   # the common one-slot case
+    offsets = rng.integers(0, 6000 if seed % 2 else 512, n).astype(np.uint64)
+    if seed % 5 == 0 and n:
+        offsets[0] = np.uint64(1 << 63)                # bogus even when read as signed
+    word0 = (slots.astype(np.uint64) << np.uint64(32)) | np.uint64(DIRTY)
+    ps = PageSets(slot_pages)
+    for _ in range(2):                                 # the maps are reused: still right
+        assert ps.add_words(word0, offsets) == 0
+        a, da, ba = ps.take()
+        b, db, bb = dedupe(slots, offsets, slot_pages)
+        assert a.keys() == b.keys() and da == db and sorted(ba) == sorted(bb)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
