@@ -106,7 +106,7 @@ def python_dirty(tracker: str, entries: int | None, vcpus: int, pages: int, iter
         elapsed = time.perf_counter() - t0
         error = _check(s, records)
         data_pages = sum(len(r.data_pages) for r in records)
-        collected = sum(len(p) for r in records for p in r.collection.pages.values())
+        collected = sum(p.count for r in records for p in r.collection.sets.values())
         reported_s = sum(r.collection.collect_s for r in records)
         background_s = sum(r.collection.background_s for r in records)
         collect_s = spent[0] + background_s

@@ -15,6 +15,9 @@ from .. import abi
 # Clear in pieces of contiguous words that hold dirty bits; gaps shorter than this
 # many words are bridged (clearing a zero bit is a no-op) to save ioctls.
 CLEAR_GAP_WORDS = 64
+# Up to this many words (512 Ki pages, 2 GiB of 4 KiB pages) one CLEAR covers the whole
+# slot: the kernel skips zero words, and finding pieces would cost more than it saves.
+WHOLE_SLOT_WORDS = 8192
 
 
 def enable_manual_protect(vm, initially_set: bool = False) -> int:
@@ -58,10 +61,32 @@ class SlotBitmap:
         self.words = np.zeros(bitmap_words(npages), np.uint64)
         self.clear_calls = 0
 
-    def get(self) -> np.ndarray:
-        """KVM_GET_DIRTY_LOG into the buffer; returns it (valid until the next get)."""
-        self.vm.get_dirty_log(self.slot, self.words.ctypes.data)
-        return self.words
+    def get(self, into: np.ndarray | None = None) -> np.ndarray:
+        """KVM_GET_DIRTY_LOG into ``into`` (u64 words, C-contiguous) or the slot's own
+        buffer (valid until the next get); returns the array written."""
+        words = self.words if into is None else into
+        if words.dtype != np.uint64 or len(words) != len(self.words) \
+                or not words.flags.c_contiguous:
+            raise ValueError(f"a bitmap of slot {self.slot} is {len(self.words)} contiguous "
+                             "u64 words")
+        self.vm.get_dirty_log(self.slot, words.ctypes.data)
+        return words
+
+    def clear_collected(self, words: np.ndarray) -> int:
+        """KVM_CLEAR_DIRTY_LOG of exactly the set bits of ``words``: one call over the
+        whole slot when it is small (WHOLE_SLOT_WORDS), else clear()'s pieces."""
+        if len(words) <= WHOLE_SLOT_WORDS:
+            return self.clear_slot(words)
+        return self.clear(words)
+
+    def clear_slot(self, words: np.ndarray) -> int:
+        """One KVM_CLEAR_DIRTY_LOG from page 0 over the whole slot with ``words``: only
+        the set bits are cleared and re-protected, zero words are skipped
+        (``kvm_clear_dirty_log_protect()`` in virt/kvm/kvm_main.c). Returns 1."""
+        words = np.ascontiguousarray(words, dtype=np.uint64)
+        self.vm.clear_dirty_log(self.slot, 0, self.npages, words.ctypes.data)
+        self.clear_calls += 1
+        return 1
 
     def clear(self, words: np.ndarray) -> int:
         """KVM_CLEAR_DIRTY_LOG of exactly the set bits, in 64-page-aligned pieces.

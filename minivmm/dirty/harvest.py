@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..abi import KVM_DIRTY_GFN_F_DIRTY as DIRTY, KVM_DIRTY_GFN_F_RESET as RESET
+from .pageset import PageSet
 
 ENTRY_BYTES = 16
 _U32 = 0xFFFFFFFF
@@ -169,22 +170,33 @@ class PageSets:
         self.add((word0[ok] >> np.uint64(32)).astype(np.uint32), offsets[ok])
         return n - int(np.count_nonzero(ok))
 
-    def take(self):
-        by_slot, unique = {}, 0
+    def take_sets(self):
+        """(slot -> PageSet, duplicates, bogus) for the batches since the last take; the
+        maps are cleared for the next ones. Counting is all the collection does: the
+        sorted indices are made when a reader asks for them (PageSet.indices())."""
+        sets, unique = {}, 0
         for s, seen in self.maps.items():
             if s not in self._marked:
                 continue
-            u = np.flatnonzero(seen)
-            if len(u) * 64 >= len(seen):         # cheaper to zero the whole map
+            if self._entries * 64 < len(seen):   # few pages in a big slot: index them
+                u = np.flatnonzero(seen)
+                seen[u] = False
+                page_set = PageSet.from_indices(u, len(seen))
+            else:                                # hand over a copy of the map, zero ours
+                count = int(np.count_nonzero(seen))
+                page_set = PageSet("map", seen.copy(), len(seen), count)
                 seen.fill(False)
-            else:
-                seen[u] = False                  # ready for the next batches
-            by_slot[s] = u
-            unique += len(u)
+            sets[s] = page_set
+            unique += page_set.count
         bogus = self._bogus
         dups = self._entries - len(bogus) - unique
         self._marked, self._entries, self._bogus = set(), 0, []
-        return by_slot, dups, bogus
+        return sets, dups, bogus
+
+    def take(self):
+        """take_sets() with sorted page indices (int64) per slot."""
+        sets, dups, bogus = self.take_sets()
+        return {s: p.indices() for s, p in sets.items()}, dups, bogus
 
     def unique(self, slots, offsets):
         self.add(slots, offsets)

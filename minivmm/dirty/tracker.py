@@ -22,8 +22,9 @@ from .. import abi
 from ..machine import Machine, VcpuEnd
 from ..payload import Payload, load
 from ..x86 import layout as L
-from .bitmap import SlotBitmap, decode, enable_manual_protect
+from .bitmap import SlotBitmap, enable_manual_protect
 from .harvest import PageSets
+from .pageset import PageSet, popcount
 from .ring import DirtyRingError, VcpuRing, enable_dirty_ring, ring_capability
 from .verify import ContentOracle, plan
 
@@ -36,8 +37,12 @@ _EMPTY = np.empty(0, np.int64)
 
 @dataclasses.dataclass
 class Collection:
-    """What one collection found, per slot, with its bookkeeping."""
-    pages: dict                          # slot id -> sorted unique page indices
+    """What one collection found, per slot, with its bookkeeping.
+
+    ``sets`` holds each slot's pages as collected (PageSet: a page map or bitmap words
+    and a count); ``pages`` gives them as sorted unique int64 indices, made on first use.
+    """
+    sets: dict                           # slot id -> PageSet (slots with >= 1 page)
     raw: dict | None                     # ring with keep_raw: vCPU -> (slots, offsets) as harvested
     entries: int = 0                     # ring entries (or set bits) taken
     duplicates: int = 0
@@ -48,6 +53,14 @@ class Collection:
     collect_s: float = 0.0
     background_s: float = 0.0            # collecting while vCPUs ran (ring-full, reaper)
     ring_views: dict | None = None       # ring only, with show_ring: see ring_view_dict()
+    _pages: dict | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def pages(self) -> dict:
+        """slot id -> sorted unique page indices (int64)."""
+        if self._pages is None:
+            self._pages = {s: p.indices() for s, p in self.sets.items()}
+        return self._pages
 
     @property
     def reset_count_ok(self) -> bool:
@@ -215,8 +228,8 @@ class RingTracker(Tracker):
                                   "their pages are not trusted")
             entries += len(g)
             ring.stage.clear()
-        by_slot, dups, bogus = self.page_sets.take()
-        col = Collection(pages=by_slot, raw=raw, entries=entries, duplicates=dups,
+        sets, dups, bogus = self.page_sets.take_sets()
+        col = Collection(sets=sets, raw=raw, entries=entries, duplicates=dups,
                          bogus=bogus, ring_full_exits=self._ring_full, resets=self._resets,
                          lost=self._lost)
         col.background_s = self._bg_s
@@ -233,7 +246,7 @@ class BitmapTracker(Tracker):
         self.want_manual, self.initially_set = manual_protect, initially_set
         self.manual = False
         self.bitmaps: dict[int, SlotBitmap] = {}
-        self._acc: dict[int, np.ndarray] = {}
+        self._acc: dict[int, np.ndarray] = {}    # bits polled since the last collect
         self._bg_s = 0.0
 
     def before_vcpus(self, machine) -> None:
@@ -247,34 +260,45 @@ class BitmapTracker(Tracker):
         super().bind(machine)
         self.bitmaps = {slot: SlotBitmap(machine.vm, slot, pages)
                         for slot, pages in self.slot_pages.items()}
-        self._acc = {slot: np.zeros_like(bm.words) for slot, bm in self.bitmaps.items()}
+        self._acc = {}
 
-    def _get_clear_locked(self) -> None:
-        for slot, bm in self.bitmaps.items():
-            words = bm.get()
-            np.bitwise_or(self._acc[slot], words, out=self._acc[slot])
-            if self.manual:
-                bm.clear(words)
+    def _get_clear_locked(self, slot: int, bm: SlotBitmap) -> tuple:
+        """GET into a fresh bitmap (a collection keeps it), CLEAR what it holds;
+        returns (words, set bits)."""
+        words = bm.get(np.empty(len(bm.words), np.uint64))
+        n = popcount(words)
+        if n and self.manual:
+            bm.clear_collected(words)
+        return words, n
 
     def poll(self) -> None:
         with self.lock:
             t0 = time.perf_counter()
-            self._get_clear_locked()
+            for slot, bm in self.bitmaps.items():
+                words, n = self._get_clear_locked(slot, bm)
+                if n:
+                    acc = self._acc.get(slot)
+                    if acc is None:
+                        self._acc[slot] = words
+                    else:
+                        np.bitwise_or(acc, words, out=acc)
             self._bg_s += time.perf_counter() - t0
 
     def collect(self) -> Collection:
         with self.lock:
             t0 = time.perf_counter()
-            self._get_clear_locked()
-            pages, entries = {}, 0
-            for slot, acc in self._acc.items():
-                p = decode(acc, self.slot_pages[slot]).astype(np.int64)
-                acc[:] = 0
-                if len(p):
-                    pages[slot] = p
-                    entries += len(p)
+            sets, entries = {}, 0
+            for slot, bm in self.bitmaps.items():
+                words, n = self._get_clear_locked(slot, bm)
+                acc = self._acc.pop(slot, None)
+                if acc is not None:               # bits a poll took (and cleared) earlier
+                    np.bitwise_or(words, acc, out=words)
+                    n = popcount(words)
+                if n:
+                    sets[slot] = PageSet("bitmap", words, bm.npages, n)
+                    entries += n
             took = time.perf_counter() - t0
-            col = Collection(pages=pages, raw=None, entries=entries, collect_s=took)
+            col = Collection(sets=sets, raw=None, entries=entries, collect_s=took)
             col.background_s, self._bg_s = self._bg_s, 0.0
         return col
 

@@ -54,6 +54,22 @@ def test_clear_pieces_are_64_page_aligned(pages, npages, expect):
         assert num % 64 == 0 or first + num == npages
 
 
+@pytest.mark.parametrize("npages", [1, 64, 4096, 12801, 64 * B.WHOLE_SLOT_WORDS])
+def test_small_slots_clear_in_one_call_over_the_whole_slot(npages):
+    vm = FakeVm()
+    bm = B.SlotBitmap(vm, 3, npages)
+    words = B.encode(np.array([0, npages - 1], np.uint64), npages)
+    assert bm.clear_collected(words) == 1 and vm.calls == [(3, 0, npages)]
+
+
+def test_big_slots_clear_in_pieces():
+    vm = FakeVm()
+    npages = 64 * B.WHOLE_SLOT_WORDS + 1
+    bm = B.SlotBitmap(vm, 3, npages)
+    bm.clear_collected(B.encode(np.array([0, npages - 1], np.uint64), npages))
+    assert [(f, n) for _, f, n in vm.calls] == [(0, 64), (npages - 1, 1)]
+
+
 @pytest.mark.parametrize("entries,word", [(0, "power of two"), (3000, "power of two"),
                                           (128, "too small"), (1 << 17, "too large")])
 def test_ring_size_rules(entries, word):
