@@ -67,18 +67,16 @@ class VcpuRing:
         self.fetch = 0                      # free-running u32, as the kernel's indices
         offset = mmap.PAGESIZE * abi.KVM_DIRTY_LOG_PAGE_OFFSET   # host page size (selftests)
         self.map = _sys.map_shared(vcpu.fd, entries * ENTRY_BYTES, offset, "mmap(dirty ring)")
-        # Views made once: the bytes (copied out by take()), the u32 words (read by the
-        # bisection of dirty_count()) and the flags words (one strided RESET store).
+        # Views made once: the bytes (copied out by take()) and the u32 words (read by
+        # the bisection of dirty_count()).
         self._bytes = memoryview(self.map)
         self._words = self._bytes.cast("I")
-        self._flags = np.frombuffer(self.map, dtype="<u4", count=entries * 4)[0::4]
         self.stage = Stage(entries)         # taken entries, until the tracker collects them
         vcpu.ring = self                    # Vcpu.close() closes it
 
     def close(self) -> None:
         if self.map is not None:
-            self._flags = None              # the views pin the mapping
-            self._words.release()
+            self._words.release()           # the views pin the mapping
             self._bytes.release()
             self.stage.close()
             self.map.close()
@@ -95,7 +93,7 @@ class VcpuRing:
         RESET; returns how many. The vCPU may be running (dirty_count explains why)."""
         count = dirty_count(self._words, self.entries, self.fetch)
         if count:
-            self.fetch = take(self._bytes, self._flags, self.entries, self.fetch, count,
+            self.fetch = take(self.map, self._bytes, self.entries, self.fetch, count,
                               self.stage)
         return count
 

@@ -287,10 +287,8 @@ def test_page_sets_equal_dedupe(seed):
 def staged_take(buf, entries, fetch, stage):
     """What VcpuRing.take() does, on a synthetic ring: (count, new fetch)."""
     words = memoryview(buf).cast("I")
-    flags = np.frombuffer(buf, dtype="<u4")[0::4]
     count = dirty_count(words, entries, fetch)
-    new = take(memoryview(buf), flags, entries, fetch, count, stage) if count else fetch & (U32 - 1)
-    del flags
+    new = take(buf, memoryview(buf), entries, fetch, count, stage) if count else fetch & (U32 - 1)
     words.release()
     return count, new
 
