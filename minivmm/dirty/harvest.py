@@ -206,7 +206,7 @@ class PageSets:
 GFN = np.dtype([("flags", "<u4"), ("slot", "<u4"), ("offset", "<u8")])
 
 
-def dirty_count(flags: memoryview, entries: int, fetch: int) -> int:
+def dirty_count(flags: memoryview, entries: int, fetch: int, guess: int = 0) -> int:
     """Length of the run of DIRTY entries from ``fetch``, found by bisection.
 
     KVM publishes a ring's entries strictly in order (one vCPU pushes, flags written
@@ -214,14 +214,19 @@ def dirty_count(flags: memoryview, entries: int, fetch: int) -> int:
     fetch index the DIRTY entries form a prefix. It only grows while the vCPU runs, and
     a DIRTY entry stays DIRTY until we RESET it, so bisection is exact for a paused
     vCPU and safe for a running one (an entry published meanwhile is left for the next
-    harvest). A dozen reads instead of a scan. The flags of every entry taken are read
-    again from the copy at collection (Stage), so a kernel that broke the ordering is
-    caught there. ``flags``: the ring as a u32 memoryview (entry i's flags at 4 * i).
+    harvest). A dozen reads instead of a scan; two when ``guess`` (the last count, as
+    ring-full exits repeat) is right. The flags of every entry taken are read again
+    from the copy at collection (PageSets.add_words), so a kernel that broke the
+    ordering is caught there. ``flags``: the ring as a u32 memoryview (entry i's flags
+    at 4 * i).
     """
     mask = _check_entries(entries)
     fetch &= _U32
     if flags[(fetch & mask) * 4] & 3 != DIRTY:
         return 0
+    if 1 < guess < entries and flags[((fetch + guess - 1) & mask) * 4] & 3 == DIRTY \
+            and flags[((fetch + guess) & mask) * 4] & 3 != DIRTY:
+        return guess
     if flags[((fetch + entries - 1) & mask) * 4] & 3 == DIRTY:
         return entries
     lo, hi = 0, entries - 1                   # DIRTY at lo, not at hi

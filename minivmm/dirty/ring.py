@@ -65,6 +65,7 @@ class VcpuRing:
     def __init__(self, vcpu, entries: int):
         self.vcpu, self.entries = vcpu, entries
         self.fetch = 0                      # free-running u32, as the kernel's indices
+        self._last = 0                      # the last count: dirty_count's first guess
         offset = mmap.PAGESIZE * abi.KVM_DIRTY_LOG_PAGE_OFFSET   # host page size (selftests)
         self.map = _sys.map_shared(vcpu.fd, entries * ENTRY_BYTES, offset, "mmap(dirty ring)")
         # Views made once: the bytes (copied out by take()) and the u32 words (read by
@@ -91,8 +92,9 @@ class VcpuRing:
     def take(self) -> int:
         """Move every DIRTY entry from the fetch index into ``self.stage`` and mark it
         RESET; returns how many. The vCPU may be running (dirty_count explains why)."""
-        count = dirty_count(self._words, self.entries, self.fetch)
+        count = dirty_count(self._words, self.entries, self.fetch, self._last)
         if count:
+            self._last = count
             self.fetch = take(self.map, self._bytes, self.entries, self.fetch, count,
                               self.stage)
         return count

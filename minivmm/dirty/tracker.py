@@ -77,7 +77,7 @@ class Tracker:
     name = "?"
 
     def __init__(self):
-        self.lock = threading.RLock()
+        self.lock = threading.Lock()
         self.machine = None
         self.slot_pages: dict = {}
 

@@ -370,6 +370,19 @@ def test_dirty_count_sees_only_the_prefix_published_so_far():
     words.release()
 
 
+@pytest.mark.parametrize("seed", range(60))
+def test_a_guess_never_changes_the_count(seed):
+    rnd = random.Random(seed)
+    entries = rnd.choice([16, 64, 256])
+    fetch = rnd.randrange(U32)
+    run = rnd.choice([0, 1, entries, rnd.randrange(entries + 1)])
+    buf = quiescent_ring(rnd, entries, fetch, run)
+    words = memoryview(buf).cast("I")
+    for guess in {0, 1, 2, run - 1, run, run + 1, entries - 1, entries, rnd.randrange(entries)}:
+        assert dirty_count(words, entries, fetch, guess) == run
+    words.release()
+
+
 def test_a_hole_in_the_run_is_caught_at_collection():
     # KVM never leaves a non-DIRTY entry inside the run; if a kernel did, the bisection
     # could step over it, so the copy's flags are checked again when collecting.
