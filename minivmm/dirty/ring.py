@@ -65,7 +65,7 @@ class VcpuRing:
     def __init__(self, vcpu, entries: int):
         self.vcpu, self.entries = vcpu, entries
         self.fetch = 0                      # free-running u32, as the kernel's indices
-        self._last = 0                      # the last count: dirty_count's first guess
+        self._full = 0                      # the count at the last ring-full exit
         offset = mmap.PAGESIZE * abi.KVM_DIRTY_LOG_PAGE_OFFSET   # host page size (selftests)
         self.map = _sys.map_shared(vcpu.fd, entries * ENTRY_BYTES, offset, "mmap(dirty ring)")
         # Views made once: the bytes (copied out by take()) and the u32 words (read by
@@ -89,12 +89,15 @@ class VcpuRing:
         self.fetch = result.fetch
         return result
 
-    def take(self) -> int:
+    def take(self, full: bool = False) -> int:
         """Move every DIRTY entry from the fetch index into ``self.stage`` and mark it
-        RESET; returns how many. The vCPU may be running (dirty_count explains why)."""
-        count = dirty_count(self._words, self.entries, self.fetch, self._last)
+        RESET; returns how many. The vCPU may be running (dirty_count explains why).
+        ``full``: its vCPU exited DIRTY_RING_FULL, so the count is likely the same as at
+        its last ring-full exit (KVM stops it at the soft limit), which is tried first."""
+        count = dirty_count(self._words, self.entries, self.fetch, self._full if full else 0)
         if count:
-            self._last = count
+            if full:
+                self._full = count
             self.fetch = take(self.map, self._bytes, self.entries, self.fetch, count,
                               self.stage)
         return count

@@ -136,9 +136,10 @@ class RingTracker(Tracker):
     def on_vcpu(self, machine, st) -> None:
         self.rings[st.index] = VcpuRing(st.vcpu, self.entries)
 
-    def _harvest_locked(self, index: int, ring: VcpuRing) -> int:
-        """Take one ring's DIRTY entries into its stage (decoded at collect)."""
-        count = ring.take()
+    def _harvest_locked(self, index: int, ring: VcpuRing, full: bool = False) -> int:
+        """Take one ring's DIRTY entries into its stage (decoded at collect); ``full``:
+        this ring's vCPU is the one that exited DIRTY_RING_FULL."""
+        count = ring.take(full)
         if count:
             self._since_full[index] = self._since_full.get(index, 0) + count
             self._since_reset += count
@@ -168,7 +169,7 @@ class RingTracker(Tracker):
             self._ring_full += 1
             # every ring, not only the full one: the others are likely close to full too
             for i, ring in self.rings.items():
-                self._harvest_locked(i, ring)
+                self._harvest_locked(i, ring, i == st.index)
             self._reset_locked()
             self._bg_s += time.perf_counter() - t0
             # Entries taken from this ring since its previous ring-full exit, by whichever

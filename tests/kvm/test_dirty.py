@@ -131,7 +131,7 @@ def test_reset_count_mismatch_is_reported(monkeypatch):
 def test_overflowing_ring_is_detected_and_never_loops(monkeypatch):
     # Simulate a ring whose entries the VMM never finds (as after a kernel overflow):
     # every ring-full exit then harvests nothing.
-    monkeypatch.setattr(ringmod.VcpuRing, "take", lambda self: 0)
+    monkeypatch.setattr(ringmod.VcpuRing, "take", lambda self, full=False: 0)
     start = time.monotonic()
     with session(tracker="ring", vcpus=1, pages=8192, iterations=1) as s:
         recs = s.run(timeout=60)
