@@ -81,7 +81,7 @@ def print_rows(rows: list) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=3, help="repetitions per figure (median)")
+    ap.add_argument("--reps", type=int, default=5, help="repetitions per figure (median)")
     ap.add_argument("--scale", type=float, default=1.0, help="scale iteration counts")
     ap.add_argument("--only", choices=["exits", "dirty"], help="run one group")
     args = ap.parse_args(argv)
