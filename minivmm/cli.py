@@ -391,6 +391,14 @@ def main(argv=None) -> int:
         return EXIT_GUEST_FAILED
     except BrokenPipeError:
         return EXIT_OK
+    except RuntimeError as e:
+        from .dirty.tracker import CollectionError   # a bug of ours, in a vCPU thread
+        if not isinstance(e, CollectionError):
+            raise
+        print(f"minivmm: {e} (set MINIVMM_DEBUG=1 for where)", file=sys.stderr)
+        if os.environ.get("MINIVMM_DEBUG") == "1":
+            print(e.thread_traceback, file=sys.stderr)
+        return EXIT_GUEST_FAILED
 
 
 if __name__ == "__main__":

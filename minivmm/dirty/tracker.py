@@ -19,6 +19,7 @@ import traceback
 import numpy as np
 
 from .. import abi
+from .._sys import KvmError
 from ..machine import Machine, VcpuEnd
 from ..payload import Payload, load
 from ..x86 import layout as L
@@ -537,9 +538,13 @@ class DirtySession:
         if self._failure is None:
             text = "".join(traceback.format_exception(error))
             error.__traceback__ = None
-            self._failure = CollectionError(
-                f"collection failed in thread {threading.current_thread().name}: "
-                f"{type(error).__name__}: {error}", text)
+            if isinstance(error, KvmError):    # still a KvmError, naming the same call
+                self._failure = KvmError(error.call, error.errno, error.hint)
+            else:
+                self._failure = CollectionError(
+                    f"collection failed in thread {threading.current_thread().name}: "
+                    f"{type(error).__name__}: {error}", text)
+            self._failure.thread_traceback = text
             self._queue.put(self._failure)
 
     def _complete_locked(self, st) -> None:

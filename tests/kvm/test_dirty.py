@@ -159,6 +159,16 @@ def test_a_failing_collection_is_raised_not_waited_for(monkeypatch, collect):
         assert all(st.done.is_set() for st in s.machine.states)
 
 
+def test_a_kvm_error_in_a_collection_stays_a_kvm_error(monkeypatch):
+    with session(tracker="ring", iterations=20) as s:
+        def failing():
+            raise KvmError("KVM_RESET_DIRTY_RINGS", 22, "the dirty ring is not enabled")
+        monkeypatch.setattr(s.machine.vm, "reset_dirty_rings", failing)
+        with pytest.raises(KvmError, match="KVM_RESET_DIRTY_RINGS failed: EINVAL") as info:
+            s.run(timeout=60)
+        assert info.value.errno == 22 and "failing" in info.value.thread_traceback
+
+
 def test_cli_dirty_both_json():
     import json
     proc = run_cli("dirty", "--tracker", "both", "--vcpus", "2", "--pages", "1024",
