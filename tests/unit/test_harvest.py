@@ -266,24 +266,6 @@ def test_harvest_then_dedupe():
     assert dups == 200 - 60 and bogus == []
 
 
-@pytest.mark.parametrize("seed", range(60))
-def test_page_sets_equal_dedupe(seed):
-    rng = np.random.default_rng(seed)
-    slot_pages = {0: 512, 1: int(rng.integers(1, 5000)), 7: 64}
-    n = int(rng.integers(0, 3000))
-    slots = rng.choice(np.array([0, 1, 1, 1, 7, 9], np.uint32), n).astype(np.uint32)
-    if seed % 3 == 0:
-        slots[:] = 1                                   # the common one-slot case
-    offsets = rng.integers(0, 6000, n).astype(np.uint64)
-    ps = PageSets(slot_pages)
-    for _ in range(2):                                 # the maps are reused: still right
-        a, da, ba = ps.unique(slots, offsets)
-        b, db, bb = dedupe(slots, offsets, slot_pages)
-        assert a.keys() == b.keys() and da == db and sorted(ba) == sorted(bb)
-        for k in a:
-            np.testing.assert_array_equal(a[k], b[k])
-
-
 def staged_take(buf, entries, fetch, stage):
     """What VcpuRing.take() does, on a synthetic ring: (count, new fetch)."""
     words = memoryview(buf).cast("I")
@@ -404,7 +386,10 @@ def test_a_hole_in_the_run_is_caught_at_collection():
 
 
 @pytest.mark.parametrize("seed", range(60))
-def test_page_sets_add_words_equals_dedupe(seed):
+@pytest.mark.parametrize("entry", ["unique", "add_words"])
+def test_page_sets_equal_dedupe(seed, entry):
+    # PageSets (reusable maps), fed pairs (unique) or staged words (add_words), against
+    # the stand-alone dedupe()
     rng = np.random.default_rng(seed)
     slot_pages = {0: 512, 1: int(rng.integers(1, 5000)), 7: 64}
     n = int(rng.integers(0, 3000))
@@ -417,8 +402,11 @@ def test_page_sets_add_words_equals_dedupe(seed):
     word0 = (slots.astype(np.uint64) << np.uint64(32)) | np.uint64(DIRTY)
     ps = PageSets(slot_pages)
     for _ in range(2):                                 # the maps are reused: still right
-        assert ps.add_words(word0, offsets) == 0
-        a, da, ba = ps.take()
+        if entry == "unique":
+            a, da, ba = ps.unique(slots, offsets)
+        else:
+            assert ps.add_words(word0, offsets) == 0
+            a, da, ba = ps.take()
         b, db, bb = dedupe(slots, offsets, slot_pages)
         assert a.keys() == b.keys() and da == db and sorted(ba) == sorted(bb)
         for k in a:
