@@ -64,3 +64,20 @@ def test_kvm_closes_on_error_inside_with():
     except Exception as e:
         assert "KVM_CREATE_VCPU" in str(e) and "EEXIST" in str(e)
     assert _fds() == fds
+
+
+def test_dirty_sessions_release_rings_stages_and_bitmaps():
+    # Each ring session maps a ring and a stage per vCPU; none may outlive the session.
+    from minivmm.dirty.tracker import DirtySession
+
+    def one(i):
+        with DirtySession(payload("dirty_seq"), tracker="ring" if i % 2 else "bitmap",
+                          vcpus=2, pages=256, iterations=2, ring_entries=256) as s:
+            assert all(r.ok for r in s.run(timeout=30))
+    for i in range(4):
+        one(i)
+    fds, maps = _fds(), _maps()
+    for i in range(40):
+        one(i)
+    assert _fds() == fds
+    assert _maps() == maps
