@@ -28,6 +28,7 @@ OK_ENDS = ("exit-port", "hlt")
 
 _IO, _HLT, _MMIO, _INTR = abi.KVM_EXIT_IO, abi.KVM_EXIT_HLT, abi.KVM_EXIT_MMIO, abi.KVM_EXIT_INTR
 _OUT = abi.KVM_EXIT_IO_OUT
+_SYNC = L.PORT_SYNC
 
 
 class MachineError(ValueError):
@@ -350,6 +351,7 @@ class Machine:
         counts = st.exit_counts
         console = st.console
         trace = self.trace
+        on_sync = self.on_sync
         while st.end is None:
             reason = vcpu.run()
             counts[reason] = counts.get(reason, 0) + 1
@@ -358,19 +360,17 @@ class Machine:
             if reason == _IO:
                 port = io.port
                 if io.direction == _OUT:
-                    value = kmap[io.data_offset]
-                    if port == L.PORT_SYNC:
+                    if port == _SYNC:              # the hot path: keep it short
                         st.syncs += 1
-                        if self.on_sync is not None:
-                            tag = int.from_bytes(vcpu.io_data()[:io.size], "little")
-                            self.on_sync(st, tag)
+                        if on_sync is not None:
+                            on_sync(st, int.from_bytes(vcpu.io_data()[:io.size], "little"))
                         continue
                     if port == L.PORT_DEBUGCON or port == L.PORT_CONSOLE:
                         console.extend(vcpu.io_data())
                         continue
                     if port == L.PORT_EXIT:
-                        st.end = self._end_at(st, "exit-port", code=value, after=True,
-                                              io_out=True)
+                        st.end = self._end_at(st, "exit-port", code=kmap[io.data_offset],
+                                              after=True, io_out=True)
                         break
                     if port == L.PORT_EXCEPTION and self.payload.mode == "long":
                         st.end = self._exception_end(st)
