@@ -33,8 +33,10 @@ class PageSet:
         if self._indices is None:
             if self.kind == "map":             # bool per page
                 self._indices = np.flatnonzero(self.data)
-            else:                               # bitmap words
-                self._indices = decode(self.data, self.npages).astype(np.int64)
+            else:                               # bitmap words (any u64 buffer)
+                words = self.data if isinstance(self.data, np.ndarray) else \
+                    np.frombuffer(self.data, np.uint64)
+                self._indices = decode(words, self.npages).astype(np.int64)
             self.data = None                    # the indices say it all now
         return self._indices
 
@@ -44,9 +46,3 @@ class PageSet:
     def __repr__(self) -> str:
         return f"PageSet({self.count} of {self.npages} pages, from a {self.kind})"
 
-
-def popcount(words: np.ndarray) -> int:
-    """Set bits in u64 words (numpy >= 2 has bitwise_count; older numpy unpacks)."""
-    if hasattr(np, "bitwise_count"):
-        return int(np.bitwise_count(words).sum())
-    return int(np.unpackbits(words.view(np.uint8)).sum())

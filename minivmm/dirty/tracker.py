@@ -23,9 +23,9 @@ from .._sys import KvmError
 from ..machine import Machine, VcpuEnd
 from ..payload import Payload, load
 from ..x86 import layout as L
-from .bitmap import SlotBitmap, enable_manual_protect
+from .bitmap import SlotBitmap, enable_manual_protect, popcount
 from .harvest import PageSets
-from .pageset import PageSet, popcount
+from .pageset import PageSet
 from .ring import DirtyRingError, VcpuRing, enable_dirty_ring, ring_capability
 from .verify import ContentOracle, plan
 
@@ -264,26 +264,17 @@ class BitmapTracker(Tracker):
                         for slot, pages in self.slot_pages.items()}
         self._acc = {}
 
-    def _get_clear_locked(self, slot: int, bm: SlotBitmap) -> tuple:
-        """GET into a fresh bitmap (a collection keeps it), CLEAR what it holds;
-        returns (words, set bits)."""
-        words = bm.get(np.empty(len(bm.words), np.uint64))
-        n = popcount(words)
-        if n and self.manual:
-            bm.clear_collected(words)
-        return words, n
-
     def poll(self) -> None:
         with self.lock:
             t0 = time.perf_counter()
             for slot, bm in self.bitmaps.items():
-                words, n = self._get_clear_locked(slot, bm)
+                buf, n = bm.collect(self.manual)
                 if n:
                     acc = self._acc.get(slot)
                     if acc is None:
-                        self._acc[slot] = words
+                        self._acc[slot] = np.frombuffer(buf, np.uint64)
                     else:
-                        np.bitwise_or(acc, words, out=acc)
+                        np.bitwise_or(acc, np.frombuffer(buf, np.uint64), out=acc)
             self._bg_s += time.perf_counter() - t0
 
     def collect(self) -> Collection:
@@ -291,11 +282,11 @@ class BitmapTracker(Tracker):
             t0 = time.perf_counter()
             sets, entries = {}, 0
             for slot, bm in self.bitmaps.items():
-                words, n = self._get_clear_locked(slot, bm)
+                words, n = bm.collect(self.manual)
                 acc = self._acc.pop(slot, None)
                 if acc is not None:               # bits a poll took (and cleared) earlier
-                    np.bitwise_or(words, acc, out=words)
-                    n = popcount(words)
+                    np.bitwise_or(acc, np.frombuffer(words, np.uint64), out=acc)
+                    words, n = acc, popcount(acc)
                 if n:
                     sets[slot] = PageSet("bitmap", words, bm.npages, n)
                     entries += n

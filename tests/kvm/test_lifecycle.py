@@ -80,4 +80,7 @@ def test_dirty_sessions_release_rings_stages_and_bitmaps():
     for i in range(40):
         one(i)
     assert _fds() == fds
-    assert _maps() == maps
+    # A leak would add at least one mapping per session (40); malloc may add an arena or
+    # two for the vCPU threads, which is not one.
+    assert _maps() - maps <= 4
+    assert not _kvm_maps()
