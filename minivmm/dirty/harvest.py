@@ -13,6 +13,7 @@ On x86 (TSO) plain loads and stores really issued to the mapping suffice
 """
 from __future__ import annotations
 
+import ctypes
 import mmap
 import struct
 from dataclasses import dataclass
@@ -111,6 +112,7 @@ class PageSets:
 
     def __init__(self, slot_pages: dict):
         self.maps = {s: np.zeros(p, dtype=bool) for s, p in slot_pages.items()}
+        self._addr = {s: m.ctypes.data for s, m in self.maps.items()}
         self._ids = np.fromiter(self.maps, np.uint32, len(self.maps))
         self._marked, self._entries, self._bogus = set(), 0, []
 
@@ -183,9 +185,9 @@ class PageSets:
                 seen[u] = False
                 page_set = PageSet.from_indices(u, len(seen))
             else:                                # hand over a copy of the map, zero ours
-                count = int(np.count_nonzero(seen))
-                page_set = PageSet("map", seen.copy(), len(seen), count)
-                seen.fill(False)
+                copy = bytes(seen)               # plain C copies and counts: no numpy
+                page_set = PageSet("map", copy, len(seen), copy.count(1))
+                ctypes.memset(self._addr[s], 0, len(seen))
             sets[s] = page_set
             unique += page_set.count
         bogus = self._bogus

@@ -31,8 +31,8 @@ class PageSet:
 
     def indices(self) -> np.ndarray:
         if self._indices is None:
-            if self.kind == "map":             # bool per page
-                self._indices = np.flatnonzero(self.data)
+            if self.kind == "map":             # a byte per page (bool array or bytes)
+                self._indices = np.flatnonzero(np.frombuffer(self.data, np.uint8))
             else:                               # bitmap words (any u64 buffer)
                 words = self.data if isinstance(self.data, np.ndarray) else \
                     np.frombuffer(self.data, np.uint64)

@@ -217,18 +217,18 @@ class RingTracker(Tracker):
     def _build_locked(self) -> Collection:
         raw, entries = ({} if self.keep_raw else None), 0
         for i, ring in self.rings.items():
-            g = ring.stage.entries()
-            if not len(g):
+            n = ring.stage.count
+            if not n:
                 continue
             if raw is not None:
-                c = g.copy()                     # the stage is reused: keep a copy
+                c = ring.stage.entries().copy()  # the stage is reused: keep a copy
                 raw[i] = (c["slot"], c["offset"])
             holes = self.page_sets.add_words(*ring.stage.words())
             if holes:
                 self._lost.append(f"vCPU {i}: {holes} entries taken as DIRTY were not DIRTY "
                                   "when copied: the kernel published the ring out of order; "
                                   "their pages are not trusted")
-            entries += len(g)
+            entries += n
             ring.stage.clear()
         sets, dups, bogus = self.page_sets.take_sets()
         col = Collection(sets=sets, raw=raw, entries=entries, duplicates=dups,
