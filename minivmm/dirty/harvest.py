@@ -1,4 +1,4 @@
-"""Harvesting a per-vCPU dirty ring from userspace, vectorized with numpy.
+"""Harvesting a per-vCPU dirty ring from userspace, and de-duplicating what it held.
 
 Mirrors the userspace half of Documentation/virt/kvm/api.rst 7.36
 (KVM_CAP_DIRTY_LOG_RING) against the kernel half in virt/kvm/dirty_ring.c
@@ -10,6 +10,12 @@ and must collect entries in order without skipping one.
 
 On x86 (TSO) plain loads and stores really issued to the mapping suffice
 (abi.md 2.8); numpy reads the mapping each call and never caches it.
+
+Two ways in. harvest() scans with numpy and returns the entries (the API, the
+tutorial, abi-check). The tracker's path is dirty_count() + take() into a Stage,
+then PageSets at collection: right after KVM_RUN every distinct code path runs
+cold on a nested host, so that path makes as few calls as it can
+(docs/benchmarks.md).
 """
 from __future__ import annotations
 
