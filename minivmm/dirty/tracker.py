@@ -189,7 +189,7 @@ class RingTracker(Tracker):
             return VcpuEnd("ring-overflow", detail={"error": why})
 
     def collect(self) -> Collection:
-        """Harvest every ring, reset, de-duplicate."""
+        """Harvest every ring, de-duplicate, reset."""
         # show_ring: each ring's flags before harvesting, after it (RESET marks) and after
         # KVM_RESET_DIRTY_RINGS, with the fetch indices (for the ring view)
         views = {} if self.show_ring else None
@@ -204,17 +204,14 @@ class RingTracker(Tracker):
                 views[i] = {"entries": ring.entries, "fetch_before": fetch0,
                             "fetch_after": ring.fetch, "harvested": n,
                             "before": before, "harvested_flags": ring.flags()}
-            self._reset_locked()
-            if views is not None:
-                for i, ring in self.rings.items():
-                    views[i].update(after_reset=ring.flags(),
-                                    reset_returned=self._resets[-1][0])
-            col = self._build_locked()
-            col.collect_s = time.perf_counter() - t0     # harvest + reset + de-duplication
+            col = self._build_locked(views)
+            col.collect_s = time.perf_counter() - t0     # harvest + de-duplication + reset
             col.ring_views = views
         return col
 
-    def _build_locked(self) -> Collection:
+    def _build_locked(self, views: dict | None = None) -> Collection:
+        """De-duplicate the stages, then KVM_RESET_DIRTY_RINGS: in this order the entries
+        just copied are still in the cache when they are read again."""
         raw, entries = ({} if self.keep_raw else None), 0
         for i, ring in self.rings.items():
             n = ring.stage.count
@@ -231,6 +228,10 @@ class RingTracker(Tracker):
             entries += n
             ring.stage.clear()
         sets, dups, bogus = self.page_sets.take_sets()
+        self._reset_locked()
+        if views is not None:
+            for i, ring in self.rings.items():
+                views[i].update(after_reset=ring.flags(), reset_returned=self._resets[-1][0])
         col = Collection(sets=sets, raw=raw, entries=entries, duplicates=dups,
                          bogus=bogus, ring_full_exits=self._ring_full, resets=self._resets,
                          lost=self._lost)
