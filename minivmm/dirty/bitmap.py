@@ -62,52 +62,34 @@ def encode(pages: np.ndarray, npages: int) -> np.ndarray:
 
 
 class SlotBitmap:
-    """A slot's dirty bitmap buffer, with GET and CLEAR over it."""
+    """A slot's dirty bitmap: GET into a fresh buffer, and CLEAR of what it held."""
 
     def __init__(self, vm, slot: int, npages: int):
         self.vm, self.slot, self.npages = vm, slot, npages
-        self.words = np.zeros(bitmap_words(npages), np.uint64)
+        self.nwords = bitmap_words(npages)
         self.clear_calls = 0
-
-    def get(self, into: np.ndarray | None = None) -> np.ndarray:
-        """KVM_GET_DIRTY_LOG into ``into`` (u64 words, C-contiguous) or the slot's own
-        buffer (valid until the next get); returns the array written."""
-        words = self.words if into is None else into
-        if words.dtype != np.uint64 or len(words) != len(self.words) \
-                or not words.flags.c_contiguous:
-            raise ValueError(f"a bitmap of slot {self.slot} is {len(self.words)} contiguous "
-                             "u64 words")
-        self.vm.get_dirty_log(self.slot, words.ctypes.data)
-        return words
 
     def collect(self, clear: bool) -> tuple:
         """GET into a fresh buffer (the caller keeps it: a ctypes u64 array), count its set
         bits and, with ``clear``, CLEAR exactly those; returns (buffer, set bits)."""
-        buf = (ctypes.c_uint64 * len(self.words))()
-        addr = ctypes.addressof(buf)
-        self.vm.get_dirty_log(self.slot, addr)
+        buf = (ctypes.c_uint64 * self.nwords)()
+        self.vm.get_dirty_log(self.slot, ctypes.addressof(buf))
         n = popcount(buf)
         if n and clear:
-            if len(self.words) <= WHOLE_SLOT_WORDS:
-                self.vm.clear_dirty_log(self.slot, 0, self.npages, addr)
-                self.clear_calls += 1
-            else:
-                self.clear(np.frombuffer(buf, np.uint64))
+            self.clear_collected(buf)
         return buf, n
 
-    def clear_collected(self, words: np.ndarray) -> int:
-        """KVM_CLEAR_DIRTY_LOG of exactly the set bits of ``words``: one call over the
-        whole slot when it is small (WHOLE_SLOT_WORDS), else clear()'s pieces."""
-        if len(words) <= WHOLE_SLOT_WORDS:
-            return self.clear_slot(words)
-        return self.clear(words)
-
-    def clear_slot(self, words: np.ndarray) -> int:
-        """One KVM_CLEAR_DIRTY_LOG from page 0 over the whole slot with ``words``: only
-        the set bits are cleared and re-protected, zero words are skipped
-        (``kvm_clear_dirty_log_protect()`` in virt/kvm/kvm_main.c). Returns 1."""
-        words = np.ascontiguousarray(words, dtype=np.uint64)
-        self.vm.clear_dirty_log(self.slot, 0, self.npages, words.ctypes.data)
+    def clear_collected(self, words) -> int:
+        """KVM_CLEAR_DIRTY_LOG of exactly the set bits of ``words`` (u64 words: a numpy
+        array or a ctypes array); returns the ioctl count. A slot of up to
+        WHOLE_SLOT_WORDS words takes one call from page 0 over the whole slot: only the
+        set bits are cleared and re-protected, zero words are skipped
+        (``kvm_clear_dirty_log_protect()`` in virt/kvm/kvm_main.c). A bigger one takes
+        clear()'s pieces."""
+        if self.nwords > WHOLE_SLOT_WORDS:
+            return self.clear(np.frombuffer(words, np.uint64))
+        addr = words.ctypes.data if isinstance(words, np.ndarray) else ctypes.addressof(words)
+        self.vm.clear_dirty_log(self.slot, 0, self.npages, addr)
         self.clear_calls += 1
         return 1
 
