@@ -16,6 +16,7 @@ import numpy as np
 
 from .. import abi
 from ..dirty.bitmap import enable_manual_protect
+from ..dirty.verify import LCG_ADD, LCG_MUL, lcg_pages
 from ..memory import GuestMemory
 from ..x86 import layout as L
 from .registry import Skip, check, expect, expect_eq, expect_errno, expect_ok
@@ -471,7 +472,6 @@ def readonly_not_logged(ctx):
 # --------------------------------------------------------------------------------------
 # a dirty_log_test-style correctness run (abi.md 4.1, clear-log mode)
 
-A_LCG, C_LCG, MASK64 = 6364136223846793005, 1442695040888963407, (1 << 64) - 1
 MID = 0x8000_0000
 
 RANDOM_BODY = f"""
@@ -480,8 +480,8 @@ RANDOM_BODY = f"""
     mov r14, rcx                  ; iterations
     mov r15, 1
     mov rbx, r9                   ; LCG state
-    mov rsi, {A_LCG}
-    mov rdi, {C_LCG}
+    mov rsi, {LCG_MUL}
+    mov rdi, {LCG_ADD}
 iteration:
     mov rcx, r10
     call writes
@@ -553,17 +553,11 @@ def correctness_random_writes(ctx):
         expect_eq(len(pages), npages, "bits set in the INITIALLY_SET bitmap")
     expect_eq(len(collect("after CLEAR of everything")), 0, "bits left after a full CLEAR")
 
-    x = seed
     prev = _first_qwords(data)
     total_dirty = total_clean = over = 0
     for it in range(1, iterations + 1):
-        plans = []
-        for _ in range(2):
-            plan = []
-            for _ in range(half):
-                x = (x * A_LCG + C_LCG) & MASK64
-                plan.append((x >> 33) % npages)
-            plans.append(plan)
+        # the guest's one generator, run on across both halves: blocks 2it-1 and 2it
+        plans = [lcg_pages(seed, npages, half, 2 * it - k).tolist() for k in (1, 0)]
         plans[1].append(npages - 1)
         union = np.zeros(npages, bool)
         for part, (tag, plan) in enumerate(((it | MID, plans[0]), (it, plans[1]))):

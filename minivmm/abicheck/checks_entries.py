@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import abi
 from ..dirty.ringsize import ring_limits
-from ..dirty.verify import lcg_pages
+from ..dirty.verify import LCG_ADD, LCG_MUL, lcg_pages
 from .registry import Fail, Skip, check, expect, expect_eq
 
 DIRTY, RESET = abi.KVM_DIRTY_GFN_F_DIRTY, abi.KVM_DIRTY_GFN_F_RESET
@@ -335,19 +335,19 @@ def entries_multi_vcpu(ctx):
 
 # --- dirty_log_test-style correctness run ------------------------------------------------
 
-RANDOM_BODY = """
+RANDOM_BODY = f"""
     mov r12, rsi
     mov r13, rdx
     mov r14, rcx
     mov r15, 1
     mov rbx, r9
-    mov rsi, 6364136223846793005
+    mov rsi, {LCG_MUL}
 iteration:
     mov rcx, r10
 write:
     mov rax, rbx
     imul rax, rsi
-    mov r8, 1442695040888963407
+    mov r8, {LCG_ADD}
     add rax, r8
     mov rbx, rax
     shr rax, 33
