@@ -122,56 +122,57 @@ def bitmap_flip():
         yield
 
 
-@fault("ring_drop", "ring harvests and raw ring reads lose their last DIRTY entry")
-def ring_drop():
+@contextlib.contextmanager
+def _ring_reads(on_harvest, on_entries):
+    """Patch both ways a check reads a ring: Ctx.harvest's (slots, offsets) go through
+    ``on_harvest``, Ctx.ring_entries' raw (flags, slot, offset) list through ``on_entries``."""
     real_h, real_e = ctxmod.Ctx.harvest, ctxmod.Ctx.ring_entries
 
     def harvest(self, ring):
-        s, o = real_h(self, ring)
-        return s[:-1], o[:-1]
+        return on_harvest(*real_h(self, ring))
 
     def entries(self, ring, start=0, count=None):
-        out = real_e(self, ring, start, count)
-        dirty = [i for i, e in enumerate(out) if e[0] & 1]
+        return on_entries(real_e(self, ring, start, count))
+    with _patch(ctxmod.Ctx, "harvest", harvest), _patch(ctxmod.Ctx, "ring_entries", entries):
+        yield
+
+
+def _dirty_positions(out):
+    return [i for i, e in enumerate(out) if e[0] & 1]
+
+
+@fault("ring_drop", "ring harvests and raw ring reads lose their last DIRTY entry")
+def ring_drop():
+    def entries(out):
+        dirty = _dirty_positions(out)
         if dirty:
             out[dirty[-1]] = (0, 0, 0)
         return out
-    with _patch(ctxmod.Ctx, "harvest", harvest), _patch(ctxmod.Ctx, "ring_entries", entries):
+    with _ring_reads(lambda s, o: (s[:-1], o[:-1]), entries):
         yield
 
 
 @fault("ring_duplicate", "ring harvests repeat their first entry; raw reads repeat it too")
 def ring_duplicate():
-    real_h, real_e = ctxmod.Ctx.harvest, ctxmod.Ctx.ring_entries
-
-    def harvest(self, ring):
-        s, o = real_h(self, ring)
+    def harvest(s, o):
         if len(s):
             return np.concatenate([s, s[:1]]), np.concatenate([o, o[:1]])
         return s, o
 
-    def entries(self, ring, start=0, count=None):
-        out = real_e(self, ring, start, count)
-        dirty = [i for i, e in enumerate(out) if e[0] & 1]
+    def entries(out):
+        dirty = _dirty_positions(out)
         if dirty and dirty[-1] + 1 < len(out):
             out[dirty[-1] + 1] = out[dirty[0]]
         return out
-    with _patch(ctxmod.Ctx, "harvest", harvest), _patch(ctxmod.Ctx, "ring_entries", entries):
+    with _ring_reads(harvest, entries):
         yield
 
 
 @fault("ring_offset_shift", "ring entries report offset + 1 (the gfn+1 bug the 2025 selftest "
                             "rework exposed)")
 def ring_offset_shift():
-    real_h, real_e = ctxmod.Ctx.harvest, ctxmod.Ctx.ring_entries
-
-    def harvest(self, ring):
-        s, o = real_h(self, ring)
-        return s, o + 1
-
-    def entries(self, ring, start=0, count=None):
-        return [(f, s, o + 1 if f & 1 else o) for f, s, o in real_e(self, ring, start, count)]
-    with _patch(ctxmod.Ctx, "harvest", harvest), _patch(ctxmod.Ctx, "ring_entries", entries):
+    with _ring_reads(lambda s, o: (s, o + 1),
+                     lambda out: [(f, s, o + 1 if f & 1 else o) for f, s, o in out]):
         yield
 
 
