@@ -18,7 +18,9 @@ class PageSet:
     """``count`` distinct pages of one slot; ``indices()`` gives them sorted (int64)."""
     __slots__ = ("kind", "data", "npages", "count", "_indices")
 
-    def __init__(self, kind: str, data: np.ndarray, npages: int, count: int):
+    def __init__(self, kind: str, data, npages: int, count: int):
+        """``data``: int64 indices, or any contiguous buffer: a byte per page ("map") or
+        little-endian u64 bitmap words ("bitmap")."""
         if kind not in ("indices", "map", "bitmap"):
             raise ValueError(f"unknown page set kind {kind!r}")
         self.kind, self.data, self.npages, self.count = kind, data, npages, count
@@ -33,9 +35,8 @@ class PageSet:
         if self._indices is None:
             if self.kind == "map":             # a byte per page (bool array or bytes)
                 self._indices = np.flatnonzero(np.frombuffer(self.data, np.uint8))
-            else:                               # bitmap words (any u64 buffer)
-                words = self.data if isinstance(self.data, np.ndarray) else \
-                    np.frombuffer(self.data, np.uint64)
+            else:                               # bitmap words
+                words = np.frombuffer(self.data, np.uint64)
                 self._indices = decode(words, self.npages).astype(np.int64)
             self.data = None                    # the indices say it all now
         return self._indices
