@@ -19,6 +19,7 @@ from ..dirty.bitmap import enable_manual_protect
 from ..dirty.verify import LCG_ADD, LCG_MUL, lcg_pages
 from ..memory import GuestMemory
 from ..x86 import layout as L
+from .checks_entries import NEXT_ITERATION
 from .registry import Skip, check, expect, expect_eq, expect_errno, expect_ok
 
 LOG = abi.KVM_MEM_LOG_DIRTY_PAGES
@@ -494,16 +495,7 @@ iteration:
     dec rax
     shl rax, 12
     mov qword ptr [r12 + rax], r15   ; always the last page (the partial bitmap word)
-    mov eax, r15d
-    out 0xf0, eax
-    cmp r15, r14
-    je finished
-    inc r15
-    jmp iteration
-finished:
-    xor eax, eax
-    out 0xf4, al
-writes:
+""" + NEXT_ITERATION + """writes:
     mov rax, rbx
     imul rax, rsi
     add rax, rdi

@@ -24,6 +24,16 @@ PAGE = 4096
 DATA_SLOT = 1
 EXTRA_SLOT, EXTRA_GPA = 2, 0x8000_0000      # a second data slot at 2 GiB
 EXIT = "    xor eax, eax\n    out 0xf4, al\n"
+# End of an iteration: sync with its number (r15, from 1), then the next one from label
+# `iteration`, or exit after r14 of them.
+NEXT_ITERATION = """    mov eax, r15d
+    out 0xf0, eax
+    cmp r15, r14
+    je finished
+    inc r15
+    jmp iteration
+finished:
+""" + EXIT
 CITE_PUSH = ("virt/kvm/kvm_main.c mark_page_dirty_in_slot(); virt/kvm/dirty_ring.c "
              "kvm_dirty_ring_push()")
 
@@ -357,16 +367,7 @@ write:
     mov qword ptr [r12 + rdx], r15
     dec rcx
     jnz write
-    mov eax, r15d
-    out 0xf0, eax
-    cmp r15, r14
-    je finished
-    inc r15
-    jmp iteration
-finished:
-    xor eax, eax
-    out 0xf4, al
-"""
+""" + NEXT_ITERATION
 
 
 def lcg_plan(seed: int, pages: int, writes: int, iterations: int) -> list:
