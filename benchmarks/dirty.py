@@ -78,8 +78,8 @@ def python_dirty(tracker: str, entries: int | None, vcpus: int, pages: int, iter
                       **kw) as s:
         if image:
             s.machine.dump_image(image)
-        # Time the whole of tracker.collect(): the tracker's own collect_s stops before
-        # the ring's dedupe (_build_locked), which the native figure includes.
+        # Time every tracker.collect() call whole, as the native baseline times its
+        # collect(): the final one too, which is not recorded when it found nothing.
         inner, spent = s.tracker.collect, [0.0]
 
         def timed_collect(*args, **kwargs):
