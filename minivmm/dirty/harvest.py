@@ -337,26 +337,6 @@ def take(ring, view: memoryview, entries: int, fetch: int, count: int, stage: St
     return (fetch + count) & _U32
 
 
-def harvest_reference(buf, entries: int, fetch: int) -> HarvestResult:
-    """The oracle: one entry at a time with struct, same semantics as harvest()."""
-    mask = _check_entries(entries)
-    if memoryview(buf).nbytes < entries * ENTRY_BYTES:
-        raise ValueError(f"buffer holds fewer than {entries} entries")
-    fetch &= _U32
-    slots, offsets = [], []
-    for i in range(entries):                    # at most one full lap
-        at = ((fetch + i) & mask) * ENTRY_BYTES
-        flags, slot, offset = struct.unpack_from("<IIQ", buf, at)
-        if flags & 3 != DIRTY:
-            break
-        slots.append(slot)
-        offsets.append(offset)
-        struct.pack_into("<I", buf, at, RESET)
-    count = len(slots)
-    return HarvestResult(np.array(slots, np.uint32), np.array(offsets, np.uint64),
-                         count, (fetch + count) & _U32)
-
-
 def dedupe(slots, offsets, slot_pages: dict[int, int]):
     """Group harvested (slot, offset) pairs by slot, sorted and de-duplicated.
 
