@@ -18,6 +18,8 @@ demo: $(STAMP)
 	@echo; echo '$$ minivmm run hello_protected'; $(VENV)/bin/minivmm run hello_protected
 	@echo; echo '$$ minivmm run hello_long'; $(VENV)/bin/minivmm run hello_long
 	@echo; echo '$$ minivmm run multi_vcpu --vcpus 4'; $(VENV)/bin/minivmm run multi_vcpu --vcpus 4
+	@echo; echo '$$ minivmm dirty --tracker both --vcpus 2 --pages 4096 --iterations 5'; \
+		$(VENV)/bin/minivmm dirty --tracker both --vcpus 2 --pages 4096 --iterations 5
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
