@@ -306,7 +306,7 @@ def _probe_ops():
             ("a numpy reduction", a.max), ("a 64 KiB copy", copy))
 
 
-def bench_host(ring_full_exits: int = 40) -> list:
+def bench_host() -> list:
     """How much slower user-space code runs right after KVM_RUN returns on this host.
 
     A host quirk, measured rather than assumed: each probe runs at a ring-full exit before

@@ -14,28 +14,6 @@ from minivmm.dirty.harvest import (DIRTY, ENTRY_BYTES, RESET, HarvestResult, Pag
 U32 = 1 << 32
 
 
-def harvest_reference(buf, entries: int, fetch: int) -> HarvestResult:
-    """The oracle the fast paths must equal (issue 3): one entry at a time with struct,
-    written from api.rst 7.36 alone, sharing no code with harvest() or take()."""
-    assert entries > 0 and entries & (entries - 1) == 0
-    mask = entries - 1
-    if memoryview(buf).nbytes < entries * ENTRY_BYTES:
-        raise ValueError(f"buffer holds fewer than {entries} entries")
-    fetch %= U32
-    slots, offsets = [], []
-    for i in range(entries):                    # at most one full lap
-        at = ((fetch + i) & mask) * ENTRY_BYTES
-        flags, slot, offset = struct.unpack_from("<IIQ", buf, at)
-        if flags & 3 != DIRTY:
-            break
-        slots.append(slot)
-        offsets.append(offset)
-        struct.pack_into("<I", buf, at, RESET)
-    count = len(slots)
-    return HarvestResult(np.array(slots, np.uint32), np.array(offsets, np.uint64),
-                         count, (fetch + count) % U32)
-
-
 def entry(buf, entries, index):
     """(flags, slot, offset) at free-running index."""
     return struct.unpack_from("<IIQ", buf, (index & (entries - 1)) * ENTRY_BYTES)
@@ -43,6 +21,26 @@ def entry(buf, entries, index):
 
 def set_flags(buf, entries, index, flags):
     struct.pack_into("<I", buf, (index & (entries - 1)) * ENTRY_BYTES, flags)
+
+
+def harvest_reference(buf, entries: int, fetch: int) -> HarvestResult:
+    """The oracle the fast paths must equal (issue 3): one entry at a time with struct,
+    written from api.rst 7.36 alone, sharing no code with harvest() or take()."""
+    assert entries > 0 and entries & (entries - 1) == 0
+    if memoryview(buf).nbytes < entries * ENTRY_BYTES:
+        raise ValueError(f"buffer holds fewer than {entries} entries")
+    fetch %= U32
+    slots, offsets = [], []
+    for i in range(fetch, fetch + entries):     # at most one full lap
+        flags, slot, offset = entry(buf, entries, i)
+        if flags & 3 != DIRTY:
+            break
+        slots.append(slot)
+        offsets.append(offset)
+        set_flags(buf, entries, i, RESET)
+    count = len(slots)
+    return HarvestResult(np.array(slots, np.uint32), np.array(offsets, np.uint64),
+                         count, (fetch + count) % U32)
 
 
 def assert_same(a: HarvestResult, b: HarvestResult):
