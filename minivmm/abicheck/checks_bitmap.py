@@ -19,7 +19,7 @@ from ..dirty.bitmap import enable_manual_protect
 from ..dirty.verify import LCG_ADD, LCG_MUL, lcg_pages
 from ..memory import GuestMemory
 from ..x86 import layout as L
-from .checks_entries import NEXT_ITERATION
+from .checks_entries import LCG_WRITE, NEXT_ITERATION, first_words
 from .registry import Skip, check, expect, expect_eq, expect_errno, expect_ok
 
 LOG = abi.KVM_MEM_LOG_DIRTY_PAGES
@@ -496,23 +496,10 @@ iteration:
     shl rax, 12
     mov qword ptr [r12 + rax], r15   ; always the last page (the partial bitmap word)
 """ + NEXT_ITERATION + """writes:
-    mov rax, rbx
-    imul rax, rsi
-    add rax, rdi
-    mov rbx, rax
-    shr rax, 33
-    xor edx, edx
-    div r13
-    shl rdx, 12
-    mov qword ptr [r12 + rdx], r15
-    dec rcx
+""" + LCG_WRITE + """    dec rcx
     jnz writes
     ret
 """
-
-
-def _first_qwords(mem) -> np.ndarray:
-    return np.frombuffer(mem.map, dtype="<u8")[::PAGE // 8].copy()
 
 
 @check("bitmap.correctness.random_writes", (52, 55), "tools/testing/selftests/kvm/"
@@ -545,7 +532,7 @@ def correctness_random_writes(ctx):
         expect_eq(len(pages), npages, "bits set in the INITIALLY_SET bitmap")
     expect_eq(len(collect("after CLEAR of everything")), 0, "bits left after a full CLEAR")
 
-    prev = _first_qwords(data)
+    prev = first_words(data, npages)
     total_dirty = total_clean = over = 0
     for it in range(1, iterations + 1):
         # the guest's one generator, run on across both halves: blocks 2it-1 and 2it
@@ -556,7 +543,7 @@ def correctness_random_writes(ctx):
             run_sync(ctx, m, tag)
             what = f"iteration {it} {'mid' if part == 0 else 'end'}"
             pages = collect(what)
-            now = _first_qwords(data)
+            now = first_words(data, npages)
             reported = np.zeros(npages, bool)
             reported[pages] = True
             union |= reported

@@ -34,6 +34,19 @@ NEXT_ITERATION = """    mov eax, r15d
     jmp iteration
 finished:
 """ + EXIT
+# One step of the random guests' LCG (rbx = state, rsi = LCG_MUL, rdi = LCG_ADD), then the
+# iteration number (r15) written to page (state >> 33) % r13 of the slot at r12; the same
+# generator as guest_payloads/dirty_random.asm and dirty.verify.lcg_pages.
+LCG_WRITE = """    mov rax, rbx
+    imul rax, rsi
+    add rax, rdi
+    mov rbx, rax
+    shr rax, 33
+    xor edx, edx
+    div r13
+    shl rdx, 12
+    mov qword ptr [r12 + rdx], r15
+"""
 CITE_PUSH = ("virt/kvm/kvm_main.c mark_page_dirty_in_slot(); virt/kvm/dirty_ring.c "
              "kvm_dirty_ring_push()")
 
@@ -352,20 +365,11 @@ RANDOM_BODY = f"""
     mov r15, 1
     mov rbx, r9
     mov rsi, {LCG_MUL}
+    mov rdi, {LCG_ADD}
 iteration:
     mov rcx, r10
 write:
-    mov rax, rbx
-    imul rax, rsi
-    mov r8, {LCG_ADD}
-    add rax, r8
-    mov rbx, rax
-    shr rax, 33
-    xor edx, edx
-    div r13
-    shl rdx, 12
-    mov qword ptr [r12 + rdx], r15
-    dec rcx
+""" + LCG_WRITE + """    dec rcx
     jnz write
 """ + NEXT_ITERATION
 
