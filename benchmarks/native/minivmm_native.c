@@ -129,6 +129,18 @@ static void *xcalloc(size_t n, size_t sz)
 	return p;
 }
 
+/* Fault in every page of a buffer now, at set-up, rather than at its first use inside
+ * a timed collection: minivmm pre-faults its own buffers the same way (a first-touch
+ * fault costs ~11 us per 4 KiB on a nested host).  Volatile, so it is not elided. */
+static void prefault(void *p, size_t len)
+{
+	volatile char *c = p;
+	long page = sysconf(_SC_PAGESIZE);
+
+	for (size_t i = 0; i < len; i += (size_t)page)
+		c[i] = 0;
+}
+
 /* ---------------------------------------------------------------- image */
 
 static void rd(FILE *f, void *buf, size_t n, const char *what)
@@ -249,6 +261,8 @@ static void setup_vm(void)
 		if (s->flags & KVM_MEM_LOG_DIRTY_PAGES) {
 			s->seen = xcalloc(s->npages, sizeof(*s->seen));
 			s->bitmap = xcalloc((s->npages + 63) / 64, sizeof(uint64_t));
+			prefault(s->seen, s->npages * sizeof(*s->seen));
+			prefault(s->bitmap, (s->npages + 63) / 64 * sizeof(uint64_t));
 		}
 	}
 

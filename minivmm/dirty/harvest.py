@@ -34,6 +34,10 @@ _U32 = 0xFFFFFFFF
 # First scan window; it doubles while every entry in it is harvestable, so a
 # nearly empty 65536-entry ring does not cost a snapshot of the whole array.
 _FIRST_CHUNK = 4096
+# Pages of our own buffers are faulted in when they are made, not at their first use
+# inside a collection: a first-touch fault costs ~11 us per 4 KiB on a nested host
+# (docs/benchmarks.md), dearer than copying the page.
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,14 @@ def harvest(buf, entries: int, fetch: int) -> HarvestResult:
     return HarvestResult(slots, offsets, count, (fetch + count) & _U32)
 
 
+def _zeroed(n: int) -> np.ndarray:
+    """A zeroed bool array whose pages are already faulted in (written, not just
+    mapped to the shared zero page as np.zeros leaves them)."""
+    m = np.empty(n, dtype=bool)
+    m.fill(False)
+    return m
+
+
 class PageSets:
     """De-duplication with one reusable page map per slot (no allocation per call).
 
@@ -117,7 +129,7 @@ class PageSets:
     """
 
     def __init__(self, slot_pages: dict):
-        self.maps = {s: np.zeros(p, dtype=bool) for s, p in slot_pages.items()}
+        self.maps = {s: _zeroed(p) for s, p in slot_pages.items()}
         self._addr = {s: m.ctypes.data for s, m in self.maps.items()}
         self._ids = np.fromiter(self.maps, np.uint32, len(self.maps))
         self._marked, self._entries, self._bogus = set(), 0, []
@@ -251,8 +263,8 @@ class Stage:
     """Raw kvm_dirty_gfn entries taken from one ring and not yet collected.
 
     A page-aligned anonymous mapping kept from one collection to the next and grown by
-    doubling: fresh memory costs a page fault per 4 KiB at first touch, which on a
-    nested host is dearer than the copy itself.
+    doubling, populated when it is made (MAP_POPULATE): fresh memory costs a page fault
+    per 4 KiB at first touch, which on a nested host is dearer than the copy itself.
     """
 
     def __init__(self, capacity: int):
@@ -261,7 +273,8 @@ class Stage:
         self._grow(max(capacity, 1))
 
     def _grow(self, capacity: int) -> None:
-        new = mmap.mmap(-1, capacity * ENTRY_BYTES)
+        new = mmap.mmap(-1, capacity * ENTRY_BYTES,
+                        flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _POPULATE)
         if self.count:
             new[:self.count * ENTRY_BYTES] = self._map[:self.count * ENTRY_BYTES]
         old, self._map, self.capacity = self._map, new, capacity

@@ -62,7 +62,7 @@ class VcpuRing:
     Created right after KVM_CREATE_VCPU, so no harvester ever sees a vCPU without it.
     """
 
-    def __init__(self, vcpu, entries: int):
+    def __init__(self, vcpu, entries: int, stage_entries: int = 0):
         self.vcpu, self.entries = vcpu, entries
         self.fetch = 0                      # free-running u32, as the kernel's indices
         self._full = 0                      # the count at the last ring-full exit
@@ -72,7 +72,9 @@ class VcpuRing:
         # the bisection of dirty_count()).
         self._bytes = memoryview(self.map)
         self._words = self._bytes.cast("I")
-        self.stage = Stage(entries)         # taken entries, until the tracker collects them
+        # Taken entries, until the tracker collects them: room for a lap at least, or
+        # for what the caller expects between two collections (growing costs a copy)
+        self.stage = Stage(max(entries, stage_entries))
         vcpu.ring = self                    # Vcpu.close() closes it
 
     def close(self) -> None:

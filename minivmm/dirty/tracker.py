@@ -119,6 +119,9 @@ class RingTracker(Tracker):
         # Per-vCPU raw entries in each Collection (Collection.raw): a copy per collection,
         # wanted by the per-vCPU table; DirtySession turns it off when it does not verify.
         self.keep_raw = True
+        # Entries each vCPU's stage has room for from the start (at least a lap);
+        # DirtySession sets it from the payload's pages per vCPU.
+        self.stage_entries = 0
         self._since_reset = 0
         self._resets, self._lost = [], []
         self._ring_full = 0
@@ -135,7 +138,7 @@ class RingTracker(Tracker):
         enable_dirty_ring(machine.vm, self.entries, self.cap)
 
     def on_vcpu(self, machine, st) -> None:
-        self.rings[st.index] = VcpuRing(st.vcpu, self.entries)
+        self.rings[st.index] = VcpuRing(st.vcpu, self.entries, self.stage_entries)
 
     def _harvest_locked(self, index: int, ring: VcpuRing, full: bool = False) -> int:
         """Take one ring's DIRTY entries into its stage (decoded at collect); ``full``:
@@ -407,6 +410,11 @@ class DirtySession:
         self.poll_interval_s = poll_interval_s
         nvcpus = vcpus if vcpus is not None else (self.payload.vcpus or 1)
         writes = writes if writes is not None else max(1, pages // nvcpus // 4)
+        if isinstance(self.tracker, RingTracker) and not self.tracker.stage_entries:
+            # A vCPU's share of the data pages per iteration, and room for its stack
+            # and page-table pages: a collection then never grows the stage.
+            share = -(-pages // nvcpus)
+            self.tracker.stage_entries = share + share // 4 + 256
         self.params = {"stride": stride, "seed": seed, "writes": writes}
         log = abi.KVM_MEM_LOG_DIRTY_PAGES
         self.machine = Machine(self.payload, vcpus=vcpus, pages=pages, kvm=kvm,
