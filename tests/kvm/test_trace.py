@@ -120,6 +120,26 @@ def test_failed_enable_cap_is_traced_and_raises_the_same_error():
     assert line[0]["result"] == "-1 EINVAL (Invalid argument)"
 
 
+def test_reset_without_a_ring_fails_alike_on_the_fast_handle_and_traced():
+    # Vm.reset_dirty_rings skips ioctl() for speed unless a tracer is set: both paths must
+    # raise the same KvmError, and the traced one must show the call.
+    def attempt():
+        with Kvm() as kvm, kvm.create_vm() as vm:
+            with pytest.raises(KvmError) as info:
+                vm.reset_dirty_rings()
+            return info.value
+
+    plain = attempt()
+    out = io.StringIO()
+    with trace.tracing(out):
+        traced = attempt()
+    assert (traced.errno, traced.call, str(traced)) == (plain.errno, plain.call, str(plain))
+    assert plain.errno == errno.EINVAL and plain.call == "KVM_RESET_DIRTY_RINGS"
+    assert "the dirty ring is not enabled on this VM" in str(plain)
+    line = [m for m in ioctl_lines(out.getvalue()) if m["name"] == "KVM_RESET_DIRTY_RINGS"]
+    assert len(line) == 1 and line[0]["result"] == "-1 EINVAL (Invalid argument)"
+
+
 def _outcome(result):
     d = result.to_dict()
     d.pop("elapsed_s")
