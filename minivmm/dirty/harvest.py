@@ -38,6 +38,7 @@ _FIRST_CHUNK = 4096
 # inside a collection: a first-touch fault costs ~11 us per 4 KiB on a nested host
 # (docs/benchmarks.md), dearer than copying the page.
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+_MAX, _MIN = np.maximum.reduce, np.minimum.reduce
 
 
 @dataclass(frozen=True)
@@ -173,15 +174,17 @@ class PageSets:
         copied (left out: their slot and offset are not trustworthy).
 
         The common case, every entry DIRTY in one known slot with offsets in range, costs
-        one compare, one reduction and one scatter.
+        three reductions and one scatter.
         """
         n = len(word0)
         if n == 0:
             return 0
         key = int(word0[0])
         seen = self.maps.get(key >> 32)
-        if key & 3 == DIRTY and seen is not None and (word0 == key).all() \
-                and offsets.max() < len(seen):
+        # min == max == key: every word equal, with no temporary array; the ufuncs are
+        # called directly, as ndarray.max() goes through a Python-level wrapper
+        if key & 3 == DIRTY and seen is not None and int(_MAX(word0)) == key \
+                and int(_MIN(word0)) == key and int(_MAX(offsets)) < len(seen):
             seen[offsets.view(np.int64)] = True
             self._marked.add(key >> 32)
             self._entries += n
