@@ -154,27 +154,32 @@ class PageSets:
                 o = offsets
             else:
                 o = offsets[slots == s]
-            if not len(o):
-                continue
             known += len(o)
-            if o.max() >= len(seen):             # one reduction on the common, clean path
-                bad = o >= len(seen)
-                self._bogus += [(s, int(x)) for x in o[bad]]
-                o = o[~bad]
-                if not len(o):
-                    continue
-            seen[o.view(np.int64)] = True        # every value < len(seen): same as signed
-            self._marked.add(s)
+            self._mark(s, seen, o)
         if known != n:                           # entries naming a slot we do not log
             other = ~np.isin(slots, self._ids)
             self._bogus += list(zip(slots[other].tolist(), offsets[other].tolist()))
+
+    def _mark(self, s: int, seen: np.ndarray, o: np.ndarray) -> None:
+        """Mark slot ``s``'s pages ``o`` (uint64) in its map; out of range ones are bogus."""
+        if not len(o):
+            return
+        if int(_MAX(o)) >= len(seen):           # one reduction on the common, clean path
+            bad = o >= len(seen)
+            self._bogus += [(s, int(x)) for x in o[bad]]
+            o = o[~bad]
+            if not len(o):
+                return
+        seen[o.view(np.int64)] = True            # every value < len(seen): same as signed
+        self._marked.add(s)
 
     def add_words(self, word0, offsets) -> int:
         """add() for staged entries (Stage.words()); returns how many were not DIRTY when
         copied (left out: their slot and offset are not trustworthy).
 
         The common case, every entry DIRTY in one known slot with offsets in range, costs
-        three reductions and one scatter.
+        three reductions and one scatter. Entries of several slots (the first collection
+        also finds the guest's page tables) cost one exact compare per logged slot.
         """
         n = len(word0)
         if n == 0:
@@ -189,8 +194,22 @@ class PageSets:
             self._marked.add(key >> 32)
             self._entries += n
             return 0
+        taken, sels = 0, []
+        for s, seen in self.maps.items():       # word0 == DIRTY | s << 32 exactly
+            sel = word0 == (s << 32 | DIRTY)
+            o = offsets[sel]
+            taken += len(o)
+            sels.append(sel)
+            self._mark(s, seen, o)
+        self._entries += taken
+        if taken == n:
+            return 0
+        # The rest: not DIRTY (not trusted: left out), or DIRTY in a slot we do not log
+        # or with other flag bits set too (add() sorts those out)
         ok = (word0 & 3) == DIRTY
-        self.add((word0[ok] >> np.uint64(32)).astype(np.uint32), offsets[ok])
+        rest = ok & ~np.logical_or.reduce(sels) if sels else ok
+        if rest.any():
+            self.add((word0[rest] >> np.uint64(32)).astype(np.uint32), offsets[rest])
         return n - int(np.count_nonzero(ok))
 
     def take_sets(self):
