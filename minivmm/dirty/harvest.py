@@ -310,15 +310,11 @@ class Stage:
             except BufferError:                  # a caller still holds a view: GC frees it
                 pass
 
-    def add(self, src) -> None:
-        """Append whole entries copied from ``src`` (a bytes-like slice of a ring)."""
-        n = len(src) // ENTRY_BYTES
+    def reserve(self, n: int) -> None:
+        """Make room for ``n`` more entries (doubling)."""
         if self.count + n > self.capacity:
             self._array = self._word0 = self._offset = None
             self._grow(max(2 * self.capacity, self.count + n))
-        at = self.count * ENTRY_BYTES
-        self._map[at:at + n * ENTRY_BYTES] = src
-        self.count += n
 
     def entries(self) -> np.ndarray:
         """The staged entries (a GFN view, valid until the next add or clear)."""
@@ -356,19 +352,27 @@ def take(ring, view: memoryview, entries: int, fetch: int, count: int, stage: St
     store writes only the low byte of each flags word: KVM writes flags whole as
     KVM_DIRTY_GFN_F_DIRTY (``kvm_dirty_gfn_set_dirtied()``), so the word becomes RESET.
     A byte store by the buffer's own slice assignment is a small C loop, three times
-    cheaper than a numpy store right after KVM_RUN, when every code path starts cold.
+    cheaper than a numpy store right after KVM_RUN, when every code path starts cold;
+    for the same reason the copies go straight into the stage's mapping, without a
+    call per run.
     """
     mask = _check_entries(entries)
     fetch &= _U32
     pos = fetch & mask
     first = min(count, entries - pos)
+    if stage.count + count > stage.capacity:
+        stage.reserve(count)
+    at = stage.count * ENTRY_BYTES
     start, end = pos * ENTRY_BYTES, (pos + first) * ENTRY_BYTES
-    stage.add(view[start:end])
+    dst = stage._map
+    dst[at:at + end - start] = view[start:end]
     ring[start:end:ENTRY_BYTES] = _RESET_BYTES[:first]
     if count > first:                          # the run wraps past the ring's end
+        at += end - start
         end = (count - first) * ENTRY_BYTES
-        stage.add(view[:end])
+        dst[at:at + end] = view[:end]
         ring[0:end:ENTRY_BYTES] = _RESET_BYTES[:count - first]
+    stage.count += count
     return (fetch + count) & _U32
 
 

@@ -14,7 +14,7 @@ import mmap
 import numpy as np
 
 from .. import _sys, abi
-from .harvest import ENTRY_BYTES, HarvestResult, Stage, dirty_count, harvest, take
+from .harvest import ENTRY_BYTES, HarvestResult, Stage, harvest
 from .ringsize import ring_limits, validate_entries
 
 
@@ -65,13 +65,13 @@ class VcpuRing:
     def __init__(self, vcpu, entries: int, stage_entries: int = 0):
         self.vcpu, self.entries = vcpu, entries
         self.fetch = 0                      # free-running u32, as the kernel's indices
-        self._full = 0                      # the count at the last ring-full exit
+        self.last_full = 0                  # the count taken at its last ring-full exit
         offset = mmap.PAGESIZE * abi.KVM_DIRTY_LOG_PAGE_OFFSET   # host page size (selftests)
         self.map = _sys.map_shared(vcpu.fd, entries * ENTRY_BYTES, offset, "mmap(dirty ring)")
-        # Views made once: the bytes (copied out by take()) and the u32 words (read by
-        # the bisection of dirty_count()).
-        self._bytes = memoryview(self.map)
-        self._words = self._bytes.cast("I")
+        # Views made once: the bytes (copied out by harvest.take()) and the u32 words
+        # (read by the bisection of harvest.dirty_count()); the tracker uses both.
+        self.view = memoryview(self.map)
+        self.words = self.view.cast("I")
         # Taken entries, until the tracker collects them: room for a lap at least, or
         # for what the caller expects between two collections (growing costs a copy)
         self.stage = Stage(max(entries, stage_entries))
@@ -79,8 +79,8 @@ class VcpuRing:
 
     def close(self) -> None:
         if self.map is not None:
-            self._words.release()           # the views pin the mapping
-            self._bytes.release()
+            self.words.release()            # the views pin the mapping
+            self.view.release()
             self.stage.close()
             self.map.close()
             self.map = None
@@ -90,19 +90,6 @@ class VcpuRing:
         result = harvest(self.map, self.entries, self.fetch)
         self.fetch = result.fetch
         return result
-
-    def take(self, full: bool = False) -> int:
-        """Move every DIRTY entry from the fetch index into ``self.stage`` and mark it
-        RESET; returns how many. The vCPU may be running (dirty_count explains why).
-        ``full``: its vCPU exited DIRTY_RING_FULL, so the count is likely the same as at
-        its last ring-full exit (KVM stops it at the soft limit), which is tried first."""
-        count = dirty_count(self._words, self.entries, self.fetch, self._full if full else 0)
-        if count:
-            if full:
-                self._full = count
-            self.fetch = take(self.map, self._bytes, self.entries, self.fetch, count,
-                              self.stage)
-        return count
 
     def peek(self, count: int | None = None, start: int | None = None) -> list:
         """Raw (flags, slot, offset) entries from ``start`` (default: the fetch index),

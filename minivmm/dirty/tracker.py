@@ -24,7 +24,7 @@ from ..machine import Machine, VcpuEnd
 from ..payload import Payload, load
 from ..x86 import layout as L
 from .bitmap import SlotBitmap, enable_manual_protect, popcount
-from .harvest import PageSets
+from .harvest import PageSets, dirty_count, take
 from .pageset import PageSet
 from .ring import DirtyRingError, VcpuRing, enable_dirty_ring, ring_capability
 from .verify import ContentOracle, plan
@@ -141,10 +141,17 @@ class RingTracker(Tracker):
         self.rings[st.index] = VcpuRing(st.vcpu, self.entries, self.stage_entries)
 
     def _harvest_locked(self, index: int, ring: VcpuRing, full: bool = False) -> int:
-        """Take one ring's DIRTY entries into its stage (decoded at collect); ``full``:
-        this ring's vCPU is the one that exited DIRTY_RING_FULL."""
-        count = ring.take(full)
+        """Move one ring's DIRTY entries into its stage (decoded at collect) and mark them
+        RESET; returns how many. The vCPU may be running (dirty_count explains why).
+        ``full``: this ring's vCPU is the one that exited DIRTY_RING_FULL, so the count
+        is likely the one of its last ring-full exit (KVM stops it at the soft limit),
+        which is tried first. One call for dirty_count and one for take(): right after
+        KVM_RUN each Python call layer costs microseconds (docs/benchmarks.md)."""
+        count = dirty_count(ring.words, ring.entries, ring.fetch, ring.last_full if full else 0)
         if count:
+            if full:
+                ring.last_full = count
+            ring.fetch = take(ring.map, ring.view, ring.entries, ring.fetch, count, ring.stage)
             self._since_full[index] = self._since_full.get(index, 0) + count
             self._since_reset += count
             if count == ring.entries:
