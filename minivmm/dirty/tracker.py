@@ -418,10 +418,12 @@ class DirtySession:
         nvcpus = vcpus if vcpus is not None else (self.payload.vcpus or 1)
         writes = writes if writes is not None else max(1, pages // nvcpus // 4)
         if isinstance(self.tracker, RingTracker) and not self.tracker.stage_entries:
-            # A vCPU's share of the data pages per iteration, and room for its stack
-            # and page-table pages: a collection then never grows the stage.
+            # A vCPU's share of the data pages per iteration, and room for its page-table
+            # pages, so that a collection does not grow the stage; at most 1 MiB each
+            # (a sparse run over a huge slot dirties few of its pages; more still fit,
+            # the stage doubles).
             share = -(-pages // nvcpus)
-            self.tracker.stage_entries = share + share // 4 + 256
+            self.tracker.stage_entries = min(share + share // 4 + 256, 65536)
         self.params = {"stride": stride, "seed": seed, "writes": writes}
         log = abi.KVM_MEM_LOG_DIRTY_PAGES
         self.machine = Machine(self.payload, vcpus=vcpus, pages=pages, kvm=kvm,
