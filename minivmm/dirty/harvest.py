@@ -262,7 +262,9 @@ def dirty_count(flags: memoryview, entries: int, fetch: int, guess: int = 0) -> 
     ordering is caught there. ``flags``: the ring as a u32 memoryview (entry i's flags
     at 4 * i).
     """
-    mask = _check_entries(entries)
+    mask = entries - 1
+    if entries <= 0 or entries & mask:       # no call on the hot path
+        _check_entries(entries)
     fetch &= _U32
     if flags[(fetch & mask) * 4] & 3 != DIRTY:
         return 0
@@ -356,7 +358,9 @@ def take(ring, view: memoryview, entries: int, fetch: int, count: int, stage: St
     for the same reason the copies go straight into the stage's mapping, without a
     call per run.
     """
-    mask = _check_entries(entries)
+    mask = entries - 1
+    if entries <= 0 or entries & mask:       # no call on the hot path
+        _check_entries(entries)
     fetch &= _U32
     pos = fetch & mask
     first = min(count, entries - pos)

@@ -192,6 +192,12 @@ def test_bad_arguments():
         harvest(bytes(64 * 16), 64, 0)
     with pytest.raises(ValueError):
         make_ring(100)
+    ring = make_ring(64)
+    for bad in (48, 0, -64):                           # the fast paths check their size too
+        with pytest.raises(ValueError, match="not a power of two"):
+            dirty_count(memoryview(ring).cast("I"), bad, 0)
+        with pytest.raises(ValueError, match="not a power of two"):
+            take(ring, memoryview(ring), bad, 0, 1, Stage(64))
 
 
 @pytest.mark.parametrize("seed", range(300))
