@@ -73,9 +73,12 @@ def ioctl(fd: int, request: int, arg=0, name: str = "ioctl", hints: dict | None 
 
 
 def map_shared(fd: int, length: int, offset: int = 0, name: str = "mmap",
-               prot: int = _mmap.PROT_READ | _mmap.PROT_WRITE) -> _mmap.mmap:
-    """mmap a region of a KVM fd (kvm_run page, dirty ring) shared with the kernel."""
+               prot: int = _mmap.PROT_READ | _mmap.PROT_WRITE,
+               populate: bool = False) -> _mmap.mmap:
+    """mmap a region of a KVM fd (kvm_run page, dirty ring) shared with the kernel;
+    ``populate``: map every page now (MAP_POPULATE) rather than at its first touch."""
+    flags = _mmap.MAP_SHARED | (getattr(_mmap, "MAP_POPULATE", 0) if populate else 0)
     try:
-        return _mmap.mmap(fd, length, flags=_mmap.MAP_SHARED, prot=prot, offset=offset)
+        return _mmap.mmap(fd, length, flags=flags, prot=prot, offset=offset)
     except OSError as e:
         raise KvmError(name, e.errno or 0) from None

@@ -67,7 +67,9 @@ class VcpuRing:
         self.fetch = 0                      # free-running u32, as the kernel's indices
         self.last_full = 0                  # the count taken at its last ring-full exit
         offset = mmap.PAGESIZE * abi.KVM_DIRTY_LOG_PAGE_OFFSET   # host page size (selftests)
-        self.map = _sys.map_shared(vcpu.fd, entries * ENTRY_BYTES, offset, "mmap(dirty ring)")
+        # Populated: its pages are mapped now, not by faults inside the first harvest
+        self.map = _sys.map_shared(vcpu.fd, entries * ENTRY_BYTES, offset, "mmap(dirty ring)",
+                                   populate=True)
         # Views made once: the bytes (copied out by harvest.take()) and the u32 words
         # (read by the bisection of harvest.dirty_count()); the tracker uses both.
         self.view = memoryview(self.map)
