@@ -130,8 +130,9 @@ static void *xcalloc(size_t n, size_t sz)
 }
 
 /* Fault in every page of a buffer now, at set-up, rather than at its first use inside
- * a timed collection: minivmm pre-faults its own buffers the same way (a first-touch
- * fault costs ~11 us per 4 KiB on a nested host).  Volatile, so it is not elided. */
+ * a timed collection: minivmm pre-faults its own buffers the same way (on a nested host
+ * a first-touch fault right after KVM_RUN costs ~11 us per 4 KiB).  Volatile, so it is
+ * not elided. */
 static void prefault(void *p, size_t len)
 {
 	volatile char *c = p;

@@ -35,9 +35,10 @@ _U32 = 0xFFFFFFFF
 # nearly empty 65536-entry ring does not cost a snapshot of the whole array.
 _FIRST_CHUNK = 4096
 # Pages of our own buffers are faulted in when they are made, not at their first use
-# inside a collection: a first-touch fault costs ~11 us per 4 KiB on a nested host
-# (docs/benchmarks.md), dearer than copying the page.
+# inside a collection: on a nested host a first-touch fault right after KVM_RUN costs
+# ~11 us per 4 KiB (docs/benchmarks.md), far more than copying the page.
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+# Reductions called as ufuncs: ndarray.max() and .min() add a Python-level wrapper
 _MAX, _MIN = np.maximum.reduce, np.minimum.reduce
 
 
@@ -186,8 +187,7 @@ class PageSets:
             return 0
         key = int(word0[0])
         seen = self.maps.get(key >> 32)
-        # min == max == key: every word equal, with no temporary array; the ufuncs are
-        # called directly, as ndarray.max() goes through a Python-level wrapper
+        # min == max == key: every word equal, without a temporary array
         if key & 3 == DIRTY and seen is not None and int(_MAX(word0)) == key \
                 and int(_MIN(word0)) == key and int(_MAX(offsets)) < len(seen):
             seen[offsets.view(np.int64)] = True

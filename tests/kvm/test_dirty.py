@@ -68,6 +68,20 @@ def test_ring_full_exits_are_handled_without_losing_pages():
         assert len(r.data_pages) == 8192 and len(r.missed) == 0 and not r.collection.lost
 
 
+def test_stages_are_sized_for_a_vcpus_share_and_do_not_grow():
+    # Each stage has room, from the start, for what its vCPU dirties between two syncs
+    # (its share of the pages and its page tables), so no collection pays for growing it.
+    with session(tracker="ring", vcpus=2, pages=16384, iterations=2, ring_entries=4096) as s:
+        before = [ring.stage.capacity for ring in s.tracker.rings.values()]
+        recs = s.run(timeout=60)
+        after = [ring.stage.capacity for ring in s.tracker.rings.values()]
+    assert all(r.ok for r in recs) and sum(r.collection.ring_full_exits for r in recs) >= 2
+    assert before == after and min(before) >= 8192 + 256
+    # ... but at most 1 MiB each, however big the slot (a sparse run needs far less)
+    with session(tracker="ring", vcpus=1, pages=1 << 20, iterations=1) as s:
+        assert [ring.stage.capacity for ring in s.tracker.rings.values()] == [65536]
+
+
 def test_system_slot_writes_are_reported_separately():
     r = run(tracker="bitmap")[0]
     system = r.collection.pages.get(L.SLOT_SYSTEM)
