@@ -57,6 +57,8 @@ struct vcpu {
 	uint64_t exits, syncs;
 	int exit_code;
 	int empty_full;           /* ring-full exits in a row that found nothing */
+	uint64_t since_full;      /* entries taken from this ring (by any thread) since its
+				   * last ring-full exit; under `lock` */
 	double t_end;
 	pthread_t thread;
 };
@@ -350,8 +352,11 @@ static uint64_t collect(void)
 					memset(slots[i].seen, 0, slots[i].npages * sizeof(uint32_t));
 			generation = 1;
 		}
-		for (uint32_t i = 0; i < nvcpus; i++)
-			entries += harvest_ring(&vcpus[i], &distinct);
+		for (uint32_t i = 0; i < nvcpus; i++) {
+			uint64_t n = harvest_ring(&vcpus[i], &distinct);
+			vcpus[i].since_full += n;
+			entries += n;
+		}
 		int r = ioctl(vm_fd, KVM_RESET_DIRTY_RINGS, 0);
 		if (r < 0)
 			die_sys("KVM_RESET_DIRTY_RINGS");
@@ -509,13 +514,17 @@ static void *vcpu_thread(void *arg)
 		} else if (run->exit_reason == KVM_EXIT_DIRTY_RING_FULL &&
 			   tracker == TRACK_RING) {
 			pthread_mutex_lock(&lock);
-			uint64_t got = collect();
+			collect();
 			st_ring_full++;
+			/* Count what was taken from this vCPU's ring since its previous
+			 * ring-full exit, by whichever thread: with several vCPUs in step,
+			 * another one's collection often empties this ring first, exit
+			 * after exit. Nothing at all, several times in a row, means the
+			 * ring wrapped past the soft limit (seen with emulated guest code)
+			 * and re-entering would loop forever. */
+			uint64_t got = v->since_full;
+			v->since_full = 0;
 			pthread_mutex_unlock(&lock);
-			/* Nothing to harvest once is normal with several vCPUs (another
-			 * vCPU's collection emptied every ring first). Several times in a
-			 * row means the ring wrapped past the soft limit (seen with
-			 * emulated guest code) and re-entering would loop forever. */
 			v->empty_full = got ? 0 : v->empty_full + 1;
 			if (v->empty_full >= 3)
 				die(3, "vcpu %d: dirty ring full but nothing to harvest "
