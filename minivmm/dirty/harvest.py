@@ -319,7 +319,7 @@ class Stage:
             self._grow(max(2 * self.capacity, self.count + n))
 
     def entries(self) -> np.ndarray:
-        """The staged entries (a GFN view, valid until the next add or clear)."""
+        """The staged entries (a GFN view, valid until the next take() or clear())."""
         return self._array[:self.count]
 
     def words(self) -> tuple:

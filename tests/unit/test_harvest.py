@@ -322,7 +322,7 @@ def test_staged_take_equals_reference_on_a_quiescent_ring(seed):
     buf = quiescent_ring(rnd, entries, fetch, run)
     ref_buf, fast_buf = bytearray(buf), bytearray(buf)
     ref = harvest_reference(ref_buf, entries, fetch)
-    stage = Stage(rnd.choice([1, entries]))        # capacity 1: add() must grow it
+    stage = Stage(rnd.choice([1, entries]))        # capacity 1: take() must grow it
     count, new_fetch = staged_take(fast_buf, entries, fetch, stage)
     g = stage.entries()
     assert count == ref.count == run == stage.count and new_fetch == ref.fetch
