@@ -12,12 +12,11 @@ import ctypes
 import errno
 import os
 
-from . import _sys, abi
-from ._sys import KvmError, ioctl
+from . import abi
+from ._sys import ioctl
 from .memory import GuestMemory
 
-_RESET = abi.KVM_RESET_DIRTY_RINGS
-assert _RESET < 2 ** 31                 # _sys._ioctl_fast passes it as a C int
+# Made once: the reset runs at every ring-full exit
 _RESET_HINTS = {errno.EINVAL: "the dirty ring is not enabled on this VM"}
 
 _RING_HINTS = {
@@ -118,18 +117,9 @@ class Vm:
                errno.ENXIO: "the dirty ring is enabled on this VM"})
 
     def reset_dirty_rings(self) -> int:
-        """KVM_RESET_DIRTY_RINGS: recycle every harvested entry; returns how many (api.rst 7.36).
-
-        Called at every ring-full exit, so it takes KVM_RUN's argument-less handle
-        (_sys._ioctl_fast): right after KVM_RUN that halves the call's own cost.
-        """
-        if _sys.tracer is not None:
-            return ioctl(self.fd, _RESET, 0, "KVM_RESET_DIRTY_RINGS", _RESET_HINTS)
-        got = _sys._ioctl_fast(self.fd, _RESET, None)
-        if got < 0:
-            err = ctypes.get_errno()
-            raise KvmError("KVM_RESET_DIRTY_RINGS", err, _RESET_HINTS.get(err))
-        return got
+        """KVM_RESET_DIRTY_RINGS: recycle every harvested entry; returns how many (api.rst 7.36)."""
+        return ioctl(self.fd, abi.KVM_RESET_DIRTY_RINGS, 0, "KVM_RESET_DIRTY_RINGS",
+                     _RESET_HINTS)
 
     def set_tss_addr(self, addr: int) -> None:
         """KVM_SET_TSS_ADDR: three pages VMX needs for real mode (api.rst 4.44); address by value."""

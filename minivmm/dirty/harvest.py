@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import _sys
 from ..abi import KVM_DIRTY_GFN_F_DIRTY as DIRTY, KVM_DIRTY_GFN_F_RESET as RESET
 from .pageset import PageSet
 
@@ -34,10 +35,6 @@ _U32 = 0xFFFFFFFF
 # First scan window; it doubles while every entry in it is harvestable, so a
 # nearly empty 65536-entry ring does not cost a snapshot of the whole array.
 _FIRST_CHUNK = 4096
-# Pages of our own buffers are faulted in when they are made, not at their first use
-# inside a collection: on a nested host a first-touch fault right after KVM_RUN costs
-# ~11 us per 4 KiB (docs/benchmarks.md), far more than copying the page.
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 # Reductions called as ufuncs: ndarray.max() and .min() add a Python-level wrapper
 _MAX, _MIN = np.maximum.reduce, np.minimum.reduce
 
@@ -288,7 +285,8 @@ class Stage:
 
     A page-aligned anonymous mapping kept from one collection to the next and grown by
     doubling, populated when it is made (MAP_POPULATE): fresh memory costs a page fault
-    per 4 KiB at first touch, which on a nested host is dearer than the copy itself.
+    per 4 KiB at first touch, on a nested host ~11 us right after KVM_RUN
+    (docs/benchmarks.md), far dearer than the copy itself.
     """
 
     def __init__(self, capacity: int):
@@ -298,7 +296,7 @@ class Stage:
 
     def _grow(self, capacity: int) -> None:
         new = mmap.mmap(-1, capacity * ENTRY_BYTES,
-                        flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _POPULATE)
+                        flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _sys.MAP_POPULATE)
         if self.count:
             new[:self.count * ENTRY_BYTES] = self._map[:self.count * ENTRY_BYTES]
         old, self._map, self.capacity = self._map, new, capacity
