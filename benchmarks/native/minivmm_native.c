@@ -338,9 +338,9 @@ static uint64_t harvest_ring(struct vcpu *v, uint64_t *distinct)
 	return n;
 }
 
-/* Harvest + reset (ring) or get + clear (bitmap).  Caller holds `lock`.
- * Returns the number of ring entries harvested. */
-static uint64_t collect(void)
+/* Harvest + reset (ring) or get + clear (bitmap).  Caller holds `lock`; what each
+ * ring gave is added to its vCPU's since_full. */
+static void collect(void)
 {
 	uint64_t distinct = 0, entries = 0;
 	double t0 = now();
@@ -388,7 +388,6 @@ static uint64_t collect(void)
 	st_pages += distinct;
 	st_entries += entries;
 	st_dups += entries > distinct ? entries - distinct : 0;
-	return entries;
 }
 
 /* Last arrival (or a finishing vCPU) collects and releases everyone. */
