@@ -93,15 +93,6 @@ class VcpuRing:
         self.fetch = result.fetch
         return result
 
-    def peek(self, count: int | None = None, start: int | None = None) -> list:
-        """Raw (flags, slot, offset) entries from ``start`` (default: the fetch index),
-        without harvesting: for looking at the ring, not for collecting."""
-        import struct
-        start = self.fetch if start is None else start
-        count = self.entries if count is None else count
-        return [struct.unpack_from("<IIQ", self.map, ((start + i) % self.entries) * ENTRY_BYTES)
-                for i in range(count)]
-
     def flags(self):
         """A copy of every entry's flags, for the ring view (index = position in the ring)."""
         return np.frombuffer(self.map, dtype="<u4", count=self.entries * 4)[0::4].copy()

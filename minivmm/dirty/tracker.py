@@ -362,9 +362,6 @@ class IterationRecord:
         return out
 
 
-RING_STATES = {0: "empty", 1: "dirty", 2: "reset", 3: "reset"}
-
-
 def ring_view_dict(v: dict) -> dict:
     """A ring's state at one collection, summarised: counts per state at each stage, the
     fetch indices (free running, and as ring positions) and what the reset returned."""
