@@ -369,8 +369,8 @@ class Machine:
                         console.extend(vcpu.io_data())
                         continue
                     if port == L.PORT_EXIT:
-                        st.end = self._end_at(st, "exit-port", code=kmap[io.data_offset],
-                                              after=True, io_out=True)
+                        st.end = self.end_at(st, "exit-port", code=kmap[io.data_offset],
+                                             after=True, io_out=True)
                         break
                     if port == L.PORT_EXCEPTION and self.payload.mode == "long":
                         st.end = self._exception_end(st)
@@ -378,33 +378,33 @@ class Machine:
                 elif port == L.PORT_EXCEPTION:     # the stub asks: resume? never, here
                     vcpu.set_io_data(b"\0\0\0\0")
                     continue
-                st.end = self._end_at(st, "unhandled-io", after=io.direction == _OUT,
-                                      io_out=io.direction == _OUT,
-                                      detail=_strip(vcpu.describe_exit(reason)))
+                st.end = self.end_at(st, "unhandled-io", after=io.direction == _OUT,
+                                     io_out=io.direction == _OUT,
+                                     detail=_strip(vcpu.describe_exit(reason)))
             elif reason == _INTR:
                 if st.stop_reason is not None:
                     run.immediate_exit = 0
-                    st.end = self._end_at(st, st.stop_reason)
+                    st.end = self.end_at(st, st.stop_reason)
                 # else: a stray signal; just re-enter
             elif reason == _HLT:
-                st.end = self._end_at(st, "hlt", after=True)
+                st.end = self.end_at(st, "hlt", after=True)
             elif reason == _MMIO:
                 detail = _strip(vcpu.describe_exit(reason))
-                st.end = self._end_at(st, "unhandled-mmio", after=bool(run.mmio.is_write),
-                                      detail=detail)
+                st.end = self.end_at(st, "unhandled-mmio", after=bool(run.mmio.is_write),
+                                     detail=detail)
             elif reason == abi.KVM_EXIT_DIRTY_RING_FULL and self.on_ring_full is not None:
                 st.end = self.on_ring_full(st)     # harvest, reset, re-enter (or an end)
             elif reason == abi.KVM_EXIT_SHUTDOWN:
-                st.end = self._end_at(st, "shutdown", registers=True)
+                st.end = self.end_at(st, "shutdown", registers=True)
             elif reason == abi.KVM_EXIT_INTERNAL_ERROR:
-                st.end = self._end_at(st, "internal-error", registers=True,
-                                      detail=_strip(vcpu.describe_exit(reason)))
+                st.end = self.end_at(st, "internal-error", registers=True,
+                                     detail=_strip(vcpu.describe_exit(reason)))
             elif reason == abi.KVM_EXIT_FAIL_ENTRY:
-                st.end = self._end_at(st, "fail-entry", registers=True,
-                                      detail=_strip(vcpu.describe_exit(reason)))
+                st.end = self.end_at(st, "fail-entry", registers=True,
+                                     detail=_strip(vcpu.describe_exit(reason)))
             else:
-                st.end = self._end_at(st, "unexpected-exit", registers=True,
-                                      detail=_strip(vcpu.describe_exit(reason)))
+                st.end = self.end_at(st, "unexpected-exit", registers=True,
+                                     detail=_strip(vcpu.describe_exit(reason)))
 
     # -- reporting where a vCPU stopped --
     def registers(self, st: VcpuState) -> dict:
@@ -454,8 +454,10 @@ class Machine:
         one = disassemble_one(raw, rip, p.mode)
         return one.text if one else None
 
-    def _end_at(self, st, reason, code=None, after=False, registers=False, detail=None,
-                io_out=False):
+    def end_at(self, st, reason, code=None, after=False, registers=False, detail=None,
+               io_out=False) -> VcpuEnd:
+        """How a vCPU ended at its current RIP, with the instruction there named
+        (describe_instruction's ``after`` and ``io_out``); the stepper uses it too."""
         regs = st.vcpu.get_regs()
         end = VcpuEnd(reason, code=code, rip=regs.rip,
                       instruction=self.describe_instruction(st, regs.rip, after, io_out),
@@ -478,7 +480,7 @@ class Machine:
     def _exception_end(self, st) -> VcpuEnd:
         frame = self.stub_frame(st.vcpu.get_regs().rsp)
         if frame is None:
-            return self._end_at(st, "exception", registers=True)
+            return self.end_at(st, "exception", registers=True)
         return self.exception_end(st, frame)
 
     def exception_end(self, st, frame: dict) -> VcpuEnd:

@@ -650,10 +650,7 @@ class StepSession:
 
     # -- ends --
     def _end_here(self, reason: str, after: bool = False, detail=None) -> VcpuEnd:
-        regs = self.vcpu.get_regs()
-        return VcpuEnd(reason, rip=regs.rip,
-                       instruction=self.machine.describe_instruction(self.st, regs.rip, after),
-                       detail=dict(detail or {}))
+        return self.machine.end_at(self.st, reason, after=after, detail=detail)
 
     def _end_exception(self, frame: dict) -> None:
         self.end = self.machine.exception_end(self.st, frame)

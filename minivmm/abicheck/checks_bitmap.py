@@ -15,7 +15,7 @@ import ctypes
 import numpy as np
 
 from .. import abi
-from ..dirty.bitmap import enable_manual_protect
+from ..dirty.bitmap import enable_manual_protect, encode
 from ..dirty.verify import LCG_ADD, LCG_MUL, lcg_pages
 from ..memory import GuestMemory
 from ..x86 import layout as L
@@ -60,11 +60,9 @@ def spans(pages) -> str:
 
 
 def bitmap_for(pages, npages: int) -> np.ndarray:
-    """u64 words with the given bits set (a CLEAR argument, relative to its first_page)."""
-    words = np.zeros(max(1, (npages + 63) // 64), dtype="<u8")
-    for p in pages:
-        words[p // 64] |= np.uint64(1) << np.uint64(p % 64)
-    return words
+    """u64 words with the given bits set (a CLEAR argument, relative to its first_page);
+    at least one word, so that even an empty CLEAR passes a valid pointer."""
+    return encode(list(pages), max(npages, 1))
 
 
 def get_raw(vm, slot: int, nbytes: int, fill: int = CANARY) -> bytes:

@@ -33,8 +33,6 @@ def fault(name: str, doc: str):
 @contextlib.contextmanager
 def _ioctl_hook(change):
     """Install ``change(name, request, arg, ret, err) -> (ret, err)`` around every ioctl."""
-    old = _sys.tracer
-
     def tracer(fd, request, arg, name, hints, run=None):
         ret = _sys._ioctl(fd, request, arg)
         err = ctypes.get_errno() if ret < 0 else 0
@@ -42,11 +40,8 @@ def _ioctl_hook(change):
         if ret < 0:
             raise KvmError(name, err, (hints or {}).get(err))
         return ret
-    _sys.tracer = tracer
-    try:
+    with _patch(_sys, "tracer", tracer):
         yield
-    finally:
-        _sys.tracer = old
 
 
 @contextlib.contextmanager
@@ -226,11 +221,8 @@ def _never_reaches_kernel(call: str):
             err = ctypes.get_errno()
             raise KvmError(name, err, (hints or {}).get(err))
         return ret
-    _sys.tracer = tracer
-    try:
+    with _patch(_sys, "tracer", tracer):
         yield
-    finally:
-        _sys.tracer = old
 
 
 @fault("clear_log_ignored", "KVM_CLEAR_DIRTY_LOG reports success (0) without clearing or "
