@@ -479,7 +479,7 @@ class StepSession:
                 self.end = VcpuEnd("exit-port", code=value & 0xFF, rip=regs.rip,
                                    instruction=step.instruction)
             else:
-                self.end = self._end_here("unhandled-io", after=True,
+                self.end = self._end_here("unhandled-io", after=True, io_out=True,
                                           detail=_strip(vcpu.describe_exit(reason)))
             if self.mechanism == IN_GUEST and self.end is None:
                 self._keep_tf(regs)
@@ -629,10 +629,10 @@ class StepSession:
                     self.syncs += 1
                     continue
                 if out and port == L.PORT_EXIT:
-                    self.end = self._end_here("exit-port", after=True)
+                    self.end = self._end_here("exit-port", after=True, io_out=True)
                     self.end.code = vcpu.io_data()[0]
                 else:
-                    self.end = self._end_here("unhandled-io", after=out,
+                    self.end = self._end_here("unhandled-io", after=out, io_out=out,
                                               detail=_strip(vcpu.describe_exit(reason)))
             elif reason == _HLT:
                 self.end = self._end_here("hlt", after=True)
@@ -649,8 +649,10 @@ class StepSession:
             self.pre_break_entries = len(self._harvest())
 
     # -- ends --
-    def _end_here(self, reason: str, after: bool = False, detail=None) -> VcpuEnd:
-        return self.machine.end_at(self.st, reason, after=after, detail=detail)
+    def _end_here(self, reason: str, after: bool = False, detail=None,
+                  io_out: bool = False) -> VcpuEnd:
+        # io_out: RIP may still be at the out on VMX/SVM (Machine.describe_instruction)
+        return self.machine.end_at(self.st, reason, after=after, detail=detail, io_out=io_out)
 
     def _end_exception(self, frame: dict) -> None:
         self.end = self.machine.exception_end(self.st, frame)

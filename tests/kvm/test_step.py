@@ -151,6 +151,20 @@ def test_break_at_done_stops_there_first_in_guest():
         assert s.machine.system.read(L.CODE, len(p.code)) == p.code
 
 
+def test_stepper_end_at_an_out_names_it_whether_rip_is_past_it_or_at_it():
+    # A --break run that ends at the exit port names the out with the RIP KVM left:
+    # past it (kvm_pvm) or still at it (VMX/SVM complete the out on the next KVM_RUN).
+    p, _ = listing("hello_long")
+    out = next(i for i in p.listing if i.text == "out 0xf4, al")
+    with StepSession(p) as s:
+        for rip in (out.address + out.size, out.address):
+            regs = s.vcpu.get_regs()
+            regs.rip = rip
+            s.vcpu.set_regs(regs)
+            end = s._end_here("exit-port", after=True, io_out=True)
+            assert end.rip == rip and end.instruction.startswith("out 0xf4, al"), end
+
+
 def test_break_in_real_mode_uses_a_hardware_breakpoint():
     p, _ = listing("hello_real")
     hlt = by_line(p, "hlt").address
