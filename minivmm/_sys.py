@@ -12,6 +12,7 @@ import ctypes
 import errno as _errno
 import mmap as _mmap
 import os
+import weakref
 
 __all__ = ["KvmError", "KvmUnavailable", "ioctl", "errno_name", "map_shared", "libc"]
 
@@ -63,6 +64,12 @@ class KvmUnavailable(KvmError):
     """/dev/kvm is missing or cannot be opened."""
 
 
+def own_fd(owner, fd: int) -> "weakref.finalize":
+    """Tie ``fd`` to ``owner``: call the result to close it (once); if the owner is dropped
+    without close(), the garbage collector closes it, so a forgotten VM leaks no fd."""
+    return weakref.finalize(owner, os.close, fd)
+
+
 def ioctl(fd: int, request: int, arg=0, name: str = "ioctl", hints: dict | None = None) -> int:
     """Issue one ioctl; return its non-negative result or raise KvmError.
 
@@ -75,9 +82,16 @@ def ioctl(fd: int, request: int, arg=0, name: str = "ioctl", hints: dict | None 
     else:
         ret = _ioctl(fd, request, arg)
     if ret < 0:
-        err = ctypes.get_errno()
-        raise KvmError(name, err, (hints or {}).get(err))
+        raise failure(fd, name, ctypes.get_errno(), hints)
     return ret
+
+
+def failure(fd: int, name: str, err: int, hints: dict | None) -> KvmError:
+    """The KvmError for a failed ioctl, with the caller's hint for this errno, if any."""
+    hint = (hints or {}).get(err)
+    if hint is None and fd < 0:
+        hint = "its /dev/kvm, VM or vCPU has been closed"
+    return KvmError(name, err, hint)
 
 
 def map_shared(fd: int, length: int, offset: int = 0, name: str = "mmap",

@@ -368,7 +368,8 @@ EXTRA_COMMANDS = ("minivmm.step", "minivmm.abicheck.cli")
 def _install_ioctl_trace(args) -> None:
     if getattr(args, "trace_ioctls", False):
         from . import trace
-        trace.install(sys.stderr if getattr(args, "json", False) else sys.stdout)
+        machine_readable = getattr(args, "json", False) or getattr(args, "report_on_stdout", False)
+        trace.install(sys.stderr if machine_readable else sys.stdout)
 
 
 def main(argv=None) -> int:

@@ -11,7 +11,7 @@ import errno
 import os
 from typing import TYPE_CHECKING
 
-from . import abi
+from . import _sys, abi
 from ._sys import KvmError, KvmUnavailable, ioctl
 
 if TYPE_CHECKING:
@@ -46,13 +46,19 @@ class Kvm:
                                  "(usually 'kvm') or run as root") from None
         except OSError as e:
             raise KvmUnavailable(f"open {device}", e.errno or 0) from None
+        self._close_fd = _sys.own_fd(self, self.fd)
         self._cpuid = None
         try:
-            version = self.get_api_version()
+            try:
+                version = self.get_api_version()
+            except KvmError as e:     # ENOTTY: a file that is not the KVM device
+                raise KvmUnavailable("KVM_GET_API_VERSION", e.errno,
+                                     f"{device} does not answer KVM's ioctls: is it the KVM "
+                                     "device? (check MINIVMM_KVM_DEVICE)") from None
             if version != abi.KVM_API_VERSION:
-                raise KvmError("KVM_GET_API_VERSION", 0,
-                               f"kernel reports API version {version}, minivmm speaks "
-                               f"{abi.KVM_API_VERSION}")
+                raise KvmUnavailable("KVM_GET_API_VERSION", 0,
+                                     f"kernel reports API version {version}, minivmm speaks "
+                                     f"{abi.KVM_API_VERSION}")
         except BaseException:
             self.close()
             raise
@@ -60,7 +66,7 @@ class Kvm:
     # -- lifecycle --
     def close(self) -> None:
         if self.fd >= 0:
-            os.close(self.fd)
+            self._close_fd()
             self.fd = -1
 
     def __enter__(self) -> "Kvm":

@@ -220,13 +220,18 @@ class Machine:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _vm(self):
+        if self.vm is None:
+            raise MachineError("this Machine is closed")
+        return self.vm
+
     @property
     def data(self):
-        return self.vm.memory[L.SLOT_DATA]
+        return self._vm().memory[L.SLOT_DATA]
 
     @property
     def system(self):
-        return self.vm.memory[L.SLOT_SYSTEM]
+        return self._vm().memory[L.SLOT_SYSTEM]
 
     def dump_image(self, path: str) -> None:
         """Write slots, registers and CPUID as a machine image for the native baseline.
@@ -234,7 +239,7 @@ class Machine:
         The format is documented in benchmarks/native/IMAGE_FORMAT.md; it lets a small
         C program run exactly the guest bytes and entry state this Machine would run.
         """
-        out = [b"MVMMIMG1", struct.pack("<II", 1, len(self.vm.memory))]
+        out = [b"MVMMIMG1", struct.pack("<II", 1, len(self._vm().memory))]
         for slot, mem in sorted(self.vm.memory.items()):
             # slot 0 holds code, tables and stacks; the data slot starts out all zero
             content = bytes(mem.map).rstrip(b"\0") if slot == L.SLOT_SYSTEM else b""
@@ -262,6 +267,7 @@ class Machine:
         """Start the vCPU threads and return at once; wait() collects the result."""
         if timeout is not None and timeout < 0:
             raise MachineError(f"timeout must not be negative (got {timeout})")
+        self._vm()
         install_kick_handler()
         self._start = time.monotonic()
         self._deadline = None if timeout is None else self._start + timeout

@@ -37,6 +37,8 @@ class GuestMemory:
         return self.size // PAGE_SIZE
 
     def contains(self, gpa: int, length: int = 1) -> bool:
+        if self.map is None:
+            raise ValueError(f"{self.name} is closed (its VM was closed)")
         return self.gpa <= gpa and gpa + length <= self.gpa + self.size
 
     def write(self, gpa: int, data: bytes) -> None:

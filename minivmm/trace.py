@@ -321,7 +321,7 @@ class Tracer:
             self.stream.write(line)
             self.stream.flush()
         if ret < 0:
-            raise _sys.KvmError(name, err, (hints or {}).get(err))
+            raise _sys.failure(fd, name, err, hints)
         return ret
 
 

@@ -33,6 +33,7 @@ class Vcpu:
             os.close(fd)
             self.fd = -1
             raise
+        self._close_fd = _sys.own_fd(self, fd)
         self.run_struct = abi.kvm_run.from_buffer(self.map)
         assert abi.KVM_RUN < 2 ** 31     # _sys._ioctl_fast passes it as a C int
         self._run_args = (fd, abi.KVM_RUN, None)
@@ -48,14 +49,15 @@ class Vcpu:
                 self.map.close()
             except BufferError:
                 # still close the fd; the mapping goes when the last view does
-                os.close(self.fd)
-                self.fd = -1
+                if self.fd >= 0:
+                    self._close_fd()
+                    self.fd = -1
                 raise BufferError(f"vCPU {self.id}: a view of its kvm_run page (e.g. "
                                   "run_struct.io) is still alive; delete it before closing"
                                   ) from None
             self.map = None
         if self.fd >= 0:
-            os.close(self.fd)
+            self._close_fd()
             self.fd = -1
 
     # -- KVM_RUN: the hot path, kept lean --
@@ -65,6 +67,8 @@ class Vcpu:
         Returns KVM_EXIT_INTR when the call was interrupted (EINTR): then the
         kernel may not have written exit_reason, so it is not read (host-probes.md 3).
         """
+        if self.fd < 0:     # never reach an fd number that may now be another vCPU's
+            raise KvmError("KVM_RUN", errno.EBADF, f"vCPU {self.id} is closed")
         if _sys.tracer is not None:
             try:   # hand the tracer our kvm_run so it can name the exit
                 _sys.tracer(self.fd, abi.KVM_RUN, 0, "KVM_RUN", _RUN_HINTS, run=self.run_struct)

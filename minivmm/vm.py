@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import os
 
-from . import abi
+from . import _sys, abi
 from ._sys import ioctl
 from .memory import GuestMemory
 
@@ -31,6 +30,8 @@ class Vm:
     def __init__(self, kvm, fd: int):
         self.kvm = kvm
         self.fd = fd
+        self._close_fd = _sys.own_fd(self, fd)
+        self.dirty_ring_bytes = 0   # per vCPU, once KVM_ENABLE_CAP(dirty ring) succeeded
         self.vcpus: list = []
         self.memory: dict[int, GuestMemory] = {}
 
@@ -43,7 +44,7 @@ class Vm:
             try:
                 if part is None:
                     if self.fd >= 0:
-                        os.close(self.fd)
+                        self._close_fd()
                         self.fd = -1
                 else:
                     part.close()
@@ -94,8 +95,11 @@ class Vm:
         if hints is None and cap in (abi.KVM_CAP_DIRTY_LOG_RING,
                                      abi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL):
             hints = _RING_HINTS
-        return ioctl(self.fd, abi.KVM_ENABLE_CAP, ctypes.addressof(arg),
-                     f"KVM_ENABLE_CAP({name})", hints)
+        ret = ioctl(self.fd, abi.KVM_ENABLE_CAP, ctypes.addressof(arg),
+                    f"KVM_ENABLE_CAP({name})", hints)
+        if cap in (abi.KVM_CAP_DIRTY_LOG_RING, abi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL):
+            self.dirty_ring_bytes = args[0]    # what VcpuRing may map, no more
+        return ret
 
     def get_dirty_log(self, slot: int, bitmap_addr: int) -> None:
         """KVM_GET_DIRTY_LOG: copy the slot's dirty bitmap to bitmap_addr (api.rst 4.8)."""

@@ -23,7 +23,8 @@ def register(sub, common) -> None:
     p.add_argument("--unsafe", action="store_true",
                    help="also run checks that may WARN or taint the kernel")
     p.add_argument("--output", metavar="FILE", help="write the report here instead of stdout")
-    p.set_defaults(func=cmd_abi_check)
+    # The report is for machines (KTAP, JSON, JUnit): --trace-ioctls goes to stderr
+    p.set_defaults(func=cmd_abi_check, report_on_stdout=True)
 
 
 def cmd_abi_check(args) -> int:
@@ -37,19 +38,25 @@ def cmd_abi_check(args) -> int:
     if args.list:
         sys.stdout.write(report.listing(specs))
         return 0
+    try:   # opened before any check runs: a bad path costs nothing and is no failure
+        out = open(args.output, "w") if args.output else sys.stdout
+    except OSError as e:
+        print(f"minivmm abi-check: cannot write --output {args.output}: {e.strerror}",
+              file=sys.stderr)
+        return EXIT_CANNOT_RUN
     try:
         kvm = Kvm()
-    except KvmUnavailable as e:
+    except KvmUnavailable as e:     # no device, no permission, or not a KVM device
         print(f"minivmm abi-check: cannot run: {e}", file=sys.stderr)
+        if out is not sys.stdout:
+            out.close()
         return EXIT_CANNOT_RUN
     with kvm:
         header = host_header(kvm)
         results = [run_one(s, kvm, args.unsafe) for s in specs]
     text = {"ktap": report.ktap, "json": report.to_json, "junit": report.junit}[args.format](
         results, header)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text)
-    else:
-        sys.stdout.write(text)
+    out.write(text)
+    if out is not sys.stdout:
+        out.close()
     return report.exit_status(results)

@@ -3,6 +3,7 @@ JSON, and JUnit XML for CI systems; plus the kselftest exit status."""
 from __future__ import annotations
 
 import json
+import socket
 from xml.sax.saxutils import escape, quoteattr
 
 KSFT_PASS, KSFT_FAIL, KSFT_SKIP = 0, 1, 4
@@ -62,10 +63,11 @@ def junit(results, header: dict) -> str:
     out = ['<?xml version="1.0" encoding="UTF-8"?>',
            f'<testsuites><testsuite name="minivmm-abi-check" tests="{len(results)}" '
            f'failures="{fails}" skipped="{skips}" errors="0" time="{total:.3f}" '
-           f'hostname={quoteattr(header["kernel"])}>',
+           f'hostname={quoteattr(socket.gethostname())}>',
            "<properties>" + "".join(
                f"<property name={quoteattr(k)} value={quoteattr(str(v))}/>"
-               for k, v in [("vendor_module", header["vendor_module"]),
+               for k, v in [("kernel", header["kernel"]),
+                            ("vendor_module", header["vendor_module"]),
                             *header["capabilities"].items()]) + "</properties>"]
     for r in results:
         out.append(f'<testcase classname="abi_check.{escape(r.id.split(".")[0])}" '

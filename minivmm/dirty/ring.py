@@ -63,6 +63,15 @@ class VcpuRing:
     """
 
     def __init__(self, vcpu, entries: int, stage_entries: int = 0):
+        # Mapping more than the kernel allocated faults (SIGBUS) at the first access
+        # past its ring, so the size must be the one KVM_ENABLE_CAP was given.
+        have = vcpu.vm.dirty_ring_bytes // ENTRY_BYTES
+        if have != entries:
+            raise DirtyRingError(f"vCPU {vcpu.id}: " + (
+                f"this VM's dirty ring has {have} entries, not {entries}" if have else
+                "no dirty ring is enabled on this VM (enable_dirty_ring() before the vCPUs)"))
+        if vcpu.ring is not None:
+            raise DirtyRingError(f"vCPU {vcpu.id}: its ring is already mapped (vcpu.ring)")
         self.vcpu, self.entries = vcpu, entries
         self.fetch = 0                      # free-running u32, as the kernel's indices
         self.last_full = 0                  # the count taken at its last ring-full exit

@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import abi
 from .._sys import KvmError
-from ..machine import Machine, VcpuEnd
+from ..machine import Machine, MachineError, VcpuEnd
 from ..payload import Payload, load
 from ..x86 import layout as L
 from .bitmap import SlotBitmap, enable_manual_protect, popcount
@@ -415,6 +415,8 @@ class DirtySession:
             self.tracker.keep_raw = False
         self.poll_interval_s = poll_interval_s
         nvcpus = vcpus if vcpus is not None else (self.payload.vcpus or 1)
+        if nvcpus < 1:
+            raise MachineError(f"--vcpus must be at least 1 (got {nvcpus})")
         writes = writes if writes is not None else max(1, pages // nvcpus // 4)
         if isinstance(self.tracker, RingTracker) and not self.tracker.stage_entries:
             # A vCPU's share of the data pages per iteration, and room for its page-table
@@ -445,7 +447,7 @@ class DirtySession:
         self._running = self.nvcpus
         self._generation = 0
         self._queue: queue.Queue = queue.Queue()
-        self._gated = False
+        self._gated = self._started = False
         self._go = threading.Event()
         self._reaper_stop = threading.Event()
         self._failure: BaseException | None = None
@@ -471,6 +473,9 @@ class DirtySession:
     def iterate(self, timeout: float | None = 60.0, gated: bool = True):
         """Yield an IterationRecord per collection; with gated=True the vCPUs stay paused
         at the barrier until the next record is asked for (step by step from Python)."""
+        if self._started:     # its vCPUs have ended and its barrier counts are spent
+            raise MachineError("this DirtySession has already run; make a new one")
+        self._started = True
         self._gated = gated
         self.machine.start(timeout)
         reaper = None

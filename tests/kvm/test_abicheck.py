@@ -93,6 +93,39 @@ def test_cannot_run_without_kvm():
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_a_device_that_is_not_kvm_cannot_run():
+    # 1 would tell a kselftest runner that the kernel failed a check
+    proc = run_cli("abi-check", "-k", "caps.api", env={"MINIVMM_KVM_DEVICE": "/dev/null"})
+    assert proc.returncode == 2 and proc.stdout == ""
+    line, = proc.stderr.strip().splitlines()
+    assert "KVM_GET_API_VERSION" in line and "ENOTTY" in line and "/dev/null" in line
+
+
+def test_an_unwritable_output_is_refused_before_any_check(tmp_path):
+    bad = tmp_path / "no-such-dir" / "report.xml"
+    proc = run_cli("abi-check", "--output", str(bad), "--trace-ioctls")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    line, = proc.stderr.strip().splitlines()     # no ioctl traced: nothing ran
+    assert "--output" in line and "No such file" in line and not bad.exists()
+    good = tmp_path / "report.json"
+    proc = run_cli("abi-check", "-k", "caps.api", "--format", "json", "--output", str(good))
+    assert proc.returncode == 0 and proc.stdout == ""
+    assert json.loads(good.read_text())["results"][0]["status"] == "pass"
+
+
+@pytest.mark.parametrize("fmt", ["ktap", "json", "junit"])
+def test_traced_ioctls_go_to_stderr_and_leave_the_report_parseable(fmt):
+    proc = run_cli("abi-check", "-k", "caps.api", "--format", fmt, "--trace-ioctls")
+    assert proc.returncode == 0, proc.stderr
+    assert "ioctl(kvm" in proc.stderr and "ioctl(kvm" not in proc.stdout
+    if fmt == "ktap":
+        assert proc.stdout.splitlines()[0] == "KTAP version 1"
+    elif fmt == "json":
+        assert json.loads(proc.stdout)["exit_status"] == 0
+    else:
+        assert ET.fromstring(proc.stdout).find(".//testcase").get("name") == "caps.api_version"
+
+
 def test_exit_status_rules():
     R = runner.Result
     assert report.exit_status([R("a", "pass"), R("b", "skip")]) == 0

@@ -11,6 +11,7 @@ from minivmm import Kvm, KvmError, abi
 from minivmm.dirty import tracker as trackermod
 from minivmm.dirty.ring import DirtyRingError, enable_dirty_ring
 from minivmm.dirty.tracker import CollectionError, DirtySession, compare_runs
+from minivmm.machine import MachineError
 from minivmm.x86 import layout as L
 from tests.conftest import ROOT, payload, run_cli
 from tests.unit.test_cli_errors import one_line_error
@@ -119,6 +120,40 @@ def test_ring_after_vcpus_is_refused_clearly():
             vm.enable_cap(abi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL, 4096 * 16,
                           hints={22: "enable the dirty ring before creating vCPUs"})
         assert info.value.errno_name == "EINVAL" and "KVM_ENABLE_CAP" in str(info.value)
+
+
+def test_a_ring_mapping_must_match_the_vms_ring():
+    # A mapping larger than the kernel's ring would end the process with SIGBUS at the
+    # first read past it; refused before mmap instead.
+    from minivmm.dirty.ring import VcpuRing
+    with Kvm() as kvm:
+        with kvm.create_vm() as vm:
+            vcpu = vm.create_vcpu(0)
+            with pytest.raises(DirtyRingError, match="no dirty ring is enabled"):
+                VcpuRing(vcpu, 4096)
+        with kvm.create_vm() as vm:
+            enable_dirty_ring(vm, 4096)
+            vcpu = vm.create_vcpu(0)
+            with pytest.raises(DirtyRingError, match="has 4096 entries, not 8192"):
+                VcpuRing(vcpu, 8192)
+            ring = VcpuRing(vcpu, 4096)
+            assert len(ring.flags()) == 4096 and ring.harvest().count == 0
+            with pytest.raises(DirtyRingError, match="already mapped"):
+                VcpuRing(vcpu, 4096)
+            assert vcpu.ring is ring
+
+
+def test_a_session_runs_once_and_needs_a_vcpu():
+    with session(tracker="bitmap", vcpus=1, pages=64, iterations=2) as s:
+        assert all(r.ok for r in s.run(timeout=None))
+        with pytest.raises(MachineError, match="already run"):
+            s.run(timeout=None)         # used to wait forever for an end already counted
+    with pytest.raises(MachineError, match="at least 1"):
+        session(vcpus=0)
+    s = session(vcpus=1, pages=64)
+    s.close()
+    with pytest.raises(MachineError, match="closed"):
+        s.run()
 
 
 def test_no_ring_capability_refuses_ring_and_auto_falls_back():
