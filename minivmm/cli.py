@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
+import math
 import os
 import sys
 import threading
@@ -35,6 +37,8 @@ def _seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value):     # nan compares false with everything: no deadline
+        raise argparse.ArgumentTypeError(f"not a finite number of seconds: {text!r}")
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative: {text}")
     return value
@@ -211,14 +215,29 @@ def _run_dirty_session(args, tracker: str):
         return session.tracker, records, session.result, session
 
 
+def _check_plot_path(path: str) -> None:
+    """Refuse a picture path that cannot be written before the VMs run, not after."""
+    if not path.lower().endswith(".png"):
+        raise UsageError(f"--plot {path!r}: the picture is a PNG; give a FILE.png")
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise UsageError(f"--plot {path!r}: cannot write there (is {parent} a writable "
+                         "directory?)")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plot needs matplotlib: pip install 'minivmm[plot]'")
+
+
 def cmd_dirty(args) -> int:
     from .dirty import report
     from .dirty.ring import ring_capability
     from .kvm import Kvm
-    if args.vcpus is not None and args.vcpus < 1:
-        raise UsageError(f"--vcpus must be at least 1 (got {args.vcpus})")
-    if args.iterations < 1:
-        raise UsageError(f"--iterations must be at least 1 (got {args.iterations})")
+    if args.plot is not None:
+        _check_plot_path(args.plot)
+    if args.tracker == "ring" and (args.initially_set or args.no_manual_protect):
+        raise UsageError("--initially-set and --no-manual-protect are bitmap options; "
+                         "use them with --tracker bitmap or both")
+    if args.tracker == "bitmap" and args.show_ring:
+        raise UsageError("--show-ring shows the dirty ring; use it with --tracker ring or both")
     trackers = ["ring", "bitmap"] if args.tracker == "both" else [args.tracker]
     if args.tracker == "auto":
         with Kvm() as kvm:
@@ -242,8 +261,7 @@ def cmd_dirty(args) -> int:
     if args.plot:
         report.plot(summary, args.plot)
         if args.show_ring and ring_records:
-            ring_plot = args.plot[:-4] + "-rings.png" if args.plot.endswith(".png") \
-                else args.plot + "-rings.png"
+            ring_plot = args.plot[:-4] + "-rings.png"
             report.plot_rings(ring_records[0], ring_plot)
     if args.json:
         print(json.dumps(summary))

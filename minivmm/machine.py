@@ -73,6 +73,9 @@ class VcpuEnd:
         ins = f" ({self.instruction})" if self.instruction else ""
         if self.reason == "exit-port":
             return f"exited with code {self.code}"
+        if self.reason == "exception" and self.vector is None:
+            return (f"the exception port was written with no exception frame to read "
+                    f"(RSP {self.detail.get('rsp', 0):#x} is outside guest memory){where}{ins}")
         if self.reason == "exception":
             name = EXCEPTION_NAMES.get(self.vector, f"vector {self.vector}")
             extra = f", error code {self.detail.get('error_code', 0):#x}"
@@ -484,9 +487,11 @@ class Machine:
         return frame
 
     def _exception_end(self, st) -> VcpuEnd:
-        frame = self.stub_frame(st.vcpu.get_regs().rsp)
-        if frame is None:
-            return self.end_at(st, "exception", registers=True)
+        rsp = st.vcpu.get_regs().rsp
+        frame = self.stub_frame(rsp)
+        if frame is None:     # not minivmm's stub: the guest wrote the port itself
+            return self.end_at(st, "exception", registers=True, detail={"rsp": rsp},
+                               after=True, io_out=True)
         return self.exception_end(st, frame)
 
     def exception_end(self, st, frame: dict) -> VcpuEnd:

@@ -135,6 +135,17 @@ def plot_rings(records, path: str) -> None:
     plt.close(fig)
 
 
+def _end_text(end: dict | None) -> str:
+    if not end:
+        return "no end recorded"
+    if end["reason"] == "exit-port":
+        return f"exited with code {end.get('code')}"
+    if end["reason"] == "timeout":
+        return "stopped by --timeout"
+    vector = end.get("vector")
+    return end["reason"] + (f", vector {vector}" if vector is not None else "")
+
+
 def verdict(summary: dict) -> str:
     runs = summary["runs"]
     names = " and ".join(r["tracker"] for r in runs)
@@ -150,9 +161,10 @@ def verdict(summary: dict) -> str:
         if any(it["lost"] for it in r["iterations"]):
             problems.append(f"{r['tracker']}: ring overflow, pages lost")
         if not r["vcpus_ok"]:
-            bad = [e for e in r["vcpu_ends"] if not e or e["reason"] not in ("exit-port", "hlt")]
-            problems.append(f"{r['tracker']}: a vCPU ended badly "
-                            f"({bad[0]['reason'] if bad and bad[0] else 'no end'})")
+            bad = [e for e in r["vcpu_ends"]
+                   if not e or e["reason"] not in ("exit-port", "hlt") or e.get("code")]
+            problems.append(f"{r['tracker']}: a vCPU ended badly ({_end_text(bad[0])})"
+                            if bad else f"{r['tracker']}: a vCPU ended badly")
     if len(runs) == 2 and not summary["agree"]:
         problems.append(f"ring and bitmap disagree on {len(summary['differences'])} iteration(s)")
     if problems:

@@ -257,6 +257,9 @@ class BitmapTracker(Tracker):
     name = "bitmap"
 
     def __init__(self, manual_protect: bool = True, initially_set: bool = False):
+        if initially_set and not manual_protect:
+            raise ValueError("KVM_DIRTY_LOG_INITIALLY_SET is an option of manual protect "
+                             "(api.rst 7.18): drop --no-manual-protect or --initially-set")
         super().__init__()
         self.want_manual, self.initially_set = manual_protect, initially_set
         self.manual = False
@@ -385,6 +388,10 @@ class CollectionError(RuntimeError):
         self.thread_traceback = thread_traceback
 
 
+MAX_ITERATIONS = 2 ** 32 - 1
+_NOTHING = object()      # no record arrived within the poll interval
+
+
 class DirtySession:
     """A payload in a fresh VM with a tracker, run iteration by iteration.
 
@@ -402,8 +409,15 @@ class DirtySession:
                  verify: bool = True):
         if collect not in ("sync", "async"):
             raise ValueError(f"collect must be sync or async, not {collect!r}")
-        if iterations < 1:
-            raise ValueError(f"iterations must be at least 1 (got {iterations})")
+        # RCX = iterations: 0 would loop until stopped, and the sync tag is 32 bits (EAX)
+        if not 1 <= iterations <= MAX_ITERATIONS:
+            raise ValueError(f"--iterations must be between 1 and {MAX_ITERATIONS} "
+                             f"(got {iterations})")
+        for name, value, low, high in (("stride", stride, 1, MAX_ITERATIONS),
+                                       ("seed", seed, 0, 2 ** 64 - 1),
+                                       ("writes", writes, 0, MAX_ITERATIONS)):
+            if value is not None and not low <= value <= high:   # a register: 64 bits
+                raise ValueError(f"--{name} must be between {low} and {high} (got {value})")
         self.payload = load(payload) if isinstance(payload, str) else payload
         self.tracker = tracker if isinstance(tracker, Tracker) else make_tracker(
             tracker, ring_entries, manual_protect, initially_set, force_no_ring, show_ring)
@@ -417,6 +431,9 @@ class DirtySession:
         nvcpus = vcpus if vcpus is not None else (self.payload.vcpus or 1)
         if nvcpus < 1:
             raise MachineError(f"--vcpus must be at least 1 (got {nvcpus})")
+        if pages < nvcpus:
+            raise MachineError(f"--pages {pages} leaves some of the {nvcpus} vCPUs no page "
+                               "of their own to dirty: give at least one page per vCPU")
         writes = writes if writes is not None else max(1, pages // nvcpus // 4)
         if isinstance(self.tracker, RingTracker) and not self.tracker.stage_entries:
             # A vCPU's share of the data pages per iteration, and room for its page-table
@@ -487,10 +504,13 @@ class DirtySession:
                 try:
                     item = self._queue.get(timeout=0.1)
                 except queue.Empty:
-                    if self.machine.expired():
-                        self._go.set()
-                        if all(st.done.is_set() for st in self.machine.states):
-                            break
+                    item = _NOTHING
+                # Checked at every record too: a guest that syncs often must still stop
+                if self.machine.expired():
+                    self._go.set()
+                    if item is _NOTHING and all(st.done.is_set() for st in self.machine.states):
+                        break
+                if item is _NOTHING:
                     continue
                 if item is None:
                     break
@@ -564,9 +584,11 @@ class DirtySession:
         # Only what needs the vCPUs paused happens here: collecting, and reading the
         # pages' contents; checking and reporting happen in the consumer's thread.
         iteration = max(self._arrived.values())
+        # A vCPU stopped (timeout, error) before this sync has not written its whole plan
+        synced = frozenset(i for i, tag in self._arrived.items() if tag == iteration)
         try:
             col = self.tracker.collect()
-            self._queue.put((iteration, col, self._snapshot()))
+            self._queue.put((iteration, col, self._snapshot(), synced))
         except Exception as e:
             self._fail(e)
         self._arrived.clear()
@@ -580,13 +602,15 @@ class DirtySession:
     def _snapshot(self):
         return self.oracle.snapshot() if self.verify else None
 
-    def _record(self, iteration, col: Collection, snap) -> IterationRecord:
+    def _record(self, iteration, col: Collection, snap, synced=None) -> IterationRecord:
         data = col.pages.get(L.SLOT_DATA, _EMPTY)
         if snap is None:      # not verifying: the pages as collected, nothing checked
             return IterationRecord(iteration, self.tracker.name, col, data, None, _EMPTY,
                                    _EMPTY, _EMPTY, [], "not verified")
         plans = plan(self.payload.name, self.nvcpus, self.pages, iteration, self.params) \
             if isinstance(iteration, int) else None
+        if plans and synced is not None:
+            plans = {i: want for i, want in plans.items() if i in synced} or None
         expected = np.unique(np.concatenate(list(plans.values()))) if plans else None
         if not isinstance(iteration, int):
             expected = None

@@ -1,4 +1,5 @@
 """Dirty tracking on the real /dev/kvm: ring and bitmap, verified by both oracles."""
+import json
 import signal
 import subprocess
 import sys
@@ -241,9 +242,49 @@ def test_cli_dirty_table_and_plot(tmp_path):
 
 @pytest.mark.parametrize("args,word", [(["--ring-entries", "3000"], "not a power of two"),
                                        (["--ring-entries", "64"], "too small"),
-                                       (["--iterations", "0"], "at least 1")])
+                                       (["--iterations", "0"], "between 1 and 4294967295"),
+                                       (["--iterations", str(2 ** 64)], "between 1 and"),
+                                       (["--payload", "dirty_stride", "--stride", "0"],
+                                        "--stride must be between 1"),
+                                       (["--payload", "dirty_random", "--writes", "-5"],
+                                        "--writes must be between 0"),
+                                       (["--seed", str(2 ** 64)], "--seed must be between 0"),
+                                       (["--vcpus", "4", "--pages", "3"], "at least one page"),
+                                       (["--no-manual-protect"], "bitmap options"),
+                                       (["--timeout", "nan"], "not a finite number"),
+                                       (["--plot", "/nonexistent/d.png"], "cannot write there"),
+                                       (["--plot", "/tmp"], "give a FILE.png")])
 def test_cli_dirty_bad_input(args, word):
+    # each of these used to run (and hang, or report false misses, or fail after the run)
     assert word in one_line_error(run_cli("dirty", "--tracker", "ring", "--pages", "256", *args))
+
+
+def test_initially_set_needs_manual_protect():
+    with pytest.raises(ValueError, match="INITIALLY_SET is an option of manual protect"):
+        session(tracker=trackermod.BitmapTracker(manual_protect=False, initially_set=True))
+
+
+def test_timeout_stops_a_guest_that_keeps_syncing():
+    # The deadline used to be checked only when no collection came for 0.1 s
+    start = time.monotonic()
+    proc = run_cli("dirty", "--tracker", "ring", "--pages", "256", "--iterations", "100000000",
+                   "--timeout", "1", "--json", timeout=60)
+    took = time.monotonic() - start
+    data = json.loads(proc.stdout)
+    assert proc.returncode == 1 and not data["ok"] and took < 20
+    ends = data["runs"][0]["vcpu_ends"]
+    assert [e["reason"] for e in ends] == ["timeout", "timeout"]
+    assert "stopped by --timeout" in proc.stderr
+    # a vCPU stopped before a sync has not written its plan: no miss is made up for it
+    assert all(it["missed"] == 0 for it in data["runs"][0]["iterations"])
+
+
+def test_a_nonzero_exit_code_is_named_in_the_verdict():
+    from minivmm.dirty import report
+    end = {"reason": "exit-port", "code": 5, "vector": None}
+    summary = {"runs": [{"tracker": "ring", "iterations": [], "vcpus_ok": False,
+                         "vcpu_ends": [{"reason": "exit-port", "code": 0}, end]}]}
+    assert report.verdict(summary) == "verdict: FAIL - ring: a vCPU ended badly (exited with code 5)"
 
 
 def test_ctrl_c_during_dirty_run():
