@@ -73,7 +73,7 @@ class VcpuEnd:
         ins = f" ({self.instruction})" if self.instruction else ""
         if self.reason == "exit-port":
             return f"exited with code {self.code}"
-        if self.reason == "exception" and self.vector is None:
+        if self.reason == "unreadable-exception-frame":
             return (f"the exception port was written with no exception frame to read "
                     f"(RSP {self.detail.get('rsp', 0):#x} is outside guest memory){where}{ins}")
         if self.reason == "exception":
@@ -479,7 +479,7 @@ class Machine:
         """The frame minivmm's exception stub left at ``rsp`` (x86/modes.py), with its
         address under "_at"; None when ``rsp`` is not in guest memory."""
         mem = self.vm.slot_for(rsp)
-        if mem is None:
+        if mem is None or not mem.contains(rsp, 8 * len(STUB_FRAME_FIELDS)):
             return None
         frame = dict(zip(STUB_FRAME_FIELDS,
                          struct.unpack("<8Q", mem.read(rsp, 8 * len(STUB_FRAME_FIELDS)))))
@@ -487,12 +487,24 @@ class Machine:
         return frame
 
     def _exception_end(self, st) -> VcpuEnd:
-        rsp = st.vcpu.get_regs().rsp
-        frame = self.stub_frame(rsp)
-        if frame is None:     # not minivmm's stub: the guest wrote the port itself
-            return self.end_at(st, "exception", registers=True, detail={"rsp": rsp},
-                               after=True, io_out=True)
+        regs = st.vcpu.get_regs()
+        frame = self.stub_frame(regs.rsp)
+        if frame is None:
+            return self.unreadable_frame_end(st, regs)
         return self.exception_end(st, frame)
+
+    def unreadable_frame_end(self, st, regs) -> VcpuEnd:
+        """An out to the exception port with RSP outside guest memory: no stub frame to
+        read. A real exception's stub runs on the TSS's RSP0 stack, so this is the
+        payload's own `out 0xe0` (or a stub whose stack the payload broke)."""
+        value = int.from_bytes(st.vcpu.io_data()[:4], "little")
+        in_stubs = L.STUBS <= regs.rip <= L.STUB_COMMON + len(STUB_COMMON_CODE)
+        who = "minivmm's exception stub" if in_stubs else "the payload itself"
+        return self.end_at(
+            st, "unreadable-exception-frame", after=True, io_out=True, registers=True,
+            detail={"port": L.PORT_EXCEPTION, "value": value, "rsp": regs.rsp,
+                    "why": f"the out (value {value:#x}) came from {who}, not from a "
+                           "CPU exception delivered through the IDT"})
 
     def exception_end(self, st, frame: dict) -> VcpuEnd:
         """How a vCPU ended, from the exception frame its stub reported."""

@@ -67,6 +67,7 @@ STUB_END = L.STUB_COMMON + len(STUB_COMMON_CODE)
 RING_ENTRIES = 4096
 DEFAULT_COUNT = 1000
 DEFAULT_PAGES = 16
+DEFAULT_MAX_TIME = 60.0     # seconds for a whole session: --count 0 on a spinning guest ends
 PROBE_EXITS = 8             # exits the guest-debug probe waits for a verdict
 
 _IO, _DEBUG, _HLT, _INTR = abi.KVM_EXIT_IO, abi.KVM_EXIT_DEBUG, abi.KVM_EXIT_HLT, abi.KVM_EXIT_INTR
@@ -181,6 +182,21 @@ def choose_mechanism(payload: Payload, requested: str = "auto", kvm: Kvm | None 
                       f"native CPL3 code on this host (vendor module {vendor})")
 
 
+def _check_forced_break(payload: Payload, bp: int, kvm: Kvm | None) -> None:
+    """--mechanism guest-debug with --break: refuse where the probe shows KVM guest debug
+    never reaches the VMM from this code. Its hardware breakpoint would then be ignored
+    (host-probes.md 2: native CPL3 on kvm_pvm) and the payload would run past it."""
+    if payload.mode != "long" or payload.cpl == 0:
+        return                           # emulated everywhere it matters: KVM sees it
+    works, evidence = probe_guest_debug(payload, kvm)
+    if works is False:
+        raise StepError(f"--mechanism guest-debug cannot break at {bp:#x}: probe on a "
+                        f"throwaway VM: {evidence}; KVM guest debug does not see this "
+                        f"native CPL3 code on this host (vendor module {vendor_module()}), so "
+                        "its hardware breakpoint would never fire; use --mechanism in-guest "
+                        "(or auto)")
+
+
 # -- breakpoints --
 
 _LABEL_RE = re.compile(r"^\s*([A-Za-z_.$@][\w.$@]*)\s*:")
@@ -237,15 +253,18 @@ def _label_address(payload: Payload, name: str) -> int:
 class StepSession:
     """A payload in a fresh Machine, stepped in the calling thread (not Machine.run()).
 
-    Iterate over it for Step objects; ``end`` says why the stepping stopped. Use as a
+    Iterate over it for Step objects; ``end`` says why the guest stopped, ``stopped``
+    (with ``end`` None) that the host stopped stepping a guest still running. Use as a
     context manager. ``timeout`` bounds the wait for any one step (a guest that stops
-    trapping, or a breakpoint never reached), not the whole session.
+    trapping, or a breakpoint never reached); ``max_time`` (None: no bound) the whole
+    session from its first step, the run to the breakpoint included.
     """
 
     def __init__(self, payload: Payload | str, mechanism: str = "auto", vcpus: int = 1,
                  vcpu: int = 0, pages: int = DEFAULT_PAGES, iterations: int = 1,
                  breakpoint: str | int | None = None, dirty: bool = False,
-                 timeout: float = 10.0, kvm: Kvm | None = None):
+                 timeout: float = 10.0, kvm: Kvm | None = None,
+                 max_time: float | None = DEFAULT_MAX_TIME):
         self.payload = load(payload) if isinstance(payload, str) else payload
         p = self.payload
         if vcpus < 1:
@@ -255,10 +274,17 @@ class StepSession:
                             f"(0..{vcpus - 1}; give --vcpus)")
         if timeout <= 0:
             raise StepError(f"--timeout must be positive (got {timeout})")
+        if max_time is not None and max_time <= 0:
+            raise StepError(f"--max-time must be positive (got {max_time:g})")
         self.bp = breakpoint if isinstance(breakpoint, int) or breakpoint is None \
             else resolve_break(p, breakpoint)
         self.mechanism, self.why = choose_mechanism(p, mechanism, kvm)
+        if self.bp is not None and mechanism == GUEST_DEBUG:
+            _check_forced_break(p, self.bp, kvm)
         self.timeout = timeout
+        self.max_time = max_time
+        self.stopped: dict | None = None   # why the host stopped early (end stays None)
+        self._session_deadline = None      # monotonic end of max_time, from the first step
         self.by_address = {ins.address: ins for ins in p.listing}
         self.rings: dict = {}
         kwargs = {}
@@ -298,7 +324,7 @@ class StepSession:
         self.pre_break_entries = 0       # ring entries harvested while running to --break
         self.stub_entries = 0            # ring entries written by the #DB stub itself
         self.elapsed_s = 0.0             # time spent stepping (setup_s not included)
-        self.setup_s = 0.0
+        self.setup_s = 0.0               # time spent running freely to the breakpoint
         self._system_pages = _system_page_names(self.machine, vcpu)
         self._stub_answer = None         # the answer owed to the stub's `in eax, 0xe0`
         self._started = False
@@ -334,7 +360,8 @@ class StepSession:
         return self.run()
 
     def run(self, count: int | None = None):
-        """Yield Step objects until the guest ends, the timeout, or ``count`` steps."""
+        """Yield Step objects until the guest ends, the timeout, max_time, or ``count``
+        steps."""
         t0, setup0 = time.perf_counter(), self.setup_s
         try:
             while self.end is None and (not count or self.steps < count):
@@ -347,16 +374,17 @@ class StepSession:
 
     # -- the stepping loop --
     def next_step(self) -> Step | None:
-        """Run until the next instruction completes; None (and ``end`` set) when it cannot."""
-        if self.end is not None:
+        """Run until the next instruction completes; None (and ``end`` or ``stopped``
+        set) when it cannot."""
+        if self.end is not None or self.stopped is not None:
             return None
         if not self._started:
-            t0 = time.perf_counter()
             self._start()
-            self.setup_s = time.perf_counter() - t0   # the run to --break, not a step
-            if self.end is not None:
+            if self.end is not None or self.stopped is not None:
                 return None
-        self._deadline = time.monotonic() + self.timeout
+        if self._out_of_time():
+            return None
+        self._deadline = self._step_deadline()
         try:
             if self.mechanism == IN_GUEST:
                 return self._next_in_guest()
@@ -364,8 +392,23 @@ class StepSession:
         finally:
             self._deadline = None
 
+    def _step_deadline(self) -> float:
+        deadline = time.monotonic() + self.timeout
+        if self._session_deadline is not None:
+            deadline = min(deadline, self._session_deadline)
+        return deadline
+
+    def _out_of_time(self) -> bool:
+        """True (and ``stopped`` set) once max_time has passed."""
+        if self._session_deadline is None or time.monotonic() < self._session_deadline:
+            return False
+        self.stopped = {"reason": "max-time", "max_time_s": self.max_time}
+        return True
+
     def _start(self) -> None:
         self._started = True
+        if self.max_time is not None:
+            self._session_deadline = time.monotonic() + self.max_time
         install_kick_handler()
         self._watchdog = threading.Thread(target=self._watch, name="step-watchdog", daemon=True)
         self._watchdog.start()
@@ -373,11 +416,13 @@ class StepSession:
         self.pc = regs.rip
         self.regs = _regs_dict(regs)
         if self.bp is not None and self.bp != self.pc:
-            self._deadline = time.monotonic() + self.timeout
+            t0 = time.perf_counter()
+            self._deadline = self._step_deadline()
             try:
                 self._run_to_breakpoint()
             finally:
                 self._deadline = None
+                self.setup_s = time.perf_counter() - t0   # the run to --break, not a step
             return
         if self.mechanism == GUEST_DEBUG:
             self.vcpu.set_guest_debug(abi.KVM_GUESTDBG_ENABLE | abi.KVM_GUESTDBG_SINGLESTEP)
@@ -448,6 +493,9 @@ class StepSession:
                     continue
                 regs = self.vcpu.get_regs()
                 frame = self._frame(regs.rsp)
+                if frame is None:
+                    self._end_unreadable_frame(regs)
+                    return None
                 if frame["vector"] != VEC_DB:
                     self._end_exception(frame)
                     return None
@@ -501,13 +549,20 @@ class StepSession:
             self.end = VcpuEnd("hlt", rip=regs.rip, instruction=step.instruction)
             return step
         if reason == _INTR:
-            self.end = self._end_here("timeout", detail={"timeout_s": self.timeout})
+            if not self._out_of_time():
+                self.end = self._end_here("timeout", detail={"timeout_s": self.timeout})
             return None
         if reason == abi.KVM_EXIT_DIRTY_RING_FULL and self.ring is not None:
             return False                    # the next step's harvest empties it
-        name = {abi.KVM_EXIT_SHUTDOWN: "shutdown", abi.KVM_EXIT_MMIO: "unhandled-mmio",
-                abi.KVM_EXIT_INTERNAL_ERROR: "internal-error"}.get(reason, "unexpected-exit")
-        self.end = self._end_here(name, detail=_strip(vcpu.describe_exit(reason)))
+        detail = _strip(vcpu.describe_exit(reason))
+        if reason == abi.KVM_EXIT_MMIO:
+            # a write leaves RIP past its instruction, a read at it (host-probes.md 6)
+            self.end = self._end_here("unhandled-mmio", after=detail["is_write"], detail=detail)
+            return None
+        name = {abi.KVM_EXIT_SHUTDOWN: "shutdown", abi.KVM_EXIT_INTERNAL_ERROR: "internal-error",
+                abi.KVM_EXIT_FAIL_ENTRY: "fail-entry"}.get(reason, "unexpected-exit")
+        # as Machine does: a guest that died this way is worth its registers
+        self.end = self._end_here(name, detail=detail, registers=True)
         return None
 
     def _past_pending_out(self, regs):
@@ -541,7 +596,8 @@ class StepSession:
         self.vcpu.set_io_data(struct.pack("<I", answer))
         self._stub_answer = None
 
-    def _frame(self, rsp: int) -> dict:
+    def _frame(self, rsp: int) -> dict | None:
+        """The stub's frame at rsp; None when rsp (or the frame) is not in guest memory."""
         return self.machine.stub_frame(rsp)
 
     def _write_frame(self, frame: dict, **fields) -> None:
@@ -630,13 +686,18 @@ class StepSession:
                 # 2): stepping on without it is what steps over it.
                 vcpu.set_guest_debug(abi.KVM_GUESTDBG_ENABLE | abi.KVM_GUESTDBG_SINGLESTEP)
                 break
-            if reason == _IO and vcpu.run_struct.io.port == L.PORT_EXCEPTION:
+            if reason == _IO and vcpu.run_struct.io.port == L.PORT_EXCEPTION \
+                    and self.payload.mode == "long":   # the stubs live in the long-mode IDT
                 if vcpu.run_struct.io.direction != _OUT:
                     self._answer_stub()
                     continue
                 regs = vcpu.get_regs()
                 frame = self._frame(regs.rsp)
                 restore()
+                if frame is None:
+                    self._end_unreadable_frame(regs)
+                    self.end.detail["breakpoint"] = f"{bp:#x} never reached"
+                    return
                 if frame["vector"] != VEC_BP or frame["rip"] != bp + 1:
                     self._end_exception(frame)
                     return
@@ -671,7 +732,10 @@ class StepSession:
             else:
                 self._common_exit(reason)       # timeout, shutdown, ...: no step in these
             restore()
-            self.end.detail["breakpoint"] = f"{bp:#x} never reached"
+            if self.end is None:                # --max-time: the guest may still get there
+                self.stopped["breakpoint"] = f"{bp:#x} not reached yet"
+            else:
+                self.end.detail["breakpoint"] = f"{bp:#x} never reached"
             return
         self.pc, self.regs = bp, _regs_dict(regs)
         if self.ring is not None:
@@ -679,9 +743,17 @@ class StepSession:
 
     # -- ends --
     def _end_here(self, reason: str, after: bool = False, detail=None,
-                  io_out: bool = False) -> VcpuEnd:
+                  io_out: bool = False, registers: bool = False) -> VcpuEnd:
         # io_out: RIP may still be at the out on VMX/SVM (Machine.describe_instruction)
-        return self.machine.end_at(self.st, reason, after=after, detail=detail, io_out=io_out)
+        end = self.machine.end_at(self.st, reason, after=after, detail=detail, io_out=io_out,
+                                  registers=registers)
+        if registers:
+            end.detail["registers"]["rflags"] &= ~TF   # TF is the stepper's, not the guest's
+        return end
+
+    def _end_unreadable_frame(self, regs) -> None:
+        self.end = self.machine.unreadable_frame_end(self.st, regs)
+        self.end.detail["registers"]["rflags"] &= ~TF   # the stepper's, not the guest's
 
     def _end_exception(self, frame: dict) -> None:
         self.end = self.machine.exception_end(self.st, frame)
@@ -698,7 +770,11 @@ class StepSession:
             self.end = self._end_here("unexpected-exit",
                                       detail=_strip(self.vcpu.describe_exit(reason)))
             return
-        frame = self._frame(self.vcpu.get_regs().rsp)
+        regs = self.vcpu.get_regs()
+        frame = self._frame(regs.rsp)
+        if frame is None:
+            self._end_unreadable_frame(regs)
+            return
         self._end_exception(frame)
         if frame["vector"] == VEC_DB:
             self.end.detail["why"] = ("KVM guest debug's single-step trap went to the guest's "
@@ -771,7 +847,7 @@ def cmd_step(args) -> int:
         session = StepSession(payload, mechanism=args.mechanism, vcpus=args.vcpus,
                               vcpu=args.vcpu, pages=args.pages, iterations=args.iterations,
                               breakpoint=args.breakpoint, dirty=args.dirty,
-                              timeout=args.timeout)
+                              timeout=args.timeout, max_time=args.max_time)
     except StepError as e:
         raise UsageError(str(e)) from None
     out = sys.stdout
@@ -795,15 +871,19 @@ def cmd_step(args) -> int:
                     shown_stub += 1
                     continue
                 print(format_entry(step, e), file=out)
-        end = session.end
+        end, stopped = session.end, session.stopped
         rate = session.steps / session.elapsed_s if session.elapsed_s else 0.0
-        summary = {"end": end.to_dict() if end else {"reason": "count",
-                                                     "count": args.count},
+        # wall time: the free run to --break (which a --timeout may have ended) included
+        total_s = session.setup_s + session.elapsed_s
+        summary = {"end": end.to_dict() if end else stopped or {"reason": "count",
+                                                                "count": args.count},
                    "steps": session.steps, "mechanism": session.mechanism,
                    "why": session.why, "payload": p.name, "vcpu": args.vcpu,
                    "breakpoint": session.bp,
                    "console": session.console.decode("utf-8", "replace"),
-                   "syncs": session.syncs, "elapsed_s": round(session.elapsed_s, 6),
+                   "syncs": session.syncs, "elapsed_s": round(total_s, 6),
+                   "run_to_break_s": round(session.setup_s, 6),
+                   "stepping_s": round(session.elapsed_s, 6),
                    "steps_per_s": round(rate, 1)}
         if args.dirty:
             summary.update(stub_entries=session.stub_entries,
@@ -811,13 +891,22 @@ def cmd_step(args) -> int:
         if args.json:
             print(json.dumps(summary), file=out)
         else:
-            if end is None:
+            if stopped is not None:
+                bp = stopped.get("breakpoint")
+                print(f"stopped after {_n(session.steps, 'step')}: --max-time "
+                      f"{stopped['max_time_s']:g} s reached" + (f" ({bp})" if bp else ""),
+                      file=out)
+            elif end is None:
                 print(f"stopped after {_n(session.steps, 'step')} (--count {args.count})",
                       file=out)
             else:
                 why = end.detail.get("why") or end.detail.get("breakpoint")
                 print(f"guest ended after {_n(session.steps, 'step')}: {end.summary()}"
                       + (f" ({why})" if why else ""), file=out)
+                regs = end.detail.get("registers")
+                if regs:                # as `minivmm run` shows them
+                    print("    registers: " + " ".join(f"{k}={v:#x}" for k, v in regs.items()),
+                          file=out)
             if session.console:
                 print(f"console: {session.console.decode('utf-8', 'replace')!r}", file=out)
             if shown_stub:
@@ -827,8 +916,14 @@ def cmd_step(args) -> int:
             if args.dirty and session.pre_break_entries:
                 print(f"note: {session.pre_break_entries} ring entries came from the free "
                       "run before the breakpoint", file=out)
-            print(f"{_n(session.steps, 'step')} in {session.elapsed_s * 1000:.1f} ms "
-                  f"({rate:.0f} steps/s)", file=out)
+            if session.setup_s:
+                then = f", then {rate:.0f} steps/s" if session.steps else ""
+                print(f"{_n(session.steps, 'step')} in {total_s * 1000:.1f} ms "
+                      f"({session.setup_s * 1000:.1f} ms of it running freely to the "
+                      f"breakpoint{then})", file=out)
+            else:
+                print(f"{_n(session.steps, 'step')} in {session.elapsed_s * 1000:.1f} ms "
+                      f"({rate:.0f} steps/s)", file=out)
     ok = end is None or (end.reason in ("exit-port", "hlt") and not end.code)
     return EXIT_OK if ok else EXIT_GUEST_FAILED
 
@@ -864,6 +959,10 @@ def register(subparsers, common) -> None:
     p.add_argument("--timeout", type=_seconds, default=10.0,
                    help="give up when one step (or the run to --break) takes longer than this "
                    "many seconds (default 10)")
+    p.add_argument("--max-time", type=_seconds, default=DEFAULT_MAX_TIME, metavar="S",
+                   help=f"stop stepping after S seconds in all, the run to --break included "
+                   f"(default {DEFAULT_MAX_TIME:g}; bounds --count 0 on a guest that never "
+                   "ends; exit status 0, as a --count stop)")
     p.add_argument("--json", action="store_true",
                    help="one JSON object per step per line, then one summary object")
     p.set_defaults(func=cmd_step)

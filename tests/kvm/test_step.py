@@ -361,3 +361,123 @@ def test_ctrl_c_stops_a_guest_stepped_forever():
             proc.kill()
     assert proc.returncode == 130 and err.strip() == "minivmm: interrupted"
     assert "step 100 " in out            # it was stepping all along
+
+
+# -- bounds, odd guests and honest ends --
+
+SPIN_NEVER = ";! mode: long\nspin:\n    jmp spin\nnever:\n    nop\n"
+
+
+def test_max_time_bounds_a_guest_stepped_forever():
+    t0 = time.monotonic()
+    proc = run_cli("step", "spin", "--count", "0", "--max-time", "1", "--json", timeout=30)
+    assert time.monotonic() - t0 < 15
+    assert proc.returncode == 0, proc.stderr          # as a --count stop
+    summary = json.loads(proc.stdout.splitlines()[-1])
+    assert summary["end"] == {"reason": "max-time", "max_time_s": 1.0}
+    assert summary["steps"] > 10 and 0.9 < summary["elapsed_s"] < 5
+    proc = run_cli("step", "spin", "--count", "0", "--max-time", "0.5", timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"^stopped after \d+ steps: --max-time 0.5 s reached$", proc.stdout, re.M)
+
+
+def test_max_time_bounds_the_run_to_a_breakpoint_too():
+    p = assemble_source(SPIN_NEVER, "never.asm")
+    t0 = time.monotonic()
+    with StepSession(p, breakpoint=p.listing[1].address, timeout=30, max_time=0.5) as s:
+        assert list(s.run()) == [] and s.end is None
+        assert s.stopped == {"reason": "max-time", "max_time_s": 0.5,
+                             "breakpoint": f"{p.listing[1].address:#x} not reached yet"}
+    assert time.monotonic() - t0 < 5
+
+
+def test_an_out_to_the_exception_port_with_a_bad_stack_is_reported(tmp_path):
+    # The payload itself reports "an exception" with RSP outside guest memory: the stub
+    # frame cannot be read. Not a traceback: an end that says so, exit 1.
+    src = (";! mode: long\n    mov rsp, 0xdeadbeef0000\n    mov eax, 14\n"
+           "    out 0xe0, eax\nafter:\n    nop\n")
+    f = tmp_path / "badrsp.asm"
+    f.write_text(src)
+    proc = run_cli("step", f)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert re.search(r"guest ended after 2 steps: the exception port was written with no "
+                     r"exception frame to read \(RSP 0xdeadbeef0000 is outside guest memory\) "
+                     r"at 0x10011 \(out 0xe0, eax .*came from the payload itself", proc.stdout)
+    assert "    registers: " in proc.stdout and "rsp=0xdeadbeef0000" in proc.stdout
+    proc = run_cli("step", f, "--json")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    end = json.loads(proc.stdout.splitlines()[-1])["end"]
+    assert end["reason"] == "unreadable-exception-frame" and end["value"] == 14
+    assert end["rsp"] == 0xdeadbeef0000
+    # the same out while running freely to a breakpoint after it
+    p = assemble_source(src, "badrsp.asm")
+    with StepSession(p, breakpoint=p.listing[-1].address) as s:
+        assert list(s.run()) == []
+        assert s.end.reason == "unreadable-exception-frame"
+        assert "never reached" in s.end.detail["breakpoint"]
+
+
+def test_mmio_end_names_the_instruction_that_accessed_it():
+    # A write leaves RIP past the instruction (host-probes.md 6), a read at it.
+    prot = assemble_source(";! mode: protected\n    mov edi, 0xd0000000\n"
+                           "    mov dword ptr [edi], 0x11223344\n    xor eax, eax\n"
+                           "    out 0xf4, al\n", "mmio_prot.asm")
+    read = assemble_source(";! mode: long\n    mov rdi, 0xd0000000\n"
+                           "    mov eax, dword ptr [rdi]\n    xor eax, eax\n"
+                           "    out 0xf4, al\n", "mmio_read.asm")
+    for p, is_write in ((load(payload("mmio")), True), (cpl0("mmio"), True), (prot, True),
+                        (read, False)):
+        access = p.listing[1]
+        for bp in (None, access.address):
+            with StepSession(p, breakpoint=bp) as s:
+                list(s.run())
+                assert s.end.reason == "unhandled-mmio" and s.end.detail["is_write"] == is_write
+                assert s.end.instruction.startswith(access.text), (p.name, bp, s.end)
+    proc = run_cli("step", "mmio")
+    assert proc.returncode == 1
+    assert "(mov dword ptr [rdi], 0x11223344  ; line 4)" in proc.stdout
+
+
+def test_triple_fault_end_shows_the_registers():
+    proc = run_cli("step", "triple_fault")
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stdout.splitlines()
+    i = next(k for k, l in enumerate(lines) if l.startswith("guest ended after"))
+    assert "triple fault (KVM_EXIT_SHUTDOWN) at 0x10007" in lines[i]
+    assert lines[i + 1].startswith("    registers: rax=") and "rip=0x10007" in lines[i + 1]
+    proc = run_cli("step", "triple_fault", "--json")
+    end = json.loads(proc.stdout.splitlines()[-1])["end"]
+    assert end["reason"] == "shutdown" and end["registers"]["rip"] == end["rip"] == 0x10007
+    assert end["registers"]["cs"] == 0x8
+
+
+def test_forced_guest_debug_break_where_guest_debug_cannot_see_the_code():
+    works, evidence = probe_guest_debug(load(payload("hello_long")))
+    proc = run_cli("step", "hello_long", "--break", "done", "--mechanism", "guest-debug")
+    if works is False:          # kvm_pvm: the hardware breakpoint would be ignored
+        line = one_line_error(proc)
+        assert "--mechanism guest-debug cannot break at 0x10014" in line
+        assert evidence in line and "--mechanism in-guest" in line
+    else:
+        assert proc.returncode == 0, proc.stderr
+        assert re.search(r"^step 1 +0x10014 ", proc.stdout, re.M)
+    # CPL0 code is seen by KVM guest debug: the same request works there
+    p = cpl0("hello_long")
+    done = by_line(p, "xor eax, eax").address
+    with StepSession(p, mechanism="guest-debug", breakpoint=done) as s:
+        assert [st.instruction for st in s.run()] == ["xor eax, eax", "out 0xf4, al"]
+
+
+def test_timeout_on_the_way_to_a_breakpoint_reports_the_time_it_took(tmp_path):
+    f = tmp_path / "never.asm"
+    f.write_text(SPIN_NEVER)
+    proc = run_cli("step", f, "--break", "never", "--timeout", "1")
+    assert proc.returncode == 1, proc.stderr
+    assert "stopped by the timeout" in proc.stdout and "0x10002 never reached" in proc.stdout
+    m = re.search(r"^0 steps in (\d+\.\d) ms \((\d+\.\d) ms of it running freely to the "
+                  r"breakpoint\)$", proc.stdout, re.M)
+    assert m, proc.stdout
+    assert float(m.group(1)) >= 950 and float(m.group(2)) >= 950
+    proc = run_cli("step", f, "--break", "never", "--timeout", "1", "--json")
+    summary = json.loads(proc.stdout.splitlines()[-1])
+    assert summary["elapsed_s"] >= 0.95 and summary["run_to_break_s"] >= 0.95
