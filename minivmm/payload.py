@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import operator
 import os
 import pickle
 import re
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import capstone
 import keystone
+from capstone import x86 as cs_x86
 
 from .x86 import layout as L
 
@@ -30,6 +32,21 @@ _LABEL = re.compile(r"^\s*([A-Za-z_.$@][\w.$@]*)\s*:\s*")
 _DATA_DIRECTIVES = (".byte", ".word", ".short", ".long", ".int", ".quad", ".ascii",
                     ".asciz", ".string", ".fill", ".zero", ".space", ".align", ".balign",
                     ".p2align")
+_ALIGN_DIRECTIVES = (".align", ".balign", ".p2align")
+ALIGN_MAX = 4096           # keystone pads to any alignment, even gigabytes of it
+# `.equ X, 5`, `.set X, 5`, `.equiv X, 5`, `X = 5`: constants, no bytes
+_CONST_DEF = re.compile(r"^(?:\.(?:equ|set|equiv)\s+([A-Za-z_.$@][\w.$@]*)\s*,"
+                        r"|([A-Za-z_.$@][\w.$@]*)\s*=)\s*(.*)$", re.IGNORECASE)
+# The literals keystone reads: 10h, 0x10, 0b10, 010 (octal), 10, 'a'. Anything
+# else (1f, 08, 'ab') is left unevaluated, so never refused by the value check.
+_NUMBER = (r"[0-9][0-9a-f]*h|0x[0-9a-f]+|0b[01]+|0[0-7]*|[1-9][0-9]*|'[^'\\]'")
+_TOKEN = re.compile(rf"\s*(?:(?P<num>{_NUMBER})(?![\w.$@'])|(?P<name>[A-Za-z_.$@][\w.$@]*)"
+                    r"|(?P<op><<|>>|[-+*/%&|^~()]))", re.IGNORECASE)
+_REGISTER = re.compile(r"^(?:[re]?[a-d]x|[a-d][lh]|[re]?(?:si|di|bp|sp)|(?:si|di|bp|sp)l"
+                       r"|r(?:[89]|1[0-5])[bwdl]?|[c-gs]s|[re]?ip|(?:cr|dr)\d+|st|mm\d"
+                       r"|[xyz]mm\d+|k[0-7])$", re.IGNORECASE)
+_PREFIXES = {"lock", "rep", "repe", "repz", "repne", "repnz", "notrack", "bnd", "data16",
+             "data32", "addr16", "addr32", "xacquire", "xrelease"}
 
 
 class PayloadError(ValueError):
@@ -105,7 +122,7 @@ def _strip_comment(line: str) -> str:
 
 def parse_header(text: str, name: str = "<payload>") -> dict:
     header: dict = {}
-    for no, line in enumerate(text.splitlines(), 1):
+    for no, line in enumerate(text.removeprefix("\ufeff").splitlines(), 1):
         m = _HEADER.match(line)
         if m:
             key, value = m.group(1).lower(), _strip_comment(m.group(2)).strip()
@@ -143,6 +160,9 @@ def find_payload(name_or_path: str, search_dir: str | None = None) -> Path:
     for cand in (base / name_or_path, base / f"{name_or_path}.asm"):
         if cand.is_file():
             return cand
+    for cand in (p, base / f"{name_or_path}.asm"):
+        if cand.is_dir():
+            raise PayloadError(f"{cand}: is a directory, not a payload file")
     raise PayloadError(f"{name_or_path}: payload file not found (looked in . and {base})")
 
 
@@ -161,7 +181,7 @@ def payload_dir() -> Path:
 def load(name_or_path: str) -> Payload:
     path = find_payload(name_or_path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise PayloadError(f"{path}: cannot read: {e}") from None
     return assemble_source(text, str(path))
@@ -174,6 +194,7 @@ _cache: dict = {}
 
 def assemble_source(text: str, name: str = "<payload>") -> Payload:
     """Assemble a payload's source text; raise PayloadError with file:line on any problem."""
+    text = text.removeprefix("\ufeff")        # a UTF-8 byte order mark, from some editors
     header = parse_header(text, name)
     mode, cpl, vcpus, description = _header_values(header, name)
     origin = 0 if mode == "real" else L.CODE
@@ -198,8 +219,13 @@ def assemble_source(text: str, name: str = "<payload>") -> Payload:
 
 
 def _check_syntax(stmts, name) -> None:
-    """Catch input keystone mis-handles: truncated operands and unbalanced brackets."""
+    """Catch input keystone mis-handles: truncated operands, unbalanced brackets,
+    non-ASCII text and alignments it cannot or should not pad to."""
+    consts = None
     for no, s in stmts:
+        odd = next((ch for ch in s if ord(ch) > 127), None)
+        if odd:   # keystone's binding takes ASCII only, and dies without a word
+            raise PayloadError(f"{name}:{no}: non-ASCII character {odd!r} outside a comment")
         body = _LABEL.sub("", s).strip()
         if not body:
             continue
@@ -209,6 +235,36 @@ def _check_syntax(stmts, name) -> None:
             raise PayloadError(f"{name}:{no}: incomplete operand in {body!r}")
         if body.startswith("!"):
             raise PayloadError(f"{name}:{no}: unexpected '!' (header lines start with ';!')")
+        word, args = (body.split(None, 1) + [""])[:2]
+        if word.lower() in _ALIGN_DIRECTIVES:   # before keystone pads gigabytes
+            consts = _constants(stmts) if consts is None else consts
+            _alignment(word.lower(), args, consts, name, no)
+
+
+def _alignment(word: str, args: str, consts: dict, name, no) -> tuple:
+    """(alignment, max bytes to skip or None) of an align directive; PayloadError if bad."""
+    parts = [a.strip() for a in args.split(",")]
+    if not parts[0]:
+        raise PayloadError(f"{name}:{no}: {word} needs an alignment")
+    value = _evaluate(parts[0], consts)
+    if value is None:
+        raise PayloadError(f"{name}:{no}: {word}: the alignment must be a number, "
+                           f"got {parts[0]!r}")
+    if word == ".p2align":
+        if not 0 <= value <= ALIGN_MAX.bit_length() - 1:
+            raise PayloadError(f"{name}:{no}: .p2align {value} is out of range "
+                               f"(0 to {ALIGN_MAX.bit_length() - 1})")
+        value = 1 << value
+    elif not (0 < value <= ALIGN_MAX and value & (value - 1) == 0):
+        raise PayloadError(f"{name}:{no}: {word} {parts[0]}: the alignment must be a power "
+                           f"of two from 1 to {ALIGN_MAX}")
+    max_skip = None
+    if len(parts) > 2:
+        max_skip = _evaluate(parts[2], consts)
+        if max_skip is None or len(parts) > 3:
+            raise PayloadError(f"{name}:{no}: {word}: bad arguments {args.strip()!r} "
+                               "(expected alignment[, fill[, max skip]])")
+    return value, max_skip
 
 
 def _ks(mode: str):
@@ -290,6 +346,187 @@ def disassemble_one(code: bytes, address: int, mode: str) -> Instruction | None:
     return None
 
 
+# -- values: what the source says vs what keystone encoded --
+
+def _number(token: str) -> int | None:
+    """A literal as keystone reads it, or None."""
+    m = re.fullmatch(_NUMBER, token.strip(), re.IGNORECASE)
+    if not m:
+        return None
+    t = m.group(0)
+    if t.startswith("'"):
+        return ord(t[1])
+    t = t.lower()
+    if t.endswith("h"):
+        return int(t[:-1], 16)
+    if t.startswith(("0x", "0b")):
+        return int(t, 0)
+    return int(t, 8) if t.startswith("0") else int(t)
+
+
+def _evaluate(text: str, consts: dict, registers_zero: bool = False) -> int | None:
+    """The value of a constant expression, or None if it is not one we can be sure of.
+
+    With ``registers_zero`` registers count as 0: what is left of an address is its
+    displacement. Bitwise and shift operators rank differently in keystone's Intel
+    and GAS parsers, so they are only evaluated unmixed.
+    """
+    tokens, pos = [], 0
+    text = text.rstrip()
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if not m:
+            return None
+        tokens.append((m.lastgroup, m.group(m.lastgroup)))
+        pos = m.end()
+    tokens.append(("end", ""))
+    i = 0
+
+    def primary():
+        nonlocal i
+        kind, tok = tokens[i]
+        i += 1
+        if tok in ("-", "+", "~"):
+            v = primary()
+            return None if v is None else {"-": -v, "+": v, "~": ~v}[tok]
+        if kind == "num":
+            return _number(tok)
+        if kind == "name":
+            if _REGISTER.match(tok):
+                return 0 if registers_zero else None
+            return consts.get(tok)
+        if tok == "(":
+            v = level()
+            if tokens[i][1] != ")":
+                return None
+            i += 1
+            return v
+        return None
+
+    def level():
+        nonlocal i
+        values, ops = [primary()], []
+        while tokens[i][0] == "op" and tokens[i][1] not in "()~":
+            ops.append(tokens[i][1])
+            i += 1
+            values.append(primary())
+        if None in values:
+            return None
+        if set(ops) <= {"+", "-", "*"}:
+            terms, signs = [values[0]], [1]
+            for op, v in zip(ops, values[1:]):
+                if op == "*":
+                    terms[-1] *= v
+                else:
+                    terms.append(v)
+                    signs.append(1 if op == "+" else -1)
+            return sum(s * t for s, t in zip(signs, terms))
+        fn = {"<<": operator.lshift, ">>": operator.rshift, "&": operator.and_,
+              "|": operator.or_, "^": operator.xor}.get(ops[0]) if len(set(ops)) == 1 else None
+        if fn is None or (ops[0] in ("<<", ">>") and not all(0 <= w < 256 for w in values[1:])):
+            return None
+        v = values[0]
+        for w in values[1:]:
+            v = fn(v, w)
+        return v
+
+    value = level()
+    return value if tokens[i][0] == "end" else None
+
+
+def _split_operands(text: str) -> list:
+    """Operands split at commas outside brackets, parentheses and quotes."""
+    parts, depth, quote, start = [], 0, None, 0
+    for k, ch in enumerate(text):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[(":
+            depth += 1
+        elif ch in "])":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(text[start:k])
+            start = k + 1
+    parts.append(text[start:])
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _source_values(body: str, consts: dict) -> tuple:
+    """([immediate value or None...], [displacement or None...]) written in ``body``."""
+    words = body.split(None, 1)
+    while len(words) == 2 and words[0].lower() in _PREFIXES:
+        words = words[1].split(None, 1)
+    imms, disps = [], []
+    for op in _split_operands(words[1] if len(words) == 2 else ""):
+        if "[" in op:
+            inner, after = op[op.index("[") + 1:op.rindex("]")], op[op.rindex("]") + 1:]
+            inner = re.sub(r"^\s*[c-gs]s\s*:", "", inner, flags=re.IGNORECASE)
+            disps.append(None if after.strip() else _evaluate(inner, consts, True))
+        elif ":" in op or any(_REGISTER.match(w) for w in re.findall(r"[\w.$@]+", op)):
+            continue                        # a register (or a far pointer): no value
+        else:
+            imms.append(_evaluate(op, consts))
+    return imms, disps
+
+
+def _check_values(decoded, body: str, consts: dict, name, no) -> None:
+    """Refuse a number keystone truncated: `mov al, 0x1234` assembles as `mov al, 0x34`.
+
+    A value fits if it is within the operand's width, signed or unsigned, and equal
+    to what was encoded modulo that width (`mov al, -1` is 0xff, `add rsp, -8` is a
+    sign-extended imm8). Labels are not checked: their values are not known here.
+    """
+    imms, disps = _source_values(body, consts)
+    ops = decoded.operands
+    got_imms = [o for o in ops if o.type == cs_x86.X86_OP_IMM]
+    got_mems = [o for o in ops if o.type == cs_x86.X86_OP_MEM]
+    checks = []
+    if len(imms) == len(got_imms):
+        # capstone gives ret's imm16 and enter's imm16, imm8 the stack's width
+        widths = {"enter": [16, 8]}.get(decoded.mnemonic,
+                                         [16] if decoded.mnemonic.startswith("ret") else None)
+        for k, (want, o) in enumerate(zip(imms, got_imms)):
+            bits = widths[k] if widths else o.size * 8
+            checks.append((want, o.imm, bits, False))
+    if len(disps) == len(got_mems):
+        for want, o in zip(disps, got_mems):
+            checks.append((want, o.mem.disp, decoded.addr_size * 8, True))
+    for want, got, bits, signed in checks:
+        if want is None or bits <= 0:
+            continue
+        mask = (1 << bits) - 1
+        if not -(1 << (bits - 1)) <= want <= mask or (want - got) & mask:
+            shown = got & mask
+            if signed and shown >> (bits - 1):
+                shown -= 1 << bits
+            raise PayloadError(f"{name}:{no}: value {want:#x} does not fit in the operand "
+                               f"(assembled as {shown:#x})")
+
+
+def _constants(stmts) -> dict:
+    """Constants from .equ/.set/`=` lines; a name defined twice is left out (not known)."""
+    defs = [m for m in (_CONST_DEF.match(_peel_labels(s)) for _, s in stmts) if m]
+    names = [m.group(1) or m.group(2) for m in defs]
+    consts: dict = {}
+    for key, m in zip(names, defs):
+        if names.count(key) == 1:
+            value = _evaluate(m.group(3), consts)
+            if value is not None:
+                consts[key] = value
+    return consts
+
+
+def _peel_labels(s: str) -> str:
+    body = s.strip()
+    while True:
+        m = _LABEL.match(body)
+        if not m or body.startswith("."):
+            return body
+        body = body[m.end():].strip()
+
+
 def _directive_size(ks, body: str, address: int) -> int:
     try:
         enc, _ = ks.asm(body, address)
@@ -312,24 +549,21 @@ def _listing(code: bytes, mode: str, origin: int, stmts, name) -> list:
     # directive are replaced by 0 instead; only the size matters here.
     ks = _ks(mode)
     md = _cs(mode)
+    md.detail = True                # operand values, for _check_values
+    consts = _constants(stmts)
     listing = []
     offset = 0
     for no, s in stmts:
-        body = s.strip()
-        while True:  # peel labels
-            m = _LABEL.match(body)
-            if not m or body.startswith("."):
-                break
-            body = body[m.end():].strip()
-        if not body:
+        body = _peel_labels(s)
+        if not body or _CONST_DEF.match(body):
             continue
-        word = body.split()[0].lower()
+        word, args = (body.split(None, 1) + [""])[:2]
+        word = word.lower()
         if word.startswith("."):
-            if word in (".align", ".balign", ".p2align"):
-                arg = int(body.split()[1].rstrip(","), 0)
-                align = 1 << arg if word == ".p2align" else arg
-                addr = origin + offset
-                offset += (-addr) % align
+            if word in _ALIGN_DIRECTIVES:
+                align, max_skip = _alignment(word, args, consts, name, no)
+                pad = (-(origin + offset)) % align
+                offset += 0 if max_skip is not None and pad > max_skip else pad
             elif word in _DATA_DIRECTIVES:
                 offset += _directive_size(ks, body, origin + offset)
             continue
@@ -337,6 +571,7 @@ def _listing(code: bytes, mode: str, origin: int, stmts, name) -> list:
         if decoded is None:
             raise PayloadError(f"{name}:{no}: assembler output does not decode as an "
                                f"instruction for {body!r}")
+        _check_values(decoded, body, consts, name, no)
         listing.append(Instruction(decoded.address, decoded.size, bytes(decoded.bytes),
                                    decoded.mnemonic, decoded.op_str, no, body))
         offset += decoded.size
@@ -351,7 +586,15 @@ def list_payloads(directory: str | None = None) -> list:
     base = Path(directory) if directory else payload_dir()
     rows = []
     for path in sorted(base.glob("*.asm")):
-        header = parse_header(path.read_text(), str(path))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            rows.append((path.stem, "?", "?", None, "(unreadable: not UTF-8 text)"))
+            continue
+        except OSError as e:   # a directory named x.asm, no permission...
+            rows.append((path.stem, "?", "?", None, f"(unreadable: {e.strerror or e})"))
+            continue
+        header = parse_header(text, str(path))
         try:
             mode, cpl, vcpus, desc = _header_values(header, str(path))
         except PayloadError as e:

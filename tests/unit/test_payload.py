@@ -116,3 +116,141 @@ def test_real_mode_code_is_assembled_for_ip_zero():
 def test_list_payloads_reports_headers():
     rows = {r[0]: r for r in P.list_payloads(str(PAYLOADS))}
     assert rows["hello_real"][1] == "real" and rows["multi_vcpu"][3] == 4
+
+
+@pytest.mark.parametrize("body,value,got", [
+    ("mov al, 0x1234", "0x1234", "0x34"),
+    ("mov al, 256", "0x100", "0x0"),
+    ("mov al, -129", "-0x81", "0x7f"),
+    ("mov eax, 0x123456789", "0x123456789", "0x23456789"),
+    ("push 0x123456789", "0x123456789", "0x6789"),       # became a 16-bit push
+    ("push 0xffffffff", "0xffffffff", "0xffff"),
+    ("mov rax, [rbx + 0x123456789]", "0x123456789", "0x23456789"),
+    ("mov rax, [rbx + 0xffffffff]", "0xffffffff", "-0x1"),   # would be rbx - 1
+    ("lea rax, [rbx + rcx*8 + 0x123456789]", "0x123456789", "0x23456789"),
+    ("mov byte ptr [rsi + 8], 0x1ff", "0x1ff", "0xff"),
+    ("imul eax, ebx, 0x123456789", "0x123456789", "0x23456789"),
+    ("ret 0x12345", "0x12345", "0x2345"),
+    ("enter 16, 256", "0x100", "0x0"),
+    ("mov al, 100h", "0x100", "0x0"),
+    ("mov al, 2 * 0x80", "0x100", "0x0"),
+    (".equ X, 0x1234\nmov al, X", "0x1234", "0x34"),
+    (".set X, 0x12\n.equ Y, X + 0x1200\nmov al, Y", "0x1212", "0x12"),
+    ("X = 0x1234\nmov al, X", "0x1234", "0x34"),
+])
+def test_values_keystone_truncates_are_refused(body, value, got):
+    line = body.count("\n") + 2
+    with pytest.raises(P.PayloadError, match=rf"^t.asm:{line}: value {value} does not fit in "
+                                             rf"the operand \(assembled as {got}\)$"):
+        asm(body + "\n")
+
+
+@pytest.mark.parametrize("mode,body", [
+    ("real", "mov ax, 0x12345"),
+    ("real", "mov al, [0x12345]"),
+    ("real", "mov ax, [bx + 0x10000]"),
+    ("protected", "mov ax, 0x12345"),
+])
+def test_values_that_do_not_fit_in_16_and_32_bit_modes(mode, body):
+    with pytest.raises(P.PayloadError, match=r"^t.asm:2: value 0x\w+ does not fit"):
+        asm(body + "\n", header=f";! mode: {mode}\n")
+
+
+@pytest.mark.parametrize("mode,body,code", [
+    ("long", "mov al, -1", "b0ff"),
+    ("long", "mov al, 255", "b0ff"),
+    ("long", "mov al, -128", "b080"),
+    ("long", "mov eax, -1", "b8ffffffff"),
+    ("long", "mov rax, 0xffffffffffffffff", "48c7c0ffffffff"),
+    ("long", "mov rax, -5", "48c7c0fbffffff"),
+    ("long", "add rsp, -8", "4883c4f8"),
+    ("long", "push -1", "6aff"),
+    ("long", "movabs rax, 0x8000000000000000", "48b80000000000000080"),
+    ("long", "mov rax, [rbx - 8]", "488b43f8"),
+    ("long", "mov eax, [0x80000000]", "a10000008000000000"),
+    ("long", "lea rax, [rbx + rcx*8 + 0x20]", "488d44cb20"),
+    ("long", "mov rax, qword ptr fs:[rbx + 16]", "64488b4310"),
+    ("long", "lock add qword ptr [rax + 8], 1", "f04883400801"),
+    ("long", "ret 0xffff", "c2ffff"),
+    ("long", "enter 0xffff, 0", "c8ffff00"),
+    ("long", "imul eax, 10", "6bc00a"),
+    ("long", "mov al, 'A'", "b041"),
+    ("long", "mov eax, 010", "b808000000"),             # octal, as keystone reads it
+    ("long", "mov eax, 0ffh", "b8ff000000"),
+    ("long", "mov al, (1 << 4) | 1", "b011"),
+    ("long", "X = 0x12\nmov al, X", "b012"),
+    ("long", ".equ X, 0x12\nmov al, X", "b012"),
+    ("long", "jmp 0x10005", "eb03"),
+    ("long", "a: jmp a", "ebfe"),
+    ("long", "lea rsi, [rip + msg]\nmsg: .byte 1", "488d350000000001"),
+    ("real", "mov ax, -1", "b8ffff"),
+    ("real", "mov ax, [bx + 0xffff]", "8b87ffff"),
+    ("real", "mov si, msg\nmsg: .byte 0", "be030000"),
+    ("protected", "mov eax, [ebx + 0xffffffff]", "8b43ff"),
+])
+def test_values_that_fit_are_accepted(mode, body, code):
+    assert asm(body + "\n", header=f";! mode: {mode}\n").code.hex() == code
+
+
+@pytest.mark.parametrize("body,match", [
+    (".align abc\nnop", r"^t.asm:2: .align: the alignment must be a number, got 'abc'$"),
+    (".align\nnop", r"^t.asm:2: .align needs an alignment$"),
+    (".align 0\nnop", r"^t.asm:2: .align 0: the alignment must be a power of two"),
+    ("nop\n.balign 3\nnop", r"^t.asm:3: .balign 3: the alignment must be a power of two"),
+    (".align -1\nnop", r"^t.asm:2: .align -1: the alignment must be a power of two"),
+    (".align 8192\nnop", r"^t.asm:2: .align 8192: the alignment must be a power of two"),
+    (".p2align 40\nnop", r"^t.asm:2: .p2align 40 is out of range"),   # gigabytes of padding
+    (".p2align x\nnop", r"^t.asm:2: .p2align: the alignment must be a number"),
+    ("nop\n.align 8, 0x90, x\nnop", r"^t.asm:3: .align: bad arguments"),
+])
+def test_bad_alignment_is_a_one_line_error(body, match):
+    with pytest.raises(P.PayloadError, match=match):
+        asm(body + "\n")
+
+
+@pytest.mark.parametrize("body,padding", [
+    ("nop\n.align 8\nnop", 7),
+    ("nop\n.p2align 2\nnop", 3),
+    ("nop\n.balign 16, 0xcc\nnop", 15),
+    ("nop\n.align 2*4\nnop", 7),
+    ("A = 16\nnop\n.align A\nnop", 15),
+    ("nop\n.align 8, 0x90, 7\nnop", 7),
+    ("nop\n.align 8, 0x90, 3\nnop", 0),       # more than the max skip: no padding
+    ("nop\n.p2align 3,,7\nnop", 7),
+])
+def test_alignment_is_accounted_for_in_the_listing(body, padding):
+    p = asm(body + "\n")
+    first, last = p.listing[0], p.listing[-1]
+    assert last.address == first.address + 1 + padding and last.mnemonic == "nop"
+
+
+def test_list_payloads_reports_unreadable_entries(tmp_path):
+    (tmp_path / "good.asm").write_text(";! mode: real\nhlt\n")
+    (tmp_path / "binary.asm").write_bytes(b"\xff\xfe\x00;! mode: long\n")
+    (tmp_path / "folder.asm").mkdir()
+    (tmp_path / "bom.asm").write_bytes(b"\xef\xbb\xbf;! mode: real\nhlt\n")
+    rows = {r[0]: r for r in P.list_payloads(str(tmp_path))}
+    assert rows["good"][1] == "real" and rows["bom"][1] == "real"
+    assert rows["binary"][1:4] == ("?", "?", None) and "not UTF-8" in rows["binary"][4]
+    assert rows["folder"][1] == "?" and "unreadable" in rows["folder"][4]
+
+
+def test_a_directory_is_not_a_payload_file(tmp_path):
+    with pytest.raises(P.PayloadError, match=r"is a directory"):
+        P.load(str(tmp_path))
+    (tmp_path / "x.asm").mkdir()
+    with pytest.raises(P.PayloadError, match=r"x.asm: is a directory"):
+        P.load(str(tmp_path / "x.asm"))
+
+
+def test_utf8_byte_order_mark_is_ignored(tmp_path):
+    f = tmp_path / "bom.asm"
+    f.write_bytes(b"\xef\xbb\xbf;! mode: real\nhlt\n")
+    p = P.load(str(f))
+    assert p.mode == "real" and p.code == b"\xf4" and p.listing[0].line == 2
+
+
+def test_non_ascii_outside_a_comment_is_a_clear_error():
+    asm("nop ; caf\u00e9\n")                 # in a comment: fine
+    with pytest.raises(P.PayloadError, match=r"^t.asm:2: non-ASCII character '\u00e9'"):
+        asm(".ascii \"caf\u00e9\"\n")
