@@ -215,16 +215,26 @@ def _run_dirty_session(args, tracker: str):
         return session.tracker, records, session.result, session
 
 
-def _check_plot_path(path: str) -> None:
-    """Refuse a picture path that cannot be written before the VMs run, not after."""
+def _plot_paths(path: str, show_ring: bool) -> list:
+    return [path] + ([path[:-4] + "-rings.png"] if show_ring else [])
+
+
+def _check_plot_path(path: str, show_ring: bool) -> None:
+    """Refuse a picture path that cannot be written before the VMs run, not after: each
+    file is opened for writing now (one that did not exist is removed again)."""
     if not path.lower().endswith(".png"):
         raise UsageError(f"--plot {path!r}: the picture is a PNG; give a FILE.png")
-    parent = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path) or not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise UsageError(f"--plot {path!r}: cannot write there (is {parent} a writable "
-                         "directory?)")
     if importlib.util.find_spec("matplotlib") is None:
         raise UsageError("--plot needs matplotlib: pip install 'minivmm[plot]'")
+    for target in _plot_paths(path, show_ring):
+        existed = os.path.lexists(target)
+        try:
+            with open(target, "ab"):
+                pass
+        except OSError as e:
+            raise UsageError(f"--plot: cannot write {target}: {e.strerror}") from None
+        if not existed:
+            os.remove(target)
 
 
 def cmd_dirty(args) -> int:
@@ -232,7 +242,7 @@ def cmd_dirty(args) -> int:
     from .dirty.ring import ring_capability
     from .kvm import Kvm
     if args.plot is not None:
-        _check_plot_path(args.plot)
+        _check_plot_path(args.plot, args.show_ring)
     if args.tracker == "ring" and (args.initially_set or args.no_manual_protect):
         raise UsageError("--initially-set and --no-manual-protect are bitmap options; "
                          "use them with --tracker bitmap or both")
@@ -261,7 +271,7 @@ def cmd_dirty(args) -> int:
     if args.plot:
         report.plot(summary, args.plot)
         if args.show_ring and ring_records:
-            ring_plot = args.plot[:-4] + "-rings.png"
+            ring_plot = _plot_paths(args.plot, True)[1]
             report.plot_rings(ring_records[0], ring_plot)
     if args.json:
         print(json.dumps(summary))

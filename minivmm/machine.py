@@ -74,8 +74,12 @@ class VcpuEnd:
         if self.reason == "exit-port":
             return f"exited with code {self.code}"
         if self.reason == "unreadable-exception-frame":
-            return (f"the exception port was written with no exception frame to read "
-                    f"(RSP {self.detail.get('rsp', 0):#x} is outside guest memory){where}{ins}")
+            return (f"minivmm's exception stub reported with no frame to read (RSP "
+                    f"{self.detail.get('rsp', 0):#x} is outside guest memory){where}{ins}")
+        if self.reason == "exception-port-by-payload":
+            return (f"the payload wrote minivmm's exception-report port "
+                    f"{self.detail.get('port', 0):#x} itself (value "
+                    f"{self.detail.get('value', 0):#x}); no CPU exception happened{where}{ins}")
         if self.reason == "exception":
             name = EXCEPTION_NAMES.get(self.vector, f"vector {self.vector}")
             extra = f", error code {self.detail.get('error_code', 0):#x}"
@@ -487,24 +491,23 @@ class Machine:
         return frame
 
     def _exception_end(self, st) -> VcpuEnd:
-        regs = st.vcpu.get_regs()
-        frame = self.stub_frame(regs.rsp)
-        if frame is None:
-            return self.unreadable_frame_end(st, regs)
-        return self.exception_end(st, frame)
+        frame, end = self.stub_report(st, st.vcpu.get_regs())
+        return end or self.exception_end(st, frame)
 
-    def unreadable_frame_end(self, st, regs) -> VcpuEnd:
-        """An out to the exception port with RSP outside guest memory: no stub frame to
-        read. A real exception's stub runs on the TSS's RSP0 stack, so this is the
-        payload's own `out 0xe0` (or a stub whose stack the payload broke)."""
+    def stub_report(self, st, regs) -> tuple:
+        """(frame, None) for an out to the exception port made by minivmm's exception stub
+        (x86/modes.py) with its frame readable at RSP; else (None, the vCPU's end): the
+        payload wrote the port itself, or the stub's stack is outside guest memory."""
+        # RIP is past the stub's out (kvm_pvm) or still at it (VMX/SVM): inside the stubs
+        from_stub = L.STUBS <= regs.rip <= L.STUB_COMMON + len(STUB_COMMON_CODE)
+        frame = self.stub_frame(regs.rsp) if from_stub else None
+        if frame is not None:
+            return frame, None
         value = int.from_bytes(st.vcpu.io_data()[:4], "little")
-        in_stubs = L.STUBS <= regs.rip <= L.STUB_COMMON + len(STUB_COMMON_CODE)
-        who = "minivmm's exception stub" if in_stubs else "the payload itself"
-        return self.end_at(
-            st, "unreadable-exception-frame", after=True, io_out=True, registers=True,
-            detail={"port": L.PORT_EXCEPTION, "value": value, "rsp": regs.rsp,
-                    "why": f"the out (value {value:#x}) came from {who}, not from a "
-                           "CPU exception delivered through the IDT"})
+        reason = "unreadable-exception-frame" if from_stub else "exception-port-by-payload"
+        return None, self.end_at(st, reason, after=True, io_out=True, registers=True,
+                                 detail={"port": L.PORT_EXCEPTION, "value": value,
+                                         "rsp": regs.rsp})
 
     def exception_end(self, st, frame: dict) -> VcpuEnd:
         """How a vCPU ended, from the exception frame its stub reported."""

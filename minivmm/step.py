@@ -492,9 +492,8 @@ class StepSession:
                     self._answer_stub()
                     continue
                 regs = self.vcpu.get_regs()
-                frame = self._frame(regs.rsp)
+                frame = self._stub_frame(regs)
                 if frame is None:
-                    self._end_unreadable_frame(regs)
                     return None
                 if frame["vector"] != VEC_DB:
                     self._end_exception(frame)
@@ -596,10 +595,6 @@ class StepSession:
         self.vcpu.set_io_data(struct.pack("<I", answer))
         self._stub_answer = None
 
-    def _frame(self, rsp: int) -> dict | None:
-        """The stub's frame at rsp; None when rsp (or the frame) is not in guest memory."""
-        return self.machine.stub_frame(rsp)
-
     def _write_frame(self, frame: dict, **fields) -> None:
         mem = self.machine.vm.slot_for(frame["_at"])
         for name, value in fields.items():
@@ -692,10 +687,9 @@ class StepSession:
                     self._answer_stub()
                     continue
                 regs = vcpu.get_regs()
-                frame = self._frame(regs.rsp)
+                frame = self._stub_frame(regs)
                 restore()
                 if frame is None:
-                    self._end_unreadable_frame(regs)
                     self.end.detail["breakpoint"] = f"{bp:#x} never reached"
                     return
                 if frame["vector"] != VEC_BP or frame["rip"] != bp + 1:
@@ -751,9 +745,14 @@ class StepSession:
             end.detail["registers"]["rflags"] &= ~TF   # TF is the stepper's, not the guest's
         return end
 
-    def _end_unreadable_frame(self, regs) -> None:
-        self.end = self.machine.unreadable_frame_end(self.st, regs)
-        self.end.detail["registers"]["rflags"] &= ~TF   # the stepper's, not the guest's
+    def _stub_frame(self, regs) -> dict | None:
+        """The exception stub's frame for this out to the exception port; None (and
+        ``end`` set) when the payload wrote the port itself or the frame is unreadable."""
+        frame, end = self.machine.stub_report(self.st, regs)
+        if end is not None:
+            end.detail["registers"]["rflags"] &= ~TF   # the stepper's, not the guest's
+            self.end = end
+        return frame
 
     def _end_exception(self, frame: dict) -> None:
         self.end = self.machine.exception_end(self.st, frame)
@@ -770,10 +769,8 @@ class StepSession:
             self.end = self._end_here("unexpected-exit",
                                       detail=_strip(self.vcpu.describe_exit(reason)))
             return
-        regs = self.vcpu.get_regs()
-        frame = self._frame(regs.rsp)
+        frame = self._stub_frame(self.vcpu.get_regs())
         if frame is None:
-            self._end_unreadable_frame(regs)
             return
         self._end_exception(frame)
         if frame["vector"] == VEC_DB:

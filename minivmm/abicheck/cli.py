@@ -1,6 +1,7 @@
 """`minivmm abi-check`: run the checks and report in KTAP (default), JSON or JUnit."""
 from __future__ import annotations
 
+import contextlib
 import sys
 
 from . import report
@@ -35,9 +36,6 @@ def cmd_abi_check(args) -> int:
     specs = select(args.pattern)
     if args.pattern and not specs:
         raise UsageError(f"no check id matches {args.pattern!r} (see --list)")
-    if args.list:
-        sys.stdout.write(report.listing(specs))
-        return 0
     try:   # opened before any check runs: a bad path costs nothing and is no failure
         out = open(args.output, "w") if args.output else sys.stdout
     except OSError as e:
@@ -45,18 +43,32 @@ def cmd_abi_check(args) -> int:
               file=sys.stderr)
         return EXIT_CANNOT_RUN
     try:
-        kvm = Kvm()
-    except KvmUnavailable as e:     # no device, no permission, or not a KVM device
-        print(f"minivmm abi-check: cannot run: {e}", file=sys.stderr)
+        if args.list:
+            return _write(out, report.listing(specs), args.output) or 0
+        try:
+            kvm = Kvm()
+        except KvmUnavailable as e:     # no device, no permission, or not a KVM device
+            print(f"minivmm abi-check: cannot run: {e}", file=sys.stderr)
+            return EXIT_CANNOT_RUN
+        with kvm:
+            header = host_header(kvm)
+            results = [run_one(s, kvm, args.unsafe) for s in specs]
+        formatter = {"ktap": report.ktap, "json": report.to_json, "junit": report.junit}
+        return _write(out, formatter[args.format](results, header), args.output) \
+            or report.exit_status(results)
+    finally:
         if out is not sys.stdout:
-            out.close()
+            with contextlib.suppress(OSError):   # a failed write was reported already
+                out.close()
+
+
+def _write(out, text: str, name: str | None) -> int | None:
+    """Write the report; EXIT_CANNOT_RUN (not 1, a failed check) if it cannot be."""
+    try:
+        out.write(text)
+        out.flush()
+    except OSError as e:
+        print(f"minivmm abi-check: cannot write the report to {name or 'stdout'}: "
+              f"{e.strerror}", file=sys.stderr)
         return EXIT_CANNOT_RUN
-    with kvm:
-        header = host_header(kvm)
-        results = [run_one(s, kvm, args.unsafe) for s in specs]
-    text = {"ktap": report.ktap, "json": report.to_json, "junit": report.junit}[args.format](
-        results, header)
-    out.write(text)
-    if out is not sys.stdout:
-        out.close()
-    return report.exit_status(results)
+    return None

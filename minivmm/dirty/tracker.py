@@ -337,6 +337,7 @@ class IterationRecord:
     extra: np.ndarray                    # reported but content unchanged
     rows: list                           # per-vCPU rows for the table
     scope: str = ""
+    complete: bool = True                # every vCPU reached this sync (none stopped first)
 
     @property
     def ok(self) -> bool:
@@ -349,6 +350,7 @@ class IterationRecord:
                "pages": {SLOT_NAMES.get(s, str(s)): p.tolist() for s, p in c.pages.items()}
                if with_pages else {},
                "reported": len(self.data_pages),
+               "complete": self.complete,
                "expected": None if self.expected is None else len(self.expected),
                "missed": len(self.missed), "missed_pages": self.missed.tolist()[:64],
                "extra": len(self.extra), "extra_pages": self.extra.tolist()[:64],
@@ -509,7 +511,10 @@ class DirtySession:
                 if self.machine.expired():
                     self._go.set()
                     if item is _NOTHING and all(st.done.is_set() for st in self.machine.states):
-                        break
+                        try:    # a collection the last vCPUs queued as they ended
+                            item = self._queue.get_nowait()
+                        except queue.Empty:
+                            break
                 if item is _NOTHING:
                     continue
                 if item is None:
@@ -623,7 +628,7 @@ class DirtySession:
         for i in range(self.nvcpus):
             lo, hi = i * share, (i + 1) * share if i < self.nvcpus - 1 else self.pages
             mine = data[(data >= lo) & (data < hi)]
-            want = plans[i] if plans else None
+            want = plans.get(i) if plans else None     # None: stopped before this sync
             row = {"vcpu": i, "reported": len(mine),
                    "expected": None if want is None else len(want),
                    "missed": int(((missed >= lo) & (missed < hi)).sum()),
@@ -637,15 +642,23 @@ class DirtySession:
             rows.append(row)
         return IterationRecord(iteration, self.tracker.name, col, data, expected,
                                content["changed"], missed, content["extra"], rows,
-                               content["scope"])
+                               content["scope"],
+                               synced is None or len(synced) == self.nvcpus)
 
 
-def compare_runs(a: list, b: list) -> list:
-    """Per-iteration differences of the data-slot page sets of two runs ([] = agree)."""
+def compare_runs(a: list, b: list, completed_only: bool = False) -> list:
+    """Per-iteration differences of the data-slot page sets of two runs ([] = agree).
+
+    ``completed_only``: only the numbered iterations every vCPU of both runs completed
+    (runs stopped by a timeout stop at different points; what follows is not comparable)."""
     diffs = []
     amap = {r.iteration: r for r in a}
     bmap = {r.iteration: r for r in b}
-    for it in sorted(set(amap) | set(bmap), key=str):
+    its = set(amap) | set(bmap)
+    if completed_only:
+        its = {it for it in set(amap) & set(bmap)
+               if isinstance(it, int) and amap[it].complete and bmap[it].complete}
+    for it in sorted(its, key=str):
         pa = amap[it].data_pages if it in amap else _EMPTY
         pb = bmap[it].data_pages if it in bmap else _EMPTY
         if not np.array_equal(pa, pb):

@@ -113,6 +113,16 @@ def test_an_unwritable_output_is_refused_before_any_check(tmp_path):
     assert json.loads(good.read_text())["results"][0]["status"] == "pass"
 
 
+def test_a_report_that_cannot_be_written_is_cannot_run_not_a_failure(tmp_path):
+    proc = run_cli("abi-check", "-k", "caps.api", "--output", "/dev/full")
+    line, = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "No space left on device" in line
+    listing = tmp_path / "list.txt"
+    proc = run_cli("abi-check", "--list", "--output", listing)
+    assert proc.returncode == 0 and proc.stdout == "" and all(i in listing.read_text()
+                                                            for i in IDS)
+
+
 @pytest.mark.parametrize("fmt", ["ktap", "json", "junit"])
 def test_traced_ioctls_go_to_stderr_and_leave_the_report_parseable(fmt):
     proc = run_cli("abi-check", "-k", "caps.api", "--format", fmt, "--trace-ioctls")

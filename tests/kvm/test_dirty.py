@@ -252,11 +252,20 @@ def test_cli_dirty_table_and_plot(tmp_path):
                                        (["--vcpus", "4", "--pages", "3"], "at least one page"),
                                        (["--no-manual-protect"], "bitmap options"),
                                        (["--timeout", "nan"], "not a finite number"),
-                                       (["--plot", "/nonexistent/d.png"], "cannot write there"),
+                                       (["--plot", "/nonexistent/d.png"], "cannot write"),
+                                       (["--plot", "/proc/d.png"], "cannot write /proc/d.png"),
                                        (["--plot", "/tmp"], "give a FILE.png")])
 def test_cli_dirty_bad_input(args, word):
     # each of these used to run (and hang, or report false misses, or fail after the run)
     assert word in one_line_error(run_cli("dirty", "--tracker", "ring", "--pages", "256", *args))
+
+
+def test_the_rings_picture_path_is_checked_before_the_run(tmp_path):
+    (tmp_path / "d-rings.png").mkdir()
+    line = one_line_error(run_cli("dirty", "--pages", "64", "--iterations", "1", "--show-ring",
+                                  "--plot", tmp_path / "d.png"))
+    assert "cannot write" in line and "d-rings.png" in line and "Is a directory" in line
+    assert not (tmp_path / "d.png").exists()      # the check leaves nothing behind
 
 
 def test_initially_set_needs_manual_protect():
@@ -277,6 +286,48 @@ def test_timeout_stops_a_guest_that_keeps_syncing():
     assert "stopped by --timeout" in proc.stderr
     # a vCPU stopped before a sync has not written its plan: no miss is made up for it
     assert all(it["missed"] == 0 for it in data["runs"][0]["iterations"])
+
+
+ONE_SYNC = """;! mode: long
+;! vcpus: 2
+    mov qword ptr [rsi], 1
+    test edi, edi
+    jnz spin
+    mov eax, 1
+    out 0xf0, eax
+spin:
+    pause
+    jmp spin
+"""
+
+
+@pytest.mark.parametrize("collect", ["sync", "async"])
+def test_a_collection_made_as_the_timeout_stops_the_vcpus_is_kept(tmp_path, collect):
+    # vCPU 0 syncs once and spins, vCPU 1 never syncs: the barrier completes only when the
+    # timeout ends vCPU 1, and that collection used to be dropped and its pages "missed"
+    src = tmp_path / "onesync.asm"
+    src.write_text(ONE_SYNC)
+    proc = run_cli("dirty", "--payload", src, "--tracker", "both", "--pages", "64",
+                   "--timeout", "0.5", "--collect", collect, "--json", timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    data = json.loads(proc.stdout)
+    for run in data["runs"]:
+        its = {it["iteration"]: it for it in run["iterations"]}
+        assert 1 in its and its[1]["pages"]["data"] == [0, 32], run["tracker"]
+        assert all(it["missed"] == 0 for it in its.values()), run["tracker"]
+        # vCPU 1 never reached the sync: no plan is held against it
+        assert [v["expected"] for v in its[1]["vcpus"]] == [None, None]
+        assert its[1]["complete"] is False
+    assert data["agree"] and "stopped by --timeout" in proc.stderr
+
+
+def test_runs_stopped_by_a_timeout_are_compared_where_both_completed():
+    proc = run_cli("dirty", "--tracker", "both", "--pages", "256", "--iterations",
+                   str(2 ** 32 - 1), "--timeout", "0.3", "--json", timeout=60)
+    data = json.loads(proc.stdout)
+    assert proc.returncode == 1 and not data["ok"]
+    assert data["agree"] and data["differences"] == [] and "compared" in data
+    assert "disagree" not in proc.stderr
 
 
 def test_a_nonzero_exit_code_is_named_in_the_verdict():

@@ -400,20 +400,20 @@ def test_an_out_to_the_exception_port_with_a_bad_stack_is_reported(tmp_path):
     f.write_text(src)
     proc = run_cli("step", f)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert re.search(r"guest ended after 2 steps: the exception port was written with no "
-                     r"exception frame to read \(RSP 0xdeadbeef0000 is outside guest memory\) "
-                     r"at 0x10011 \(out 0xe0, eax .*came from the payload itself", proc.stdout)
+    assert re.search(r"guest ended after 2 steps: the payload wrote minivmm's exception-report "
+                     r"port 0xe0 itself \(value 0xe\); no CPU exception happened "
+                     r"at 0x10011 \(out 0xe0, eax", proc.stdout)
     assert "    registers: " in proc.stdout and "rsp=0xdeadbeef0000" in proc.stdout
     proc = run_cli("step", f, "--json")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     end = json.loads(proc.stdout.splitlines()[-1])["end"]
-    assert end["reason"] == "unreadable-exception-frame" and end["value"] == 14
+    assert end["reason"] == "exception-port-by-payload" and end["value"] == 14
     assert end["rsp"] == 0xdeadbeef0000
     # the same out while running freely to a breakpoint after it
     p = assemble_source(src, "badrsp.asm")
     with StepSession(p, breakpoint=p.listing[-1].address) as s:
         assert list(s.run()) == []
-        assert s.end.reason == "unreadable-exception-frame"
+        assert s.end.reason == "exception-port-by-payload"
         assert "never reached" in s.end.detail["breakpoint"]
 
 
