@@ -246,8 +246,11 @@ def cmd_dirty(args) -> int:
     if args.tracker == "ring" and (args.initially_set or args.no_manual_protect):
         raise UsageError("--initially-set and --no-manual-protect are bitmap options; "
                          "use them with --tracker bitmap or both")
-    if args.tracker == "bitmap" and args.show_ring:
-        raise UsageError("--show-ring shows the dirty ring; use it with --tracker ring or both")
+    if args.tracker == "bitmap" and (args.show_ring or args.ring_entries is not None):
+        raise UsageError("--show-ring and --ring-entries are ring options; use them with "
+                         "--tracker ring or both")
+    if args.ring_entries is None:
+        args.ring_entries = DEFAULT_RING_ENTRIES
     trackers = ["ring", "bitmap"] if args.tracker == "both" else [args.tracker]
     if args.tracker == "auto":
         with Kvm() as kvm:
@@ -286,6 +289,9 @@ def cmd_dirty(args) -> int:
             print(f"minivmm: {report.verdict(summary)}", file=sys.stderr)
         return EXIT_GUEST_FAILED
     return EXIT_OK
+
+
+DEFAULT_RING_ENTRIES = 4096
 
 
 def _power_of_two_entries(text: str) -> int:
@@ -355,8 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pages", type=_integer, default=4096, help="data-slot pages "
                    "(default 4096), split evenly between vCPUs")
     p.add_argument("--iterations", type=_integer, default=5, help="iterations (default 5)")
-    p.add_argument("--ring-entries", type=_power_of_two_entries, default=4096,
-                   help="dirty ring entries per vCPU, a power of two (default 4096)")
+    p.add_argument("--ring-entries", type=_power_of_two_entries, default=None,
+                   help=f"dirty ring entries per vCPU, a power of two (default "
+                   f"{DEFAULT_RING_ENTRIES})")
     p.add_argument("--collect", choices=["sync", "async"], default="sync",
                    help="sync: collect at each sync exit with vCPUs paused; async: a reaper "
                    "thread harvests while vCPUs run, plus the sync collection (default sync)")

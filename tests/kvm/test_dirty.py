@@ -260,6 +260,12 @@ def test_cli_dirty_bad_input(args, word):
     assert word in one_line_error(run_cli("dirty", "--tracker", "ring", "--pages", "256", *args))
 
 
+@pytest.mark.parametrize("option", [["--show-ring"], ["--ring-entries", "512"]])
+def test_ring_options_are_refused_with_the_bitmap_alone(option):
+    line = one_line_error(run_cli("dirty", "--tracker", "bitmap", "--pages", "64", *option))
+    assert "ring options" in line
+
+
 def test_the_rings_picture_path_is_checked_before_the_run(tmp_path):
     (tmp_path / "d-rings.png").mkdir()
     line = one_line_error(run_cli("dirty", "--pages", "64", "--iterations", "1", "--show-ring",
