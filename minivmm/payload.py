@@ -33,6 +33,8 @@ _DATA_DIRECTIVES = (".byte", ".word", ".short", ".long", ".int", ".quad", ".asci
                     ".asciz", ".string", ".fill", ".zero", ".space", ".align", ".balign",
                     ".p2align")
 _ALIGN_DIRECTIVES = (".align", ".balign", ".p2align")
+# keystone has no fill-width variants: LLVM aborts the whole process on them
+_WIDE_ALIGN = (".balignw", ".balignl", ".p2alignw", ".p2alignl")
 ALIGN_MAX = 4096           # keystone pads to any alignment, even gigabytes of it
 # `.equ X, 5`, `.set X, 5`, `.equiv X, 5`, `X = 5`: constants, no bytes
 _CONST_DEF = re.compile(r"^(?:\.(?:equ|set|equiv)\s+([A-Za-z_.$@][\w.$@]*)\s*,"
@@ -42,6 +44,12 @@ _CONST_DEF = re.compile(r"^(?:\.(?:equ|set|equiv)\s+([A-Za-z_.$@][\w.$@]*)\s*,"
 _NUMBER = (r"[0-9][0-9a-f]*h|0x[0-9a-f]+|0b[01]+|0[0-7]*|[1-9][0-9]*|'[^'\\]'")
 _TOKEN = re.compile(rf"\s*(?:(?P<num>{_NUMBER})(?![\w.$@'])|(?P<name>[A-Za-z_.$@][\w.$@]*)"
                     r"|(?P<op><<|>>|[-+*/%&|^~()]))", re.IGNORECASE)
+_LITERAL = re.compile(rf"(?<![\w.$@])(?:{_NUMBER})(?![\w.$@'])", re.IGNORECASE)
+# `ds:0x1234` without brackets is a memory operand too
+_SEG_ABS = re.compile(r"^(?:\w+\s+ptr\s+)?[c-gs]s\s*:\s*([^\[\]]+)$", re.IGNORECASE)
+_REL8_ONLY = ("loop", "loope", "loopne", "jcxz", "jecxz", "jrcxz")
+_ADDR_MASK = {"real": 0xFFFF, "protected": 0xFFFFFFFF, "long": (1 << 64) - 1}
+_MASK64 = (1 << 64) - 1
 _REGISTER = re.compile(r"^(?:[re]?[a-d]x|[a-d][lh]|[re]?(?:si|di|bp|sp)|(?:si|di|bp|sp)l"
                        r"|r(?:[89]|1[0-5])[bwdl]?|[c-gs]s|[re]?ip|(?:cr|dr)\d+|st|mm\d"
                        r"|[xyz]mm\d+|k[0-7])$", re.IGNORECASE)
@@ -218,10 +226,27 @@ def assemble_source(text: str, name: str = "<payload>") -> Payload:
                    listing=listing, header={k: v for k, (v, _) in header.items()})
 
 
+def _mask_quotes(text: str) -> str:
+    """``text`` with what is inside quotes blanked out (same length): `'['` is no bracket."""
+    if "'" not in text and '"' not in text:
+        return text
+    out, quote = [], None
+    for ch in text:
+        if quote:
+            if ch == quote:
+                quote = None
+            else:
+                ch = "_"
+        elif ch in "'\"":
+            quote = ch
+        out.append(ch)
+    return "".join(out)
+
+
 def _check_syntax(stmts, name) -> None:
     """Catch input keystone mis-handles: truncated operands, unbalanced brackets,
-    non-ASCII text and alignments it cannot or should not pad to."""
-    consts = None
+    non-ASCII text, out-of-range literals and alignments it cannot or should not pad to."""
+    env, changes = _constants(stmts)
     for no, s in stmts:
         odd = next((ch for ch in s if ord(ch) > 127), None)
         if odd:   # keystone's binding takes ASCII only, and dies without a word
@@ -229,16 +254,32 @@ def _check_syntax(stmts, name) -> None:
         body = _LABEL.sub("", s).strip()
         if not body:
             continue
-        if body.count("[") != body.count("]"):
+        masked = _mask_quotes(body)
+        if masked.count("[") != masked.count("]"):
             raise PayloadError(f"{name}:{no}: unbalanced brackets in {body!r}")
+        if re.search(r"\w{17}", masked):   # keystone blames a later line for these
+            for m in _LITERAL.finditer(masked):
+                value = _number(m.group(0))
+                if value is not None and value > _MASK64:
+                    raise PayloadError(f"{name}:{no}: value {value:#x} does not fit in 64 bits")
         if body[-1] in "+-*,[(":
             raise PayloadError(f"{name}:{no}: incomplete operand in {body!r}")
         if body.startswith("!"):
             raise PayloadError(f"{name}:{no}: unexpected '!' (header lines start with ';!')")
         word, args = (body.split(None, 1) + [""])[:2]
-        if word.lower() in _ALIGN_DIRECTIVES:   # before keystone pads gigabytes
-            consts = _constants(stmts) if consts is None else consts
-            _alignment(word.lower(), args, consts, name, no)
+        word = word.lower()
+        if word in _WIDE_ALIGN:
+            raise PayloadError(f"{name}:{no}: {word} is not supported by the assembler; "
+                               "use .balign/.p2align")
+        _apply_constant(env, changes, no)
+        if word in _ALIGN_DIRECTIVES:   # before keystone pads gigabytes
+            _alignment(word, args, env, name, no)
+        elif word == ".word":   # keystone emits nothing (or hangs) for a too-big .word
+            for arg in _split_operands(args):
+                value = _evaluate(arg, env, directive=True)
+                if value is not None and not -0x8000 <= value <= 0xFFFF:
+                    raise PayloadError(f"{name}:{no}: .word value {value:#x} does not fit "
+                                       "in 16 bits")
 
 
 def _alignment(word: str, args: str, consts: dict, name, no) -> tuple:
@@ -246,7 +287,7 @@ def _alignment(word: str, args: str, consts: dict, name, no) -> tuple:
     parts = [a.strip() for a in args.split(",")]
     if not parts[0]:
         raise PayloadError(f"{name}:{no}: {word} needs an alignment")
-    value = _evaluate(parts[0], consts)
+    value = _evaluate(parts[0], consts, directive=True)
     if value is None:
         raise PayloadError(f"{name}:{no}: {word}: the alignment must be a number, "
                            f"got {parts[0]!r}")
@@ -258,12 +299,20 @@ def _alignment(word: str, args: str, consts: dict, name, no) -> tuple:
     elif not (0 < value <= ALIGN_MAX and value & (value - 1) == 0):
         raise PayloadError(f"{name}:{no}: {word} {parts[0]}: the alignment must be a power "
                            f"of two from 1 to {ALIGN_MAX}")
+    if len(parts) > 1 and parts[1]:
+        fill = _evaluate(parts[1], consts, directive=True)
+        if fill is None or not -0x80 <= fill <= 0xFF:   # keystone keeps the low byte
+            raise PayloadError(f"{name}:{no}: {word}: the fill must be a byte value, "
+                               f"got {parts[1]!r}")
     max_skip = None
     if len(parts) > 2:
-        max_skip = _evaluate(parts[2], consts)
+        max_skip = _evaluate(parts[2], consts, directive=True)
         if max_skip is None or len(parts) > 3:
             raise PayloadError(f"{name}:{no}: {word}: bad arguments {args.strip()!r} "
                                "(expected alignment[, fill[, max skip]])")
+        if max_skip < 1:   # keystone ignores such a limit and pads all the way
+            raise PayloadError(f"{name}:{no}: {word}: the max skip must be at least 1, "
+                               f"got {parts[2]!r}")
     return value, max_skip
 
 
@@ -364,12 +413,26 @@ def _number(token: str) -> int | None:
     return int(t, 8) if t.startswith("0") else int(t)
 
 
-def _evaluate(text: str, consts: dict, registers_zero: bool = False) -> int | None:
+def _div(a: int, b: int) -> int | None:
+    """keystone's `/`: signed, truncating toward zero (-7 / 2 is -3)."""
+    if b == 0:
+        return None
+    q = abs(a) // abs(b)
+    return -q if (a < 0) != (b < 0) else q
+
+
+def _shr64(a: int, b: int) -> int:
+    return (a & _MASK64) >> b
+
+
+def _evaluate(text: str, consts: dict, registers_zero: bool = False,
+              directive: bool = False) -> int | None:
     """The value of a constant expression, or None if it is not one we can be sure of.
 
     With ``registers_zero`` registers count as 0: what is left of an address is its
     displacement. Bitwise and shift operators rank differently in keystone's Intel
-    and GAS parsers, so they are only evaluated unmixed.
+    and GAS parsers, so they are only evaluated unmixed. In a ``directive``
+    (.equ, .set, .align...) keystone shifts right unsigned on 64 bits: -1 >> 60 is 0xf.
     """
     tokens, pos = [], 0
     text = text.rstrip()
@@ -412,11 +475,15 @@ def _evaluate(text: str, consts: dict, registers_zero: bool = False) -> int | No
             values.append(primary())
         if None in values:
             return None
-        if set(ops) <= {"+", "-", "*"}:
+        if set(ops) <= {"+", "-", "*", "/"}:
             terms, signs = [values[0]], [1]
             for op, v in zip(ops, values[1:]):
                 if op == "*":
                     terms[-1] *= v
+                elif op == "/":
+                    terms[-1] = _div(terms[-1], v)
+                    if terms[-1] is None:
+                        return None
                 else:
                     terms.append(v)
                     signs.append(1 if op == "+" else -1)
@@ -425,6 +492,10 @@ def _evaluate(text: str, consts: dict, registers_zero: bool = False) -> int | No
               "|": operator.or_, "^": operator.xor}.get(ops[0]) if len(set(ops)) == 1 else None
         if fn is None or (ops[0] in ("<<", ">>") and not all(0 <= w < 256 for w in values[1:])):
             return None
+        if directive and ops[0] == ">>":
+            if not all(w < 64 for w in values[1:]):
+                return None
+            fn = _shr64
         v = values[0]
         for w in values[1:]:
             v = fn(v, w)
@@ -460,10 +531,15 @@ def _source_values(body: str, consts: dict) -> tuple:
         words = words[1].split(None, 1)
     imms, disps = [], []
     for op in _split_operands(words[1] if len(words) == 2 else ""):
-        if "[" in op:
-            inner, after = op[op.index("[") + 1:op.rindex("]")], op[op.rindex("]") + 1:]
+        masked = _mask_quotes(op)          # `'['` is a number, not an address
+        seg = _SEG_ABS.match(masked)
+        if "[" in masked:
+            start, end = masked.index("["), masked.rindex("]")
+            inner, after = op[start + 1:end], op[end + 1:]
             inner = re.sub(r"^\s*[c-gs]s\s*:", "", inner, flags=re.IGNORECASE)
             disps.append(None if after.strip() else _evaluate(inner, consts, True))
+        elif seg:                           # `gs:0x100`, an address like `gs:[0x100]`
+            disps.append(_evaluate(op[seg.start(1):], consts))
         elif ":" in op or any(_REGISTER.match(w) for w in re.findall(r"[\w.$@]+", op)):
             continue                        # a register (or a far pointer): no value
         else:
@@ -492,6 +568,13 @@ def _check_values(decoded, body: str, consts: dict, name, no) -> None:
             checks.append((want, o.imm, bits, False))
     if len(disps) == len(got_mems):
         for want, o in zip(disps, got_mems):
+            if o.mem.base == cs_x86.X86_REG_RIP and "rip" not in body.lower():
+                # keystone makes some [abs] RIP-relative, not always to the right address
+                got = decoded.address + decoded.size + o.mem.disp
+                if want is not None and (want - got) & _MASK64:
+                    raise PayloadError(f"{name}:{no}: address {want:#x} was assembled as "
+                                       f"RIP-relative {got & _MASK64:#x}")
+                continue
             checks.append((want, o.mem.disp, decoded.addr_size * 8, True))
     for want, got, bits, signed in checks:
         if want is None or bits <= 0:
@@ -505,24 +588,46 @@ def _check_values(decoded, body: str, consts: dict, name, no) -> None:
                                f"(assembled as {shown:#x})")
 
 
-def _constants(stmts) -> dict:
-    """Constants from .equ/.set/`=` lines; a name defined twice is left out (not known)."""
-    defs = [m for m in (_CONST_DEF.match(_peel_labels(s)) for _, s in stmts) if m]
-    names = [m.group(1) or m.group(2) for m in defs]
-    consts: dict = {}
-    for key, m in zip(names, defs):
-        if names.count(key) == 1:
-            value = _evaluate(m.group(3), consts)
-            if value is not None:
-                consts[key] = value
-    return consts
+def _constants(stmts) -> tuple:
+    """Constants from .equ/.set/`=` lines: (values at the start, {line: (name, value)}).
+
+    A name defined once has its value everywhere. A name redefined (`.set`) takes each
+    new value from its line on; before its first definition keystone uses the last.
+    A value that is not known is None.
+    """
+    defs = [(no, m.group(1) or m.group(2), m.group(3))
+            for no, m in ((no, _CONST_DEF.match(_peel_labels(s))) for no, s in stmts) if m]
+    seen: dict = {}
+    for _, key, _ in defs:
+        seen[key] = seen.get(key, 0) + 1
+    current: dict = {}
+    changes: dict = {}
+    for no, key, text in defs:
+        value = _evaluate(text, current, directive=True)
+        if value is None:
+            current.pop(key, None)
+        else:
+            current[key] = value
+        if seen[key] > 1:
+            changes[no] = (key, value)
+    return current, changes
+
+
+def _apply_constant(env: dict, changes: dict, no: int) -> None:
+    """Update ``env`` for a (re)definition on line ``no``, if there is one."""
+    if no in changes:
+        key, value = changes[no]
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
 
 
 def _peel_labels(s: str) -> str:
     body = s.strip()
     while True:
-        m = _LABEL.match(body)
-        if not m or body.startswith("."):
+        m = _LABEL.match(body)     # `.Lname:` is a label too
+        if not m:
             return body
         body = body[m.end():].strip()
 
@@ -550,10 +655,17 @@ def _listing(code: bytes, mode: str, origin: int, stmts, name) -> list:
     ks = _ks(mode)
     md = _cs(mode)
     md.detail = True                # operand values, for _check_values
-    consts = _constants(stmts)
+    consts, changes = _constants(stmts)
     listing = []
+    labels: dict = {}
+    branches = []
     offset = 0
     for no, s in stmts:
+        _apply_constant(consts, changes, no)
+        rest = s.strip()
+        while (m := _LABEL.match(rest)) and not _CONST_DEF.match(rest):
+            labels[m.group(1)] = origin + offset
+            rest = rest[m.end():]
         body = _peel_labels(s)
         if not body or _CONST_DEF.match(body):
             continue
@@ -572,13 +684,36 @@ def _listing(code: bytes, mode: str, origin: int, stmts, name) -> list:
             raise PayloadError(f"{name}:{no}: assembler output does not decode as an "
                                f"instruction for {body!r}")
         _check_values(decoded, body, consts, name, no)
+        if decoded.group(capstone.CS_GRP_BRANCH_RELATIVE):
+            branches.append((no, body, decoded))
         listing.append(Instruction(decoded.address, decoded.size, bytes(decoded.bytes),
                                    decoded.mnemonic, decoded.op_str, no, body))
         offset += decoded.size
     if offset != len(code):
         raise PayloadError(f"{name}: assembler output ({len(code)} bytes) does not match the "
                            f"source ({offset} bytes accounted for)")
+    _check_branches(branches, labels, _ADDR_MASK[mode], name)
     return listing
+
+
+def _check_branches(branches, labels: dict, mask: int, name) -> None:
+    """Refuse a branch to a label keystone could not reach: `loop far_label` (rel8 only)
+    assembles silently with a wrong target."""
+    for no, body, decoded in branches:
+        words = body.split(None, 1)
+        while len(words) == 2 and words[0].lower() in _PREFIXES:
+            words = words[1].split(None, 1)
+        imms = [o for o in decoded.operands if o.type == cs_x86.X86_OP_IMM]
+        if len(words) < 2 or len(imms) != 1 or not re.search(r"[A-Za-z_.$@]", words[1]):
+            continue     # not a branch to a label (numbers are checked with the values)
+        want = _evaluate(words[1], labels)
+        if want is None or not (want - imms[0].imm) & mask:
+            continue
+        if decoded.mnemonic in _REL8_ONLY:
+            raise PayloadError(f"{name}:{no}: target out of range for {decoded.mnemonic} "
+                               "(rel8: -128..127 bytes)")
+        raise PayloadError(f"{name}:{no}: {decoded.mnemonic} target {want:#x} was assembled "
+                           f"as {imms[0].imm & mask:#x}")
 
 
 def list_payloads(directory: str | None = None) -> list:

@@ -254,3 +254,62 @@ def test_non_ascii_outside_a_comment_is_a_clear_error():
     asm("nop ; caf\u00e9\n")                 # in a comment: fine
     with pytest.raises(P.PayloadError, match=r"^t.asm:2: non-ASCII character '\u00e9'"):
         asm(".ascii \"caf\u00e9\"\n")
+
+
+@pytest.mark.parametrize("mode,body,code", [
+    ("long", "bt rax, - '['\n", "480fbae0a5"),            # a bracket in quotes is a number
+    ("protected", "mov [esp + '['], ebx\n", "895c245b"),
+    ("long", ".equ X, -1 >> 60\nmov rax, X\n", "48c7c00f000000"),   # unsigned in .equ
+    ("long", "mov rax, -16 >> 2\n", "48c7c0fcffffff"),               # signed in operands
+    ("long", "mov al, 510 / 2\n", "b0ff"),
+    ("long", "mov rax, -7 / 2\n", "48c7c0fdffffff"),                 # truncates toward 0
+    ("long", ".set X, 0x1234\nmov ax, X\n.set X, 1\nmov al, X\n", "66b83412b001"),
+    ("long", "mov al, X\n.set X, 0x1234\n.set X, 1\n", "b001"),      # the last value
+    ("long", ".word 0xffff, -32768\n", "ffff0080"),
+    ("long", "nop\n.align 4, -1, 3\nnop\n", "90ffffff90"),
+    ("long", "mov sil, [65536]\n", "408a35f9ffffff"),                # RIP-relative, right
+    ("long", ".Lx: nop\n", "90"),
+])
+def test_valid_code_is_accepted(mode, body, code):
+    assert asm(body, header=f";! mode: {mode}\n").code.hex() == code
+
+
+@pytest.mark.parametrize("mode,body,match", [
+    ("long", "target:\n" + "nop\n" * 200 + "loop target\n",
+     r"^t.asm:203: target out of range for loop \(rel8: -128..127 bytes\)$"),
+    ("protected", "jecxz .Lt\n" + "nop\n" * 200 + ".Lt: nop\n",
+     r"^t.asm:2: target out of range for jecxz"),
+    ("real", "target:\n" + "nop\n" * 200 + "loop target\n", r"^t.asm:203: target out of range"),
+    ("long", ".word 0x10000\n", r"^t.asm:2: .word value 0x10000 does not fit in 16 bits$"),
+    ("long", ".word -32769\n", r"^t.asm:2: .word value -0x8001 does not fit"),
+    ("long", ".word 1, 0x12345\n", r"^t.asm:2: .word value 0x12345"),
+    ("long", ".word 0x10000, 1\n", r"^t.asm:2: .word value 0x10000"),   # keystone hangs
+    ("long", "mov rsp, gs:0x100000000\n", r"^t.asm:2: value 0x100000000 does not fit"),
+    ("real", "mov ax, ds:0x12345\n", r"^t.asm:2: value 0x12345 does not fit"),
+    ("long", "mov al, 512 / 2\n", r"^t.asm:2: value 0x100 does not fit"),
+    ("long", ".set X, 1\nmov al, X\n.set X, 0x1234\nmov bl, X\n",
+     r"^t.asm:5: value 0x1234 does not fit"),
+    ("long", "mov rbx, [0x28]\n", r"^t.asm:2: address 0x28 was assembled as RIP-relative"),
+])
+def test_wrong_code_is_refused(mode, body, match):
+    with pytest.raises(P.PayloadError, match=match):
+        asm(body, header=f";! mode: {mode}\n")
+
+
+@pytest.mark.parametrize("body,match", [
+    ("nop\nmov rax, 0x10000000000000000\nnop\nout 0xf4, al\n",
+     r"^t.asm:3: value 0x10000000000000000 does not fit in 64 bits$"),
+    ("movabs rax, 0x10000000000000000\n", r"^t.asm:2: value .* does not fit in 64 bits$"),
+    (".balignw 4, 0x9090\n", r"^t.asm:2: .balignw is not supported by the assembler; "
+                             r"use .balign/.p2align$"),
+    (".balignl 8\n", r"^t.asm:2: .balignl is not supported"),
+    (".p2alignw 2\n", r"^t.asm:2: .p2alignw is not supported"),
+    (".p2alignl 2\n", r"^t.asm:2: .p2alignl is not supported"),
+    ("nop\n.align 8, 0x90, -1\nnop\n", r"^t.asm:3: .align: the max skip must be at least 1"),
+    ("nop\n.p2align 2,0x90,0\nnop\n", r"^t.asm:3: .p2align: the max skip must be at least 1"),
+    ("nop\n.align 8, 0x100\nnop\n", r"^t.asm:3: .align: the fill must be a byte value"),
+])
+def test_messages_name_the_line_in_one_line(body, match):
+    with pytest.raises(P.PayloadError, match=match) as e:
+        asm(body)
+    assert "\n" not in str(e.value)
