@@ -8,10 +8,12 @@ inside KVM_RUN.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno as _errno
 import mmap as _mmap
 import os
+import signal
 import weakref
 
 __all__ = ["KvmError", "KvmUnavailable", "ioctl", "errno_name", "map_shared", "libc"]
@@ -62,6 +64,18 @@ class KvmError(OSError):
 
 class KvmUnavailable(KvmError):
     """/dev/kvm is missing or cannot be opened."""
+
+
+@contextlib.contextmanager
+def fd_creation():
+    """Hold SIGINT back while a new fd is made and handed to its owner: a Ctrl-C landing
+    in between would leak it (and a vCPU fd keeps its whole VM alive). The interrupt is
+    raised as the block ends, once the fd is owned."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def own_fd(owner, fd: int) -> "weakref.finalize":

@@ -35,7 +35,9 @@ class Kvm:
         device = device or os.environ.get("MINIVMM_KVM_DEVICE", "/dev/kvm")
         self.device = device
         try:
-            self.fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+            with _sys.fd_creation():
+                self.fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+                self._close_fd = _sys.own_fd(self, self.fd)
         except FileNotFoundError:
             raise KvmUnavailable(f"open {device}", errno.ENOENT,
                                  "no KVM device: load the kvm module (modprobe kvm_intel or "
@@ -46,7 +48,6 @@ class Kvm:
                                  "(usually 'kvm') or run as root") from None
         except OSError as e:
             raise KvmUnavailable(f"open {device}", e.errno or 0) from None
-        self._close_fd = _sys.own_fd(self, self.fd)
         self._cpuid = None
         try:
             try:
@@ -102,9 +103,10 @@ class Kvm:
     def create_vm(self, machine_type: int = 0) -> "Vm":
         """KVM_CREATE_VM: a new, empty VM (api.rst 4.2)."""
         from .vm import Vm
-        fd = ioctl(self.fd, abi.KVM_CREATE_VM, machine_type, "KVM_CREATE_VM",
-                   {errno.EINVAL: "unknown machine type", errno.ENOMEM: "out of memory"})
-        return Vm(self, fd)
+        with _sys.fd_creation():
+            fd = ioctl(self.fd, abi.KVM_CREATE_VM, machine_type, "KVM_CREATE_VM",
+                       {errno.EINVAL: "unknown machine type", errno.ENOMEM: "out of memory"})
+            return Vm(self, fd)
 
     # -- conveniences built on the above --
     def caps(self, names=None) -> dict:

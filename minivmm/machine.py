@@ -313,12 +313,16 @@ class Machine:
         A second Ctrl-C while stopping does not cut this short: the vCPU threads
         must be gone before their kvm_run mappings can be released.
         """
-        running = [st for st in self.states if st.thread is not None]
-        for st in running:
+        # Threads taken once: another stop() (a timer, close() elsewhere) may clear them
+        running = [(st, st.thread) for st in self.states if st.thread is not None]
+        me = threading.current_thread()
+        for st, _ in running:
             if not st.done.is_set():
                 self._kick(st, reason)
         interrupted = False
-        for st in running:
+        for st, thread in running:
+            if thread is me:     # from a callback on this vCPU's thread: it ends on return
+                continue
             while True:
                 try:
                     if st.done.wait(0.05):
@@ -326,19 +330,21 @@ class Machine:
                     self._kick(st, reason)   # the signal came between two KVM_RUNs: again
                 except KeyboardInterrupt:
                     interrupted = True
-            st.thread.join()
-            st.thread = None
+            thread.join()
+            if st.thread is thread:
+                st.thread = None
         if interrupted:
             raise KeyboardInterrupt
 
     def _kick(self, st: VcpuState, reason: str) -> None:
         if st.stop_reason is None:
             st.stop_reason = reason
-        if st.thread is None:
+        thread = st.thread
+        if thread is None:
             return
         st.vcpu.run_struct.immediate_exit = 1    # if it is between two KVM_RUNs
         try:
-            signal.pthread_kill(st.thread.ident, KICK_SIGNAL)   # if it is inside KVM_RUN
+            signal.pthread_kill(thread.ident, KICK_SIGNAL)   # if it is inside KVM_RUN
         except (ProcessLookupError, TypeError):
             pass
 

@@ -17,9 +17,10 @@ class GuestMemory:
     """One anonymous mapping that backs one memory slot."""
 
     def __init__(self, slot: int, gpa: int, size: int, flags: int = 0, name: str = ""):
-        if size <= 0 or size % PAGE_SIZE or gpa % PAGE_SIZE:
+        if size <= 0 or size % PAGE_SIZE or gpa % PAGE_SIZE or not 0 <= gpa < 1 << 52:
             raise ValueError(f"slot {slot}: size and address must be non-zero multiples of "
-                             f"{PAGE_SIZE} (got size {size:#x}, gpa {gpa:#x})")
+                             f"{PAGE_SIZE}, the address below 2**52 (got size {size:#x}, "
+                             f"gpa {gpa:#x})")
         self.slot, self.gpa, self.size, self.flags = slot, gpa, size, flags
         self.name = name or f"slot{slot}"
         try:
@@ -39,9 +40,10 @@ class GuestMemory:
     def contains(self, gpa: int, length: int = 1) -> bool:
         if self.map is None:
             raise ValueError(f"{self.name} is closed (its VM was closed)")
-        return self.gpa <= gpa and gpa + length <= self.gpa + self.size
+        return length >= 0 and self.gpa <= gpa and gpa + length <= self.gpa + self.size
 
     def write(self, gpa: int, data: bytes) -> None:
+        data = memoryview(data).cast("B")    # a byte count, whatever the item size
         off = gpa - self.gpa
         if not self.contains(gpa, len(data)):
             raise ValueError(f"write of {len(data)} bytes at {gpa:#x} outside {self.name}")

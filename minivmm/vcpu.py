@@ -19,8 +19,20 @@ from ._sys import KvmError, ioctl
 _EINTR = errno.EINTR
 
 
+class _Closed:
+    """Stands for ``run_struct`` once the vCPU is closed (the instance's own attribute
+    hides it until then, so the hot path pays nothing)."""
+
+    def __get__(self, vcpu, owner=None):
+        if vcpu is None:
+            return self
+        raise KvmError("kvm_run", errno.EBADF, f"vCPU {vcpu.id} is closed")
+
+
 class Vcpu:
     """A vCPU created by Vm.create_vcpu(); closed by its Vm."""
+
+    run_struct = _Closed()
 
     def __init__(self, vm, fd: int, vcpu_id: int):
         self.vm, self.fd, self.id = vm, fd, vcpu_id
@@ -43,7 +55,7 @@ class Vcpu:
             self.ring.close()
             self.ring = None
         if self.map is not None:
-            if hasattr(self, "run_struct"):
+            if "run_struct" in self.__dict__:
                 del self.run_struct
             try:
                 self.map.close()
@@ -93,7 +105,7 @@ class Vcpu:
 
     def set_regs(self, regs: abi.kvm_regs) -> None:
         """KVM_SET_REGS (api.rst 4.12)."""
-        ioctl(self.fd, abi.KVM_SET_REGS, ctypes.addressof(regs), "KVM_SET_REGS")
+        ioctl(self.fd, abi.KVM_SET_REGS, _address(regs, abi.kvm_regs), "KVM_SET_REGS")
 
     def get_sregs(self) -> abi.kvm_sregs:
         """KVM_GET_SREGS (api.rst 4.13)."""
@@ -103,17 +115,21 @@ class Vcpu:
 
     def set_sregs(self, sregs: abi.kvm_sregs) -> None:
         """KVM_SET_SREGS (api.rst 4.14)."""
-        ioctl(self.fd, abi.KVM_SET_SREGS, ctypes.addressof(sregs), "KVM_SET_SREGS",
+        ioctl(self.fd, abi.KVM_SET_SREGS, _address(sregs, abi.kvm_sregs), "KVM_SET_SREGS",
               {errno.EINVAL: "inconsistent control registers or segments (e.g. long mode "
                              "without the LM CPUID bit: call set_cpuid2 first)"})
 
     def set_cpuid2(self, cpuid) -> None:
         """KVM_SET_CPUID2: the CPUID the guest sees (api.rst, KVM_SET_CPUID2); needed for long mode."""
+        if not hasattr(cpuid, "nent"):
+            raise TypeError(f"set_cpuid2 needs a kvm_cpuid2, not {type(cpuid).__name__}")
         ioctl(self.fd, abi.KVM_SET_CPUID2, ctypes.addressof(cpuid), "KVM_SET_CPUID2")
 
     def set_guest_debug(self, control: int, debugreg=None) -> None:
         """KVM_SET_GUEST_DEBUG: single-step and breakpoints (api.rst 4.53)."""
         dbg = abi.kvm_guest_debug(control=control)
+        if len(debugreg or ()) > len(dbg.arch.debugreg):
+            raise ValueError(f"at most {len(dbg.arch.debugreg)} debug registers (DR0-DR7)")
         for i, value in enumerate(debugreg or ()):
             dbg.arch.debugreg[i] = value
         ioctl(self.fd, abi.KVM_SET_GUEST_DEBUG, ctypes.addressof(dbg), "KVM_SET_GUEST_DEBUG")
@@ -167,3 +183,10 @@ _RUN_HINTS = {
     errno.ENOEXEC: "the vCPU state is not runnable (were registers set?)",
     errno.EIO: "this VM belongs to another process (after fork, api.rst 4.10)",
 }
+
+
+def _address(struct, cls) -> int:
+    # The kernel reads sizeof(cls) bytes from here: a smaller struct would hand it the heap
+    if not isinstance(struct, cls):
+        raise TypeError(f"expected {cls.__name__}, not {type(struct).__name__}")
+    return ctypes.addressof(struct)

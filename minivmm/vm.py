@@ -79,11 +79,14 @@ class Vm:
     def create_vcpu(self, vcpu_id: int):
         """KVM_CREATE_VCPU: a new vCPU with this id; maps its kvm_run page."""
         from .vcpu import Vcpu
-        fd = ioctl(self.fd, abi.KVM_CREATE_VCPU, vcpu_id, "KVM_CREATE_VCPU",
-                   {errno.EEXIST: f"vCPU id {vcpu_id} already exists",
-                    errno.EINVAL: f"vCPU id {vcpu_id} is above KVM's maximum"})
-        vcpu = Vcpu(self, fd, vcpu_id)
-        self.vcpus.append(vcpu)
+        if vcpu_id < 0:
+            raise ValueError(f"vCPU id {vcpu_id} is negative")
+        with _sys.fd_creation():
+            fd = ioctl(self.fd, abi.KVM_CREATE_VCPU, vcpu_id, "KVM_CREATE_VCPU",
+                       {errno.EEXIST: f"vCPU id {vcpu_id} already exists",
+                        errno.EINVAL: f"vCPU id {vcpu_id} is above KVM's maximum"})
+            vcpu = Vcpu(self, fd, vcpu_id)
+            self.vcpus.append(vcpu)
         return vcpu
 
     def enable_cap(self, cap: int, *args: int, flags: int = 0, hints: dict | None = None) -> int:
@@ -140,6 +143,9 @@ class Vm:
     def add_memory(self, slot: int, gpa: int, size: int, flags: int = 0,
                    name: str = "") -> GuestMemory:
         """Map anonymous memory and register it as a slot. The VM owns and frees it."""
+        if not 0 <= slot < 1 << 16:     # the u32 slot's low half; the high half is as_id
+            raise ValueError(f"slot {slot} is out of range (0..65535, at most "
+                             "KVM_CAP_NR_MEMSLOTS of them)")
         mem = GuestMemory(slot, gpa, size, flags, name)
         try:
             self.set_user_memory_region(slot, flags, gpa, size, mem.host_addr)

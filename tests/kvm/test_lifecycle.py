@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from minivmm import Kvm, KvmError
+from minivmm import Kvm, KvmError, abi
 from minivmm.machine import Machine, MachineError
 from tests.conftest import payload
 
@@ -144,3 +144,111 @@ def test_dirty_sessions_release_rings_stages_and_bitmaps():
     # two for the vCPU threads, which is not one.
     assert _maps() - maps <= 4
     assert not _kvm_maps()
+
+
+def test_stop_from_a_callback_on_the_vcpus_own_thread_returns():
+    # It used to wait for its own thread to end: a hang the run timeout could not break
+    with Machine(payload("hello_long")) as m:
+        exits = []
+
+        def trace(st, reason):
+            exits.append(reason)
+            if len(exits) == 2:
+                m.stop("enough")
+        m.trace = trace
+        r = m.run(timeout=20)
+    # the kick shows up as one more exit, KVM_EXIT_INTR, then the vCPU ends
+    assert r.vcpus[0].end.reason == "enough" and exits[2:] == [abi.KVM_EXIT_INTR]
+
+
+def test_stops_from_two_threads_at_once_do_not_race():
+    import threading
+    errors = []
+
+    def stop(m):
+        try:
+            m.stop()
+        except Exception as e:         # raised in the timer's thread: record it
+            errors.append(e)
+    for i in range(30):
+        with Machine(payload("spin")) as m:
+            m.start(timeout=10)
+            timer = threading.Timer(0.002 * (i % 5), stop, (m,))
+            timer.start()
+            m.wait()                   # its own stop() at the end meets the timer's
+            timer.join()
+    assert errors == []
+
+
+def test_ctrl_c_just_after_an_fd_is_made_leaks_nothing(monkeypatch):
+    # The interrupt lands right after the ioctl returns the new fd: it is held back
+    # until the fd has an owner, which then closes it
+    import signal
+    from minivmm import kvm as kvm_mod
+    from minivmm import vm as vm_mod
+    with Kvm() as kvm:
+        with kvm.create_vm() as vm:      # warm-up
+            vm.create_vcpu(0)
+        fds = _fds()
+        for mod, make in ((kvm_mod, lambda: kvm.create_vm()),
+                          (vm_mod, lambda: holder.append(kvm.create_vm()) or
+                           holder[-1].create_vcpu(0))):
+            holder = []
+            real = mod.ioctl
+
+            def interrupted(*a, **kw):
+                fd = real(*a, **kw)
+                os.kill(os.getpid(), signal.SIGINT)
+                return fd
+            monkeypatch.setattr(mod, "ioctl", interrupted)
+            with pytest.raises(KeyboardInterrupt):
+                make()
+            monkeypatch.setattr(mod, "ioctl", real)
+            for vm in holder:
+                vm.close()
+        gc.collect()
+        assert _fds() == fds
+
+
+def test_structs_of_the_wrong_type_are_refused_before_the_kernel():
+    # KVM_SET_SREGS reads 312 bytes: a 144-byte kvm_regs would hand it the heap next to it
+    with Kvm() as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        with pytest.raises(TypeError, match="expected kvm_sregs, not kvm_regs"):
+            vcpu.set_sregs(vcpu.get_regs())
+        with pytest.raises(TypeError, match="expected kvm_regs"):
+            vcpu.set_regs(vcpu.get_sregs())
+        with pytest.raises(TypeError, match="kvm_cpuid2"):
+            vcpu.set_cpuid2(vcpu.get_regs())
+        with pytest.raises(ValueError, match="DR0-DR7"):
+            vcpu.set_guest_debug(1, [0] * 9)
+        with pytest.raises(ValueError, match="negative"):
+            vm.create_vcpu(-1)
+
+
+def test_guest_memory_and_slot_bounds():
+    import numpy as np
+    with Kvm() as kvm, kvm.create_vm() as vm:
+        mem = vm.add_memory(0, 0, 0x2000)
+        with pytest.raises(ValueError, match="outside"):
+            mem.read(0, -1)
+        words = np.arange(4, dtype=np.uint64)
+        mem.write(0x1000, words)                      # 32 bytes, not 4
+        assert mem.read(0x1000, 32) == words.tobytes()
+        with pytest.raises(ValueError, match="outside"):
+            mem.write(0x2000 - 16, words)
+        with pytest.raises(ValueError, match="slot 4294967298 is out of range"):
+            vm.add_memory((1 << 32) + 2, 0x200000, 0x1000)
+        with pytest.raises(ValueError, match="below 2\\*\\*52"):
+            vm.add_memory(1, (1 << 64) + 0x100000, 0x1000)
+        assert sorted(vm.memory) == [0]
+
+
+def test_a_closed_vcpus_exit_data_says_closed():
+    with Kvm() as kvm:
+        vm = kvm.create_vm()
+        vcpu = vm.create_vcpu(0)
+        vm.close()
+        for use in (vcpu.io_data, vcpu.describe_exit):
+            with pytest.raises(KvmError, match="vCPU 0 is closed"):
+                use()
