@@ -1,11 +1,27 @@
-"""minivmm: a virtual machine monitor in Python that speaks to /dev/kvm one ioctl at a time."""
+"""minivmm: a virtual machine monitor in Python that speaks to /dev/kvm one ioctl at a time.
+
+The names below load on first use (PEP 562), so that `minivmm` starts with nothing heavy
+imported and a Ctrl-C while numpy, capstone and keystone load is still one line.
+"""
+import importlib
+
 __version__ = "0.1.0"
 __all__ = ["KvmError", "KvmUnavailable", "Kvm", "Vm", "Vcpu", "Machine", "run_payload",
            "DirtySession"]
 
-from ._sys import KvmError, KvmUnavailable  # noqa: F401
-from .kvm import Kvm  # noqa: F401
-from .vm import Vm  # noqa: F401
-from .vcpu import Vcpu  # noqa: F401
-from .machine import Machine, run_payload  # noqa: F401,E402
-from .dirty.tracker import DirtySession  # noqa: F401,E402
+_HOME = {"KvmError": "._sys", "KvmUnavailable": "._sys", "Kvm": ".kvm", "Vm": ".vm",
+         "Vcpu": ".vcpu", "Machine": ".machine", "run_payload": ".machine",
+         "DirtySession": ".dirty.tracker"}
+
+
+def __getattr__(name: str):
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module 'minivmm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -1,6 +1,6 @@
-"""`python -m minivmm`: the same command as `minivmm` (minivmm/cli.py)."""
+"""`python -m minivmm`: the same command as `minivmm` (minivmm/_entry.py)."""
 import sys
 
-from .cli import main
+from ._entry import main
 
 sys.exit(main())

@@ -408,9 +408,8 @@ def _install_ioctl_trace(args) -> None:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)     # it loads the commands' modules
         _install_ioctl_trace(args)
         return args.func(args)
     except KeyboardInterrupt:

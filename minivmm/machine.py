@@ -23,6 +23,7 @@ from .x86.modes import (EXCEPTION_NAMES, STUB_COMMON_CODE, STUB_FRAME_FIELDS, se
                          setup_vcpu)
 
 KICK_SIGNAL = signal.SIGUSR1
+TRAP_VECTORS = (1, 3, 4)      # #DB (single-step), #BP, #OF
 DEFAULT_PAGES = 64
 OK_ENDS = ("exit-port", "hlt")
 
@@ -451,10 +452,20 @@ class Machine:
         ins = None
         if io_out:
             here = p.instruction_at(rip)
-            if here is not None and here.mnemonic.startswith("out"):
+            # `rep outsb` keeps RIP at itself until its count is done
+            if here is not None and here.mnemonic.split()[-1].startswith("out"):
                 ins = here
         if ins is None:
             ins = p.instruction_ending_at(rip) if after else p.instruction_at(rip)
+        if ins is not None and self._rewritten(st, ins):
+            # the guest wrote over it: what ran is in memory, not in the listing
+            addr = self.linear(st, ins.address)
+            mem = self.vm.slot_for(addr)
+            one = disassemble_one(mem.read(addr, min(16, mem.gpa + mem.size - addr)),
+                                  ins.address, p.mode)
+            if one is None or (one.address + one.size if after else one.address) != rip:
+                return None
+            return f"{one.text}  ; rewritten by the guest (line {ins.line}: {ins.text})"
         if ins is not None:
             return f"{ins.text}" + (f"  ; line {ins.line}" if ins.line else "")
         if p.mode == "long" and L.STUBS <= rip < L.STUB_COMMON + len(STUB_COMMON_CODE) + 1:
@@ -472,6 +483,12 @@ class Machine:
         raw = mem.read(addr, min(16, mem.gpa + mem.size - addr))
         one = disassemble_one(raw, rip, p.mode)
         return one.text if one else None
+
+    def _rewritten(self, st, ins) -> bool:
+        addr = self.linear(st, ins.address)
+        mem = self.vm.slot_for(addr)
+        return mem is not None and mem.contains(addr, ins.size) and \
+            mem.read(addr, ins.size) != ins.raw
 
     def end_at(self, st, reason, code=None, after=False, registers=False, detail=None,
                io_out=False) -> VcpuEnd:
@@ -507,8 +524,11 @@ class Machine:
         # RIP is past the stub's out (kvm_pvm) or still at it (VMX/SVM): inside the stubs
         from_stub = L.STUBS <= regs.rip <= L.STUB_COMMON + len(STUB_COMMON_CODE)
         frame = self.stub_frame(regs.rsp) if from_stub else None
-        if frame is not None:
+        # A frame the CPU pushed names one of our code selectors; a payload that jumped
+        # into the stubs leaves whatever its stack held (all zero, typically)
+        if frame is not None and frame["cs"] in (L.SEL_CODE0, L.SEL_CODE3):
             return frame, None
+        from_stub = from_stub and frame is None
         value = int.from_bytes(st.vcpu.io_data()[:4], "little")
         reason = "unreadable-exception-frame" if from_stub else "exception-port-by-payload"
         return None, self.end_at(st, reason, after=True, io_out=True, registers=True,
@@ -518,8 +538,11 @@ class Machine:
     def exception_end(self, st, frame: dict) -> VcpuEnd:
         """How a vCPU ended, from the exception frame its stub reported."""
         cr2 = st.vcpu.get_sregs().cr2
+        # #DB traps and #BP (int3) push the address after the instruction (SDM vol. 3,
+        # 6.5: traps); faults push the faulting instruction's own address
+        trap = frame["vector"] in TRAP_VECTORS
         return VcpuEnd("exception", vector=frame["vector"], rip=frame["rip"],
-                       instruction=self.describe_instruction(st, frame["rip"]),
+                       instruction=self.describe_instruction(st, frame["rip"], after=trap),
                        detail={"error_code": frame["error_code"], "cr2": cr2,
                                "name": EXCEPTION_NAMES.get(frame["vector"], "?"),
                                "cs": frame["cs"], "rsp": frame["rsp"],

@@ -10,6 +10,7 @@ checks_unsafe.
 """
 from __future__ import annotations
 
+import signal
 import threading
 
 import numpy as np
@@ -17,6 +18,7 @@ import numpy as np
 from .. import abi
 from ..dirty.ringsize import ring_limits
 from ..dirty.verify import LCG_ADD, LCG_MUL, lcg_pages
+from ..machine import KICK_SIGNAL
 from .registry import Fail, Skip, check, expect, expect_eq
 
 DIRTY, RESET = abi.KVM_DIRTY_GFN_F_DIRTY, abi.KVM_DIRTY_GFN_F_RESET
@@ -340,7 +342,13 @@ def entries_multi_vcpu(ctx):
     other = threading.Thread(target=lambda: events.update({1: ctx.run_to_port(m, 1, 5.0)}),
                              name="ring.entries.multi_vcpu vcpu1", daemon=True)
     other.start()
-    events[0] = ctx.run_to_port(m, 0, 5.0)
+    try:
+        events[0] = ctx.run_to_port(m, 0, 5.0)
+    except BaseException:       # Ctrl-C: stop vCPU 1 before its VM is closed under it
+        m.states[1].vcpu.run_struct.immediate_exit = 1
+        signal.pthread_kill(other.ident, KICK_SIGNAL)
+        other.join(6.0)
+        raise
     other.join(6.0)
     for i in (0, 1):
         ev = events.get(i)

@@ -171,3 +171,36 @@ def test_out_is_named_whether_rip_is_past_it_or_still_at_it():
         past = m.describe_instruction(st, out.address + out.size, after=True, io_out=True)
         at = m.describe_instruction(st, out.address, after=True, io_out=True)
         assert past.startswith("out 0xf4, al") and at.startswith("out 0xf4, al")
+
+
+def _end_of(src, name="t.asm"):
+    with Machine(assemble_source(src, name)) as m:
+        r = m.run(timeout=20)
+    return r.vcpus[0].end
+
+
+def test_a_payload_jumping_into_the_stubs_fakes_no_exception():
+    end = _end_of(";! mode: long\n    mov rax, 0x5000\n    jmp rax\n")
+    assert end.reason == "exception-port-by-payload" and end.vector is None
+
+
+def test_a_trap_names_the_instruction_before_the_address_it_pushed():
+    # #BP pushes the address after int3; the culprit ends there
+    end = _end_of(";! mode: long\n    int3\n    xor eax, eax\n    out 0xf4, al\n")
+    assert end.vector == 3 and end.rip == L.CODE + 1
+    assert end.instruction.startswith("int3")
+
+
+def test_an_instruction_the_guest_rewrote_is_named_as_it_ran():
+    end = _end_of(";! mode: long\n;! cpl: 0\n    lea rdi, [rip + patch]\n"
+                  "    mov word ptr [rdi], 0x0b0f\npatch:\n    nop\n    nop\n"
+                  "    xor eax, eax\n    out 0xf4, al\n")
+    assert end.vector == 6
+    assert end.instruction.startswith("ud2  ; rewritten by the guest (line 6: nop)")
+
+
+def test_a_rep_outs_names_itself_while_it_repeats():
+    src = (";! mode: long\n    lea rsi, [rip + msg]\n    mov rcx, 3\n    mov dx, 0x80\n"
+           "    rep outsb\nmsg:\n    .ascii \"abc\"\n")
+    end = _end_of(src)
+    assert end.reason == "unhandled-io" and end.instruction.startswith("rep outsb")

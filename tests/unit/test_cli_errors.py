@@ -1,6 +1,8 @@
 """User errors that need no KVM: one line on stderr, non-zero exit, no traceback."""
 import errno
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -75,3 +77,22 @@ def test_help_lists_commands():
     assert proc.returncode == 0
     for cmd in ("caps", "payloads", "disasm", "run"):
         assert cmd in proc.stdout
+
+
+def test_ctrl_c_while_the_modules_load_is_one_line(tmp_path):
+    # An import hook raises the KeyboardInterrupt where a real Ctrl-C can land: while
+    # numpy loads, before the command's own handler exists
+    script = tmp_path / "boom.py"
+    script.write_text(
+        "import sys\n"
+        "class Boom:\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'numpy':\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, Boom())\n"
+        "sys.argv = ['minivmm', 'payloads']\n"
+        "from minivmm._entry import main\n"
+        "sys.exit(main())\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 130 and proc.stderr == "minivmm: interrupted\n", proc.stderr
