@@ -73,8 +73,10 @@ class Vm:
         ioctl(self.fd, abi.KVM_SET_USER_MEMORY_REGION, ctypes.addressof(region),
               "KVM_SET_USER_MEMORY_REGION",
               {errno.EEXIST: "the range overlaps another slot",
-               errno.EINVAL: "bad flags, unaligned address or size, or an existing slot "
-                             "resized", errno.EFAULT: "the host memory is not mapped"})
+               errno.EINVAL: "bad flags, unaligned address or size, an existing slot "
+                             "resized, a slot id beyond KVM_CAP_NR_MEMSLOTS or an address "
+                             "beyond the guest's physical address width",
+               errno.EFAULT: "the host memory is not mapped"})
 
     def create_vcpu(self, vcpu_id: int):
         """KVM_CREATE_VCPU: a new vCPU with this id; maps its kvm_run page."""
@@ -146,6 +148,9 @@ class Vm:
         if not 0 <= slot < 1 << 16:     # the u32 slot's low half; the high half is as_id
             raise ValueError(f"slot {slot} is out of range (0..65535, at most "
                              "KVM_CAP_NR_MEMSLOTS of them)")
+        if slot in self.memory:
+            raise ValueError(f"slot {slot} already holds memory: delete it first "
+                             "(set_user_memory_region with size 0)")
         mem = GuestMemory(slot, gpa, size, flags, name)
         try:
             self.set_user_memory_region(slot, flags, gpa, size, mem.host_addr)

@@ -242,6 +242,8 @@ def test_guest_memory_and_slot_bounds():
         with pytest.raises(ValueError, match="below 2\\*\\*52"):
             vm.add_memory(1, (1 << 64) + 0x100000, 0x1000)
         assert sorted(vm.memory) == [0]
+        with pytest.raises(ValueError, match="slot 0 already holds memory"):
+            vm.add_memory(0, 0x100000, 0x1000)
 
 
 def test_a_closed_vcpus_exit_data_says_closed():
