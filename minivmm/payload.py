@@ -9,6 +9,7 @@ lines silently (so the result is checked against the source, line by line).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import operator
 import os
@@ -316,7 +317,10 @@ def _alignment(word: str, args: str, consts: dict, name, no) -> tuple:
     return value, max_skip
 
 
+@functools.lru_cache(maxsize=None)
 def _ks(mode: str):
+    # One per mode, kept: a Ks freed mid-command runs its __del__, and Python discards a
+    # Ctrl-C that lands there (the command then ran on as if never interrupted)
     ks_mode = {"real": keystone.KS_MODE_16, "protected": keystone.KS_MODE_32,
                "long": keystone.KS_MODE_64}[mode]
     return keystone.Ks(keystone.KS_ARCH_X86, ks_mode)
