@@ -511,13 +511,9 @@ def _evaluate(text: str, consts: dict, registers_zero: bool = False,
 
 def _split_operands(text: str) -> list:
     """Operands split at commas outside brackets, parentheses and quotes."""
-    parts, depth, quote, start = [], 0, None, 0
-    for k, ch in enumerate(text):
-        if quote:
-            quote = None if ch == quote else quote
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "[(":
+    parts, depth, start = [], 0, 0
+    for k, ch in enumerate(_mask_quotes(text)):     # same length: positions carry over
+        if ch in "[(":
             depth += 1
         elif ch in "])":
             depth -= 1
@@ -528,13 +524,18 @@ def _split_operands(text: str) -> list:
     return [p.strip() for p in parts if p.strip()]
 
 
-def _source_values(body: str, consts: dict) -> tuple:
-    """([immediate value or None...], [displacement or None...]) written in ``body``."""
+def _operand_text(body: str) -> str:
+    """What follows the mnemonic, its prefixes (lock, rep...) skipped."""
     words = body.split(None, 1)
     while len(words) == 2 and words[0].lower() in _PREFIXES:
         words = words[1].split(None, 1)
+    return words[1] if len(words) == 2 else ""
+
+
+def _source_values(body: str, consts: dict) -> tuple:
+    """([immediate value or None...], [displacement or None...]) written in ``body``."""
     imms, disps = [], []
-    for op in _split_operands(words[1] if len(words) == 2 else ""):
+    for op in _split_operands(_operand_text(body)):
         masked = _mask_quotes(op)          # `'['` is a number, not an address
         seg = _SEG_ABS.match(masked)
         if "[" in masked:
@@ -600,7 +601,7 @@ def _constants(stmts) -> tuple:
     A value that is not known is None.
     """
     defs = [(no, m.group(1) or m.group(2), m.group(3))
-            for no, m in ((no, _CONST_DEF.match(_peel_labels(s))) for no, s in stmts) if m]
+            for no, m in ((no, _CONST_DEF.match(_peel_labels(s)[1])) for no, s in stmts) if m]
     seen: dict = {}
     for _, key, _ in defs:
         seen[key] = seen.get(key, 0) + 1
@@ -627,13 +628,13 @@ def _apply_constant(env: dict, changes: dict, no: int) -> None:
             env[key] = value
 
 
-def _peel_labels(s: str) -> str:
-    body = s.strip()
-    while True:
-        m = _LABEL.match(body)     # `.Lname:` is a label too
-        if not m:
-            return body
+def _peel_labels(s: str) -> tuple:
+    """(the labels a line starts with, the rest of it)."""
+    names, body = [], s.strip()
+    while m := _LABEL.match(body):     # `.Lname:` is a label too
+        names.append(m.group(1))
         body = body[m.end():].strip()
+    return names, body
 
 
 def _directive_size(ks, body: str, address: int) -> int:
@@ -666,11 +667,8 @@ def _listing(code: bytes, mode: str, origin: int, stmts, name) -> list:
     offset = 0
     for no, s in stmts:
         _apply_constant(consts, changes, no)
-        rest = s.strip()
-        while (m := _LABEL.match(rest)) and not _CONST_DEF.match(rest):
-            labels[m.group(1)] = origin + offset
-            rest = rest[m.end():]
-        body = _peel_labels(s)
+        names, body = _peel_labels(s)
+        labels.update((n, origin + offset) for n in names)
         if not body or _CONST_DEF.match(body):
             continue
         word, args = (body.split(None, 1) + [""])[:2]
@@ -704,13 +702,11 @@ def _check_branches(branches, labels: dict, mask: int, name) -> None:
     """Refuse a branch to a label keystone could not reach: `loop far_label` (rel8 only)
     assembles silently with a wrong target."""
     for no, body, decoded in branches:
-        words = body.split(None, 1)
-        while len(words) == 2 and words[0].lower() in _PREFIXES:
-            words = words[1].split(None, 1)
+        target = _operand_text(body)
         imms = [o for o in decoded.operands if o.type == cs_x86.X86_OP_IMM]
-        if len(words) < 2 or len(imms) != 1 or not re.search(r"[A-Za-z_.$@]", words[1]):
+        if len(imms) != 1 or not re.search(r"[A-Za-z_.$@]", target):
             continue     # not a branch to a label (numbers are checked with the values)
-        want = _evaluate(words[1], labels)
+        want = _evaluate(target, labels)
         if want is None or not (want - imms[0].imm) & mask:
             continue
         if decoded.mnemonic in _REL8_ONLY:
