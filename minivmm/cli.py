@@ -155,7 +155,7 @@ def _trace_printer(machine, stream):
 
 
 def cmd_run(args) -> int:
-    from .machine import Machine, MachineError
+    from .machine import Machine, MachineError, format_registers
     if args.vcpus is not None and args.vcpus < 1:
         raise UsageError(f"--vcpus must be at least 1 (got {args.vcpus})")
     try:
@@ -181,10 +181,9 @@ def cmd_run(args) -> int:
             print(f"  vCPU {st.index} ended: {st.end.summary()} [{exits or 'no exits'}]")
             regs = st.end.detail.get("registers")
             if regs:
-                print("    registers: " + " ".join(f"{k}={v:#x}" for k, v in regs.items()))
+                print(format_registers(regs))
     if not result.ok:
-        bad = [st for st in result.vcpus if not (st.end and st.end.reason in ("exit-port", "hlt")
-                                                 and not st.end.code)]
+        bad = [st for st in result.vcpus if not (st.end and st.end.ok)]
         st = bad[0]
         more = f" (and {len(bad) - 1} more vCPU(s))" if len(bad) > 1 else ""
         print(f"minivmm: vCPU {st.index}: {st.end.summary()}{more}", file=sys.stderr)

@@ -19,7 +19,7 @@ from ._sys import KvmError
 from .kvm import Kvm
 from .payload import Payload, disassemble, disassemble_one, load
 from .x86 import layout as L
-from .x86.modes import (EXCEPTION_NAMES, STUB_COMMON_CODE, STUB_FRAME_FIELDS, setup_memory,
+from .x86.modes import (EXCEPTION_NAMES, STUB_END, STUB_FRAME_FIELDS, setup_memory,
                          setup_vcpu)
 
 KICK_SIGNAL = signal.SIGUSR1
@@ -62,6 +62,11 @@ class VcpuEnd:
     rip: int | None = None
     instruction: str | None = None
     detail: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """Ended as a payload should: the exit port with code 0, or HLT."""
+        return self.reason in OK_ENDS and not self.code
 
     def to_dict(self) -> dict:
         out = {"reason": self.reason, "code": self.code, "vector": self.vector,
@@ -133,8 +138,7 @@ class RunResult:
 
     @property
     def ok(self) -> bool:
-        return all(st.end is not None and st.end.reason in OK_ENDS and not st.end.code
-                   for st in self.vcpus)
+        return all(st.end is not None and st.end.ok for st in self.vcpus)
 
     def to_dict(self) -> dict:
         return {"payload": self.payload.name, "mode": self.payload.mode, "cpl": self.payload.cpl,
@@ -457,38 +461,34 @@ class Machine:
                 ins = here
         if ins is None:
             ins = p.instruction_ending_at(rip) if after else p.instruction_at(rip)
-        if ins is not None and self._rewritten(st, ins):
-            # the guest wrote over it: what ran is in memory, not in the listing
-            addr = self.linear(st, ins.address)
-            mem = self.vm.slot_for(addr)
-            one = disassemble_one(mem.read(addr, min(16, mem.gpa + mem.size - addr)),
-                                  ins.address, p.mode)
-            if one is None or (one.address + one.size if after else one.address) != rip:
-                return None
-            return f"{one.text}  ; rewritten by the guest (line {ins.line}: {ins.text})"
         if ins is not None:
+            raw = self._memory_bytes(st, ins.address)
+            if raw is not None and len(raw) >= ins.size and raw[:ins.size] != ins.raw:
+                # the guest wrote over it: what ran is in memory, not in the listing
+                one = disassemble_one(raw, ins.address, p.mode)
+                if one is None or (one.address + one.size if after else one.address) != rip:
+                    return None
+                return f"{one.text}  ; rewritten by the guest (line {ins.line}: {ins.text})"
             return f"{ins.text}" + (f"  ; line {ins.line}" if ins.line else "")
-        if p.mode == "long" and L.STUBS <= rip < L.STUB_COMMON + len(STUB_COMMON_CODE) + 1:
+        if p.mode == "long" and L.STUBS <= rip <= STUB_END:
             # minivmm's own exception stubs: decode them linearly from the stub's start
             start = L.STUB_COMMON if rip > L.STUB_COMMON else rip & ~0xF
-            code = self.system.read(start, L.STUB_COMMON + len(STUB_COMMON_CODE) - start)
+            code = self.system.read(start, STUB_END - start)
             for ins in disassemble(code, start, "long"):
                 if (ins.address + ins.size if after else ins.address) == rip:
                     return f"{ins.text}  ; exception stub"
             return None
-        mem = self.vm.slot_for(self.linear(st, rip))
-        if after or mem is None:
-            return None
-        addr = self.linear(st, rip)
-        raw = mem.read(addr, min(16, mem.gpa + mem.size - addr))
-        one = disassemble_one(raw, rip, p.mode)
+        raw = None if after else self._memory_bytes(st, rip)
+        one = disassemble_one(raw, rip, p.mode) if raw is not None else None
         return one.text if one else None
 
-    def _rewritten(self, st, ins) -> bool:
-        addr = self.linear(st, ins.address)
+    def _memory_bytes(self, st, address: int) -> bytes | None:
+        """Up to 16 bytes of guest memory at this code address; None outside memory."""
+        addr = self.linear(st, address)
         mem = self.vm.slot_for(addr)
-        return mem is not None and mem.contains(addr, ins.size) and \
-            mem.read(addr, ins.size) != ins.raw
+        if mem is None:
+            return None
+        return mem.read(addr, min(16, mem.gpa + mem.size - addr))
 
     def end_at(self, st, reason, code=None, after=False, registers=False, detail=None,
                io_out=False) -> VcpuEnd:
@@ -522,7 +522,7 @@ class Machine:
         (x86/modes.py) with its frame readable at RSP; else (None, the vCPU's end): the
         payload wrote the port itself, or the stub's stack is outside guest memory."""
         # RIP is past the stub's out (kvm_pvm) or still at it (VMX/SVM): inside the stubs
-        from_stub = L.STUBS <= regs.rip <= L.STUB_COMMON + len(STUB_COMMON_CODE)
+        from_stub = L.STUBS <= regs.rip <= STUB_END
         frame = self.stub_frame(regs.rsp) if from_stub else None
         # A frame the CPU pushed names one of our code selectors; a payload that jumped
         # into the stubs leaves whatever its stack held (all zero, typically)
@@ -547,6 +547,11 @@ class Machine:
                                "name": EXCEPTION_NAMES.get(frame["vector"], "?"),
                                "cs": frame["cs"], "rsp": frame["rsp"],
                                "rflags": frame["rflags"]})
+
+
+def format_registers(regs: dict) -> str:
+    """The registers of an end's detail on one line, as `run` and `step` print them."""
+    return "    registers: " + " ".join(f"{k}={v:#x}" for k, v in regs.items())
 
 
 def _strip(exit_info: dict) -> dict:

@@ -40,10 +40,11 @@ import time
 
 from . import abi
 from .kvm import Kvm, vendor_module
-from .machine import KICK_SIGNAL, Machine, MachineError, VcpuEnd, install_kick_handler
+from .machine import (KICK_SIGNAL, Machine, MachineError, VcpuEnd, format_registers,
+                      install_kick_handler)
 from .payload import Payload, disassemble_one, load
 from .x86 import layout as L
-from .x86.modes import STUB_COMMON_CODE, STUB_FRAME_FIELDS
+from .x86.modes import STUB_END, STUB_FRAME_FIELDS
 
 MECHANISMS = ("auto", "guest-debug", "in-guest")
 GUEST_DEBUG, IN_GUEST = "guest-debug", "in-guest"
@@ -63,7 +64,6 @@ GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
         "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
 VEC_DB, VEC_BP = 1, 3
 INT3 = 0xCC
-STUB_END = L.STUB_COMMON + len(STUB_COMMON_CODE)
 RING_ENTRIES = 4096
 DEFAULT_COUNT = 1000
 DEFAULT_PAGES = 16
@@ -739,19 +739,15 @@ class StepSession:
     def _end_here(self, reason: str, after: bool = False, detail=None,
                   io_out: bool = False, registers: bool = False) -> VcpuEnd:
         # io_out: RIP may still be at the out on VMX/SVM (Machine.describe_instruction)
-        end = self.machine.end_at(self.st, reason, after=after, detail=detail, io_out=io_out,
-                                  registers=registers)
-        if registers:
-            end.detail["registers"]["rflags"] &= ~TF   # TF is the stepper's, not the guest's
-        return end
+        return _without_tf(self.machine.end_at(self.st, reason, after=after, detail=detail,
+                                               io_out=io_out, registers=registers))
 
     def _stub_frame(self, regs) -> dict | None:
         """The exception stub's frame for this out to the exception port; None (and
         ``end`` set) when the payload wrote the port itself or the frame is unreadable."""
         frame, end = self.machine.stub_report(self.st, regs)
         if end is not None:
-            end.detail["registers"]["rflags"] &= ~TF   # the stepper's, not the guest's
-            self.end = end
+            self.end = _without_tf(end)
         return frame
 
     def _end_exception(self, frame: dict) -> None:
@@ -778,6 +774,14 @@ class StepSession:
                                       "#DB handler instead of the VMM: this host cannot step "
                                       "native CPL3 code with KVM guest debug; use "
                                       "--mechanism in-guest (or auto)")
+
+
+def _without_tf(end: VcpuEnd) -> VcpuEnd:
+    """The end with TF cleared from its registers: TF is the stepper's, not the guest's."""
+    regs = end.detail.get("registers")
+    if regs:
+        regs["rflags"] &= ~TF
+    return end
 
 
 def _regs_dict(regs) -> dict:
@@ -902,8 +906,7 @@ def cmd_step(args) -> int:
                       + (f" ({why})" if why else ""), file=out)
                 regs = end.detail.get("registers")
                 if regs:                # as `minivmm run` shows them
-                    print("    registers: " + " ".join(f"{k}={v:#x}" for k, v in regs.items()),
-                          file=out)
+                    print(format_registers(regs), file=out)
             if session.console:
                 print(f"console: {session.console.decode('utf-8', 'replace')!r}", file=out)
             if shown_stub:
@@ -921,7 +924,7 @@ def cmd_step(args) -> int:
             else:
                 print(f"{_n(session.steps, 'step')} in {session.elapsed_s * 1000:.1f} ms "
                       f"({rate:.0f} steps/s)", file=out)
-    ok = end is None or (end.reason in ("exit-port", "hlt") and not end.code)
+    ok = end is None or end.ok
     return EXIT_OK if ok else EXIT_GUEST_FAILED
 
 

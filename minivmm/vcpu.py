@@ -19,6 +19,10 @@ from ._sys import KvmError, ioctl
 _EINTR = errno.EINTR
 
 
+def _closed(vcpu, call: str) -> KvmError:
+    return KvmError(call, errno.EBADF, f"vCPU {vcpu.id} is closed")
+
+
 class _Closed:
     """Stands for ``run_struct`` once the vCPU is closed (the instance's own attribute
     hides it until then, so the hot path pays nothing)."""
@@ -26,7 +30,7 @@ class _Closed:
     def __get__(self, vcpu, owner=None):
         if vcpu is None:
             return self
-        raise KvmError("kvm_run", errno.EBADF, f"vCPU {vcpu.id} is closed")
+        raise _closed(vcpu, "kvm_run")
 
 
 class Vcpu:
@@ -80,7 +84,7 @@ class Vcpu:
         kernel may not have written exit_reason, so it is not read (host-probes.md 3).
         """
         if self.fd < 0:     # never reach an fd number that may now be another vCPU's
-            raise KvmError("KVM_RUN", errno.EBADF, f"vCPU {self.id} is closed")
+            raise _closed(self, "KVM_RUN")
         if _sys.tracer is not None:
             try:   # hand the tracer our kvm_run so it can name the exit
                 _sys.tracer(self.fd, abi.KVM_RUN, 0, "KVM_RUN", _RUN_HINTS, run=self.run_struct)

@@ -97,12 +97,10 @@ class Vm:
         for i, value in enumerate(args):
             arg.args[i] = value
         name = abi.CAP_NAMES.get(cap, str(cap))
-        if hints is None and cap in (abi.KVM_CAP_DIRTY_LOG_RING,
-                                     abi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL):
-            hints = _RING_HINTS
+        ring = cap in (abi.KVM_CAP_DIRTY_LOG_RING, abi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL)
         ret = ioctl(self.fd, abi.KVM_ENABLE_CAP, ctypes.addressof(arg),
-                    f"KVM_ENABLE_CAP({name})", hints)
-        if cap in (abi.KVM_CAP_DIRTY_LOG_RING, abi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL):
+                    f"KVM_ENABLE_CAP({name})", _RING_HINTS if ring and hints is None else hints)
+        if ring:
             self.dirty_ring_bytes = args[0]    # what VcpuRing may map, no more
         return ret
 

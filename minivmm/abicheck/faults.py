@@ -38,7 +38,7 @@ def _ioctl_hook(change):
         err = ctypes.get_errno() if ret < 0 else 0
         ret, err = change(name, request, arg, ret, err)
         if ret < 0:
-            raise KvmError(name, err, (hints or {}).get(err))
+            raise _sys.failure(fd, name, err, hints)
         return ret
     with _patch(_sys, "tracer", tracer):
         yield
@@ -219,7 +219,7 @@ def _never_reaches_kernel(call: str):
         ret = _sys._ioctl(fd, request, arg)
         if ret < 0:
             err = ctypes.get_errno()
-            raise KvmError(name, err, (hints or {}).get(err))
+            raise _sys.failure(fd, name, err, hints)
         return ret
     with _patch(_sys, "tracer", tracer):
         yield

@@ -4,6 +4,7 @@ Not a kernel interface; it presents what tracker.py collected and verify.py chec
 """
 from __future__ import annotations
 
+from ..machine import OK_ENDS
 from .tracker import compare_runs
 
 
@@ -167,7 +168,7 @@ def verdict(summary: dict) -> str:
             problems.append(f"{r['tracker']}: ring overflow, pages lost")
         if not r["vcpus_ok"]:
             bad = [e for e in r["vcpu_ends"]
-                   if not e or e["reason"] not in ("exit-port", "hlt") or e.get("code")]
+                   if not e or e["reason"] not in OK_ENDS or e.get("code")]
             problems.append(f"{r['tracker']}: a vCPU ended badly ({_end_text(bad[0])})"
                             if bad else f"{r['tracker']}: a vCPU ended badly")
     if len(runs) == 2 and not summary["agree"]:

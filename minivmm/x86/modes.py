@@ -52,6 +52,8 @@ STUB_COMMON_CODE = bytes.fromhex(
     "f4"            # .stop: hlt
     "ebfd"          # jmp .stop
 )
+# The stubs' code ends here: the per-vector stubs from L.STUBS, then the common part
+STUB_END = L.STUB_COMMON + len(STUB_COMMON_CODE)
 # After `push rax` the frame is: rax, vector, error, rip, cs, rflags, rsp, ss.
 STUB_FRAME_FIELDS = ("rax", "vector", "error_code", "rip", "cs", "rflags", "rsp", "ss")
 
