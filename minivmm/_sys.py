@@ -78,6 +78,28 @@ def fd_creation():
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+def fork_child() -> int:
+    """``os.fork()`` whose child ignores SIGINT. A Ctrl-C at the terminal reaches the whole
+    process group; the parent alone reports it (and kills and reaps the child), so the user
+    sees one line. SIGINT is held back across the fork: a child could otherwise take one
+    before it starts ignoring it."""
+    with fd_creation():
+        pid = os.fork()
+        if pid == 0:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return pid
+
+
+def reap(pid: int, kill: bool) -> int:
+    """Wait for child ``pid``, killing it first if ``kill``; return its wait status."""
+    if kill:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return os.waitpid(pid, 0)[1]
+
+
 def own_fd(owner, fd: int) -> "weakref.finalize":
     """Tie ``fd`` to ``owner``: call the result to close it (once); if the owner is dropped
     without close(), the garbage collector closes it, so a forgotten VM leaks no fd."""

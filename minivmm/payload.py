@@ -16,7 +16,6 @@ import os
 import pickle
 import re
 import select
-import signal
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import capstone
 import keystone
 from capstone import x86 as cs_x86
 
+from . import _sys
 from .x86 import layout as L
 
 ASSEMBLE_TIMEOUT_S = 5.0
@@ -347,7 +347,7 @@ def _assemble_child(source: str, mode: str, origin: int, stmts) -> tuple:
 
 def _assemble_with_watchdog(source, mode, origin, stmts, name) -> bytes:
     rfd, wfd = os.pipe()
-    pid = os.fork()
+    pid = _sys.fork_child()
     if pid == 0:  # child
         try:
             os.close(rfd)
@@ -358,12 +358,12 @@ def _assemble_with_watchdog(source, mode, origin, stmts, name) -> bytes:
             os._exit(0)
     os.close(wfd)
     chunks = []
+    finished = False
     try:
         deadline_left = ASSEMBLE_TIMEOUT_S
         while True:
             ready, _, _ = select.select([rfd], [], [], deadline_left)
             if not ready:
-                os.kill(pid, signal.SIGKILL)
                 raise PayloadError(f"{name}: the assembler did not finish within "
                                    f"{ASSEMBLE_TIMEOUT_S:.0f} s (keystone loops on some "
                                    "malformed lines; check the syntax)")
@@ -371,9 +371,11 @@ def _assemble_with_watchdog(source, mode, origin, stmts, name) -> bytes:
             if not chunk:
                 break
             chunks.append(chunk)
+        finished = True
     finally:
         os.close(rfd)
-        os.waitpid(pid, 0)
+        # a timeout or a Ctrl-C leaves the child running (it ignores SIGINT): kill it
+        _sys.reap(pid, kill=not finished)
     if not chunks:
         raise PayloadError(f"{name}: the assembler crashed")
     result = pickle.loads(b"".join(chunks))

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from .. import abi
+from .. import _sys, abi
 from .._sys import KvmError, ioctl
 from .registry import Fail, check, expect, expect_eq, expect_errno, expect_ok
 
@@ -52,7 +52,7 @@ def _in_child(body, timeout: float = CHILD_TIMEOUT):
     """Run ``body(say)`` in a forked child. Returns (kind, value, lines): kind is "signal"
     (value = signal number) or "exit" (value = exit code; 3 = body raised)."""
     r, w = os.pipe()
-    pid = os.fork()
+    pid = _sys.fork_child()
     if pid == 0:                                   # child: never returns into the caller
         code = 3
         try:
@@ -73,6 +73,7 @@ def _in_child(body, timeout: float = CHILD_TIMEOUT):
         finally:
             os._exit(code)
     os.close(w)
+    done = 0
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -80,8 +81,6 @@ def _in_child(body, timeout: float = CHILD_TIMEOUT):
             if done:
                 break
             if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
                 raise Fail("forked child", f"finished within {timeout:g} s", "stuck; killed")
             time.sleep(0.001)
         os.set_blocking(r, False)
@@ -96,6 +95,8 @@ def _in_child(body, timeout: float = CHILD_TIMEOUT):
             data += chunk
     finally:
         os.close(r)
+        if not done:                               # stuck, or the parent was interrupted
+            _sys.reap(pid, kill=True)
     lines = data.decode(errors="replace").splitlines()
     if os.WIFSIGNALED(status):
         return "signal", os.WTERMSIG(status), lines

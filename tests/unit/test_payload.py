@@ -1,4 +1,10 @@
 """Payload headers, assembly errors, the keystone watchdog and the listing (no KVM needed)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 
 from minivmm import payload as P
@@ -74,6 +80,46 @@ def test_watchdog_stops_a_hanging_assembler(monkeypatch):
     monkeypatch.setattr(P, "ASSEMBLE_TIMEOUT_S", 1.0)
     with pytest.raises(P.PayloadError, match="did not finish within"):
         P._assemble_with_watchdog("! mode: long", "long", 0x10000, [(1, "! mode: long")], "h.asm")
+
+
+def test_forked_child_leaves_ctrl_c_to_the_parent():
+    from minivmm import _sys
+    pid = _sys.fork_child()
+    if pid == 0:
+        os._exit(7 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN else 8)
+    assert os.WEXITSTATUS(_sys.reap(pid, kill=False)) == 7
+    assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+
+
+def test_ctrl_c_during_a_hung_assembly_kills_the_assembler(tmp_path):
+    # Ctrl-C at a terminal reaches the whole process group: the parent must say one line,
+    # kill the looping keystone child and exit (it used to wait for that child forever)
+    script = tmp_path / "hang.py"
+    script.write_text(
+        "import sys, time\n"
+        "from minivmm import payload as P\n"
+        "P.ASSEMBLE_TIMEOUT_S = 60.0\n"
+        "print('ready', flush=True)\n"
+        "try:\n"
+        "    P._assemble_with_watchdog('! mode: long', 'long', 0x10000,\n"
+        "                              [(1, '! mode: long')], 'h.asm')\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted', file=sys.stderr)\n"
+        "    sys.exit(130)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        time.sleep(1.0)                    # the child is now looping inside keystone
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130 and err == "interrupted\n", err
+    with pytest.raises(ProcessLookupError):  # no assembler left behind in the group
+        os.killpg(proc.pid, 0)
 
 
 def test_empty_payload():
