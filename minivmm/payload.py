@@ -134,7 +134,9 @@ def parse_header(text: str, name: str = "<payload>") -> dict:
     for no, line in enumerate(text.removeprefix("\ufeff").splitlines(), 1):
         m = _HEADER.match(line)
         if m:
-            key, value = m.group(1).lower(), _strip_comment(m.group(2)).strip()
+            key, value = m.group(1).lower(), m.group(2)
+            if key != "description":      # a description is prose: its ';' is text
+                value = _strip_comment(value).strip()
             header[key] = (value, no)
     return header
 

@@ -36,6 +36,11 @@ def test_header_defaults_and_values():
     assert (p.mode, p.cpl, p.origin, p.bits) == ("real", 0, 0, 16)
 
 
+def test_description_keeps_its_semicolons():
+    p = asm("nop\n", header=";! mode: long ; comment\n;! description: writes a; then b ; c\n")
+    assert p.mode == "long" and p.description == "writes a; then b ; c"
+
+
 @pytest.mark.parametrize("header,match", [
     (";! mode: banana\n", r"t.asm:1: unknown mode 'banana'"),
     (";! cpl: 2\n", r"t.asm:1: unknown cpl '2'"),
