@@ -204,3 +204,13 @@ def test_a_rep_outs_names_itself_while_it_repeats():
            "    rep outsb\nmsg:\n    .ascii \"abc\"\n")
     end = _end_of(src)
     assert end.reason == "unhandled-io" and end.instruction.startswith("rep outsb")
+
+
+def test_dirty_stride_without_r8_writes_every_page():
+    # `minivmm run` sets no R8: a stride of 0 is taken as 1, not a spin on page 0
+    with Machine(payload("dirty_stride"), vcpus=2, pages=8, regs={"rcx": 2}) as m:
+        r = m.run(timeout=20)
+        assert r.ok, [st.end.summary() for st in r.vcpus]
+        words = [int.from_bytes(m.data.read(L.DATA_GPA + 4096 * i, 8), "little")
+                 for i in range(8)]
+    assert words == [2] * 8
