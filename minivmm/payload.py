@@ -439,7 +439,7 @@ def _evaluate(text: str, consts: dict, registers_zero: bool = False,
 
     With ``registers_zero`` registers count as 0: what is left of an address is its
     displacement. Bitwise and shift operators rank differently in keystone's Intel
-    and GAS parsers, so they are only evaluated unmixed. In a ``directive``
+    and GAS parsers, so mixed kinds are handed to keystone itself. In a ``directive``
     (.equ, .set, .align...) keystone shifts right unsigned on 64 bits: -1 >> 60 is 0xf.
     """
     tokens, pos = [], 0
@@ -498,12 +498,13 @@ def _evaluate(text: str, consts: dict, registers_zero: bool = False,
             return sum(s * t for s, t in zip(signs, terms))
         fn = {"<<": operator.lshift, ">>": operator.rshift, "&": operator.and_,
               "|": operator.or_, "^": operator.xor}.get(ops[0]) if len(set(ops)) == 1 else None
-        if fn is None or (ops[0] in ("<<", ">>") and not all(0 <= w < 256 for w in values[1:])):
-            return None
-        if directive and ops[0] == ">>":
-            if not all(w < 64 for w in values[1:]):
-                return None
+        if ops[0] in ("<<", ">>") and not all(0 <= w < 64 for w in values[1:]):
+            fn = None                    # keystone shifts by the count modulo 64
+        elif directive and fn is operator.rshift:
             fn = _shr64
+        if fn is None:
+            # mixed kinds rank differently in keystone's two parsers: ask the parser
+            return _keystone_value(tuple(values), tuple(ops), directive)
         v = values[0]
         for w in values[1:]:
             v = fn(v, w)
@@ -511,6 +512,23 @@ def _evaluate(text: str, consts: dict, registers_zero: bool = False,
 
     value = level()
     return value if tokens[i][0] == "end" else None
+
+
+@functools.lru_cache(maxsize=256)
+def _keystone_value(values: tuple, ops: tuple, directive: bool) -> int | None:
+    """``v0 op v1 op v2...`` as keystone computes it, on 64 bits: in a directive (``.quad``,
+    the parser of .set and .align) or in an instruction (``movabs``, the Intel parser)."""
+    expr = " ".join([f"{values[0] & _MASK64:#x}"]
+                    + [f"{op} {v & _MASK64:#x}" for op, v in zip(ops, values[1:])])
+    try:
+        enc, _ = _ks("long").asm(f".quad {expr}" if directive else f"movabs rax, {expr}")
+    except keystone.KsError:
+        return None
+    enc = bytes(enc or b"")
+    raw = enc if directive else enc[2:] if enc[:2] == b"\x48\xb8" else b""
+    if len(raw) != 8:
+        return None
+    return int.from_bytes(raw, "little", signed=True)
 
 
 def _split_operands(text: str) -> list:

@@ -188,6 +188,11 @@ def test_list_payloads_reports_headers():
     (".equ X, 0x1234\nmov al, X", "0x1234", "0x34"),
     (".set X, 0x12\n.equ Y, X + 0x1200\nmov al, Y", "0x1212", "0x12"),
     ("X = 0x1234\nmov al, X", "0x1234", "0x34"),
+    # operators of mixed kinds, evaluated by keystone's own parser on 64 bits
+    ("mov al, 0x100 | 1 << 4 + 1", "0x120", "0x20"),
+    ("mov al, 1 + 2 << 8", "0x300", "0x0"),
+    ("mov rax, [rbx + 1 + 1 << 32]", "0x200000000", "0x0"),
+    (".set X, 1 + 2 << 8\nmov al, X", "0x300", "0x0"),
 ])
 def test_values_keystone_truncates_are_refused(body, value, got):
     line = body.count("\n") + 2
@@ -226,6 +231,8 @@ def test_values_that_do_not_fit_in_16_and_32_bit_modes(mode, body):
     ("long", "enter 0xffff, 0", "c8ffff00"),
     ("long", "imul eax, 10", "6bc00a"),
     ("long", "mov al, 'A'", "b041"),
+    ("long", "mov al, 0x10 | 1 << 2 + 1", "b018"),        # mixed kinds that fit
+    ("long", "mov al, 0 - 1 & 0xff + 0", "b0ff"),
     ("long", "mov eax, 010", "b808000000"),             # octal, as keystone reads it
     ("long", "mov eax, 0ffh", "b8ff000000"),
     ("long", "mov al, (1 << 4) | 1", "b011"),
