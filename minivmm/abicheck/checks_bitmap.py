@@ -135,8 +135,9 @@ def _log_slot(vm, slot: int, pages: int, flags: int = LOG, index: int = 0):
 def ring_enxio(ctx):
     """With the dirty ring enabled, KVM_GET_DIRTY_LOG and KVM_CLEAR_DIRTY_LOG are ENXIO"""
     vm = ctx.vm()
-    cap = ctx.enable_ring(vm, 256)
-    ctx.diag(f"ring enabled with {abi.CAP_NAMES.get(cap, cap)}, 256 entries")
+    entries = ctx.min_ring()
+    cap = ctx.enable_ring(vm, entries)
+    ctx.diag(f"ring enabled with {abi.CAP_NAMES.get(cap, cap)}, {entries} entries")
     _log_slot(vm, 1, 65)
     buf = np.zeros(2, dtype="<u8")
     expect_errno(lambda: vm.get_dirty_log(1, buf.ctypes.data), "ENXIO",
@@ -164,8 +165,8 @@ def get_enoent(ctx):
 
 
 @check("bitmap.slot_id.einval", 50, f"{MAIN} kvm_get_dirty_log_protect(), "
-       "kvm_clear_dirty_log_protect() (as_id >= KVM_ADDRESS_SPACE_NUM or id >= "
-       "KVM_USER_MEM_SLOTS)", fault="errno_swap")
+       "kvm_clear_dirty_log_protect() (as_id >= kvm_arch_nr_memslot_as_ids(kvm), v6.8+, or "
+       "id >= KVM_USER_MEM_SLOTS)", fault="errno_swap")
 def slot_id_einval(ctx):
     """Slot id >= KVM_CAP_NR_MEMSLOTS or as_id >= the number of address spaces is EINVAL"""
     vm = ctx.vm()
@@ -431,7 +432,8 @@ def clear_enoent(ctx):
 # rule 59: logging off frees the bitmap; read-only slots are never logged
 
 @check("bitmap.log_off.frees_bitmap", 59, f"{MAIN} kvm_prepare_memory_region() "
-       "(dirty_bitmap = NULL without LOG_DIRTY_PAGES), kvm_free_memslot()", fault="errno_swap")
+       "(KVM_MR_FLAGS_ONLY without LOG_DIRTY_PAGES: new->dirty_bitmap = NULL), "
+       "kvm_commit_memory_region() (kvm_destroy_dirty_bitmap(old))", fault="errno_swap")
 def log_off_frees(ctx):
     """Turning LOG_DIRTY_PAGES off frees the bitmap: GET is ENOENT; on again starts empty"""
     m = ctx.guest(writes_body([[0, 3]]), pages=65)
@@ -448,8 +450,8 @@ def log_off_frees(ctx):
     run_exit(ctx, m)
 
 
-@check("bitmap.readonly.not_logged", 59, f"{MAIN} mark_page_dirty_in_slot(); "
-       "api.rst 4.35 (KVM_MEM_READONLY writes exit KVM_EXIT_MMIO)", fault="bitmap_flip")
+@check("bitmap.readonly.not_logged", 59, "arch/x86/kvm/mmu (write to a read-only memslot "
+       "-> KVM_EXIT_MMIO); api.rst 4.35 KVM_MEM_READONLY", fault="bitmap_flip")
 def readonly_not_logged(ctx):
     """A READONLY + LOG_DIRTY_PAGES slot: a guest write exits MMIO and the bitmap stays 0"""
     if not ctx.cap(abi.KVM_CAP_READONLY_MEM):

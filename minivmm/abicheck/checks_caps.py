@@ -62,7 +62,8 @@ def manual_protect2(ctx):
 
 
 @check("caps.manual_protect.obsolete", 4, "virt/kvm/kvm_main.c kvm_vm_ioctl_enable_cap_generic()"
-       "; api.rst 7.18", fault="fake_success")
+       " (no case for 166: default) -> arch/x86/kvm/x86.c kvm_vm_ioctl_enable_cap() (default: "
+       "-EINVAL); api.rst 7.18", fault="fake_success")
 def manual_protect_obsolete(ctx):
     """The obsolete KVM_CAP_MANUAL_DIRTY_LOG_PROTECT (166) cannot be enabled"""
     vm = ctx.vm()
@@ -110,8 +111,8 @@ def create_vm_bad_type(ctx):
     expect_errno(call, "EINVAL", "KVM_CREATE_VM(type 99)")
 
 
-@check("caps.create_vm.on_vm_fd", 6, "virt/kvm/kvm_main.c kvm_vm_ioctl() (no KVM_CREATE_VM)",
-       fault="fake_success")
+@check("caps.create_vm.on_vm_fd", 6, "virt/kvm/kvm_main.c kvm_vm_ioctl() (default) -> "
+       "arch/x86/kvm/x86.c kvm_arch_vm_ioctl() (default: -ENOTTY)", fault="fake_success")
 def create_vm_on_vm_fd(ctx):
     """KVM_CREATE_VM issued on a VM fd is not a VM ioctl: ENOTTY"""
     vm = ctx.vm()

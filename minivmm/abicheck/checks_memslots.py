@@ -18,7 +18,8 @@ MAIN = "virt/kvm/kvm_main.c"
 
 
 @check("memslot.flags.invalid_v1", 60, f"{MAIN} kvm_vm_ioctl() KVM_SET_USER_MEMORY_REGION "
-       "(SANITY_CHECK_MEM_REGION_FLAGS), check_memory_region_flags(); api.rst 4.35",
+       "(KVM_SET_USER_MEMORY_REGION_V1_FLAGS = LOG_DIRTY_PAGES | READONLY, v6.8+ with "
+       "KVM_SET_USER_MEMORY_REGION2), check_memory_region_flags(); api.rst 4.35",
        fault="errno_swap")
 def flags_invalid(ctx):
     """KVM_SET_USER_MEMORY_REGION (v1) refuses flags other than LOG_DIRTY_PAGES, READONLY: EINVAL"""
@@ -142,7 +143,7 @@ def move_keeps_bitmap(ctx):
        "kvm_reset_dirty_gfn(); Peter Xu, kvm@ 2025-05-20", fault="reset_count_lie")
 def delete_ring_entries(ctx):
     """Deleting a slot leaves its ring entries; RESET counts (and skips) them; the id is reusable"""
-    entries = 256
+    entries = ctx.min_ring()
     m = ctx.guest(writes_body([list(range(8)), [2, 5]]), pages=8, ring=entries,
               data_flags=LOG)
     ring = m.rings[0]

@@ -56,8 +56,9 @@ def reset_flags_zero(ctx):
     expect_eq(after, [0] * 5, "flags of positions 0-4 after KVM_RESET_DIRTY_RINGS")
 
 
-@check("ring.reset.gap", 36, CITE_RESET + " (stops at the first entry without RESET)",
-       fault="reset_count_lie")
+@check("ring.reset.gap", 36, "virt/kvm/dirty_ring.c kvm_dirty_ring_reset() (stops at the "
+       "first entry without RESET: !kvm_dirty_gfn_harvested() -> break); virt/kvm/kvm_main.c "
+       "kvm_vm_ioctl_reset_dirty_pages()", fault="reset_count_lie")
 def reset_gap(ctx):
     """A gap at reset_index: 0 reset, later RESET entries wait until the gap is harvested"""
     entries, _ = small_ring(ctx)
@@ -97,8 +98,9 @@ def reset_flags3(ctx):
 
 
 @check("ring.reset.bogus_entries", 38, "virt/kvm/dirty_ring.c kvm_reset_dirty_gfn() "
-       "(as_id, slot id, missing memslot and offset >= npages are ignored)",
-       fault="reset_count_lie")
+       "(as_id, slot id, missing memslot and offset + __fls(mask) >= npages are ignored); "
+       "commit 577a8d3bae05 \"KVM: Reject wrapped offset in kvm_reset_dirty_gfn()\" "
+       "(CVE-2026-52969) adds offset >= npages", fault="reset_count_lie")
 def reset_bogus_entries(ctx):
     """Harvested entries with a bogus slot, as_id or offset are counted and ignored"""
     entries, _ = small_ring(ctx)

@@ -119,7 +119,7 @@ def _expect_death(ctx, result, sig: int, steps, what: str) -> None:
 @check("ring.mmap.shared_rw", 20, f"{MMAP}; api.rst 7.36", fault="mmap_invert")
 def shared_rw(ctx):
     """MAP_SHARED read/write mapping of the ring at page 64 works; every entry's flags is 0"""
-    entries = 1024
+    entries = ctx.min_ring(1024)
     vm, fd = _ring_vcpu(ctx, entries)
     m = expect_ok(lambda: ctx.mmap(fd, entries * 16, RING_OFF),
                   f"mmap(MAP_SHARED, RW, {entries * 16} bytes at page 64)")
@@ -139,7 +139,7 @@ def shared_rw(ctx):
        fault="mmap_invert")
 def private(ctx):
     """MAP_PRIVATE of ring pages (first or last page of the mapping in the ring) is EINVAL"""
-    entries = 1024                                  # 4 pages at 4 KiB
+    entries = ctx.min_ring(1024)                    # 4 pages or more at 4 KiB
     vm, fd = _ring_vcpu(ctx, entries)
     cases = [(entries * 16, RING_OFF, mmap.PROT_READ, "whole ring, PROT_READ"),
              (entries * 16, RING_OFF, RW, "whole ring, PROT_READ|PROT_WRITE"),
@@ -150,11 +150,12 @@ def private(ctx):
                      "EINVAL", f"mmap(MAP_PRIVATE, {what})")
 
 
-@check("ring.mmap.exec", 22, f"{MMAP} (VM_EXEC); fs/anon_inodes.c SB_I_NOEXEC "
-       "(commit 1ed95281c0c7, v6.15)", fault="mmap_invert")
+@check("ring.mmap.exec", 22, f"{MMAP} (VM_EXEC); mm/mmap.c do_mmap() (path_noexec() with "
+       "VM_EXEC: -EPERM), fs/anon_inodes.c SB_I_NOEXEC (commit 1ed95281c0c7, v6.15)",
+       fault="mmap_invert")
 def exec_(ctx):
     """A PROT_EXEC mapping of the ring fails: EINVAL (KVM) or EPERM (VFS, >= 6.15)"""
-    entries = 256
+    entries = ctx.min_ring()
     vm, fd = _ring_vcpu(ctx, entries)
     seen = []
     for flags, prot, what in ((mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_EXEC, "SHARED R-X"),
@@ -164,7 +165,7 @@ def exec_(ctx):
         e = expect_errno(lambda: _mapped(ctx.mmap(fd, entries * 16, RING_OFF, flags, prot)),
                          ("EINVAL", "EPERM"), f"mmap({what}) of the ring")
         seen.append(f"{what} -> {e.errno_name}")
-    ctx.diag("; ".join(seen) + " (EPERM = refused by the VFS: anon inodes are SB_I_NOEXEC; "
+    ctx.diag("; ".join(seen) + " (EPERM = refused by do_mmap: anon inodes are SB_I_NOEXEC; "
              "EINVAL = refused by kvm_vcpu_mmap)")
 
 
@@ -172,7 +173,7 @@ def exec_(ctx):
        fault="mmap_invert")
 def read_only(ctx):
     """A PROT_READ mapping of the ring works and reads 0; a store to it is SIGSEGV (child)"""
-    entries = 256
+    entries = ctx.min_ring()
     vm, fd = _ring_vcpu(ctx, entries)
     m = expect_ok(lambda: ctx.mmap(fd, entries * 16, RING_OFF, mmap.MAP_SHARED, mmap.PROT_READ),
                   "mmap(MAP_SHARED, PROT_READ) of the ring")
@@ -194,19 +195,22 @@ def read_only(ctx):
        fault="mmap_invert")
 def private_edges(ctx):
     """MAP_PRIVATE from page 63 to past the ring's end is accepted (only its ends are tested)"""
-    entries = 256                                   # ring = page 64 only
+    entries = ctx.min_ring()
     vm, fd = _ring_vcpu(ctx, entries)
-    length = entries * 16 + 2 * PAGE                # pages 63, 64 (ring), 65
+    end = abi.KVM_DIRTY_LOG_PAGE_OFFSET + entries * 16 // PAGE     # first page past the ring
+    length = entries * 16 + 2 * PAGE                # page 63, the ring, page ``end``
     expect_ok(lambda: ctx.mmap(fd, length, RING_OFF - PAGE, mmap.MAP_PRIVATE, mmap.PROT_READ),
-              "mmap(MAP_PRIVATE, pages 63-65) whose first and last page are not ring pages")
-    ctx.diag("accepted and left untouched (kvm_vcpu_mmap checks only the first and last page)")
+              f"mmap(MAP_PRIVATE, pages 63-{end}) whose first and last page are not ring "
+              f"pages (ring: pages 64-{end - 1})")
+    ctx.diag(f"pages 63-{end} accepted and left untouched (kvm_vcpu_mmap checks only the "
+             "first and last page)")
 
 
 @check("ring.mmap.single_page", 26, f"{MMAP}; virt/kvm/dirty_ring.c kvm_dirty_ring_get_page()",
        fault="mmap_invert")
 def single_page(ctx):
     """Mapping one ring page alone (the 2nd) works and shows that page of the ring"""
-    entries = 1024
+    entries = ctx.min_ring(1024)
     vm, fd = _ring_vcpu(ctx, entries)
     one = expect_ok(lambda: ctx.mmap(fd, PAGE, RING_OFF + PAGE),
                     "mmap(MAP_SHARED, RW) of ring page 1 alone")
@@ -221,7 +225,7 @@ def single_page(ctx):
 @check("ring.mmap.past_ring", 25, f"{MMAP} (len not validated); {FAULT}", fault="mmap_invert")
 def past_ring(ctx):
     """A mapping longer than the ring succeeds; its first page past the ring is SIGBUS (child)"""
-    entries = 256                                   # one page
+    entries = ctx.min_ring()
     vm, fd = _ring_vcpu(ctx, entries)
 
     def child(say):
@@ -229,7 +233,7 @@ def past_ring(ctx):
         say("mapped")
         say(f"ring {m[0]}")
         say("touching")
-        m[entries * 16]                             # page 65: not backed
+        m[entries * 16]                             # the page after the ring: not backed
         say("touched")
     _expect_death(ctx, _in_child(child), signal.SIGBUS, ("mapped", "ring 0", "touching"),
                   "first access one page past the ring")
@@ -238,7 +242,7 @@ def past_ring(ctx):
 @check("ring.mmap.wrong_offset", 25, f"{MMAP}; {FAULT}", fault="mmap_invert")
 def wrong_offset(ctx):
     """A mapping starting at page 63 succeeds; ring page 64 reads, page 63 is SIGBUS (child)"""
-    entries = 256
+    entries = ctx.min_ring()
     vm, fd = _ring_vcpu(ctx, entries)
 
     def child(say):
@@ -276,10 +280,11 @@ def _try(say, name, fn):
 
 
 @check("ring.mmap.fork_eio", 27, "virt/kvm/kvm_main.c kvm_vm_ioctl(), kvm_vcpu_ioctl() "
-       "(kvm->mm != current->mm); api.rst 4.10", fault="errno_swap")
+       "(kvm->mm != current->mm: -EIO); api.rst 1 (General description: same process), "
+       "2 (File descriptors: fork)", fault="errno_swap")
 def fork_eio(ctx):
     """After fork(), VM and vCPU ioctls in the child are EIO; /dev/kvm ioctls still work"""
-    vm, fd = _ring_vcpu(ctx, 256)
+    vm, fd = _ring_vcpu(ctx, ctx.min_ring())
     regs = abi.kvm_regs()
 
     def child(say):

@@ -12,13 +12,15 @@ from .registry import Fail, check, expect, expect_eq
 
 CITE_FULL = ("virt/kvm/dirty_ring.c kvm_dirty_ring_push(), kvm_dirty_ring_check_request(); "
              "arch/x86/kvm/x86.c vcpu_enter_guest()")
-PAGES = 300            # more distinct pages than a 256-entry ring holds
+# The filler writes this many distinct pages more than its ring holds (300 on 256 entries)
+BEYOND_RING = 44
 
 
 def _filler(ctx):
-    """A guest writing PAGES distinct pages once each (value 1), on a small ring."""
+    """A guest writing more distinct pages than the ring holds, once each (value 1), on
+    the smallest ring this host accepts."""
     entries, soft = small_ring(ctx)
-    pages = max(PAGES, entries + 44)
+    pages = entries + BEYOND_RING
     m = guest(ctx, write_run(0, pages) + EXIT, pages=pages, ring=entries)
     return m, entries, soft, pages
 

@@ -17,6 +17,7 @@ import numpy as np
 from .. import _sys, abi
 from ..dirty import harvest as _harvest
 from ..dirty.ring import VcpuRing, enable_dirty_ring
+from ..dirty.ringsize import ring_limits
 from ..machine import KICK_SIGNAL, Machine
 from ..payload import assemble_source
 from .registry import Fail, Skip
@@ -76,10 +77,16 @@ class Ctx:
         self.on_close(vm.close)
         return vm
 
-    def enable_ring(self, vm, entries: int = 256) -> int:
-        """KVM_ENABLE_CAP(ring) of ``entries`` on ``vm``; returns the capability used."""
+    def min_ring(self, wanted: int = 256) -> int:
+        """Entries of a ring of at least ``wanted`` that this host accepts: KVM refuses less
+        than its reserved entries rounded up to a power of two (1024 with Intel PML)."""
+        return max(wanted, ring_limits(self.kvm)["min_entries"])
+
+    def enable_ring(self, vm, entries: int | None = None) -> int:
+        """KVM_ENABLE_CAP(ring) of ``entries`` (default: the host's smallest ring) on
+        ``vm``; returns the capability used."""
         cap = self.ring_cap()
-        vm.enable_cap(cap, entries * 16)
+        vm.enable_cap(cap, (entries or self.min_ring()) * 16)
         return cap
 
     def guest(self, body: str, vcpus: int = 1, pages: int = 16, ring: int | None = None,

@@ -1,0 +1,117 @@
+"""abi-check on a host whose smallest dirty ring is 1024 entries (stock kvm_intel with PML:
+64 + 512 reserved entries round up to 16384 bytes). The kernel here has no PML, so
+ring_limits is patched to report that minimum. The kernel itself still accepts less, so a
+check that hard-codes a smaller ring may still pass: the ring sizes each check asks KVM for
+are recorded and compared with the minimum."""
+import ctypes
+import sys
+
+import pytest
+
+from minivmm import Kvm, _sys, abi
+from minivmm.abicheck import runner
+from minivmm.dirty import ringsize
+
+PML_MIN = 1024
+RING_CAPS = (abi.KVM_CAP_DIRTY_LOG_RING, abi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL)
+# Checks whose point is a too-small or invalid size (the kernel sees args[0] as a u32).
+BAD_SIZE_CHECKS = {"ring.enable.zero", "ring.enable.not_pow2", "ring.enable.too_small",
+                   "ring.enable.u32_truncation"}
+
+REAL_RING_LIMITS = ringsize.ring_limits
+
+
+def _pml_limits(kvm):
+    lim = dict(REAL_RING_LIMITS(kvm))       # the real reserved_entries and max_entries
+    lim["min_entries"] = max(lim["min_entries"], PML_MIN)
+    return lim
+
+
+def _patch_ring_limits(monkeypatch):
+    """Every module that imported ring_limits by name sees the PML host's minimum."""
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("minivmm") and getattr(mod, "ring_limits", None) is REAL_RING_LIMITS:
+            monkeypatch.setattr(mod, "ring_limits", _pml_limits)
+
+
+def _recording_tracer(sizes: list):
+    """An ioctl stand-in that records the entries asked of every ring KVM_ENABLE_CAP
+    (VM or vCPU fd), then issues the call as _sys.ioctl would."""
+    def tracer(fd, request, arg, name, hints, run=None):
+        if request == abi.KVM_ENABLE_CAP:
+            cap = abi.kvm_enable_cap.from_address(arg)
+            if cap.cap in RING_CAPS:
+                sizes.append((cap.args[0] & 0xFFFFFFFF) // 16)
+        ret = _sys._ioctl(fd, request, arg)
+        if ret < 0:
+            raise _sys.failure(fd, name, ctypes.get_errno(), hints)
+        return ret
+    return tracer
+
+
+def _run_all(kvm, record=None) -> dict:
+    """{id: (status, reason, ring sizes asked for)} of every check, each alone."""
+    out = {}
+    for spec in runner.select():
+        sizes = []
+        if record is not None:
+            record.setattr(_sys, "tracer", _recording_tracer(sizes))
+        try:
+            res = runner.run_one(spec, kvm)
+        finally:
+            if record is not None:
+                record.setattr(_sys, "tracer", None)
+        out[spec.id] = (res.status, res.reason, sizes)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs():
+    with Kvm() as kvm:
+        before = _run_all(kvm)
+        with pytest.MonkeyPatch.context() as mp:
+            _patch_ring_limits(mp)
+            pml = _run_all(kvm, mp)
+    return before, pml
+
+
+def test_checks_pass_or_skip_as_before_on_a_pml_sized_host(runs):
+    before, pml = runs
+    changed = {i: (before[i][:2], pml[i][:2]) for i in before
+               if before[i][0] != pml[i][0]}
+    assert not changed, changed
+    assert not [i for i, r in pml.items() if r[0] == "fail"], \
+        {i: r[1] for i, r in pml.items() if r[0] == "fail"}
+
+
+def test_no_ring_below_the_host_minimum_except_where_that_is_the_point(runs):
+    _, pml = runs
+    small = {i: sorted(set(r[2])) for i, r in pml.items()
+             if i not in BAD_SIZE_CHECKS and any(n < PML_MIN for n in r[2])}
+    assert not small, f"ring sizes (entries) below {PML_MIN} asked for: {small}"
+    asked = {i for i, r in pml.items() if r[2]}
+    assert BAD_SIZE_CHECKS <= asked and len(asked) > 20, sorted(asked)
+
+
+def test_after_vcpu_is_refused_for_the_vcpu_not_the_size(runs):
+    _, pml = runs
+    sizes = pml["ring.enable.after_vcpu"][2]
+    assert sizes and min(sizes) >= PML_MIN, sizes
+
+
+@pytest.mark.parametrize("release, named", [("6.13.7", True), ("6.14.0", False)])
+def test_order_failure_names_the_known_pml_ordering_before_6_14(monkeypatch, release, named):
+    from minivmm.abicheck import checks_entries
+    from minivmm.abicheck.faults import FAULTS
+    real = checks_entries.os.uname()
+    monkeypatch.setattr(checks_entries, "pml_enabled", lambda: True)
+    monkeypatch.setattr(checks_entries.os, "uname", lambda: type(real)(
+        (real.sysname, real.nodename, release, real.version, real.machine)))
+    spec = runner.REGISTRY["ring.entries.order"]
+    with Kvm() as kvm:
+        clean = runner.run_one(spec, kvm)
+        with FAULTS["ring_offset_shift"]():        # out of order as the check sees it
+            res = runner.run_one(spec, kvm)
+    assert clean.status == "pass", clean.reason     # not skipped or weakened on PML hosts
+    assert res.status == "fail"
+    assert any("37c3ddfe5238" in d for d in res.diagnostics) == named, res.diagnostics
