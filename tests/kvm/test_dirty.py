@@ -15,6 +15,7 @@ from minivmm.dirty.tracker import CollectionError, DirtySession, compare_runs
 from minivmm.machine import MachineError
 from minivmm.x86 import layout as L
 from tests.conftest import ROOT, payload, run_cli
+from tests.kvm.conftest import small_ring
 from tests.unit.test_cli_errors import one_line_error
 
 
@@ -360,8 +361,8 @@ def test_ring_full_on_several_vcpus_is_not_mistaken_for_overflow(verify):
     # A vCPU's ring may already have been emptied by another vCPU's ring-full handler
     # when its own handler runs: finding nothing then is not an overflow.
     for _ in range(3):
-        with session(tracker="ring", vcpus=2, pages=4096, iterations=3, ring_entries=256,
-                     verify=verify) as s:
+        with session(tracker="ring", vcpus=2, pages=4096, iterations=3,
+                     ring_entries=small_ring(), verify=verify) as s:
             recs = s.run(timeout=60)
             assert s.result.ok, [st.end.summary() for st in s.result.vcpus]
         assert all(not r.collection.lost for r in recs)

@@ -7,6 +7,7 @@ import pytest
 from minivmm import Kvm, KvmError, abi
 from minivmm.machine import Machine, MachineError
 from tests.conftest import payload
+from tests.kvm.conftest import small_ring
 
 
 def _fds():
@@ -132,7 +133,7 @@ def test_dirty_sessions_release_rings_stages_and_bitmaps():
 
     def one(i):
         with DirtySession(payload("dirty_seq"), tracker="ring" if i % 2 else "bitmap",
-                          vcpus=2, pages=256, iterations=2, ring_entries=256) as s:
+                          vcpus=2, pages=256, iterations=2, ring_entries=small_ring()) as s:
             assert all(r.ok for r in s.run(timeout=30))
     for i in range(4):
         one(i)

@@ -6,11 +6,13 @@ import numpy as np
 from minivmm.dirty.report import ring_strip, ring_view_text
 from minivmm.dirty.tracker import DirtySession
 from tests.conftest import payload, run_cli
+from tests.kvm.conftest import small_ring
 
 
 def test_ring_views_follow_the_protocol():
-    with DirtySession(payload("dirty_seq"), tracker="ring", vcpus=2, pages=256, iterations=2,
-                      ring_entries=256, show_ring=True) as s:
+    entries = small_ring()     # as many pages as entries: iteration 2 wraps past the end
+    with DirtySession(payload("dirty_seq"), tracker="ring", vcpus=2, pages=entries,
+                      iterations=2, ring_entries=entries, show_ring=True) as s:
         recs = s.run(timeout=60)
     first, second = recs[0], recs[1]
     for r in (first, second):
@@ -30,7 +32,8 @@ def test_ring_views_follow_the_protocol():
     # iteration 2 continues where iteration 1 left off, wrapping past the ring's end
     v0 = second.collection.ring_views[0]
     assert v0["fetch_before"] == first.collection.ring_views[0]["fetch_after"]
-    assert v0["fetch_after"] > 256 and (v0["fetch_after"] % 256) < (v0["fetch_before"] % 256)
+    assert v0["fetch_after"] > entries \
+        and v0["fetch_after"] % entries < v0["fetch_before"] % entries
     text = ring_view_text(recs)
     assert "KVM_RESET_DIRTY_RINGS returned" in text and "before harvest  |" in text
 
@@ -46,7 +49,7 @@ def test_ring_strip_marks_states_and_fetch():
 
 def test_cli_show_ring_json_has_counts():
     proc = run_cli("dirty", "--tracker", "ring", "--vcpus", "1", "--pages", "64",
-                   "--iterations", "2", "--ring-entries", "256", "--show-ring", "--json")
+                   "--iterations", "2", "--ring-entries", str(small_ring()), "--show-ring", "--json")
     assert proc.returncode == 0, proc.stderr
     it = json.loads(proc.stdout)["runs"][0]["iterations"][0]
     view = it["ring_view"]["0"]
