@@ -7,11 +7,13 @@ import importlib
 
 __version__ = "0.1.0"
 __all__ = ["KvmError", "KvmUnavailable", "Kvm", "Vm", "Vcpu", "Machine", "run_payload",
-           "DirtySession"]
+           "DirtySession", "MachineError", "PayloadError", "DirtyRingError", "CollectionError"]
 
 _HOME = {"KvmError": "._sys", "KvmUnavailable": "._sys", "Kvm": ".kvm", "Vm": ".vm",
          "Vcpu": ".vcpu", "Machine": ".machine", "run_payload": ".machine",
-         "DirtySession": ".dirty.tracker"}
+         "DirtySession": ".dirty.tracker", "MachineError": ".machine",
+         "PayloadError": ".payload", "DirtyRingError": ".dirty.ring",
+         "CollectionError": ".dirty.tracker"}
 
 
 def __getattr__(name: str):

@@ -743,6 +743,10 @@ def list_payloads(directory: str | None = None) -> list:
     base = Path(directory) if directory else payload_dir()
     rows = []
     for path in sorted(base.glob("*.asm")):
+        if path.exists() and not path.is_file() and not path.is_dir():
+            # a FIFO or a device: opening it to list it could block forever
+            rows.append((path.stem, "?", "?", None, "(unreadable: not a regular file)"))
+            continue
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:

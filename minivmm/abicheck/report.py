@@ -93,8 +93,11 @@ def listing(specs) -> str:
 
 def markdown_table(specs) -> str:
     out = ["| # | check | abi.md rules | citation | what it checks |", "|---|---|---|---|---|"]
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")      # a bare | would start a new cell
     for n, s in enumerate(specs, 1):
         flags = " (unsafe)" if s.unsafe else ""
-        out.append(f"| {n} | `{s.id}`{flags} | {', '.join(map(str, s.rules))} | {s.cite} | "
-                   f"{s.summary} |")
+        out.append(f"| {n} | `{s.id}`{flags} | {', '.join(map(str, s.rules))} | "
+                   f"{cell(s.cite)} | {cell(s.summary)} |")
     return "\n".join(out) + "\n"

@@ -147,3 +147,7 @@ def test_docs_list_every_check():
     assert docs.main(["--check"]) == 0, "run: python -m minivmm.abicheck.docs"
     text = docs.DOC.read_text()
     assert all(f"`{i}`" in text for i in IDS)
+    # five cells a row: a bare | inside a citation would split it
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    bad = [r for r in rows if len(re.findall(r"(?<!\\)\|", r)) != 6]
+    assert len(rows) > len(IDS) and not bad, bad

@@ -96,3 +96,11 @@ def test_ctrl_c_while_the_modules_load_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 130 and proc.stderr == "minivmm: interrupted\n", proc.stderr
+
+
+def test_every_public_name_loads():
+    import minivmm
+    for name in minivmm.__all__:
+        assert getattr(minivmm, name).__name__ == name
+    from minivmm.machine import MachineError
+    assert minivmm.MachineError is MachineError and issubclass(MachineError, Exception)

@@ -287,7 +287,9 @@ def test_list_payloads_reports_unreadable_entries(tmp_path):
     (tmp_path / "binary.asm").write_bytes(b"\xff\xfe\x00;! mode: long\n")
     (tmp_path / "folder.asm").mkdir()
     (tmp_path / "bom.asm").write_bytes(b"\xef\xbb\xbf;! mode: real\nhlt\n")
+    os.mkfifo(tmp_path / "fifo.asm")        # opening it would wait for a writer forever
     rows = {r[0]: r for r in P.list_payloads(str(tmp_path))}
+    assert rows["fifo"][1] == "?" and "not a regular file" in rows["fifo"][4]
     assert rows["good"][1] == "real" and rows["bom"][1] == "real"
     assert rows["binary"][1:4] == ("?", "?", None) and "not UTF-8" in rows["binary"][4]
     assert rows["folder"][1] == "?" and "unreadable" in rows["folder"][4]
