@@ -56,6 +56,29 @@ def enable_dirty_ring(vm, entries: int, cap: int | None = None) -> int:
     return cap
 
 
+RESET_CALLS = 16      # KVM_RESET_DIRTY_RINGS calls per reset at most, the first included
+
+
+def finish_reset(vm, got: int, harvested: int) -> tuple:
+    """Call KVM_RESET_DIRTY_RINGS again until ``harvested`` entries are reset, after a first
+    call that reset only ``got``; returns (total reset, calls made here).
+
+    The kernel stops a reset part-way when the thread has a signal pending
+    (kvm_dirty_ring_reset(), commit 49005a2a3d2a) and returns what it had reset, not
+    EINTR. Vm.reset_dirty_rings() holds signals back, so this is rare (task work can still
+    do it), but what is left must still be reset. A call that resets nothing means
+    nothing is left; the caller reports the shortfall.
+    """
+    calls = 0
+    while got < harvested and calls < RESET_CALLS - 1:
+        more = vm.reset_dirty_rings()
+        calls += 1
+        if not more:
+            break
+        got += more
+    return got, calls
+
+
 class VcpuRing:
     """One vCPU's ring as the VMM sees it: the shared mapping and the VMM's fetch index.
 

@@ -26,7 +26,7 @@ from ..x86 import layout as L
 from .bitmap import SlotBitmap, enable_manual_protect, popcount
 from .harvest import PageSets, dirty_count, take
 from .pageset import PageSet
-from .ring import DirtyRingError, VcpuRing, enable_dirty_ring, ring_capability
+from .ring import DirtyRingError, VcpuRing, enable_dirty_ring, finish_reset, ring_capability
 from .verify import ContentOracle, plan
 
 SLOT_NAMES = {L.SLOT_SYSTEM: "system", L.SLOT_DATA: "data"}
@@ -50,6 +50,7 @@ class Collection:
     bogus: list = dataclasses.field(default_factory=list)
     ring_full_exits: int = 0
     resets: list = dataclasses.field(default_factory=list)   # (returned, harvested)
+    reset_retries: int = 0               # extra resets after a signal interrupted one
     lost: list = dataclasses.field(default_factory=list)     # evidence of lost entries
     collect_s: float = 0.0
     background_s: float = 0.0            # collecting while vCPUs ran (ring-full, reaper)
@@ -124,7 +125,7 @@ class RingTracker(Tracker):
         self.stage_entries = 0
         self._since_reset = 0
         self._resets, self._lost = [], []
-        self._ring_full = 0
+        self._ring_full = self._reset_retries = 0
         self._empty_full: dict[int, int] = {}
         self._since_full: dict[int, int] = {}    # entries taken from ring i since its last full
         self._bg_s = 0.0
@@ -161,8 +162,17 @@ class RingTracker(Tracker):
         return count
 
     def _reset_locked(self) -> None:
+        want = self._since_reset
         got = self.machine.vm.reset_dirty_rings()
-        self._resets.append((got, self._since_reset))
+        if got < want:                   # stopped part-way: finish it, and say what it costs
+            first = got
+            got, calls = finish_reset(self.machine.vm, got, want)
+            self._reset_retries += calls
+            self._lost.append(f"KVM_RESET_DIRTY_RINGS stopped after {first} of {want} entries "
+                              "(a pending signal or task work): the kernel drops the batch it "
+                              "was on, so up to 64 of those pages stay write-enabled and their "
+                              "next writes are not logged (virt/kvm/dirty_ring.c, v6.17+)")
+        self._resets.append((got, want))
         self._since_reset = 0
 
     def poll(self) -> None:
@@ -246,9 +256,10 @@ class RingTracker(Tracker):
                 views[i].update(after_reset=ring.flags(), reset_returned=self._resets[-1][0])
         col = Collection(sets=sets, raw=raw, entries=entries, duplicates=dups,
                          bogus=bogus, ring_full_exits=self._ring_full, resets=self._resets,
-                         lost=self._lost, collect_s=took)
+                         lost=self._lost, collect_s=took, reset_retries=self._reset_retries)
         col.background_s = self._bg_s
         self._ring_full, self._resets, self._lost, self._bg_s = 0, [], [], 0.0
+        self._reset_retries = 0
         return col
 
 
@@ -356,7 +367,8 @@ class IterationRecord:
                "extra": len(self.extra), "extra_pages": self.extra.tolist()[:64],
                "entries": c.entries, "duplicates": c.duplicates, "bogus": len(c.bogus),
                "ring_full_exits": c.ring_full_exits, "reset_count_ok": c.reset_count_ok,
-               "resets": [list(r) for r in c.resets], "lost": c.lost,
+               "resets": [list(r) for r in c.resets], "reset_retries": c.reset_retries,
+               "lost": c.lost,
                "collect_s": round(c.collect_s, 6),
                "background_s": round(c.background_s, 6),
                "vcpus": self.rows, "content_scope": self.scope}

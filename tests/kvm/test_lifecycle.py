@@ -255,3 +255,27 @@ def test_a_closed_vcpus_exit_data_says_closed():
         for use in (vcpu.io_data, vcpu.describe_exit):
             with pytest.raises(KvmError, match="vCPU 0 is closed"):
                 use()
+
+
+def test_an_ioctl_interrupted_by_a_signal_is_retried(monkeypatch):
+    # KVM_CREATE_VM can return EINTR when a signal lands (a program with an interval
+    # timer saw it fail 1 time in 10): like Python's own calls (PEP 475), it is retried
+    import ctypes
+    import errno
+    from minivmm import _sys
+    calls = []
+
+    def interrupted_once(real):
+        def call(fd, request, arg):
+            if request == abi.KVM_CREATE_VM:
+                calls.append(request)
+                if len(calls) == 1:
+                    ctypes.set_errno(errno.EINTR)
+                    return -1
+            return real(fd, request, arg)
+        return call
+    monkeypatch.setattr(_sys, "_ioctl_fast", interrupted_once(_sys._ioctl_fast))
+    with Kvm() as kvm:
+        with kvm.create_vm() as vm:
+            assert vm.fd >= 0
+    assert len(calls) == 2

@@ -116,3 +116,27 @@ def test_plans_per_payload():
     p = plan("dirty_stride", 2, 20, 3, {"stride": 4})
     assert p[0].tolist() == [0, 4, 8] and p[1].tolist() == [10, 14, 18]
     assert plan("my_own_payload", 1, 10, 1, {}) is None
+
+
+class _Resets:
+    """A VM whose KVM_RESET_DIRTY_RINGS returns the given counts, one per call."""
+    def __init__(self, counts):
+        self.counts, self.calls = list(counts), 0
+
+    def reset_dirty_rings(self):
+        self.calls += 1
+        return self.counts.pop(0) if self.counts else 0
+
+
+@pytest.mark.parametrize("first,more,harvested,total,calls", [
+    (7894, [32836 - 7894], 32836, 32836, 1),        # one stop: the second call finishes
+    (0, [100], 100, 100, 1),                         # stopped before it started
+    (10, [5, 5, 80], 100, 100, 3),
+    (90, [0, 10], 100, 90, 1),                       # nothing left: stop, report it
+    (50, [1] * 40, 100, 65, 15),                     # at most RESET_CALLS calls in all
+])
+def test_a_partial_reset_is_finished(first, more, harvested, total, calls):
+    from minivmm.dirty.ring import RESET_CALLS, finish_reset
+    vm = _Resets(more)
+    assert finish_reset(vm, first, harvested) == (total, calls) and vm.calls == calls
+    assert 1 + calls <= RESET_CALLS
