@@ -188,8 +188,12 @@ class Machine:
                 raise MachineError(f"--vcpus must be between 1 and {max_vcpus} "
                                    f"(KVM_CAP_MAX_VCPUS), got {nvcpus}")
             self.vm = self.kvm.create_vm()
+            # VMX needs these for real mode (and ignores them with unrestricted guest); the
+            # defaults near 4 GiB would collide with a data slot above 3 GiB
             if self.kvm.check_extension(abi.KVM_CAP_SET_TSS_ADDR):
-                self.vm.set_tss_addr(0xFFFBD000)   # VMX needs it for real mode; harmless elsewhere
+                self.vm.set_tss_addr(L.VMX_TSS)
+            if self.kvm.check_extension(abi.KVM_CAP_SET_IDENTITY_MAP_ADDR):
+                self.vm.set_identity_map_addr(L.VMX_IDENTITY_MAP)
             if before_vcpus:
                 before_vcpus(self)
             sys_mem = self.vm.add_memory(L.SLOT_SYSTEM, 0, L.system_slot_size(nvcpus),

@@ -27,6 +27,11 @@ EXC_STACK_TOP_OFF = 0x6000   # RSP0: where the CPU switches to for an exception 
 USER_STACK_TOP_OFF = 0x8000  # the payload's RSP at entry
 
 DATA_GPA = 0x4000_0000    # slot 1, "data", at 1 GiB
+# VMX without unrestricted guest keeps private memslots for real mode: a 3-page TSS
+# (KVM_SET_TSS_ADDR) and a 1-page identity map (KVM_SET_IDENTITY_MAP_ADDR, by default
+# 0xfffbc000). Just below the data slot, so a data slot of any size never overlaps them.
+VMX_IDENTITY_MAP = DATA_GPA - 0x1000
+VMX_TSS = DATA_GPA - 0x4000
 MIN_MAPPED_GIB = 4        # map the first 4 GiB, so MMIO holes below 4 GiB are reachable
 
 SLOT_SYSTEM = 0

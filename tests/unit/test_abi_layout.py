@@ -151,3 +151,12 @@ def test_constants(group, c_values):
         problems.append("not defined by <linux/kvm.h> (if newer than this header, list them in "
                         "constants.NEWER_THAN_6_1): " + ", ".join(undefined))
     assert not problems, f"constants {group}: " + "\n".join(problems)
+
+
+def test_vmx_private_pages_sit_between_the_system_and_data_slots():
+    # KVM_SET_TSS_ADDR takes 3 pages and the identity map 1: between slot 0 (even with
+    # 4096 vCPUs) and the data slot, so no data slot size can overlap them
+    from minivmm.x86 import layout as L
+    assert L.system_slot_size(4096) <= L.VMX_TSS
+    assert L.VMX_TSS + 3 * 0x1000 <= L.VMX_IDENTITY_MAP
+    assert L.VMX_IDENTITY_MAP + 0x1000 <= L.DATA_GPA
