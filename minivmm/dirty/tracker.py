@@ -478,7 +478,7 @@ class DirtySession:
         self._running = self.nvcpus
         self._generation = 0
         self._queue: queue.Queue = queue.Queue()
-        self._gated = self._started = False
+        self._gated = self._started = self._closed = False
         self._go = threading.Event()
         self._reaper_stop = threading.Event()
         self._failure: BaseException | None = None
@@ -486,9 +486,15 @@ class DirtySession:
 
     # -- lifecycle --
     def close(self) -> None:
+        self._closed = True
         self._reaper_stop.set()
         self._go.set()
         self.machine.close()
+
+    def _check_open(self) -> None:
+        # closed inside its own iterate() loop, or by another thread meanwhile
+        if self._closed:
+            raise MachineError("this DirtySession is closed")
 
     def __enter__(self) -> "DirtySession":
         return self
@@ -536,7 +542,9 @@ class DirtySession:
                 record = self._record(*item)
                 self.records.append(record)
                 yield record
+                self._check_open()
                 self._go.set()
+            self._check_open()
             self.result = self.machine.wait()
         except BaseException:
             self._go.set()
@@ -546,6 +554,7 @@ class DirtySession:
             self._reaper_stop.set()
             if reaper is not None:
                 reaper.join()
+        self._check_open()
         final = self._record("final", self.tracker.collect(), self._snapshot())
         if len(final.data_pages) or len(final.missed) or final.collection.pages:
             self.records.append(final)

@@ -427,3 +427,26 @@ def test_reset_holds_signals_back_only_while_it_runs():
     assert {signal.SIGUSR1, signal.SIGINT, signal.SIGALRM, signal.SIGTERM} <= held
     assert signal.SIGUSR1 not in free
     assert signal.SIGUSR1 not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
+@pytest.mark.parametrize("tracker", ["ring", "bitmap"])
+def test_closing_a_session_inside_its_iterate_loop_says_so(tracker):
+    s = session(tracker=tracker, iterations=5)
+    with pytest.raises(MachineError, match="this DirtySession is closed"):
+        for rec in s.iterate(timeout=30):
+            if rec.iteration == 2:
+                s.close()
+    s.close()                                   # a second close is harmless
+
+
+def test_closing_a_session_from_another_thread_says_so():
+    s = session(iterations=100000, pages=256)
+    timer = threading.Timer(0.3, s.close)
+    timer.start()
+    try:
+        with pytest.raises(MachineError, match="closed"):
+            for _ in s.iterate(timeout=30, gated=False):
+                pass
+    finally:
+        timer.join()
+        s.close()
