@@ -273,6 +273,7 @@ class BitmapTracker(Tracker):
                              "(api.rst 7.18): drop --no-manual-protect or --initially-set")
         super().__init__()
         self.want_manual, self.initially_set = manual_protect, initially_set
+        self.all_set_first = False
         self.manual = False
         self.bitmaps: dict[int, SlotBitmap] = {}
         self._acc: dict[int, np.ndarray] = {}    # bits polled since the last collect
@@ -281,8 +282,10 @@ class BitmapTracker(Tracker):
     def before_vcpus(self, machine) -> None:
         offered = machine.kvm.check_extension(abi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)
         if self.want_manual and offered & abi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
-            enable_manual_protect(machine.vm, self.initially_set
-                                  and bool(offered & abi.KVM_DIRTY_LOG_INITIALLY_SET))
+            # the first GET then reports every page of each logged slot (api.rst 7.18)
+            self.all_set_first = self.initially_set \
+                and bool(offered & abi.KVM_DIRTY_LOG_INITIALLY_SET)
+            enable_manual_protect(machine.vm, self.all_set_first)
             self.manual = True
 
     def bind(self, machine) -> None:
@@ -667,17 +670,19 @@ class DirtySession:
                                synced is None or len(synced) == self.nvcpus)
 
 
-def compare_runs(a: list, b: list, completed_only: bool = False) -> list:
+def compare_runs(a: list, b: list, completed_only: bool = False,
+                 skip: tuple = ()) -> list:
     """Per-iteration differences of the data-slot page sets of two runs ([] = agree).
 
     ``completed_only``: only the numbered iterations every vCPU of both runs completed
-    (runs stopped by a timeout stop at different points; what follows is not comparable)."""
+    (runs stopped by a timeout stop at different points; what follows is not comparable).
+    ``skip``: iterations not to compare."""
     diffs = []
     amap = {r.iteration: r for r in a}
     bmap = {r.iteration: r for r in b}
-    its = set(amap) | set(bmap)
+    its = (set(amap) | set(bmap)) - set(skip)
     if completed_only:
-        its = {it for it in set(amap) & set(bmap)
+        its = {it for it in (set(amap) & set(bmap)) - set(skip)
                if isinstance(it, int) and amap[it].complete and bmap[it].complete}
     for it in sorted(its, key=str):
         pa = amap[it].data_pages if it in amap else _EMPTY

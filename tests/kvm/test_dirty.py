@@ -450,3 +450,38 @@ def test_closing_a_session_from_another_thread_says_so():
     finally:
         timer.join()
         s.close()
+
+
+@pytest.mark.parametrize("args", [["--payload", "dirty_stride", "--pages", "64"],
+                                  ["--vcpus", "8", "--pages", "9"]])
+def test_initially_set_with_both_trackers_leaves_iteration_1_out_of_the_comparison(args):
+    # The bitmap's first GET reports every page (api.rst 7.18); the ring only what was
+    # written: that is not a disagreement
+    proc = run_cli("dirty", "--initially-set", "--tracker", "both", "--iterations", "3",
+                   "--json", *args)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["agree"] and out["ok"] and "not iteration 1" in out["compared"]
+    ring, bitmap = out["runs"]
+    assert bitmap["initially_set"] and not ring["initially_set"]
+    first = bitmap["iterations"][0]
+    assert first["iteration"] == 1 and first["reported"] == int(args[-1])   # every page
+    # only iteration 1 is left out: a difference in iteration 2 is still found
+    from types import SimpleNamespace as R
+    a = [R(iteration=i, data_pages=np.arange(4), complete=True) for i in (1, 2)]
+    b = [R(iteration=1, data_pages=np.arange(9), complete=True),
+         R(iteration=2, data_pages=np.arange(3), complete=True)]
+    assert [d["iteration"] for d in compare_runs(a, b, skip=(1,))] == [2]
+
+
+def test_single_tracker_verdict_reads_and_names_only_the_oracles_used(tmp_path):
+    proc = run_cli("dirty", "--tracker", "ring", "--pages", "64", "--iterations", "2")
+    assert "verdict: OK - ring: no page missed" in proc.stdout
+    assert "content and plan oracles" in proc.stdout
+    src = (ROOT / "guest_payloads" / "dirty_seq.asm").read_text()
+    own = tmp_path / "mine.asm"
+    own.write_text(src)                      # not a shipped payload: no plan to check against
+    proc = run_cli("dirty", "--payload", str(own), "--tracker", "ring", "--pages", "64",
+                   "--iterations", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "checked against the content oracle)" in proc.stdout
