@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import ctypes
 
+import functools
+
 import numpy as np
 
 PAGE_WORDS = 4096 // 8
@@ -102,11 +104,35 @@ def lcg_pages(seed: int, share: int, writes: int, iteration: int) -> np.ndarray:
     # jump ahead: x_{n+k} = A^k x_n + C (A^{k-1} + ... + 1), computed by squaring
     a, c = _lcg_power(skip)
     x = (a * x + c) & MASK64
+    steps_a, steps_c = _lcg_steps(min(writes, _LCG_CHUNK))
     out = np.empty(writes, np.int64)
-    for k in range(writes):
-        x = (x * LCG_MUL + LCG_ADD) & MASK64
-        out[k] = (x >> 33) % share
+    for start in range(0, writes, _LCG_CHUNK):
+        n = min(_LCG_CHUNK, writes - start)
+        # x_k = A_k x + C_k for a chunk at once (uint64 arithmetic wraps mod 2**64)
+        xs = steps_a[:n] * np.uint64(x) + steps_c[:n]
+        out[start:start + n] = (xs >> np.uint64(33)) % np.uint64(share)
+        x = int(xs[-1])
     return out
+
+
+_LCG_CHUNK = 1 << 20      # steps kept: 16 MiB
+
+
+@functools.lru_cache(maxsize=2)
+def _lcg_steps(n: int) -> tuple:
+    """(A_k, C_k) for k = 1..n, with x_k = A_k x_0 + C_k: built by doubling, since
+    x_{m+j} = A_j x_m + C_j. A million writes take milliseconds, not the second a
+    Python loop over them took (which let --writes outlast --timeout)."""
+    a, c = np.empty(n, np.uint64), np.empty(n, np.uint64)
+    a[0], c[0] = LCG_MUL, LCG_ADD
+    m = 1
+    while m < n:
+        k = min(m, n - m)
+        a[m:m + k] = a[:k] * a[m - 1]
+        c[m:m + k] = a[:k] * c[m - 1] + c[:k]
+        m += k
+    a.flags.writeable = c.flags.writeable = False
+    return a, c
 
 
 def _lcg_power(k: int) -> tuple:

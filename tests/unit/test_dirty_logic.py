@@ -140,3 +140,21 @@ def test_a_partial_reset_is_finished(first, more, harvested, total, calls):
     vm = _Resets(more)
     assert finish_reset(vm, first, harvested) == (total, calls) and vm.calls == calls
     assert 1 + calls <= RESET_CALLS
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 20])
+def test_lcg_pages_equals_a_step_by_step_replay(monkeypatch, chunk):
+    from minivmm.dirty import verify as V
+    monkeypatch.setattr(V, "_LCG_CHUNK", chunk)
+    V._lcg_steps.cache_clear()
+
+    def replay(seed, share, writes, iteration):
+        x, out = seed % 2 ** 64, []
+        for k in range(iteration * writes):
+            x = (x * V.LCG_MUL + V.LCG_ADD) % 2 ** 64
+            if k >= (iteration - 1) * writes:
+                out.append((x >> 33) % share)
+        return out
+    for args in [(1, 100, 1, 1), (5, 512, 100, 3), (2 ** 64 - 1, 7, 1000, 2), (123, 4096, 777, 4)]:
+        assert V.lcg_pages(*args).tolist() == replay(*args), args
+    V._lcg_steps.cache_clear()
