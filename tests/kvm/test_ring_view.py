@@ -10,8 +10,10 @@ from tests.kvm.conftest import small_ring
 
 
 def test_ring_views_follow_the_protocol():
-    entries = small_ring()     # as many pages as entries: iteration 2 wraps past the end
-    with DirtySession(payload("dirty_seq"), tracker="ring", vcpus=2, pages=entries,
+    # each vCPU writes entries / 2 + 32 pages an iteration: iteration 2 wraps past the end
+    # whichever vCPU logs the shared page-table pages, and no iteration fills the ring
+    entries = small_ring()
+    with DirtySession(payload("dirty_seq"), tracker="ring", vcpus=2, pages=entries + 64,
                       iterations=2, ring_entries=entries, show_ring=True) as s:
         recs = s.run(timeout=60)
     first, second = recs[0], recs[1]
