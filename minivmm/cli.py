@@ -55,9 +55,58 @@ OTHER_CAPS = ("KVM_CAP_NR_VCPUS", "KVM_CAP_MAX_VCPUS", "KVM_CAP_MAX_VCPU_ID",
               "KVM_CAP_MULTI_ADDRESS_SPACE", "KVM_CAP_BINARY_STATS_FD")
 
 
+def host_notes(vendor: str, sysfs: str | None = None) -> list:
+    """Host quirks a user of this vendor module should know, one sentence each, found from
+    the module's parameters under ``sysfs`` (default ringsize.SYSFS_MODULES, /sys/module;
+    a directory of the same shape in tests). A missing parameter makes no note (no guess)."""
+    from .dirty.ringsize import module_param, param_on
+
+    def param(name):
+        return module_param(vendor, name, sysfs)
+    notes = []
+    if vendor == "kvm_pvm":
+        notes.append("kvm_pvm (software virtualization): guest code at CPL0, in real mode or in "
+                     "protected mode is emulated instruction by instruction (thousands of times "
+                     "slower, and emulated writes can overflow the dirty ring); 64-bit CPL3 code "
+                     "runs natively, so long-mode payloads run at CPL3 by default")
+    if vendor not in ("kvm_intel", "kvm_amd"):
+        return notes
+    pml = param("pml")
+    if param_on(pml):
+        notes.append(f"{vendor}.pml is on: KVM reserves the 512-entry PML log on top of its 64 "
+                     "ring entries (kvm_dirty_ring_get_rsvd_entries(), virt/kvm/dirty_ring.c), "
+                     "so the smallest dirty ring is 1024 entries")
+    elif pml is not None:
+        notes.append(f"{vendor}.pml is off: dirty pages are caught by write-protection faults "
+                     "and the ring reserves only its 64 entries (smallest ring 256 entries)")
+    if vendor == "kvm_intel":
+        ug = param("unrestricted_guest")
+        if ug is not None and not param_on(ug):
+            notes.append("kvm_intel.unrestricted_guest is off: real-mode and unpaged guest code "
+                         "runs through vm86 and an identity-mapped page table, in the TSS and "
+                         "identity-map pages minivmm places just below the data slot "
+                         "(KVM_SET_TSS_ADDR, KVM_SET_IDENTITY_MAP_ADDR; vmx.c enter_rmode())")
+        if param_on(param("ept")) and param_on(param("eptad")):
+            notes.append("kvm_intel.ept and eptad are on: with EPT A/D bits the CPU's guest "
+                         "page-table walks count as writes (Intel SDM, \"Accessed and Dirty "
+                         "Flags for EPT\"), so after every ring reset or bitmap clear the "
+                         "guest's page-table pages are logged again and show up in the system "
+                         "slot every iteration")
+    else:
+        notes.append("kvm_amd: a triple fault's KVM_EXIT_SHUTDOWN comes after KVM has reset "
+                     "the vCPU (svm.c shutdown_interception(): the VMCB is undefined after a "
+                     "shutdown, so KVM INITs it), so the registers reported at a shutdown are "
+                     "the reset state, not the faulting ones")
+    notes.append(f"{'VMX' if vendor == 'kvm_intel' else 'SVM'}: a port `out` exits to userspace "
+                 "with RIP still at the instruction (x86.c kvm_fast_pio_out(); "
+                 "complete_fast_pio_out() skips it at the next KVM_RUN), and minivmm reports "
+                 "the address past it")
+    return notes
+
+
 def host_report(kvm) -> dict:
     from .kvm import vendor_module
-    from .dirty.ringsize import ring_limits
+    from .dirty.ringsize import PML_ENTRIES, min_entries_for, pml_enabled, ring_limits
     caps = kvm.caps(DIRTY_CAPS + OTHER_CAPS)
     vendor = vendor_module()
     limits = ring_limits(kvm)
@@ -69,12 +118,15 @@ def host_report(kvm) -> dict:
                    f"bitmap manual protect {'on offer' if caps['KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2'] else 'absent'}")
     else:
         verdict = "dirty ring NOT supported by this kernel: only the KVM_GET_DIRTY_LOG bitmap"
-    notes = []
-    if vendor == "kvm_pvm":
-        notes.append("kvm_pvm (software virtualization): guest code at CPL0, in real mode or in "
-                     "protected mode is emulated instruction by instruction (thousands of times "
-                     "slower, and emulated writes can overflow the dirty ring); 64-bit CPL3 code "
-                     "runs natively, so long-mode payloads run at CPL3 by default")
+    notes = host_notes(vendor)
+    predicted = min_entries_for(abi.KVM_DIRTY_RING_RSVD_ENTRIES
+                                + (PML_ENTRIES if pml_enabled() else 0))
+    if limits.get("min_source") == "measured" and limits["min_entries"] != predicted:
+        # the kernel, not sysfs, decides: say so when the two disagree
+        notes.append(f"the smallest dirty ring measured here is {limits['min_entries']} "
+                     f"entries, where the module parameters predict {predicted}: KVM reserves "
+                     f"about {limits['reserved_entries']} entries (kvm_cpu_dirty_log_size() "
+                     "differs from what sysfs shows)")
     return {"device": kvm.device, "api_version": kvm.get_api_version(),
             "vendor_module": vendor, "kernel": os.uname().release,
             "vcpu_mmap_size": kvm.get_vcpu_mmap_size(),

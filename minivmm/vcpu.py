@@ -168,10 +168,14 @@ class Vcpu:
                 out["data"] = int.from_bytes(bytes(m.data)[:m.len], "little")
         elif reason == abi.KVM_EXIT_FAIL_ENTRY:
             f = run.fail_entry
-            out.update(hardware_entry_failure_reason=f.hardware_entry_failure_reason, cpu=f.cpu)
+            out.update(hardware_entry_failure_reason=f.hardware_entry_failure_reason, cpu=f.cpu,
+                       meaning=entry_failure_meaning(f.hardware_entry_failure_reason))
         elif reason == abi.KVM_EXIT_INTERNAL_ERROR:
             i = run.internal
             out.update(suberror=i.suberror,
+                       suberror_name=INTERNAL_ERROR_NAMES.get(i.suberror, "unknown"),
+                       meaning=INTERNAL_ERROR_MEANINGS.get(
+                           i.suberror, f"internal error suberror {i.suberror}"),
                        data=[i.data[k] for k in range(min(i.ndata, 16))])
         elif reason == abi.KVM_EXIT_DEBUG:
             d = run.debug.arch
@@ -180,6 +184,59 @@ class Vcpu:
             e = run.system_event
             out.update(type=e.type, data=[e.data[k] for k in range(min(e.ndata, 16))])
         return out
+
+
+# KVM_EXIT_FAIL_ENTRY. VMX (vmx.c __vmx_handle_exit()) reports the full exit reason of a
+# failed VM entry, bit 31 set over a basic exit reason (Intel SDM vol. 3, appendix C), or,
+# when VMLAUNCH/VMRESUME itself failed, the VM-instruction error number (bit 31 clear).
+# SVM (svm.c svm_handle_exit()) reports VMCB exit code SVM_EXIT_ERR (VMEXIT_INVALID, -1;
+# a u32 in older kernels).
+VMX_ENTRY_FAILURE = 1 << 31
+VMX_ENTRY_FAILURES = {
+    33: "VM-entry failure due to invalid guest state (set kvm_intel.dump_invalid_vmcs=1 "
+        "and dmesg shows the VMCS at the next failure)",
+    34: "VM-entry failure due to MSR loading (an entry in the VM-entry MSR-load list was "
+        "refused)",
+    41: "VM-entry failure due to a machine-check event during VM entry",
+}
+VMX_INSTRUCTION_ERRORS = {
+    7: "VM entry with invalid control field(s)",
+    8: "VM entry with invalid host-state field(s)",
+    26: "VM entry with events blocked by MOV SS",
+}
+SVM_EXIT_ERR = (0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF)
+
+# KVM_EXIT_INTERNAL_ERROR suberrors (include/uapi/linux/kvm.h); 4 is not in abi yet
+INTERNAL_ERROR_NAMES = {
+    abi.KVM_INTERNAL_ERROR_EMULATION: "KVM_INTERNAL_ERROR_EMULATION",
+    abi.KVM_INTERNAL_ERROR_SIMUL_EX: "KVM_INTERNAL_ERROR_SIMUL_EX",
+    abi.KVM_INTERNAL_ERROR_DELIVERY_EV: "KVM_INTERNAL_ERROR_DELIVERY_EV",
+    4: "KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON",
+}
+INTERNAL_ERROR_MEANINGS = {
+    1: "KVM could not emulate an instruction (data: the instruction bytes or the exit "
+       "information, by vendor)",
+    2: "an exception occurred while KVM was delivering another one (simultaneous exceptions)",
+    3: "an event could not be delivered: the exit happened during event delivery (data: "
+       "vectoring info, exit reason, exit qualification)",
+    4: "the hardware exited with a reason KVM does not handle (data: the exit reason, then "
+       "the host CPU)",
+}
+
+
+def entry_failure_meaning(reason: int) -> str:
+    """One line for KVM_EXIT_FAIL_ENTRY's hardware_entry_failure_reason."""
+    if reason in SVM_EXIT_ERR:
+        return ("SVM VMRUN failed: invalid VMCB state (VMEXIT_INVALID; set "
+                "kvm_amd.dump_invalid_vmcb=1 and dmesg shows the VMCB at the next failure)")
+    if reason & VMX_ENTRY_FAILURE and reason < 1 << 32:
+        basic = reason & 0xFFFF
+        return VMX_ENTRY_FAILURES.get(
+            basic, f"VMX VM-entry failure, basic exit reason {basic}")
+    if reason in VMX_INSTRUCTION_ERRORS:
+        return (f"VMX VMLAUNCH/VMRESUME failed, VM-instruction error {reason}: "
+                f"{VMX_INSTRUCTION_ERRORS[reason]}")
+    return f"unknown entry failure reason {reason:#x}"
 
 
 _RUN_HINTS = {
