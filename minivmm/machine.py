@@ -26,6 +26,8 @@ KICK_SIGNAL = signal.SIGUSR1
 TRAP_VECTORS = (1, 3, 4)      # #DB (single-step), #BP, #OF
 DEFAULT_PAGES = 64
 OK_ENDS = ("exit-port", "hlt")
+# The x86 INIT state's CS and RIP (SDM vol. 3, 10.1.4 "First Instruction Executed")
+INIT_CS, INIT_CS_BASE, INIT_RIP = 0xF000, 0xFFFF0000, 0xFFF0
 
 _IO, _HLT, _MMIO, _INTR = abi.KVM_EXIT_IO, abi.KVM_EXIT_HLT, abi.KVM_EXIT_MMIO, abi.KVM_EXIT_INTR
 _OUT = abi.KVM_EXIT_IO_OUT
@@ -101,6 +103,10 @@ class VcpuEnd:
             return (f"access outside RAM (MMIO): {'write' if d['is_write'] else 'read'} of "
                     f"{d['len']} byte(s) at {d['phys_addr']:#x}{where}{ins}")
         if self.reason == "shutdown":
+            if self.detail.get("registers_lost"):
+                last = f"; last known{where}{ins}" if where else ""
+                return ("triple fault; the vCPU state was reset by KVM on SHUTDOWN (SVM), "
+                        f"registers lost{last}")
             return f"triple fault (KVM_EXIT_SHUTDOWN){where}{ins}"
         if self.reason == "timeout":
             return f"stopped by the timeout{where}{ins}"
@@ -423,7 +429,7 @@ class Machine:
             elif reason == abi.KVM_EXIT_DIRTY_RING_FULL and self.on_ring_full is not None:
                 st.end = self.on_ring_full(st)     # harvest, reset, re-enter (or an end)
             elif reason == abi.KVM_EXIT_SHUTDOWN:
-                st.end = self.end_at(st, "shutdown", registers=True)
+                st.end = self.shutdown_end(st)
             elif reason == abi.KVM_EXIT_INTERNAL_ERROR:
                 st.end = self.end_at(st, "internal-error", registers=True,
                                      detail=_strip(vcpu.describe_exit(reason)))
@@ -497,14 +503,100 @@ class Machine:
     def end_at(self, st, reason, code=None, after=False, registers=False, detail=None,
                io_out=False) -> VcpuEnd:
         """How a vCPU ended at its current RIP, with the instruction there named
-        (describe_instruction's ``after`` and ``io_out``); the stepper uses it too."""
+        (describe_instruction's ``after``); the stepper uses it too. ``io_out``: the exit
+        is an OUT, and RIP is reported past it on every host (out_exit_rip)."""
         regs = st.vcpu.get_regs()
-        end = VcpuEnd(reason, code=code, rip=regs.rip,
-                      instruction=self.describe_instruction(st, regs.rip, after, io_out),
+        rip = regs.rip
+        if io_out:
+            rip, name_at = self.out_exit_rip(st, regs)
+            after, io_out = not name_at, False
+        end = VcpuEnd(reason, code=code, rip=rip,
+                      instruction=self.describe_instruction(st, rip, after, io_out),
                       detail=dict(detail or {}))
         if registers:
             end.detail["registers"] = self.registers(st)
         return end
+
+    def out_exit_rip(self, st, regs) -> tuple:
+        """(rip, name_at) for an IO exit at an OUT, the same on every host: rip past the
+        out, name_at False (name the instruction ending at rip); or, for a string out that
+        is still repeating, rip at it and name_at True.
+
+        kvm_pvm moves RIP past a plain `out` before the exit; VMX/SVM leave it at the out
+        and skip it on the next KVM_RUN (arch/x86/kvm/x86.c kvm_fast_pio_out() ->
+        complete_fast_pio_out()). The instruction at RIP says which: it is the out only if
+        it would make exactly this exit (port and size). A string out goes through the
+        emulator (vmx.c handle_io -> kvm_emulate_instruction), which keeps RIP at a
+        `rep outs` until its count is done, on every host."""
+        io = st.vcpu.run_struct.io
+        port, size = io.port, io.size
+        del io                              # no view of kvm_run may outlive the call
+        here = self._out_making(st, regs, regs.rip, port, size)
+        if here is None:
+            return regs.rip, False          # past it already (kvm_pvm), or not decodable
+        if here.mnemonic.split()[-1] != "out":
+            return regs.rip, True           # outs: RIP stays at it while it repeats
+        before = self.payload.instruction_ending_at(regs.rip)
+        if before is not None and self._out_making(st, regs, before.address, port, size) \
+                is not None:
+            # `out X; out X`: RIP at the second one fits both hosts. Re-entering with
+            # immediate_exit finishes the pending out without running the guest further
+            # (api.rst 5, "immediate_exit"): RIP is then past it, wherever KVM left it.
+            return self._complete_pending_io(st), False
+        return regs.rip + here.size, False
+
+    def _out_making(self, st, regs, rip: int, port: int, size: int):
+        """The out instruction at rip, as it is in memory, if it makes an exit to this port
+        with this size; else None."""
+        raw = self._memory_bytes(st, rip)
+        ins = disassemble_one(raw, rip, self.payload.mode) if raw else None
+        if ins is None:
+            return None
+        name = ins.mnemonic.split()[-1]
+        if name == "out":
+            where, _, reg = ins.op_str.partition(", ")
+            width = {"al": 1, "ax": 2, "eax": 4}.get(reg)
+        elif name in ("outsb", "outsw", "outsd"):
+            where, width = "dx", {"b": 1, "w": 2, "d": 4}[name[-1]]
+        else:
+            return None
+        at = regs.rdx & 0xFFFF if where == "dx" else int(where, 0)
+        return ins if (at, width) == (port, size) else None
+
+    def _complete_pending_io(self, st) -> int:
+        """Finish the pending IO with a KVM_RUN that runs no guest instruction; its RIP."""
+        run = st.vcpu.run_struct
+        held, run.immediate_exit = run.immediate_exit, 1
+        try:
+            st.vcpu.run()                   # EINTR (or a step trap's KVM_EXIT_DEBUG)
+        finally:
+            run.immediate_exit = held
+        return st.vcpu.get_regs().rip
+
+    def reset_by_kvm(self, st) -> bool:
+        """True when the vCPU is in the INIT state after a KVM_EXIT_SHUTDOWN.
+
+        svm.c shutdown_interception() reinitialises the VMCB (clear_page(), then
+        kvm_vcpu_reset(vcpu, true); init_vmcb() in older kernels) before it returns
+        KVM_EXIT_SHUTDOWN, so the registers read afterwards are the reset state, not the
+        fault's; vmx.c handle_triple_fault() leaves them. A payload cannot get there
+        itself: CS 0xf000 with base 0xffff0000 exists only after a reset (a real-mode CS
+        load sets the base to 0xf0000, and minivmm's GDT has no selector 0xf000)."""
+        regs, sregs = st.vcpu.get_regs(), st.vcpu.get_sregs()
+        return (regs.rip == INIT_RIP and sregs.cs.selector == INIT_CS
+                and sregs.cs.base == INIT_CS_BASE and not sregs.cr0 & 1)   # CR0.PE clear
+
+    def shutdown_end(self, st, last_rip: int | None = None) -> VcpuEnd:
+        """A triple fault (KVM_EXIT_SHUTDOWN), with the registers where KVM kept them.
+        Where KVM reset the vCPU (SVM) they are lost: the end then says so and has only
+        ``last_rip`` (the instruction the caller last knew the vCPU at), if given."""
+        if not self.reset_by_kvm(st):
+            return self.end_at(st, "shutdown", registers=True)
+        ins = self.describe_instruction(st, last_rip) if last_rip is not None else None
+        detail = {"registers_lost": True}
+        if last_rip is not None:
+            detail["rip_is"] = "last known"
+        return VcpuEnd("shutdown", rip=last_rip, instruction=ins, detail=detail)
 
     def stub_frame(self, rsp: int) -> dict | None:
         """The frame minivmm's exception stub left at ``rsp`` (x86/modes.py), with its

@@ -512,9 +512,11 @@ class StepSession:
             if step is not False:
                 return step
 
-    def _common_exit(self, reason):
+    def _common_exit(self, reason, free_run: bool = False):
         """Exits both mechanisms treat alike. Returns a Step, None (the end), or False
-        (nothing to report: enter again)."""
+        (nothing to report: enter again). ``free_run``: on the way to --break, where
+        self.pc is not where the guest is."""
+        known_pc = None if free_run else self.pc
         vcpu = self.vcpu
         if reason == _IO:
             io = vcpu.run_struct.io
@@ -525,16 +527,24 @@ class StepSession:
                 return None
             value = int.from_bytes(vcpu.io_data()[:size], "little")
             regs = vcpu.get_regs()
+            if port == L.PORT_EXCEPTION and self.payload.mode == "long":
+                # VMX/SVM deliver the fault natively (vmx.c handle_ud re-injects #UD; #GP
+                # and #PF are not intercepted with EPT) and the interrupt gate clears TF,
+                # so the stub runs unstepped and its report arrives here: an exception,
+                # not a step (kvm_pvm steps into the stub instead: _end_in_stub)
+                self._end_reported(regs)
+                return None
             # An `out` ends in its IO exit: this exit is the out's step. On kvm_pvm RIP is
             # already past it and its step trap is lost (host-probes 2).
-            step = self._step(self._past_pending_out(regs), "io-exit",
-                              io={"port": port, "value": value})
+            past = self._past_pending_out(regs)
+            step = self._step(past, "io-exit", io={"port": port, "value": value})
             if port in (L.PORT_CONSOLE, L.PORT_DEBUGCON):
                 self.console.extend(vcpu.io_data())
             elif port == L.PORT_SYNC:
                 self.syncs += 1
             elif port == L.PORT_EXIT:
-                self.end = VcpuEnd("exit-port", code=value & 0xFF, rip=regs.rip,
+                # past the out on every host, as kvm_pvm leaves it (Machine.out_exit_rip)
+                self.end = VcpuEnd("exit-port", code=value & 0xFF, rip=past.rip,
                                    instruction=step.instruction)
             else:
                 self.end = self._end_here("unhandled-io", after=True, io_out=True,
@@ -558,7 +568,13 @@ class StepSession:
             # a write leaves RIP past its instruction, a read at it (host-probes.md 6)
             self.end = self._end_here("unhandled-mmio", after=detail["is_write"], detail=detail)
             return None
-        name = {abi.KVM_EXIT_SHUTDOWN: "shutdown", abi.KVM_EXIT_INTERNAL_ERROR: "internal-error",
+        if reason == abi.KVM_EXIT_SHUTDOWN:
+            # where SVM reset the vCPU, the instruction being stepped is the last RIP known
+            # (none while running freely to --break)
+            self.end = _without_tf(self.machine.shutdown_end(self.st, last_rip=known_pc))
+            self.end.detail.update(detail)
+            return None
+        name = {abi.KVM_EXIT_INTERNAL_ERROR: "internal-error",
                 abi.KVM_EXIT_FAIL_ENTRY: "fail-entry"}.get(reason, "unexpected-exit")
         # as Machine does: a guest that died this way is worth its registers
         self.end = self._end_here(name, detail=detail, registers=True)
@@ -724,7 +740,7 @@ class StepSession:
                 self.pre_break_entries += len(self._harvest())
                 continue
             else:
-                self._common_exit(reason)       # timeout, shutdown, ...: no step in these
+                self._common_exit(reason, free_run=True)   # timeout, shutdown, ...: no step
             restore()
             if self.end is None:                # --max-time: the guest may still get there
                 self.stopped["breakpoint"] = f"{bp:#x} not reached yet"
@@ -738,7 +754,7 @@ class StepSession:
     # -- ends --
     def _end_here(self, reason: str, after: bool = False, detail=None,
                   io_out: bool = False, registers: bool = False) -> VcpuEnd:
-        # io_out: RIP may still be at the out on VMX/SVM (Machine.describe_instruction)
+        # io_out: RIP is reported past the out on every host (Machine.out_exit_rip)
         return _without_tf(self.machine.end_at(self.st, reason, after=after, detail=detail,
                                                io_out=io_out, registers=registers))
 
@@ -765,15 +781,21 @@ class StepSession:
             self.end = self._end_here("unexpected-exit",
                                       detail=_strip(self.vcpu.describe_exit(reason)))
             return
-        frame = self._stub_frame(self.vcpu.get_regs())
-        if frame is None:
-            return
-        self._end_exception(frame)
-        if frame["vector"] == VEC_DB:
+        frame = self._end_reported(self.vcpu.get_regs())
+        if frame is not None and frame["vector"] == VEC_DB:
             self.end.detail["why"] = ("KVM guest debug's single-step trap went to the guest's "
                                       "#DB handler instead of the VMM: this host cannot step "
                                       "native CPL3 code with KVM guest debug; use "
                                       "--mechanism in-guest (or auto)")
+
+    def _end_reported(self, regs) -> dict | None:
+        """End with the exception the stub reported by this out to the exception port, and
+        return its frame; or None, with what stub_report found instead (the payload wrote
+        the port itself, the frame is unreadable)."""
+        frame = self._stub_frame(regs)
+        if frame is not None:
+            self._end_exception(frame)
+        return frame
 
 
 def _without_tf(end: VcpuEnd) -> VcpuEnd:

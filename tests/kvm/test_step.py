@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from minivmm import abi
 from minivmm.kvm import vendor_module
 from minivmm.payload import assemble_source, load
 from minivmm.step import (GUEST_DEBUG, IN_GUEST, StepError, StepSession, choose_mechanism,
@@ -151,18 +152,94 @@ def test_break_at_done_stops_there_first_in_guest():
         assert s.machine.system.read(L.CODE, len(p.code)) == p.code
 
 
-def test_stepper_end_at_an_out_names_it_whether_rip_is_past_it_or_at_it():
-    # A --break run that ends at the exit port names the out with the RIP KVM left:
-    # past it (kvm_pvm) or still at it (VMX/SVM complete the out on the next KVM_RUN).
+def test_stepper_end_at_an_out_is_the_same_whether_rip_is_past_it_or_at_it():
+    # A --break run that ends at the exit port: KVM left RIP past the out (kvm_pvm) or
+    # still at it (VMX/SVM complete the out on the next KVM_RUN). Both report RIP past it.
     p, _ = listing("hello_long")
     out = next(i for i in p.listing if i.text == "out 0xf4, al")
     with StepSession(p) as s:
+        list(s.run())                       # to the real IO exit of that out
+        assert s.end.rip == out.address + out.size
         for rip in (out.address + out.size, out.address):
             regs = s.vcpu.get_regs()
             regs.rip = rip
             s.vcpu.set_regs(regs)
             end = s._end_here("exit-port", after=True, io_out=True)
-            assert end.rip == rip and end.instruction.startswith("out 0xf4, al"), end
+            assert end.rip == out.address + out.size, end
+            assert end.instruction.startswith("out 0xf4, al"), end
+
+
+def _in_process(capsys, *argv):
+    """`minivmm ARGS` in this process (so that a test can patch the session); returns
+    (exit status, stdout lines)."""
+    from minivmm.cli import main
+    status = main([str(a) for a in argv])
+    return status, capsys.readouterr().out.splitlines()
+
+
+FAULT_FIRST = ";! mode: long\n    hlt\n    xor eax, eax\n    out 0xf4, al\n"
+
+
+@pytest.mark.parametrize("rip_at_out", [False, True])
+def test_a_stub_report_reaching_guest_debug_as_an_io_exit_ends_with_the_exception(
+        tmp_path, monkeypatch, capsys, rip_at_out):
+    # VMX/SVM deliver the #GP natively and the interrupt gate clears TF: the stub runs
+    # unstepped and its `out 0xe0` comes back as a plain IO exit (RIP at the out, or past
+    # it). Simulated here: KVM guest debug is switched off before the first step, so the
+    # faulting hlt and the stub run freely to that IO exit, as they would there.
+    f = tmp_path / "fault.asm"
+    f.write_text(FAULT_FIRST)
+    start, enter = StepSession._start, StepSession._enter
+
+    def unstepped_start(self):
+        start(self)
+        self.vcpu.set_guest_debug(0)
+
+    def enter_like_vmx(self):
+        reason = enter(self)
+        io = self.vcpu.run_struct.io
+        if rip_at_out and reason == abi.KVM_EXIT_IO and io.port == L.PORT_EXCEPTION:
+            regs = self.vcpu.get_regs()
+            regs.rip -= 2                   # the stub's `out 0xe0, eax` is 2 bytes
+            self.vcpu.set_regs(regs)
+        return reason
+    monkeypatch.setattr(StepSession, "_start", unstepped_start)
+    monkeypatch.setattr(StepSession, "_enter", enter_like_vmx)
+    status, lines = _in_process(capsys, "step", f, "--mechanism", "guest-debug")
+    assert status == 1
+    assert not [l for l in lines if l.startswith("step ")]        # no step for port 0xe0
+    assert ("guest ended after 0 steps: CPU exception #GP general protection, error code "
+            "0x0 at 0x10000 (hlt  ; line 2)") in lines
+    status, lines = _in_process(capsys, "step", f, "--mechanism", "guest-debug", "--json")
+    summary = json.loads(lines[-1])
+    assert status == 1 and len(lines) == 1 and summary["steps"] == 0
+    end = summary["end"]
+    assert (end["reason"], end["vector"], end["rip"], end["instruction"]) == \
+        ("exception", 13, 0x10000, "hlt  ; line 2")
+
+
+def test_triple_fault_where_kvm_reset_the_vcpu_keeps_the_last_known_rip(monkeypatch, capsys):
+    # Simulates SVM (svm.c shutdown_interception resets the vCPU before KVM_EXIT_SHUTDOWN):
+    # the INIT state is written after the exit, before the stepper reports it.
+    from tests.kvm.test_machine import reset_like_svm
+    enter = StepSession._enter
+
+    def enter_like_svm(self):
+        reason = enter(self)
+        if reason == abi.KVM_EXIT_SHUTDOWN:
+            reset_like_svm(self.vcpu)
+        return reason
+    monkeypatch.setattr(StepSession, "_enter", enter_like_svm)
+    status, lines = _in_process(capsys, "step", "triple_fault")
+    assert status == 1
+    assert ("guest ended after 1 step: triple fault; the vCPU state was reset by KVM on "
+            "SHUTDOWN (SVM), registers lost; last known at 0x10007 (ud2  ; line 5)") in lines
+    assert not [l for l in lines if l.startswith("    registers:")]   # not the INIT state's
+    status, lines = _in_process(capsys, "step", "triple_fault", "--json")
+    end = json.loads(lines[-1])["end"]
+    assert end["reason"] == "shutdown" and end["registers_lost"] is True
+    assert end["rip"] == 0x10007 and end["rip_is"] == "last known"
+    assert "registers" not in end
 
 
 def test_an_out_still_pending_is_reported_past_it_once():
@@ -449,6 +526,7 @@ def test_triple_fault_end_shows_the_registers():
     end = json.loads(proc.stdout.splitlines()[-1])["end"]
     assert end["reason"] == "shutdown" and end["registers"]["rip"] == end["rip"] == 0x10007
     assert end["registers"]["cs"] == 0x8
+    assert "registers_lost" not in end        # KVM kept the state here: no reset is seen
 
 
 def test_forced_guest_debug_break_where_guest_debug_cannot_see_the_code():
