@@ -5,6 +5,10 @@ imported and a Ctrl-C while numpy, capstone and keystone load is still one line.
 """
 import importlib
 
+# Installs the vCPU kick handler now, while in the main thread: a Machine may then be made
+# in any thread (only the main thread may install a signal handler)
+importlib.import_module("._kick", __name__)
+
 __version__ = "0.1.0"
 __all__ = ["KvmError", "KvmUnavailable", "Kvm", "Vm", "Vcpu", "Machine", "run_payload",
            "DirtySession", "MachineError", "PayloadError", "DirtyRingError", "CollectionError"]

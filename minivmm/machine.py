@@ -15,6 +15,7 @@ import threading
 import time
 
 from . import abi
+from ._kick import KICK_SIGNAL, install_kick_handler
 from ._sys import KvmError
 from .kvm import Kvm
 from .payload import Payload, disassemble, disassemble_one, load
@@ -22,7 +23,6 @@ from .x86 import layout as L
 from .x86.modes import (EXCEPTION_NAMES, STUB_END, STUB_FRAME_FIELDS, setup_memory,
                          setup_vcpu)
 
-KICK_SIGNAL = signal.SIGUSR1
 TRAP_VECTORS = (1, 3, 4)      # #DB (single-step), #BP, #OF
 DEFAULT_PAGES = 64
 OK_ENDS = ("exit-port", "hlt")
@@ -37,22 +37,6 @@ _SYNC = L.PORT_SYNC
 class MachineError(ValueError):
     """A request the machine cannot honour (bad vCPU count, too many pages, ...)."""
 
-
-def _no_op(signum, frame):  # the kick only needs KVM_RUN to see a pending signal
-    pass
-
-
-def install_kick_handler() -> None:
-    """Install a handler for the kick signal (only the main thread may do this)."""
-    if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, signal.SIG_IGN, None):
-        if threading.current_thread() is not threading.main_thread():
-            raise RuntimeError("minivmm must install its SIGUSR1 handler from the main thread: "
-                               "call minivmm.machine.install_kick_handler() there first")
-        signal.signal(KICK_SIGNAL, _no_op)
-
-
-if threading.current_thread() is threading.main_thread():
-    install_kick_handler()
 
 
 @dataclasses.dataclass

@@ -279,3 +279,23 @@ def test_an_ioctl_interrupted_by_a_signal_is_retried(monkeypatch):
         with kvm.create_vm() as vm:
             assert vm.fd >= 0
     assert len(calls) == 2
+
+
+def test_a_session_can_run_in_a_worker_thread_after_import_minivmm():
+    # The kick handler must be installed by the main thread; the package's names load
+    # lazily, so `import minivmm` itself installs it
+    import subprocess
+    import sys
+    script = ("import threading, minivmm\n"
+              "out = []\n"
+              "def work():\n"
+              "    try:\n"
+              "        with minivmm.DirtySession('dirty_seq', tracker='ring', vcpus=1, pages=64,\n"
+              "                                  iterations=2) as s:\n"
+              "            out.append(all(r.ok for r in s.run(timeout=30)))\n"
+              "    except Exception as e:\n"
+              "        out.append(repr(e))\n"
+              "t = threading.Thread(target=work); t.start(); t.join(); print(out)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.stdout.strip() == "[True]", proc.stdout + proc.stderr
