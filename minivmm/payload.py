@@ -517,7 +517,12 @@ def _evaluate(text: str, consts: dict, registers_zero: bool = False,
 @functools.lru_cache(maxsize=256)
 def _keystone_value(values: tuple, ops: tuple, directive: bool) -> int | None:
     """``v0 op v1 op v2...`` as keystone computes it, on 64 bits: in a directive (``.quad``,
-    the parser of .set and .align) or in an instruction (``movabs``, the Intel parser)."""
+    the parser of .set and .align) or in an instruction (``movabs``, the Intel parser).
+
+    Not with / or %: this runs in minivmm's own process, and keystone's signed 64-bit
+    division traps (SIGFPE) on x / 0 and INT64_MIN / -1, which would kill it."""
+    if "/" in ops or "%" in ops:
+        return None
     expr = " ".join([f"{values[0] & _MASK64:#x}"]
                     + [f"{op} {v & _MASK64:#x}" for op, v in zip(ops, values[1:])])
     try:

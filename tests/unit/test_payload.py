@@ -36,6 +36,17 @@ def test_header_defaults_and_values():
     assert (p.mode, p.cpl, p.origin, p.bits) == ("real", 0, 0, 16)
 
 
+@pytest.mark.parametrize("expr", ["0x8000000000000000 / -1 | 0", "5 % 0 | 1", "1 / 0 ^ 2"])
+def test_mixed_division_is_not_handed_to_keystone_in_process(expr):
+    # keystone's signed division traps (SIGFPE) on these, killing whoever runs it: the
+    # parent never evaluates them (the forked assembler reports them, if it must)
+    proc = subprocess.run([sys.executable, "-c",
+                           "from minivmm import payload as P\n"
+                           f"print(P._evaluate({expr!r}, {{}}, directive=True))"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "None", proc.stderr
+
+
 def test_description_keeps_its_semicolons():
     p = asm("nop\n", header=";! mode: long ; comment\n;! description: writes a; then b ; c\n")
     assert p.mode == "long" and p.description == "writes a; then b ; c"
