@@ -110,8 +110,22 @@ def test_every_size_refused_falls_back_uncached(no_pml):
 def test_other_errors_are_raised_naming_the_ioctl(no_pml):
     kvm = FakeKvm(16384, refusal=errno.ENOMEM)
     with pytest.raises(KvmError) as e:
-        ringsize.ring_limits(kvm)
+        ringsize.measure_min_bytes(kvm, abi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL, MAX_BYTES)
     assert e.value.errno == errno.ENOMEM and "KVM_ENABLE_CAP" in str(e.value)
+    assert all(vm.closed for vm in kvm.vms)
+
+
+@pytest.mark.parametrize("where", ["enable", "create"])
+def test_a_probe_that_cannot_run_falls_back_to_the_computed_minimum(no_pml, where):
+    # No VM to probe with (EMFILE, ENOMEM, a VM limit) must not break caps or a ring enable
+    kvm = FakeKvm(16384, refusal=errno.ENOMEM)
+    if where == "create":
+        def create_vm():
+            raise KvmError("KVM_CREATE_VM", errno.EMFILE)
+        kvm.create_vm = create_vm
+    lim = ringsize.ring_limits(kvm)
+    assert lim["min_entries"] == 256 and lim["reserved_entries"] == 64
+    assert lim["min_source"].startswith("computed (probe failed: KVM_")
     assert all(vm.closed for vm in kvm.vms)
 
 
