@@ -117,14 +117,25 @@ def own_fd(owner, fd: int) -> "weakref.finalize":
     return weakref.finalize(owner, os.close, fd)
 
 
-def ioctl(fd: int, request: int, arg=0, name: str = "ioctl", hints: dict | None = None) -> int:
+def ioctl(fd: int, request: int, arg=0, name: str = "ioctl", hints: dict | None = None,
+          retry_eintr: bool = True) -> int:
     """Issue one ioctl; return its non-negative result or raise KvmError.
 
-    ``hints`` maps an errno to a sentence explaining the likely cause.
+    ``hints`` maps an errno to a sentence explaining the likely cause. A call a signal
+    interrupted (KVM_CREATE_VM can be) is issued again, as Python retries its own system
+    calls (PEP 475), traced or not; a handler that raises stops it. Not KVM_RUN, whose
+    EINTR is a kick or immediate_exit and the caller's to handle, nor with
+    ``retry_eintr=False`` (a check that EINTR never happens).
     """
-    if tracer is not None:
-        return tracer(fd, request, arg, name, hints)
+    retry = retry_eintr and request != KVM_RUN
     while True:
+        if tracer is not None:
+            try:
+                return tracer(fd, request, arg, name, hints)
+            except KvmError as e:
+                if not retry or e.errno != _errno.EINTR:
+                    raise
+                continue
         if arg == 0 and request < _FAST_MAX:
             ret = _ioctl_fast(fd, request, None)
         else:
@@ -132,10 +143,7 @@ def ioctl(fd: int, request: int, arg=0, name: str = "ioctl", hints: dict | None 
         if ret >= 0:
             return ret
         err = ctypes.get_errno()
-        # A signal interrupted the call (KVM_CREATE_VM can be): retry, as Python retries
-        # its own system calls (PEP 475); a handler that raises stops it. Not KVM_RUN,
-        # whose EINTR is a kick or immediate_exit, and the caller's to handle.
-        if err != _errno.EINTR or request == KVM_RUN:
+        if not retry or err != _errno.EINTR:
             raise failure(fd, name, err, hints)
 
 

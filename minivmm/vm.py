@@ -130,8 +130,12 @@ class Vm:
         the reset stops it part-way and, since v6.17, leaves up to 64 pages unprotected, so
         their next writes are not logged (_sys.ioctl_signals_held). Only abi-check turns
         this off, to observe it."""
-        call = _sys.ioctl_signals_held if hold_signals else ioctl
-        return call(self.fd, abi.KVM_RESET_DIRTY_RINGS, 0, "KVM_RESET_DIRTY_RINGS", _RESET_HINTS)
+        if hold_signals:
+            return _sys.ioctl_signals_held(self.fd, abi.KVM_RESET_DIRTY_RINGS, 0,
+                                           "KVM_RESET_DIRTY_RINGS", _RESET_HINTS)
+        # signals let in to be observed: an EINTR is reported, not retried
+        return ioctl(self.fd, abi.KVM_RESET_DIRTY_RINGS, 0, "KVM_RESET_DIRTY_RINGS",
+                     _RESET_HINTS, retry_eintr=False)
 
     def set_tss_addr(self, addr: int) -> None:
         """KVM_SET_TSS_ADDR: three pages VMX needs for real mode (api.rst 4.44); address by value."""

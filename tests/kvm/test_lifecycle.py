@@ -299,3 +299,45 @@ def test_a_session_can_run_in_a_worker_thread_after_import_minivmm():
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=60)
     assert proc.stdout.strip() == "[True]", proc.stdout + proc.stderr
+
+
+def test_a_traced_ioctl_interrupted_by_a_signal_is_retried_too(monkeypatch):
+    # --trace-ioctls must not change what the program does: the retry covers the tracer
+    import errno
+    from minivmm import _sys
+    seen = []
+
+    def tracer(fd, request, arg, name, hints, run=None):
+        seen.append(name)
+        if name == "KVM_CREATE_VM" and seen.count(name) == 1:
+            raise _sys.KvmError(name, errno.EINTR)
+        return _sys._ioctl(fd, request, arg)
+    with Kvm() as kvm:
+        monkeypatch.setattr(_sys, "tracer", tracer)
+        vm = kvm.create_vm()
+        monkeypatch.setattr(_sys, "tracer", None)
+        vm.close()
+    assert seen.count("KVM_CREATE_VM") == 2
+
+
+def test_an_unheld_reset_reports_eintr_instead_of_retrying(monkeypatch):
+    # abi-check's ring.reset.signal_partial checks that a signal never makes the reset
+    # fail with EINTR: with signals let in, an EINTR must reach it
+    import ctypes
+    import errno
+    from minivmm import _sys
+    from minivmm.dirty.ring import enable_dirty_ring
+    from tests.kvm.conftest import small_ring
+    real = _sys._ioctl_fast
+
+    def reset_fails(fd, request, arg):
+        if request == abi.KVM_RESET_DIRTY_RINGS:
+            ctypes.set_errno(errno.EINTR)
+            return -1
+        return real(fd, request, arg)
+    with Kvm() as kvm, kvm.create_vm() as vm:
+        enable_dirty_ring(vm, small_ring())
+        monkeypatch.setattr(_sys, "_ioctl_fast", reset_fails)
+        with pytest.raises(KvmError) as e:
+            vm.reset_dirty_rings(hold_signals=False)
+        assert e.value.errno_name == "EINTR"
