@@ -306,8 +306,9 @@ class Machine:
             self.stop("stopped")
         return RunResult(self.payload, self.states, time.monotonic() - self._start)
 
-    def stop(self, reason: str = "stopped") -> None:
-        """Kick every running vCPU out of KVM_RUN and wait until its thread is over.
+    def stop(self, reason: str = "stopped", wait: bool = True) -> None:
+        """Kick every running vCPU out of KVM_RUN and (``wait``) wait until its thread is
+        over.
 
         A second Ctrl-C while stopping does not cut this short: the vCPU threads
         must be gone before their kvm_run mappings can be released.
@@ -318,6 +319,8 @@ class Machine:
         for st, _ in running:
             if not st.done.is_set():
                 self._kick(st, reason)
+        if not wait:
+            return
         interrupted = False
         for st, thread in running:
             if thread is me:     # from a callback on this vCPU's thread: it ends on return
@@ -521,11 +524,12 @@ class Machine:
         if here.mnemonic.split()[-1] != "out":
             return regs.rip, True           # outs: RIP stays at it while it repeats
         before = self.payload.instruction_ending_at(regs.rip)
-        if before is not None and self._out_making(st, regs, before.address, port, size) \
+        if before is None or self._out_making(st, regs, before.address, port, size) \
                 is not None:
-            # `out X; out X`: RIP at the second one fits both hosts. Re-entering with
-            # immediate_exit finishes the pending out without running the guest further
-            # (api.rst 5, "immediate_exit"): RIP is then past it, wherever KVM left it.
+            # RIP at an out that would make this exit fits both hosts when the instruction
+            # before it would too (`out X; out X`) or is unknown (code not in the listing):
+            # re-entering with immediate_exit finishes a pending out without running the
+            # guest further (api.rst 5, "immediate_exit"), so RIP is then past it anyway
             return self._complete_pending_io(st), False
         return regs.rip + here.size, False
 

@@ -532,12 +532,16 @@ class StepSession:
                 # and #PF are not intercepted with EPT) and the interrupt gate clears TF,
                 # so the stub runs unstepped and its report arrives here: an exception,
                 # not a step (kvm_pvm steps into the stub instead: _end_in_stub)
-                self._end_reported(regs)
-                return None
+                if self._end_reported(regs) is not None:
+                    return None
+                # else the payload wrote the port itself (the end says so): its out ran,
+                # so it is a step like any other
             # An `out` ends in its IO exit: this exit is the out's step. On kvm_pvm RIP is
             # already past it and its step trap is lost (host-probes 2).
             past = self._past_pending_out(regs)
             step = self._step(past, "io-exit", io={"port": port, "value": value})
+            if self.end is not None:            # the payload's own write to port 0xe0
+                return step
             if port in (L.PORT_CONSOLE, L.PORT_DEBUGCON):
                 self.console.extend(vcpu.io_data())
             elif port == L.PORT_SYNC:

@@ -492,6 +492,14 @@ class DirtySession:
         self._closed = True
         self._reaper_stop.set()
         self._go.set()
+        me = threading.current_thread()
+        if any(st.thread is me for st in self.machine.states):
+            # From a vCPU thread (inside a collection): the others may be waiting at the
+            # barrier this thread holds, so waiting for them would never end. Stop them
+            # only; iterate() then says the session is closed, and a close() from the
+            # consumer (its `with`) releases the machine.
+            self.machine.stop("closed", wait=False)
+            return
         self.machine.close()
 
     def _check_open(self) -> None:
@@ -558,7 +566,11 @@ class DirtySession:
             if reaper is not None:
                 reaper.join()
         self._check_open()
-        final = self._record("final", self.tracker.collect(), self._snapshot())
+        try:
+            final = self._record("final", self.tracker.collect(), self._snapshot())
+        except (ValueError, BufferError, KvmError):
+            self._check_open()          # closed meanwhile by another thread: say that
+            raise
         if len(final.data_pages) or len(final.missed) or final.collection.pages:
             self.records.append(final)
             yield final

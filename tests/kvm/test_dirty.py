@@ -474,6 +474,14 @@ def test_initially_set_with_both_trackers_leaves_iteration_1_out_of_the_comparis
     assert [d["iteration"] for d in compare_runs(a, b, skip=(1,))] == [2]
 
 
+def test_initially_set_leaves_out_the_final_collection_of_a_payload_that_never_syncs():
+    proc = run_cli("dirty", "--initially-set", "--tracker", "both", "--pages", "64",
+                   "--payload", "hello_long", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["agree"] and "not the final collection" in out["compared"]
+
+
 def test_single_tracker_verdict_reads_and_names_only_the_oracles_used(tmp_path):
     proc = run_cli("dirty", "--tracker", "ring", "--pages", "64", "--iterations", "2")
     assert "verdict: OK - ring: no page missed" in proc.stdout
@@ -485,3 +493,33 @@ def test_single_tracker_verdict_reads_and_names_only_the_oracles_used(tmp_path):
                    "--iterations", "2")
     assert proc.returncode == 0, proc.stderr
     assert "checked against the content oracle)" in proc.stdout
+
+
+def test_a_close_racing_the_final_collection_says_closed():
+    # another thread's close() landing just before the final collection reads the rings
+    s = session(tracker="ring", iterations=2)
+    collect = s.tracker.collect
+
+    def closed_meanwhile():
+        if all(st.done.is_set() for st in s.machine.states):   # the final collection
+            s.close()
+        return collect()
+    s.tracker.collect = closed_meanwhile
+    with pytest.raises(MachineError, match="this DirtySession is closed"):
+        s.run(timeout=30)
+
+
+def test_a_close_from_inside_a_collection_on_a_vcpu_thread_does_not_hang():
+    # The closing vCPU thread holds the barrier the other vCPUs wait at: waiting for them
+    # deadlocked (the run never ended, whatever its timeout)
+    with session(tracker="ring", iterations=3) as s:
+        collect = s.tracker.collect
+
+        def close_then_collect():
+            s.close()
+            return collect()
+        s.tracker.collect = close_then_collect
+        t0 = time.monotonic()
+        with pytest.raises(MachineError, match="this DirtySession is closed"):
+            s.run(timeout=30)
+        assert time.monotonic() - t0 < 10

@@ -297,3 +297,12 @@ def test_dirty_stride_without_r8_writes_every_page():
         words = [int.from_bytes(m.data.read(L.DATA_GPA + 4096 * i, 8), "little")
                  for i in range(8)]
     assert words == [2] * 8
+
+
+def test_an_out_not_in_the_listing_followed_by_a_like_out_keeps_its_rip():
+    # The exiting out is .byte-encoded, so no listed instruction ends at RIP, and the next
+    # instruction is an out to the same port: RIP must not be moved past that one
+    src = ";! mode: long\n    mov eax, 7\n    .byte 0xe6, 0xf4\n    out 0xf4, al\n    hlt\n"
+    with Machine(assemble_source(src, "bytes.asm")) as m:
+        end = m.run(timeout=20).vcpus[0].end
+    assert end.reason == "exit-port" and end.code == 7 and end.rip == L.CODE + 7

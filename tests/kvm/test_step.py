@@ -559,3 +559,15 @@ def test_timeout_on_the_way_to_a_breakpoint_reports_the_time_it_took(tmp_path):
     proc = run_cli("step", f, "--break", "never", "--timeout", "1", "--json")
     summary = json.loads(proc.stdout.splitlines()[-1])
     assert summary["elapsed_s"] >= 0.95 and summary["run_to_break_s"] >= 0.95
+
+
+def test_a_payloads_own_out_to_the_exception_port_is_a_step_under_guest_debug(tmp_path):
+    # The out ran: it is counted and shown as a step, then the end says the payload wrote
+    # the port itself (no exception is made up)
+    f = tmp_path / "own.asm"
+    f.write_text(";! mode: long\n;! cpl: 0\n    mov eax, 5\n    out 0xe0, eax\n    hlt\n")
+    proc = run_cli("step", f, "--mechanism", "guest-debug")
+    assert proc.returncode == 1, proc.stderr
+    assert re.search(r"step 2 +0x10005 .* out 0xe0, eax .* port 0xe0 <- 0x5", proc.stdout)
+    assert "guest ended after 2 steps: the payload wrote minivmm's exception-report port " \
+           "0xe0 itself (value 0x5)" in proc.stdout
