@@ -14,6 +14,7 @@ import errno as _errno
 import mmap as _mmap
 import os
 import signal
+import threading
 import weakref
 
 from .abi.ioctls import KVM_RUN
@@ -154,12 +155,25 @@ def ioctl_signals_held(fd: int, request: int, arg=0, name: str = "ioctl",
     part-way, and the batch of entries it was coalescing is counted as reset but never
     write-protected again, so later writes to those pages (up to 64) go unlogged
     (virt/kvm/dirty_ring.c, since commit 49005a2a3d2a, v6.17; abi.md rule 40)."""
+    if getattr(_thread_state, "signals_blocked", False):
+        return ioctl(fd, request, arg, name, hints)     # held back already (vCPU threads)
     old = _SIGSET()
     _sigmask(_SIG_BLOCK, _ALL_SIGNALS, old)
     try:
         return ioctl(fd, request, arg, name, hints)
     finally:
         _sigmask(_SIG_SETMASK, old, None)
+
+
+_thread_state = threading.local()
+
+
+def block_thread_signals() -> None:
+    """Hold every signal back in this thread from now on (minivmm's own vCPU and reaper
+    threads). A vCPU thread lets its kick in during KVM_RUN only (Vcpu.set_run_signals,
+    api.rst 4.21), so its resets never need ioctl_signals_held's two extra calls."""
+    _sigmask(_SIG_BLOCK, _ALL_SIGNALS, None)
+    _thread_state.signals_blocked = True
 
 
 def failure(fd: int, name: str, err: int, hints: dict | None) -> KvmError:

@@ -14,7 +14,7 @@ import struct
 import threading
 import time
 
-from . import abi
+from . import _sys, abi
 from ._kick import KICK_SIGNAL, install_kick_handler
 from ._sys import KvmError
 from .kvm import Kvm
@@ -352,6 +352,12 @@ class Machine:
 
     def _vcpu_thread(self, st: VcpuState) -> None:
         try:
+            # Signals stay blocked in this thread but for the kick, let in during KVM_RUN
+            # only: a signal must not cut a KVM_RESET_DIRTY_RINGS short here (it drops
+            # pages from dirty tracking, docs/abi-check.md), and holding them back per
+            # reset would cost two calls at every ring-full exit
+            _sys.block_thread_signals()
+            st.vcpu.set_run_signals((KICK_SIGNAL,))
             self._vcpu_loop(st)
         except KvmError as e:
             st.end = VcpuEnd("kvm-error", detail={"error": str(e)})
@@ -403,6 +409,9 @@ class Machine:
                                      io_out=io.direction == _OUT,
                                      detail=_strip(vcpu.describe_exit(reason)))
             elif reason == _INTR:
+                # the kick is blocked outside KVM_RUN, so it is still pending: take it, or
+                # every KVM_RUN from now on would return EINTR at once
+                signal.sigtimedwait((KICK_SIGNAL,), 0)
                 if st.stop_reason is not None:
                     run.immediate_exit = 0
                     st.end = self.end_at(st, st.stop_reason)

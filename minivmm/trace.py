@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import signal
 import mmap
 import os
 import threading
@@ -118,6 +119,17 @@ def _cpuid2(cp) -> str:
     return f"{{nent={cp.nent}}}"     # the entries themselves would be 40 bytes each
 
 
+def _signal_mask(o) -> str:
+    """struct kvm_signal_mask and the sigset after it: the signals let in during KVM_RUN."""
+    if o.len != 8:
+        return f"{{len={o.len}}}"
+    blocked = int.from_bytes(ctypes.string_at(ctypes.addressof(o) + 4, 8), "little")
+    let_in = [n for n in range(1, 65) if not blocked >> (n - 1) & 1]
+    names = [signal.Signals(n).name if n in signal.Signals._value2member_map_ else str(n)
+             for n in let_in]
+    return f"{{len=8, let in during KVM_RUN: {', '.join(names) or 'none'}}}"
+
+
 _DECODERS = {
     s.kvm_userspace_memory_region: lambda o: _fields(o, _MEMORY_REGION),
     s.kvm_regs: lambda o: _fields(o, _REGS),
@@ -127,6 +139,7 @@ _DECODERS = {
     s.kvm_clear_dirty_log: lambda o: _fields(o, _CLEAR_DIRTY_LOG),
     s.kvm_guest_debug: _guest_debug,
     s.kvm_cpuid2: _cpuid2,
+    s.kvm_signal_mask: _signal_mask,
     ctypes.c_uint64: lambda o: f"[{_hex(o.value)}]",   # KVM_SET_IDENTITY_MAP_ADDR: a u64 *
 }
 
@@ -155,6 +168,7 @@ _ARG_TYPES = {
     i.KVM_GET_SREGS: s.kvm_sregs,
     i.KVM_SET_SREGS: s.kvm_sregs,
     i.KVM_SET_GUEST_DEBUG: s.kvm_guest_debug,
+    i.KVM_SET_SIGNAL_MASK: s.kvm_signal_mask,
 }
 
 # _IO requests take a value, not a pointer; how to show it.

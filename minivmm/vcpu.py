@@ -129,6 +129,18 @@ class Vcpu:
             raise TypeError(f"set_cpuid2 needs a kvm_cpuid2, not {type(cpuid).__name__}")
         ioctl(self.fd, abi.KVM_SET_CPUID2, ctypes.addressof(cpuid), "KVM_SET_CPUID2")
 
+    def set_run_signals(self, signals) -> None:
+        """KVM_SET_SIGNAL_MASK (api.rst 4.21): during KVM_RUN only ``signals`` are let in;
+        any of them pending makes KVM_RUN return EINTR. A thread that blocks them outside
+        KVM_RUN must then take the pending one itself (sigtimedwait): KVM does not deliver
+        a signal the thread's own mask blocks."""
+        blocked = (1 << 64) - 1
+        for sig in signals:
+            blocked &= ~(1 << (int(sig) - 1))
+        arg = (ctypes.c_uint8 * 12)()             # struct kvm_signal_mask, len 8, sigset
+        ctypes.memmove(arg, (8).to_bytes(4, "little") + blocked.to_bytes(8, "little"), 12)
+        ioctl(self.fd, abi.KVM_SET_SIGNAL_MASK, ctypes.addressof(arg), "KVM_SET_SIGNAL_MASK")
+
     def set_guest_debug(self, control: int, debugreg=None) -> None:
         """KVM_SET_GUEST_DEBUG: single-step and breakpoints (api.rst 4.53)."""
         dbg = abi.kvm_guest_debug(control=control)

@@ -67,6 +67,13 @@ class kvm_sregs(_S):
                 ("interrupt_bitmap", u64 * 4)]
 
 
+class kvm_signal_mask(_S):
+    """api.rst 4.21 KVM_SET_SIGNAL_MASK: ``len`` then ``len`` bytes of sigset (a flexible
+    array, so the struct itself is the 4-byte header; on x86_64 len must be 8)."""
+    _c_name_ = "struct kvm_signal_mask"
+    _fields_ = [("len", u32)]
+
+
 class kvm_enable_cap(_S):
     """api.rst 4.37 KVM_ENABLE_CAP."""
     _c_name_ = "struct kvm_enable_cap"

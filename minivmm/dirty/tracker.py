@@ -18,7 +18,7 @@ import traceback
 
 import numpy as np
 
-from .. import abi
+from .. import _sys, abi
 from .._sys import KvmError
 from ..machine import Machine, MachineError, VcpuEnd
 from ..payload import Payload, load
@@ -576,6 +576,7 @@ class DirtySession:
             yield final
 
     def _reap(self) -> None:
+        _sys.block_thread_signals()      # its resets are then never cut short (_sys)
         while not self._reaper_stop.wait(self.poll_interval_s):
             try:
                 self.tracker.poll()

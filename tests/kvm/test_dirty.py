@@ -523,3 +523,43 @@ def test_a_close_from_inside_a_collection_on_a_vcpu_thread_does_not_hang():
         with pytest.raises(MachineError, match="this DirtySession is closed"):
             s.run(timeout=30)
         assert time.monotonic() - t0 < 10
+
+
+def test_vcpu_threads_reset_with_signals_blocked_and_take_their_kicks():
+    # A vCPU thread blocks every signal outside KVM_RUN (KVM_SET_SIGNAL_MASK lets the kick
+    # in during KVM_RUN), so its ring-full resets cannot be cut short, at no cost per reset
+    from minivmm.machine import KICK_SIGNAL
+    masks = []
+    with session(tracker="ring", vcpus=1, pages=8192, iterations=2, ring_entries=4096) as s:
+        vm = s.machine.vm
+        reset = vm.reset_dirty_rings
+
+        def recording_reset(*a, **k):
+            masks.append((threading.current_thread() is threading.main_thread(),
+                          signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+            return reset(*a, **k)
+        vm.reset_dirty_rings = recording_reset
+        recs = s.run(timeout=60)
+        assert s.result.ok and all(r.ok for r in recs)
+        assert sum(r.collection.ring_full_exits for r in recs) >= 2
+    in_vcpus = [m for main, m in masks if not main]
+    assert in_vcpus and all({KICK_SIGNAL, signal.SIGINT, signal.SIGALRM} <= m for m in in_vcpus)
+    assert KICK_SIGNAL not in signal.pthread_sigmask(signal.SIG_BLOCK, [])   # main: untouched
+
+
+def test_stray_kicks_neither_end_a_run_nor_make_it_spin():
+    # A kick that lands while the vCPU thread is outside KVM_RUN stays pending (blocked):
+    # the next KVM_RUN returns EINTR once and the thread takes the signal, then runs on
+    from minivmm.machine import KICK_SIGNAL
+    m = trackermod.Machine(payload("dirty_seq"), vcpus=1, pages=64, regs={"rcx": 20000})
+    with m:
+        m.start(30)
+        for _ in range(50):
+            st = m.states[0]
+            if st.thread is not None and not st.done.is_set():
+                signal.pthread_kill(st.thread.ident, KICK_SIGNAL)
+            time.sleep(0.002)
+        r = m.wait()
+    st, = r.vcpus
+    assert st.end.reason == "exit-port" and st.end.code == 0, st.end.summary()
+    assert st.exits_by_name().get("intr", 0) <= 50

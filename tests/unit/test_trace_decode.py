@@ -90,6 +90,14 @@ def test_identity_map_addr_is_a_pointer_to_u64():
         "[0xfffbc000]"
 
 
+def test_signal_mask_shows_the_signals_let_in():
+    import signal
+    blocked = ((1 << 64) - 1) & ~(1 << (signal.SIGUSR1 - 1)) & ~(1 << (signal.SIGINT - 1))
+    buf = (ctypes.c_uint8 * 12)(*((8).to_bytes(4, "little") + blocked.to_bytes(8, "little")))
+    assert trace.decode_arg(abi.KVM_SET_SIGNAL_MASK, ctypes.addressof(buf)) == \
+        "{len=8, let in during KVM_RUN: SIGINT, SIGUSR1}"
+
+
 def test_unknown_struct_is_refused():
     with pytest.raises(TypeError):
         trace.decode(abi.kvm_dirty_gfn())
