@@ -17,12 +17,15 @@ def _no_op(signum, frame):  # the kick only needs KVM_RUN to see a pending signa
 
 def install_kick_handler() -> None:
     """Install a handler for the kick signal unless the program has its own (only the
-    main thread may do this)."""
+    main thread may do this), and let the kick into the calling thread, which may run a
+    vCPU itself (the stepper, abi-check): a thread started from a vCPU callback inherits
+    that thread's all-blocked mask (Machine._vcpu_thread)."""
     if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, signal.SIG_IGN, None):
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("minivmm must install its SIGUSR1 handler from the main thread: "
                                "import minivmm there first")
         signal.signal(KICK_SIGNAL, _no_op)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (KICK_SIGNAL,))
 
 
 if threading.current_thread() is threading.main_thread():

@@ -364,6 +364,11 @@ class Machine:
         except Exception as e:  # a bug of ours must still end the vCPU visibly
             st.end = VcpuEnd("host-error", detail={"error": f"{type(e).__name__}: {e}"})
         finally:
+            try:        # the mask is the vCPU's: a KVM_RUN from another thread must not keep it
+                if st.vcpu.fd >= 0:
+                    st.vcpu.set_run_signals(None)
+            except KvmError:
+                pass
             try:
                 if self.on_end is not None:
                     self.on_end(st)

@@ -133,7 +133,11 @@ class Vcpu:
         """KVM_SET_SIGNAL_MASK (api.rst 4.21): during KVM_RUN only ``signals`` are let in;
         any of them pending makes KVM_RUN return EINTR. A thread that blocks them outside
         KVM_RUN must then take the pending one itself (sigtimedwait): KVM does not deliver
-        a signal the thread's own mask blocks."""
+        a signal the thread's own mask blocks. ``None``: no mask of its own again (the
+        calling thread's applies; the setting belongs to the vCPU, not to a thread)."""
+        if signals is None:
+            ioctl(self.fd, abi.KVM_SET_SIGNAL_MASK, 0, "KVM_SET_SIGNAL_MASK")
+            return
         blocked = (1 << 64) - 1
         for sig in signals:
             blocked &= ~(1 << (int(sig) - 1))

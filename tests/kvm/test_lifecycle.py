@@ -1,6 +1,7 @@
 """File descriptors and mappings are released deterministically."""
 import gc
 import os
+import time
 
 import pytest
 
@@ -341,3 +342,71 @@ def test_an_unheld_reset_reports_eintr_instead_of_retrying(monkeypatch):
         with pytest.raises(KvmError) as e:
             vm.reset_dirty_rings(hold_signals=False)
         assert e.value.errno_name == "EINTR"
+
+
+def test_a_vcpus_signal_mask_does_not_outlive_its_thread():
+    # KVM_SET_SIGNAL_MASK belongs to the vCPU: after Machine.run() a KVM_RUN of the same
+    # vCPU from this thread must be interruptible by this thread's signals again
+    import signal
+    import threading
+
+    class Alarm(Exception):
+        pass
+
+    def alarm(signum, frame):
+        raise Alarm
+    old = signal.signal(signal.SIGALRM, alarm)
+    try:
+        with Machine(payload("spin")) as m:
+            assert m.run(timeout=0.1).vcpus[0].end.reason == "timeout"
+            from minivmm.machine import KICK_SIGNAL
+            st = m.states[0]
+            st.vcpu.run_struct.immediate_exit = 0
+            fired, me = threading.Event(), threading.get_ident()
+
+            def safety_net():       # the kick gets through either way: no hang if it fails
+                fired.set()
+                signal.pthread_kill(me, KICK_SIGNAL)
+            safety = threading.Timer(5, safety_net)
+            safety.start()
+            signal.setitimer(signal.ITIMER_REAL, 0.2)
+            t0 = time.monotonic()
+            try:
+                with pytest.raises(Alarm):
+                    while not fired.is_set():
+                        st.vcpu.run()
+            finally:
+                safety.cancel()
+            assert time.monotonic() - t0 < 2
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_a_stepper_started_from_a_vcpu_callback_can_still_be_stopped():
+    # A thread started in a callback inherits the vCPU thread's all-blocked mask; the
+    # stepper runs its vCPU in its own thread and kicks it at --max-time, so it must let
+    # the kick back in (the run to an unreached breakpoint is one long KVM_RUN)
+    import threading
+    from minivmm.payload import assemble_source
+    from minivmm.step import StepSession
+    from tests.kvm.test_step import SPIN_NEVER
+    stopped, blocked = [], []
+
+    def spawn(st, tag):
+        def inner():
+            import signal
+            from minivmm.machine import KICK_SIGNAL
+            blocked.append(KICK_SIGNAL in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+            p = assemble_source(SPIN_NEVER, "never.asm")
+            with StepSession(p, breakpoint=p.listing[1].address, timeout=30,
+                             max_time=0.3) as s:
+                list(s.run())
+                stopped.append(s.stopped["reason"])
+        t = threading.Thread(target=inner, daemon=True)
+        t.start()
+        t.join(10)
+    with Machine(payload("bench_out"), regs={"rcx": 1}) as m:
+        m.on_sync = spawn
+        assert m.run(timeout=30).ok
+    assert blocked == [True] and stopped == ["max-time"]
