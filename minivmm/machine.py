@@ -508,11 +508,11 @@ class Machine:
         is an OUT, and RIP is reported past it on every host (out_exit_rip)."""
         regs = st.vcpu.get_regs()
         rip = regs.rip
-        if io_out:
+        if io_out:                          # rip is now past the out (or at a repeating outs)
             rip, name_at = self.out_exit_rip(st, regs)
-            after, io_out = not name_at, False
+            after = not name_at
         end = VcpuEnd(reason, code=code, rip=rip,
-                      instruction=self.describe_instruction(st, rip, after, io_out),
+                      instruction=self.describe_instruction(st, rip, after),
                       detail=dict(detail or {}))
         if registers:
             end.detail["registers"] = self.registers(st)

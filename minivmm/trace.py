@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import signal
 import mmap
 import os
+import signal
 import threading
 import time
 
@@ -124,10 +124,15 @@ def _signal_mask(o) -> str:
     if o.len != 8:
         return f"{{len={o.len}}}"
     blocked = int.from_bytes(ctypes.string_at(ctypes.addressof(o) + 4, 8), "little")
-    let_in = [n for n in range(1, 65) if not blocked >> (n - 1) & 1]
-    names = [signal.Signals(n).name if n in signal.Signals._value2member_map_ else str(n)
-             for n in let_in]
-    return f"{{len=8, let in during KVM_RUN: {', '.join(names) or 'none'}}}"
+    let_in = ", ".join(_signal_name(n) for n in range(1, 65) if not blocked >> (n - 1) & 1)
+    return f"{{len=8, let in during KVM_RUN: {let_in or 'none'}}}"
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:              # a real-time signal has no name of its own
+        return str(number)
 
 
 _DECODERS = {

@@ -35,10 +35,12 @@ def to_json(args, runs: list) -> dict:
            "runs": [run_summary(t, recs, res, args["ring_entries"], args["collect"])
                     for t, recs, res in runs],
            "agree": not diffs, "differences": diffs}
-    notes = (["only the iterations both runs completed before --timeout stopped them"]
-             if timed_out else []) + ([f"not {_collection_name(first)}: with --initially-set "
-                                       "the bitmap's first collection reports every page "
-                                       "(api.rst 7.18)"] if first is not None else [])
+    notes = []
+    if timed_out:
+        notes.append("only the iterations both runs completed before --timeout stopped them")
+    if first is not None:
+        notes.append(f"not {_collection_name(first)}: with --initially-set the bitmap's first "
+                     "collection reports every page (api.rst 7.18)")
     if len(runs) == 2 and notes:
         out["compared"] = "; ".join(notes)
     out["ok"] = all(r["ok"] for r in out["runs"]) and out["agree"]
