@@ -180,10 +180,14 @@ class Machine:
             self.vm = self.kvm.create_vm()
             # VMX needs these for real mode (and ignores them with unrestricted guest); the
             # defaults near 4 GiB would collide with a data slot above 3 GiB
+            # (kept for dump_image: the native baseline sets the same)
+            self.vmx_pages = (0, 0)
             if self.kvm.check_extension(abi.KVM_CAP_SET_TSS_ADDR):
                 self.vm.set_tss_addr(L.VMX_TSS)
+                self.vmx_pages = (L.VMX_TSS, 0)
             if self.kvm.check_extension(abi.KVM_CAP_SET_IDENTITY_MAP_ADDR):
                 self.vm.set_identity_map_addr(L.VMX_IDENTITY_MAP)
+                self.vmx_pages = (self.vmx_pages[0], L.VMX_IDENTITY_MAP)
             if before_vcpus:
                 before_vcpus(self)
             sys_mem = self.vm.add_memory(L.SLOT_SYSTEM, 0, L.system_slot_size(nvcpus),
@@ -245,7 +249,8 @@ class Machine:
         The format is documented in benchmarks/native/IMAGE_FORMAT.md; it lets a small
         C program run exactly the guest bytes and entry state this Machine would run.
         """
-        out = [b"MVMMIMG1", struct.pack("<II", 1, len(self._vm().memory))]
+        vm = self._vm()
+        out = [b"MVMMIMG1", struct.pack("<IQQI", 2, *self.vmx_pages, len(vm.memory))]
         for slot, mem in sorted(self.vm.memory.items()):
             # slot 0 holds code, tables and stacks; the data slot starts out all zero
             content = bytes(mem.map).rstrip(b"\0") if slot == L.SLOT_SYSTEM else b""

@@ -72,6 +72,7 @@ static uint32_t nslots;
 static struct vcpu *vcpus;
 static uint32_t nvcpus;
 static struct kvm_cpuid2 *cpuid;
+static uint64_t tss_addr, identity_map_addr;   /* image v2; 0: not set */
 
 static int dirty_mode;
 static enum tracker tracker = TRACK_NONE;
@@ -176,8 +177,13 @@ static void load_image(const char *path)
 	if (memcmp(magic, "MVMMIMG1", 8))
 		die(2, "image: bad magic");
 	uint32_t version = rd32(f, "version");
-	if (version != 1)
+	if (version != 1 && version != 2)
 		die(2, "image: unsupported version %u", version);
+	if (version >= 2) {
+		/* VMX's private real-mode pages, where the Python side put them */
+		tss_addr = rd64(f, "tss_addr");
+		identity_map_addr = rd64(f, "identity_map_addr");
+	}
 
 	nslots = rd32(f, "nslots");
 	slots = xcalloc(nslots, sizeof(*slots));
@@ -225,6 +231,15 @@ static void setup_vm(void)
 	vm_fd = ioctl(kvm_fd, KVM_CREATE_VM, 0);
 	if (vm_fd < 0)
 		die_sys("KVM_CREATE_VM");
+	/* VMX without unrestricted guest runs real mode through vm86 and needs
+	 * these (api.rst 4.40, 4.44); other hosts accept and ignore them. */
+	if (tss_addr && ioctl(vm_fd, KVM_CHECK_EXTENSION, KVM_CAP_SET_TSS_ADDR) > 0 &&
+	    ioctl(vm_fd, KVM_SET_TSS_ADDR, (unsigned long)tss_addr) < 0)
+		die_sys("KVM_SET_TSS_ADDR");
+	if (identity_map_addr &&
+	    ioctl(vm_fd, KVM_CHECK_EXTENSION, KVM_CAP_SET_IDENTITY_MAP_ADDR) > 0 &&
+	    ioctl(vm_fd, KVM_SET_IDENTITY_MAP_ADDR, &identity_map_addr) < 0)
+		die_sys("KVM_SET_IDENTITY_MAP_ADDR");
 
 	if (tracker == TRACK_RING) {
 		/* The ring must be enabled before any vCPU exists.  Prefer the
