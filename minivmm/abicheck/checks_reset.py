@@ -6,6 +6,7 @@ its ``offset + __fls(mask) >= npages`` test, and they never coalesce with a vali
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
@@ -279,42 +280,63 @@ def _runs(pages) -> str:
     return ", ".join(out)
 
 
+@contextlib.contextmanager
+def _signal_storm(thread_id: int, every: float = 0.00005):
+    """Signals at the thread ``thread_id`` every ``every`` seconds while the block runs.
+
+    A Python thread sends the kick, but on a busy host it may not get a CPU while a reset
+    runs; so on the main thread an interval timer (SIGALRM, a no-op handler) fires too:
+    the kernel raises it on time whatever the scheduler does with our threads."""
+    import signal
+    from ..machine import KICK_SIGNAL
+    stop = threading.Event()
+
+    def storm():
+        while not stop.is_set():
+            signal.pthread_kill(thread_id, KICK_SIGNAL)
+            time.sleep(every)
+    t = threading.Thread(target=storm, daemon=True)
+    t.start()
+    timer = threading.get_ident() == thread_id == threading.main_thread().ident
+    if timer:
+        old_handler = signal.signal(signal.SIGALRM, lambda *_: None)
+        old_timer = signal.setitimer(signal.ITIMER_REAL, every, every)
+    try:
+        yield
+    finally:
+        if timer:
+            # the timer goes first: a SIGALRM raised after the handler is restored could kill
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old_handler)
+            if old_timer[0]:
+                signal.setitimer(signal.ITIMER_REAL, *old_timer)
+        stop.set()
+        t.join()
+
+
 @check("ring.reset.signal_rearms", 40, "virt/kvm/dirty_ring.c kvm_dirty_ring_reset() "
        "(49005a2a3d2a returns -EINTR at the top of its loop, before the final "
        "kvm_reset_dirty_gfn() of the batch it was coalescing)", fault="ring_offset_shift")
 def reset_signal_rearms(ctx):
     """After resets that signals cut short, every page is logged again when rewritten"""
-    import signal
-    from ..machine import KICK_SIGNAL
     pages = 8192
     entries = ctx.min_ring(16384)
-    me = threading.get_ident()
-    for attempt in range(5):
+    attempts = 10
+    for attempt in range(attempts):
         m = guest(ctx, REWRITE_SHARE, pages=pages, ring=entries)
         ctx.expect_event(ctx.run_to_port(m), "sync", "the first pass over every page")
         harvested = len(ctx.harvest(m.rings[0])[1])
         # A stream of signals while this thread resets, call after call: each call that
         # a signal stops after some entries leaves the batch it was on
-        stop = threading.Event()
-
-        def storm():
-            while not stop.is_set():
-                signal.pthread_kill(me, KICK_SIGNAL)
-                time.sleep(0.00005)
-        t = threading.Thread(target=storm, daemon=True)
-        t.start()
         counts, total = [], 0
-        try:
-            for _ in range(500):
+        with _signal_storm(threading.get_ident()):
+            for _ in range(2000):
                 got = m.vm.reset_dirty_rings(hold_signals=False)
                 total += got
                 if got:
                     counts.append(got)
                 if total >= harvested:
                     break
-        finally:
-            stop.set()
-            t.join()
         total += m.vm.reset_dirty_rings()        # signals held back: the rest, if any
         expect_eq(total, harvested, "entries reset over all the calls")
         if len(counts) < 2:
@@ -333,5 +355,6 @@ def reset_signal_rearms(ctx):
         expect_eq(len(missing), 0, f"pages of {pages} rewritten after the cut-short resets "
                   "and not logged")
         return
-    raise Skip("no signal cut a reset short in 5 attempts: this kernel may not stop "
-               "KVM_RESET_DIRTY_RINGS for signals (before v6.17)")
+    raise Skip(f"no signal cut a reset short in {attempts} attempts: this kernel may not "
+               "stop KVM_RESET_DIRTY_RINGS for signals (before v6.17), or no signal landed "
+               "while one ran")
