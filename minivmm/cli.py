@@ -11,12 +11,14 @@ import importlib.util
 import json
 import math
 import os
+import re
 import sys
 import threading
+from pathlib import Path
 
 from . import abi, __version__
 from ._sys import KvmError, KvmUnavailable
-from .payload import PayloadError
+from .payload import PayloadError, load, payload_dir
 
 EXIT_OK, EXIT_GUEST_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -39,8 +41,8 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if not math.isfinite(value):     # nan compares false with everything: no deadline
         raise argparse.ArgumentTypeError(f"not a finite number of seconds: {text!r}")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {text}")
+    if value <= 0:      # every such option is a time limit: 0 would stop before starting
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text}")
     return value
 
 
@@ -288,6 +290,32 @@ def _check_plot_path(path: str, show_ring: bool) -> None:
             os.remove(target)
 
 
+# The dirty options that only set a register: the register, its default, and the
+# shipped payload that reads it
+PAYLOAD_PARAMS = (("stride", "r8", 4, "dirty_stride"), ("seed", "r9", 1, "dirty_random"),
+                  ("writes", "r10", None, "dirty_random"))
+
+
+def _check_payload_params(args) -> None:
+    """Refuse --stride, --seed or --writes where they would be silently ignored: a shipped
+    payload other than the one that reads the register, or a payload of the user's whose
+    code never names it. Then fill in the defaults."""
+    payload = args.payload
+    shipped = Path(payload.path).resolve().parent == payload_dir().resolve()
+    for option, reg, default, used_by in PAYLOAD_PARAMS:
+        if getattr(args, option) is None:
+            setattr(args, option, default)
+            continue
+        if shipped:
+            ignored = payload.name != used_by
+        else:
+            named = re.compile(rf"\b{reg}[dwb]?\b")
+            ignored = not any(named.search(ins.op_str) for ins in payload.listing)
+        if ignored:
+            raise UsageError(f"--{option} sets {reg.upper()}, which {payload.name} never "
+                             f"reads (it is a parameter of {used_by})")
+
+
 def cmd_dirty(args) -> int:
     from .dirty import report
     from .dirty.ring import ring_capability
@@ -302,6 +330,8 @@ def cmd_dirty(args) -> int:
                          "--tracker ring or both")
     if args.ring_entries is None:
         args.ring_entries = DEFAULT_RING_ENTRIES
+    args.payload = load(args.payload)
+    _check_payload_params(args)
     trackers = ["ring", "bitmap"] if args.tracker == "both" else [args.tracker]
     if args.tracker == "auto":
         with Kvm() as kvm:
@@ -366,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"minivmm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
+    parser.commands = sub.choices
     # Options every command takes.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--trace-ioctls", action="store_true",
@@ -423,8 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--initially-set", action="store_true",
                    help="bitmap: KVM_DIRTY_LOG_INITIALLY_SET (the first collection reports "
                    "every page)")
-    p.add_argument("--stride", type=_integer, default=4, help="dirty_stride: k (R8)")
-    p.add_argument("--seed", type=_integer, default=1, help="dirty_random: seed (R9)")
+    p.add_argument("--stride", type=_integer, default=None,
+                   help="dirty_stride: k (R8; default 4)")
+    p.add_argument("--seed", type=_integer, default=None,
+                   help="dirty_random: seed (R9; default 1)")
     p.add_argument("--writes", type=_integer, default=None,
                    help="dirty_random: writes per iteration (R10; default a quarter of the share)")
     p.add_argument("--timeout", type=_seconds, default=120.0,
@@ -460,7 +493,10 @@ def _install_ioctl_trace(args) -> None:
 
 def main(argv=None) -> int:
     try:
-        args = build_parser().parse_args(argv)     # it loads the commands' modules
+        parser = build_parser()                    # it loads the commands' modules
+        args, extra = parser.parse_known_args(argv)
+        if extra:   # argparse would blame "minivmm", not the command that was given
+            parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
         _install_ioctl_trace(args)
         return args.func(args)
     except KeyboardInterrupt:

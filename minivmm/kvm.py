@@ -85,6 +85,11 @@ class Kvm:
         """KVM_CHECK_EXTENSION: 0 if the capability is absent, else a positive value (api.rst 4.4)."""
         return ioctl(self.fd, abi.KVM_CHECK_EXTENSION, cap, "KVM_CHECK_EXTENSION")
 
+    def max_vcpus(self) -> int:
+        """The most vCPUs a VM may have: KVM_CAP_MAX_VCPUS, else the older NR_VCPUS (api.rst 4.4)."""
+        return self.check_extension(abi.KVM_CAP_MAX_VCPUS) or \
+            self.check_extension(abi.KVM_CAP_NR_VCPUS) or 1
+
     def get_vcpu_mmap_size(self) -> int:
         """KVM_GET_VCPU_MMAP_SIZE: bytes of the kvm_run mapping, ring not included (api.rst 4.5)."""
         return ioctl(self.fd, abi.KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")

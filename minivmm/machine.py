@@ -140,6 +140,13 @@ class RunResult:
                 "elapsed_s": round(self.elapsed_s, 6), "ok": self.ok}
 
 
+def check_vcpus(nvcpus: int, kvm: Kvm) -> None:
+    limit = kvm.max_vcpus()
+    if not 1 <= nvcpus <= limit:
+        raise MachineError(f"--vcpus must be between 1 and {limit} (KVM_CAP_MAX_VCPUS), "
+                           f"got {nvcpus}")
+
+
 class Machine:
     """A payload in a fresh VM: slot 0 (system) and slot 1 (data), one thread per vCPU.
 
@@ -162,6 +169,10 @@ class Machine:
         self._start, self._deadline = time.monotonic(), None
         self._lock = threading.Lock()
         nvcpus = vcpus if vcpus is not None else (self.payload.vcpus or 1)
+        for name, value in (regs or {}).items():
+            # ctypes would keep the low 64 bits without a word
+            if not 0 <= value < 1 << 64:
+                raise MachineError(f"register {name}: {value} does not fit in 64 bits")
         if pages < 1:
             raise MachineError(f"--pages must be at least 1 (got {pages})")
         if pages > L.MAX_DATA_PAGES:
@@ -172,11 +183,7 @@ class Machine:
         try:
             if self.kvm is None:
                 self.kvm = Kvm()
-            max_vcpus = self.kvm.check_extension(abi.KVM_CAP_MAX_VCPUS) or \
-                self.kvm.check_extension(abi.KVM_CAP_NR_VCPUS) or 1
-            if not 1 <= nvcpus <= max_vcpus:
-                raise MachineError(f"--vcpus must be between 1 and {max_vcpus} "
-                                   f"(KVM_CAP_MAX_VCPUS), got {nvcpus}")
+            check_vcpus(nvcpus, self.kvm)
             self.vm = self.kvm.create_vm()
             # VMX needs these for real mode (and ignores them with unrestricted guest); the
             # defaults near 4 GiB would collide with a data slot above 3 GiB

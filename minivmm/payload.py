@@ -129,12 +129,21 @@ def _strip_comment(line: str) -> str:
     return line
 
 
+HEADER_KEYS = ("mode", "cpl", "vcpus", "description")
+
+
 def parse_header(text: str, name: str = "<payload>") -> dict:
     header: dict = {}
     for no, line in enumerate(text.removeprefix("\ufeff").splitlines(), 1):
         m = _HEADER.match(line)
         if m:
             key, value = m.group(1).lower(), m.group(2)
+            if key not in HEADER_KEYS:
+                raise PayloadError(f"{name}:{no}: unknown header {key!r} (expected one of "
+                                   f"{', '.join(HEADER_KEYS)})")
+            if key in header:     # which one would win is a guess: refuse both
+                raise PayloadError(f"{name}:{no}: header {key!r} given again (first on "
+                                   f"line {header[key][1]})")
             if key != "description":      # a description is prose: its ';' is text
                 value = _strip_comment(value).strip()
             header[key] = (value, no)
@@ -760,9 +769,8 @@ def list_payloads(directory: str | None = None) -> list:
         except OSError as e:   # a directory named x.asm, no permission...
             rows.append((path.stem, "?", "?", None, f"(unreadable: {e.strerror or e})"))
             continue
-        header = parse_header(text, str(path))
         try:
-            mode, cpl, vcpus, desc = _header_values(header, str(path))
+            mode, cpl, vcpus, desc = _header_values(parse_header(text, str(path)), str(path))
         except PayloadError as e:
             mode, cpl, vcpus, desc = "?", "?", None, f"(bad header: {e})"
         rows.append((path.stem, mode, cpl, vcpus, desc))

@@ -867,8 +867,9 @@ def cmd_step(args) -> int:
     from .cli import EXIT_GUEST_FAILED, EXIT_OK, UsageError
     if args.count < 0:
         raise UsageError(f"--count must not be negative (got {args.count})")
-    if args.iterations < 0:
-        raise UsageError(f"--iterations must not be negative (got {args.iterations})")
+    if not 0 <= args.iterations < 1 << 64:     # it is RCX
+        raise UsageError(f"--iterations must be between 0 and {(1 << 64) - 1} "
+                         f"(got {args.iterations})")
     payload = load(args.payload)
     try:
         session = StepSession(payload, mechanism=args.mechanism, vcpus=args.vcpus,

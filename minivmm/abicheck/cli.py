@@ -17,7 +17,8 @@ def register(sub, common) -> None:
                        "bitmap ABI against the running kernel, each in a fresh VM, and report "
                        "in KTAP. Exit status: 0 all passed or skipped, 1 a failure, 4 all "
                        "skipped, 2 cannot run (no /dev/kvm).")
-    p.add_argument("--list", action="store_true", help="list the checks (id, rules, citation)")
+    p.add_argument("--list", action="store_true", help="list the checks (id, rules, citation; "
+                   "as text, or JSON with --format json), needs no KVM")
     p.add_argument("-k", metavar="PATTERN", dest="pattern",
                    help="only checks whose id matches (substring or glob)")
     p.add_argument("--format", choices=["ktap", "json", "junit"], default="ktap")
@@ -34,6 +35,8 @@ def cmd_abi_check(args) -> int:
     from .._sys import KvmUnavailable
     load_checks()
     specs = select(args.pattern)
+    if args.list and args.format == "junit":
+        raise UsageError("--list prints text (the default) or --format json, not junit")
     if args.pattern and not specs:
         raise UsageError(f"no check id matches {args.pattern!r} (see --list)")
     try:   # opened before any check runs: a bad path costs nothing and is no failure
@@ -44,7 +47,9 @@ def cmd_abi_check(args) -> int:
         return EXIT_CANNOT_RUN
     try:
         if args.list:
-            return _write(out, report.listing(specs), args.output) or 0
+            text = report.listing_json(specs) if args.format == "json" \
+                else report.listing(specs)
+            return _write(out, text, args.output) or 0
         try:
             kvm = Kvm()
         except KvmUnavailable as e:     # no device, no permission, or not a KVM device

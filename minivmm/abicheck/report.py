@@ -91,6 +91,12 @@ def listing(specs) -> str:
     return "\n".join(out) + "\n"
 
 
+def listing_json(specs) -> str:
+    return json.dumps({"checks": [{"id": s.id, "rules": list(s.rules), "cite": s.cite,
+                                   "summary": s.summary, "unsafe": s.unsafe}
+                                  for s in specs]}, indent=2) + "\n"
+
+
 def markdown_table(specs) -> str:
     out = ["| # | check | abi.md rules | citation | what it checks |", "|---|---|---|---|---|"]
 

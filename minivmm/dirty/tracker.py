@@ -10,6 +10,7 @@ means two VMs running the same payload side by side.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import queue
 import threading
@@ -20,7 +21,8 @@ import numpy as np
 
 from .. import _sys, abi
 from .._sys import KvmError
-from ..machine import Machine, MachineError, VcpuEnd
+from ..kvm import Kvm
+from ..machine import Machine, MachineError, VcpuEnd, check_vcpus
 from ..payload import Payload, load
 from ..x86 import layout as L
 from .bitmap import SlotBitmap, enable_manual_protect, popcount
@@ -449,6 +451,8 @@ class DirtySession:
         if nvcpus < 1:
             raise MachineError(f"--vcpus must be at least 1 (got {nvcpus})")
         if pages < nvcpus:
+            with contextlib.nullcontext(kvm) if kvm else Kvm() as k:
+                check_vcpus(nvcpus, k)          # the vCPUs may be what is wrong
             raise MachineError(f"--pages {pages} leaves some of the {nvcpus} vCPUs no page "
                                "of their own to dirty: give at least one page per vCPU")
         writes = writes if writes is not None else max(1, pages // nvcpus // 4)

@@ -250,7 +250,11 @@ def test_cli_dirty_table_and_plot(tmp_path):
                                         "--stride must be between 1"),
                                        (["--payload", "dirty_random", "--writes", "-5"],
                                         "--writes must be between 0"),
-                                       (["--seed", str(2 ** 64)], "--seed must be between 0"),
+                                       (["--payload", "dirty_random", "--seed", str(2 ** 64)],
+                                        "--seed must be between 0"),
+                                       # more vCPUs than pages, and than KVM allows: the
+                                       # vCPUs are named, not the pages
+                                       (["--vcpus", "100000"], "--vcpus must be between 1 and"),
                                        (["--vcpus", "4", "--pages", "3"], "at least one page"),
                                        (["--no-manual-protect"], "bitmap options"),
                                        (["--timeout", "nan"], "not a finite number"),

@@ -1,5 +1,6 @@
 """User errors that need no KVM: one line on stderr, non-zero exit, no traceback."""
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -55,8 +56,12 @@ def test_payload_that_does_not_assemble(tmp_path):
     assert line.startswith(f"minivmm: {bad}:3: ")
 
 
-@pytest.mark.parametrize("header,word", [(";! mode: vm86\n", "unknown mode"),
-                                         (";! cpl: 1\n", "unknown cpl")])
+@pytest.mark.parametrize("header,word", [
+    (";! mode: vm86\n", "unknown mode"),
+    (";! cpl: 1\n", "unknown cpl"),
+    (";! bogus: 1\n", "h.asm:1: unknown header 'bogus'"),
+    (";! mode: long\n;! mode: real\n", "h.asm:2: header 'mode' given again (first on line 1)"),
+])
 def test_bad_header(tmp_path, header, word):
     f = tmp_path / "h.asm"
     f.write_text(header + "nop\n")
@@ -64,12 +69,56 @@ def test_bad_header(tmp_path, header, word):
 
 
 @pytest.mark.parametrize("args,word", [
-    (["--timeout", "-1"], "must not be negative"),
+    (["--timeout", "-1"], "must be a positive number of seconds"),
+    (["--timeout", "0"], "must be a positive number of seconds"),
     (["--vcpus", "x"], "not an integer"),
 ])
 def test_bad_arguments(args, word):
     proc = run_cli("run", payload("hello_long"), *args)
     assert proc.returncode == 2 and word in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("cmd", [["run", "hello_long"], ["dirty"], ["step", "spin"],
+                                 ["abi-check"], ["caps"]])
+def test_unknown_option_names_the_command(cmd):
+    line = one_line_error(run_cli(*cmd, "--bogus"))
+    assert line == (f"minivmm {cmd[0]}: unrecognized arguments: --bogus "
+                    f"(see minivmm {cmd[0]} --help)")
+
+
+@pytest.mark.parametrize("args,word", [
+    (["--stride", "3"], "--stride sets R8, which dirty_seq never reads"),
+    (["--seed", "3"], "--seed sets R9, which dirty_seq never reads"),
+    (["--writes", "3"], "--writes sets R10, which dirty_seq never reads"),
+    (["--payload", "dirty_stride", "--seed", "3"], "R9, which dirty_stride never reads"),
+    (["--payload", "dirty_random", "--stride", "2"], "R8, which dirty_random never reads"),
+])
+def test_dirty_refuses_a_parameter_the_payload_ignores(args, word):
+    # refused before any VM exists (no KVM needed)
+    assert word in one_line_error(run_cli("dirty", *args))
+
+
+def test_step_iterations_must_fit_rcx():
+    line = one_line_error(run_cli("step", "dirty_seq", "--iterations", str(2 ** 64 + 1)))
+    assert "--iterations must be between 0 and 18446744073709551615" in line
+
+
+def test_machine_refuses_a_register_value_over_64_bits():
+    from minivmm.machine import Machine, MachineError
+    with pytest.raises(MachineError, match="register rcx: 18446744073709551616 does not fit"):
+        Machine(payload("hello_long"), regs={"rcx": 2 ** 64})
+    with pytest.raises(MachineError, match="register r8: -1 does not fit"):
+        Machine(payload("hello_long"), regs={"r8": -1})
+
+
+def test_abicheck_list_as_json_needs_no_kvm():
+    proc = run_cli("abi-check", "--list", "--format", "json", "-k", "caps.api_version",
+                   env={"MINIVMM_KVM_DEVICE": "/nonexistent/kvm"})
+    assert proc.returncode == 0, proc.stderr
+    (check,) = json.loads(proc.stdout)["checks"]
+    assert check["id"] == "caps.api_version" and check["rules"] == [6] and not check["unsafe"]
+    line = one_line_error(run_cli("abi-check", "--list", "--format", "junit"))
+    assert "not junit" in line
 
 
 def test_help_lists_commands():
@@ -104,3 +153,10 @@ def test_every_public_name_loads():
         assert getattr(minivmm, name).__name__ == name
     from minivmm.machine import MachineError
     assert minivmm.MachineError is MachineError and issubclass(MachineError, Exception)
+
+
+def test_dirty_refuses_a_parameter_a_users_payload_never_names(tmp_path):
+    own = tmp_path / "own.asm"
+    own.write_text(";! mode: long\n    xor eax, eax\n    out 0xf4, al\n")
+    line = one_line_error(run_cli("dirty", "--payload", own, "--stride", "2"))
+    assert "--stride sets R8, which own never reads" in line
