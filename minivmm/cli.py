@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 
 from . import abi, __version__
+from ._entry import interrupted
 from ._sys import KvmError, KvmUnavailable
 from .payload import PayloadError, load, payload_dir
 
@@ -514,6 +515,9 @@ def main(argv=None) -> int:
     except BrokenPipeError:
         return EXIT_OK
     except RuntimeError as e:
+        if interrupted(e):                 # a Ctrl-C while a module loaded (Python 3.11)
+            print("minivmm: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
         from .dirty.tracker import CollectionError   # a bug of ours, in a vCPU thread
         if not isinstance(e, CollectionError):
             raise

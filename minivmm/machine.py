@@ -223,6 +223,12 @@ class Machine:
 
     # -- lifecycle --
     def close(self) -> None:
+        """Stop the vCPUs and release everything. From a callback (a vCPU's own thread,
+        whose loop still holds its kvm_run page) it only stops them: the release is left
+        to the close() of the Machine's owner (its ``with``)."""
+        if self._in_vcpu_thread():
+            self.stop("closed")
+            return
         self.stop("closed")
         if self.vm is not None:
             self.vm.close()
@@ -286,7 +292,11 @@ class Machine:
         if timeout is not None and timeout < 0:
             raise MachineError(f"timeout must not be negative (got {timeout})")
         self._vm()
-        install_kick_handler()
+        if any(st.thread is not None or st.done.is_set() for st in self.states):
+            # a vCPU thread per vCPU at most: a second one would wait in KVM_RUN behind the
+            # first, and the first could no longer be kicked (st.thread is the second)
+            raise MachineError("this Machine has already run; make a new one")
+        install_kick_handler()      # the vCPU threads let the kick in themselves
         self._start = time.monotonic()
         self._deadline = None if timeout is None else self._start + timeout
         for st in self.states:
@@ -331,12 +341,13 @@ class Machine:
         for st, _ in running:
             if not st.done.is_set():
                 self._kick(st, reason)
-        if not wait:
+        if not wait or any(thread is me for _, thread in running):
+            # From a callback: another vCPU may be in a callback too, waiting for this
+            # one to end (its own stop(), a barrier), so waiting here could never end.
+            # Each kicked vCPU ends when its callback returns.
             return
         interrupted = False
         for st, thread in running:
-            if thread is me:     # from a callback on this vCPU's thread: it ends on return
-                continue
             while True:
                 try:
                     if st.done.wait(0.05):
@@ -349,6 +360,10 @@ class Machine:
                 st.thread = None
         if interrupted:
             raise KeyboardInterrupt
+
+    def _in_vcpu_thread(self) -> bool:
+        me = threading.current_thread()
+        return any(st.thread is me for st in self.states)
 
     def _kick(self, st: VcpuState, reason: str) -> None:
         if st.stop_reason is None:
@@ -428,11 +443,16 @@ class Machine:
             elif reason == _INTR:
                 # the kick is blocked outside KVM_RUN, so it is still pending: take it, or
                 # every KVM_RUN from now on would return EINTR at once
-                signal.sigtimedwait((KICK_SIGNAL,), 0)
+                taken = signal.sigtimedwait((KICK_SIGNAL,), 0)
                 if st.stop_reason is not None:
                     run.immediate_exit = 0
                     st.end = self.end_at(st, st.stop_reason)
-                # else: a stray signal; just re-enter
+                elif taken is not None:
+                    # not a kick (each sets stop_reason first): the program's own SIGUSR1,
+                    # sent to the process, which KVM let in here. Hand it to the main
+                    # thread, where Python runs its handler (or the program sigwait()s)
+                    _forward_to_main_thread(KICK_SIGNAL)
+                # else: a stray wake-up (job control); just re-enter
             elif reason == _HLT:
                 st.end = self.end_at(st, "hlt", after=True)
             elif reason == _MMIO:
@@ -657,6 +677,13 @@ class Machine:
                                "name": EXCEPTION_NAMES.get(frame["vector"], "?"),
                                "cs": frame["cs"], "rsp": frame["rsp"],
                                "rflags": frame["rflags"]})
+
+
+def _forward_to_main_thread(sig: int) -> None:
+    try:
+        signal.pthread_kill(threading.main_thread().ident, sig)
+    except (ProcessLookupError, TypeError):
+        pass
 
 
 def format_registers(regs: dict) -> str:

@@ -36,6 +36,7 @@ import signal
 import struct
 import sys
 import threading
+import traceback
 import time
 
 from . import abi
@@ -338,6 +339,7 @@ class StepSession:
         self._closed = False
         self._ident = None
         self._watchdog = None
+        self._kick_blocked_in = None     # the thread whose mask _start changed, if any
 
     # -- lifecycle --
     def close(self) -> None:
@@ -349,11 +351,19 @@ class StepSession:
         self.vcpu = self.st = self.ring = None
         self.rings.clear()
         self.machine.close()
+        if self._kick_blocked_in == threading.get_ident():   # the program's mask, as it was
+            self._kick_blocked_in = None
+            signal.pthread_sigmask(signal.SIG_BLOCK, (KICK_SIGNAL,))
 
     def __enter__(self) -> "StepSession":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if tb is not None:
+            # The stepping runs in this thread: frames an exception (a Ctrl-C) left
+            # mid-harvest or mid-KVM_RUN hold views of the ring or the kvm_run page,
+            # which would make close() fail in their place
+            traceback.clear_frames(tb)
         self.close()
 
     def __iter__(self):
@@ -409,7 +419,8 @@ class StepSession:
         self._started = True
         if self.max_time is not None:
             self._session_deadline = time.monotonic() + self.max_time
-        install_kick_handler()
+        if install_kick_handler(let_in=True):
+            self._kick_blocked_in = threading.get_ident()
         self._watchdog = threading.Thread(target=self._watch, name="step-watchdog", daemon=True)
         self._watchdog.start()
         regs = self.vcpu.get_regs()

@@ -410,3 +410,91 @@ def test_a_stepper_started_from_a_vcpu_callback_can_still_be_stopped():
         m.on_sync = spawn
         assert m.run(timeout=30).ok
     assert blocked == [True] and stopped == ["max-time"]
+
+
+def _in_child(script: str, timeout: float = 60):
+    """Run ``script`` in a fresh interpreter (a hang ends as a failure, not a stuck run)."""
+    import subprocess
+    import sys
+    from tests.conftest import ROOT
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def test_the_programs_signal_mask_is_left_as_it_was():
+    # A program that blocks SIGUSR1 (to sigwait for it) keeps it blocked through a
+    # Machine, a DirtySession and a StepSession, and a SIGUSR1 sent to the process
+    # meanwhile still waits for it: a vCPU thread that takes one in KVM_RUN hands it on
+    import signal
+    from minivmm import DirtySession
+    from minivmm.step import StepSession
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    try:
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        with Machine(payload("hello_long")) as m:
+            assert m.run(timeout=20).ok
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == blocked
+        with DirtySession(payload("dirty_seq"), tracker="ring", vcpus=1, pages=64,
+                          iterations=2, ring_entries=small_ring()) as s:
+            s.run(timeout=20)
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == blocked
+        with StepSession(payload("hello_long")) as s:
+            assert len(list(s.run(count=3))) == 3
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == blocked
+        for _ in range(3):
+            with Machine(payload("spin"), vcpus=2) as m:
+                m.start(timeout=20)
+                time.sleep(0.05)
+                os.kill(os.getpid(), signal.SIGUSR1)
+                time.sleep(0.1)
+                m.stop()
+            assert signal.sigtimedwait({signal.SIGUSR1}, 1) is not None
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def test_a_machine_runs_once():
+    # A second start() used to run a second thread on each vCPU: it waited in KVM_RUN
+    # behind the first, the first could no longer be kicked, and wait() never returned.
+    # A run after a timeout returned the old result at once.
+    proc = _in_child(
+        "from minivmm import Machine, MachineError\n"
+        "with Machine('guest_payloads/spin.asm') as m:\n"
+        "    m.start(timeout=0.3)\n"
+        "    try:\n"
+        "        m.start(timeout=0.3)\n"
+        "    except MachineError as e:\n"
+        "        print(e)\n"
+        "    print(m.wait().vcpus[0].end.reason)\n"
+        "    try:\n"
+        "        m.run(timeout=5)\n"
+        "    except MachineError as e:\n"
+        "        print(e)\n", timeout=30)
+    assert proc.stdout.splitlines() == ["this Machine has already run; make a new one",
+                                        "timeout",
+                                        "this Machine has already run; make a new one"], \
+        proc.stdout + proc.stderr
+
+
+def test_stop_and_close_from_the_callbacks_of_several_vcpus_return():
+    # Each callback's stop() waited for the other vCPUs, which were waiting in their own
+    # callbacks for it: a deadlock the run's timeout could not break
+    proc = _in_child(
+        "import time\n"
+        "from minivmm import Machine\n"
+        "for how in ('stop', 'close'):\n"
+        "    with Machine('guest_payloads/bench_out.asm', vcpus=2, regs={'rcx': 0}) as m:\n"
+        "        until = time.monotonic() + 0.1\n"
+        "        def on_sync(st, tag):\n"
+        "            if time.monotonic() > until:\n"
+        "                getattr(m, how)() if how == 'close' else m.stop('enough')\n"
+        "        m.on_sync = on_sync\n"
+        "        r = m.run(timeout=10)\n"
+        "        print(how, sorted({st.end.reason for st in r.vcpus}))\n"
+        "    with Machine('guest_payloads/multi_vcpu.asm', vcpus=4) as m:\n"
+        "        m.on_end = lambda st: getattr(m, how)()\n"
+        "        m.run(timeout=10)\n"
+        "        print(how, 'returned')\n", timeout=30)
+    assert proc.stdout.splitlines() == ["stop ['enough']", "stop returned",
+                                        "close ['closed']", "close returned"], \
+        proc.stdout + proc.stderr

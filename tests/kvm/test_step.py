@@ -571,3 +571,22 @@ def test_a_payloads_own_out_to_the_exception_port_is_a_step_under_guest_debug(tm
     assert re.search(r"step 2 +0x10005 .* out 0xe0, eax .* port 0xe0 <- 0x5", proc.stdout)
     assert "guest ended after 2 steps: the payload wrote minivmm's exception-report port " \
            "0xe0 itself (value 0x5)" in proc.stdout
+
+
+def test_ctrl_c_inside_a_harvest_comes_out_as_such(monkeypatch):
+    # The interrupted harvest's frame, kept by the traceback, held numpy views of the
+    # ring: close() failed with BufferError in the KeyboardInterrupt's place (a
+    # traceback for a Ctrl-C during `minivmm step --dirty`)
+    from minivmm.dirty import harvest as harvest_mod
+    real, calls = harvest_mod.HarvestResult, []
+
+    def interrupted(*a):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*a)
+    monkeypatch.setattr(harvest_mod, "HarvestResult", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with StepSession(payload("dirty_seq"), dirty=True) as s:
+            list(s.run(count=50))
+    assert len(calls) == 5

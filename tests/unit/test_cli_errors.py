@@ -160,3 +160,26 @@ def test_dirty_refuses_a_parameter_a_users_payload_never_names(tmp_path):
     own.write_text(";! mode: long\n    xor eax, eax\n    out 0xf4, al\n")
     line = one_line_error(run_cli("dirty", "--payload", own, "--stride", "2"))
     assert "--stride sets R8, which own never reads" in line
+
+
+def test_ctrl_c_inside_a_class_made_while_loading_is_one_line(tmp_path):
+    # Python 3.11 hands a KeyboardInterrupt raised in a descriptor's __set_name__ (an
+    # Enum's members, numpy's cached_property) on as a RuntimeError caused by it
+    script = tmp_path / "boom.py"
+    script.write_text(
+        "import sys\n"
+        "class Late:\n"
+        "    def __set_name__(self, owner, name):\n"
+        "        raise KeyboardInterrupt\n"
+        "class Boom:\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'numpy':\n"
+        "            class Finfo:\n"
+        "                eps = Late()\n"
+        "sys.meta_path.insert(0, Boom())\n"
+        "sys.argv = ['minivmm', 'payloads']\n"
+        "from minivmm._entry import main\n"
+        "sys.exit(main())\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 130 and proc.stderr == "minivmm: interrupted\n", proc.stderr
