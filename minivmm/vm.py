@@ -101,7 +101,8 @@ class Vm:
         ret = ioctl(self.fd, abi.KVM_ENABLE_CAP, ctypes.addressof(arg),
                     f"KVM_ENABLE_CAP({name})", _RING_HINTS if ring and hints is None else hints)
         if ring:
-            self.dirty_ring_bytes = args[0]    # what VcpuRing may map, no more
+            # what VcpuRing may map, no more: KVM takes args[0] as a u32 (abi.md rule 12)
+            self.dirty_ring_bytes = args[0] & 0xFFFFFFFF
         return ret
 
     def get_dirty_log(self, slot: int, bitmap_addr: int) -> None:

@@ -179,8 +179,14 @@ def verdict(summary: dict) -> str:
         if any(not it["reset_count_ok"] for it in r["iterations"]):
             problems.append(f"{r['tracker']}: KVM_RESET_DIRTY_RINGS count disagreed with the "
                             "harvest")
-        if any(it["lost"] for it in r["iterations"]):
-            problems.append(f"{r['tracker']}: ring overflow, pages lost")
+        lost = [note for it in r["iterations"] for note in it["lost"]]
+        if lost:      # an overflow, a reset cut short, entries not DIRTY when copied...
+            problems.append(f"{r['tracker']}: pages lost ({lost[0]}"
+                            + (f"; {len(lost) - 1} more" if len(lost) > 1 else "") + ")")
+        bogus = sum(it["bogus"] for it in r["iterations"])
+        if bogus:
+            problems.append(f"{r['tracker']}: {bogus} ring entr{'y' if bogus == 1 else 'ies'} "
+                            "named no page of a logged slot")
         if not r["vcpus_ok"]:
             bad = [e for e in r["vcpu_ends"]
                    if not e or e["reason"] not in OK_ENDS or e.get("code")]

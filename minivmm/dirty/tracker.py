@@ -29,7 +29,7 @@ from .bitmap import SlotBitmap, enable_manual_protect, popcount
 from .harvest import PageSets, dirty_count, take
 from .pageset import PageSet
 from .ring import DirtyRingError, VcpuRing, enable_dirty_ring, finish_reset, ring_capability
-from .verify import ContentOracle, plan
+from .verify import ContentOracle, has_plan, plan
 
 SLOT_NAMES = {L.SLOT_SYSTEM: "system", L.SLOT_DATA: "data"}
 # Ring-full exits in a row that find nothing to harvest before the vCPU is stopped:
@@ -380,7 +380,8 @@ class IterationRecord:
         views = c.ring_views
         if views:
             out["ring_view"] = {str(i): ring_view_dict(v) for i, v in views.items()}
-        out["pages"].setdefault("data", [])
+        if with_pages:                       # without pages, none is claimed, not "data": []
+            out["pages"].setdefault("data", [])
         return out
 
 
@@ -464,6 +465,9 @@ class DirtySession:
             share = -(-pages // nvcpus)
             self.tracker.stage_entries = min(share + share // 4 + 256, 65536)
         self.params = {"stride": stride, "seed": seed, "writes": writes}
+        # the plan oracle knows the shipped payloads only (by name: a user's payload of the
+        # same name gets none, only the content oracle)
+        self._plan_name = self.payload.name if has_plan(self.payload) else None
         log = abi.KVM_MEM_LOG_DIRTY_PAGES
         self.machine = Machine(self.payload, vcpus=vcpus, pages=pages, kvm=kvm,
                                data_flags=log, system_flags=log,
@@ -653,8 +657,8 @@ class DirtySession:
         if snap is None:      # not verifying: the pages as collected, nothing checked
             return IterationRecord(iteration, self.tracker.name, col, data, None, _EMPTY,
                                    _EMPTY, _EMPTY, [], "not verified")
-        plans = plan(self.payload.name, self.nvcpus, self.pages, iteration, self.params) \
-            if isinstance(iteration, int) else None
+        plans = plan(self._plan_name, self.nvcpus, self.pages, iteration, self.params) \
+            if isinstance(iteration, int) and self._plan_name else None
         if plans and synced is not None:
             plans = {i: want for i, want in plans.items() if i in synced} or None
         expected = np.unique(np.concatenate(list(plans.values()))) if plans else None

@@ -75,6 +75,24 @@ class ContentOracle:
         return self.compare(self.snapshot(), reported)
 
 
+PLANNED = ("dirty_seq", "dirty_stride", "dirty_random")
+
+
+def has_plan(payload) -> bool:
+    """Whether plan() describes ``payload``: it is keyed by name, so only a payload whose
+    code is the shipped payload's of that name (a user's file called dirty_seq.asm that
+    writes other pages is not described by it, and would be "missing" pages it never
+    wrote)."""
+    if payload.name not in PLANNED:
+        return False
+    from ..payload import PayloadError, load, payload_dir
+    try:
+        shipped = load(str(payload_dir() / f"{payload.name}.asm"))
+    except PayloadError:
+        return False
+    return (shipped.code, shipped.mode, shipped.cpl) == (payload.code, payload.mode, payload.cpl)
+
+
 def plan(payload: str, vcpus: int, pages: int, iteration: int, params: dict) -> dict | None:
     """{vCPU index: data-slot page indices it writes in ``iteration``} for the shipped dirty
     payloads, or None for a payload without a known plan."""

@@ -567,3 +567,28 @@ def test_stray_kicks_neither_end_a_run_nor_make_it_spin():
     st, = r.vcpus
     assert st.end.reason == "exit-port" and st.end.code == 0, st.end.summary()
     assert st.exits_by_name().get("intr", 0) <= 50
+
+
+def test_a_payload_named_like_a_shipped_one_gets_no_plan(tmp_path):
+    # The plan oracle replays the shipped payloads; a user's dirty_seq.asm writing every
+    # other page was held to the shipped plan and "missed" the pages it never wrote.
+    mine = tmp_path / "dirty_seq.asm"
+    mine.write_text((ROOT / "guest_payloads" / "dirty_seq.asm").read_text()
+                    .replace("add rdi, 4096", "add rdi, 8192")
+                    .replace("    mov rcx, r13\n", "    mov rcx, r13\n    shr rcx, 1\n"))
+    with DirtySession(str(mine), tracker="ring", vcpus=1, pages=64, iterations=2) as s:
+        recs = s.run(timeout=60)
+    assert s.result.ok
+    for r in recs:
+        assert r.expected is None and r.ok, (r.iteration, r.missed)
+        assert np.array_equal(r.data_pages, np.arange(0, 64, 2))
+
+
+def test_the_ring_size_is_taken_as_the_u32_kvm_reads():
+    # KVM truncates args[0] to u32 (abi.md rule 12): 2**32 | 65536 makes a 65536-byte ring
+    from minivmm.dirty.ring import VcpuRing
+    with Kvm() as kvm, kvm.create_vm() as vm:
+        vm.enable_cap(abi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL, (1 << 32) | 65536)
+        assert vm.dirty_ring_bytes == 65536
+        ring = VcpuRing(vm.create_vcpu(0), 4096)
+        assert len(ring.flags()) == 4096
