@@ -127,7 +127,13 @@ def ioctl(fd: int, request: int, arg=0, name: str = "ioctl", hints: dict | None 
     calls (PEP 475), traced or not; a handler that raises stops it. Not KVM_RUN, whose
     EINTR is a kick or immediate_exit and the caller's to handle, nor with
     ``retry_eintr=False`` (a check that EINTR never happens).
+
+    ``arg`` is the C ``unsigned long``: an int from 0 to 2**64 - 1. Anything else is
+    refused here, as ctypes would pass None as 0, a str as its address and cut a larger
+    int to its low 64 bits (a wrong call, not an error).
     """
+    if arg.__class__ is not int or not 0 <= arg < _ARG_LIMIT:
+        _check_arg(arg, name)
     retry = retry_eintr and request != KVM_RUN
     while True:
         if tracer is not None:
@@ -146,6 +152,17 @@ def ioctl(fd: int, request: int, arg=0, name: str = "ioctl", hints: dict | None 
         err = ctypes.get_errno()
         if not retry or err != _errno.EINTR:
             raise failure(fd, name, err, hints)
+
+
+_ARG_LIMIT = 2 ** 64
+
+
+def _check_arg(arg, name: str) -> None:
+    """Raise the TypeError or ValueError for an ioctl argument that is not a u64."""
+    if not isinstance(arg, int):
+        raise TypeError(f"{name}: the argument must be an int, not {type(arg).__name__}")
+    if not 0 <= arg < _ARG_LIMIT:
+        raise ValueError(f"{name}: the argument {arg} does not fit in 64 bits unsigned")
 
 
 def ioctl_signals_held(fd: int, request: int, arg=0, name: str = "ioctl",

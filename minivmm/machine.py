@@ -32,6 +32,7 @@ INIT_CS, INIT_CS_BASE, INIT_RIP = 0xF000, 0xFFFF0000, 0xFFF0
 _IO, _HLT, _MMIO, _INTR = abi.KVM_EXIT_IO, abi.KVM_EXIT_HLT, abi.KVM_EXIT_MMIO, abi.KVM_EXIT_INTR
 _OUT = abi.KVM_EXIT_IO_OUT
 _SYNC = L.PORT_SYNC
+_REG_NAMES = frozenset(name for name, _ in abi.kvm_regs._fields_)
 
 
 class MachineError(ValueError):
@@ -167,12 +168,18 @@ class Machine:
         self.on_ring_full = None          # callable(state) at KVM_EXIT_DIRTY_RING_FULL
         self.on_end = None                # callable(state) when a vCPU's thread is over
         self._start, self._deadline = time.monotonic(), None
+        self._started = False             # start() once: its vCPUs' ends are then spent
         self._lock = threading.Lock()
         nvcpus = vcpus if vcpus is not None else (self.payload.vcpus or 1)
         for name, value in (regs or {}).items():
+            if name not in _REG_NAMES:    # setattr on the ctypes struct would just add it
+                raise MachineError(f"no register named {name!r} (one of "
+                                   f"{', '.join(sorted(_REG_NAMES))})")
             # ctypes would keep the low 64 bits without a word
             if not 0 <= value < 1 << 64:
                 raise MachineError(f"register {name}: {value} does not fit in 64 bits")
+        if not isinstance(pages, int):    # a float would reach the slot as a fraction
+            raise TypeError(f"pages must be an int, not {type(pages).__name__}")
         if pages < 1:
             raise MachineError(f"--pages must be at least 1 (got {pages})")
         if pages > L.MAX_DATA_PAGES:
@@ -289,13 +296,15 @@ class Machine:
 
     def start(self, timeout: float | None = None) -> None:
         """Start the vCPU threads and return at once; wait() collects the result."""
-        if timeout is not None and timeout < 0:
-            raise MachineError(f"timeout must not be negative (got {timeout})")
+        if timeout is not None and not timeout >= 0:     # NaN too: it never expires
+            raise MachineError(f"timeout must be a number of seconds, not negative nor NaN "
+                               f"(got {timeout})")
         self._vm()
-        if any(st.thread is not None or st.done.is_set() for st in self.states):
+        if self._started:
             # a vCPU thread per vCPU at most: a second one would wait in KVM_RUN behind the
             # first, and the first could no longer be kicked (st.thread is the second)
             raise MachineError("this Machine has already run; make a new one")
+        self._started = True
         install_kick_handler()      # the vCPU threads let the kick in themselves
         self._start = time.monotonic()
         self._deadline = None if timeout is None else self._start + timeout
@@ -313,6 +322,9 @@ class Machine:
 
     def wait(self) -> RunResult:
         """Wait until every vCPU has ended (stopping them at the deadline)."""
+        if not self._started:         # no vCPU thread would ever end
+            self._vm()
+            raise MachineError("this Machine has not been started: call start() first")
         try:
             for st in self.states:
                 while not st.done.is_set():

@@ -17,6 +17,9 @@ class GuestMemory:
     """One anonymous mapping that backs one memory slot."""
 
     def __init__(self, slot: int, gpa: int, size: int, flags: int = 0, name: str = ""):
+        if not isinstance(size, int) or not isinstance(gpa, int):
+            raise TypeError(f"slot {slot}: size and address must be ints (got size "
+                            f"{size!r}, gpa {gpa!r})")
         if size <= 0 or size % PAGE_SIZE or gpa % PAGE_SIZE or not 0 <= gpa < 1 << 52:
             raise ValueError(f"slot {slot}: size and address must be non-zero multiples of "
                              f"{PAGE_SIZE}, the address below 2**52 (got size {size:#x}, "

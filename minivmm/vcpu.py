@@ -125,8 +125,14 @@ class Vcpu:
 
     def set_cpuid2(self, cpuid) -> None:
         """KVM_SET_CPUID2: the CPUID the guest sees (api.rst, KVM_SET_CPUID2); needed for long mode."""
-        if not hasattr(cpuid, "nent"):
+        if not hasattr(cpuid, "nent") or not isinstance(cpuid, ctypes.Structure):
             raise TypeError(f"set_cpuid2 needs a kvm_cpuid2, not {type(cpuid).__name__}")
+        # The kernel reads nent entries from here: more than the buffer holds would hand
+        # it the heap (as _address() guards set_regs and set_sregs)
+        room = (ctypes.sizeof(cpuid) - 8) // ctypes.sizeof(abi.kvm_cpuid_entry2)
+        if not 0 <= cpuid.nent <= room:
+            raise ValueError(f"set_cpuid2: nent is {cpuid.nent} but the buffer holds {room} "
+                             "entries (make it with abi.cpuid2_type(n))")
         ioctl(self.fd, abi.KVM_SET_CPUID2, ctypes.addressof(cpuid), "KVM_SET_CPUID2")
 
     def set_run_signals(self, signals) -> None:

@@ -69,6 +69,14 @@ class Vm:
     def set_user_memory_region(self, slot: int, flags: int, gpa: int, size: int,
                                host_addr: int) -> None:
         """KVM_SET_USER_MEMORY_REGION: create, move, change or (size 0) delete a slot."""
+        for what, value, bits in (("slot", slot, 32), ("flags", flags, 32), ("gpa", gpa, 64),
+                                  ("size", size, 64), ("host_addr", host_addr, 64)):
+            if not isinstance(value, int):
+                raise TypeError(f"KVM_SET_USER_MEMORY_REGION: {what} must be an int, not "
+                                f"{type(value).__name__}")
+            if not 0 <= value < 1 << bits:    # ctypes would keep the low bits without a word
+                raise ValueError(f"KVM_SET_USER_MEMORY_REGION: {what} {value} does not fit "
+                                 f"in {bits} bits unsigned")
         region = abi.kvm_userspace_memory_region(slot, flags, gpa, size, host_addr)
         ioctl(self.fd, abi.KVM_SET_USER_MEMORY_REGION, ctypes.addressof(region),
               "KVM_SET_USER_MEMORY_REGION",
@@ -157,8 +165,8 @@ class Vm:
             raise ValueError(f"slot {slot} is out of range (0..65535, at most "
                              "KVM_CAP_NR_MEMSLOTS of them)")
         if slot in self.memory:
-            raise ValueError(f"slot {slot} already holds memory: delete it first "
-                             "(set_user_memory_region with size 0)")
+            raise ValueError(f"slot {slot} already holds memory: remove it first "
+                             "(remove_memory)")
         mem = GuestMemory(slot, gpa, size, flags, name)
         try:
             self.set_user_memory_region(slot, flags, gpa, size, mem.host_addr)
@@ -167,6 +175,16 @@ class Vm:
             raise
         self.memory[slot] = mem
         return mem
+
+    def remove_memory(self, slot: int) -> None:
+        """Delete a slot add_memory() made (KVM_SET_USER_MEMORY_REGION, size 0) and free
+        its memory; its id may then be given to add_memory() again."""
+        mem = self.memory.get(slot)
+        if mem is None:
+            raise ValueError(f"slot {slot} holds no memory of add_memory()")
+        self.set_user_memory_region(slot, 0, mem.gpa, 0, 0)
+        del self.memory[slot]
+        mem.close()
 
     def slot_for(self, gpa: int) -> GuestMemory | None:
         for mem in self.memory.values():

@@ -84,6 +84,7 @@ class Tracker:
         self.lock = threading.Lock()
         self.machine = None
         self.slot_pages: dict = {}
+        self.used = False     # given to a DirtySession: its rings, bitmaps and counts are that VM's
 
     def before_vcpus(self, machine) -> None:
         pass
@@ -429,6 +430,12 @@ class DirtySession:
                  verify: bool = True):
         if collect not in ("sync", "async"):
             raise ValueError(f"collect must be sync or async, not {collect!r}")
+        if isinstance(tracker, Tracker) and tracker.used:
+            raise ValueError(f"this {tracker.name} tracker served another DirtySession "
+                             "already; make a new one")
+        if not isinstance(poll_interval_s, (int, float)) or not 0 < poll_interval_s < 1e9:
+            raise ValueError("poll_interval_s must be a number of seconds above 0 "
+                             f"(got {poll_interval_s!r})")
         # RCX = iterations: 0 would loop until stopped, and the sync tag is 32 bits (EAX)
         if not 1 <= iterations <= MAX_ITERATIONS:
             raise ValueError(f"--iterations must be between 1 and {MAX_ITERATIONS} "
@@ -441,6 +448,7 @@ class DirtySession:
         self.payload = load(payload) if isinstance(payload, str) else payload
         self.tracker = tracker if isinstance(tracker, Tracker) else make_tracker(
             tracker, ring_entries, manual_protect, initially_set, force_no_ring, show_ring)
+        self.tracker.used = True
         self.collect_mode, self.iterations_asked = collect, iterations
         # verify=False only collects (what the native baseline does): for benchmarks.
         # Nothing then reads the per-vCPU raw entries, so the ring need not copy them.

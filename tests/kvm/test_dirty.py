@@ -592,3 +592,17 @@ def test_the_ring_size_is_taken_as_the_u32_kvm_reads():
         assert vm.dirty_ring_bytes == 65536
         ring = VcpuRing(vm.create_vcpu(0), 4096)
         assert len(ring.flags()) == 4096
+
+
+def test_a_tracker_serves_one_session_and_the_poll_interval_is_checked():
+    tracker = trackermod.RingTracker(small_ring())
+    with DirtySession(payload("dirty_seq"), tracker=tracker, vcpus=2, pages=8,
+                      iterations=1) as s:
+        s.run(timeout=30)
+    # its rings are the closed VM's: a CollectionError about a released memoryview before
+    with pytest.raises(ValueError, match="served another DirtySession"):
+        DirtySession(payload("dirty_seq"), tracker=tracker, vcpus=1, pages=8)
+    for bad in ("0.01", None, 0, float("nan")):      # killed or stalled the reaper thread
+        with pytest.raises(ValueError, match="poll_interval_s"):
+            DirtySession(payload("dirty_seq"), vcpus=1, pages=8, collect="async",
+                         poll_interval_s=bad)

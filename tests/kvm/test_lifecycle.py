@@ -498,3 +498,83 @@ def test_stop_and_close_from_the_callbacks_of_several_vcpus_return():
     assert proc.stdout.splitlines() == ["stop ['enough']", "stop returned",
                                         "close ['closed']", "close returned"], \
         proc.stdout + proc.stderr
+
+
+def test_ioctl_arguments_that_are_not_a_u64_are_refused_not_converted():
+    # ctypes would pass None as 0, a str as its address and cut 2**64 + n to n
+    with Kvm() as kvm, kvm.create_vm() as vm:
+        with pytest.raises(TypeError, match="KVM_CHECK_EXTENSION: the argument must be an int"):
+            kvm.check_extension(None)
+        with pytest.raises(ValueError, match="does not fit in 64 bits"):
+            kvm.check_extension((1 << 64) + abi.KVM_CAP_MAX_VCPUS)
+        with pytest.raises(ValueError, match="does not fit in 64 bits"):
+            vm.create_vcpu(1 << 64)                   # would have made vCPU 0
+        with pytest.raises(TypeError, match="KVM_SET_TSS_ADDR"):
+            vm.set_tss_addr("0xfffbd000")
+        assert vm.vcpus == []
+        vm.create_vcpu(0)
+
+
+def test_memory_slot_fields_are_not_cut_to_their_c_width():
+    with Kvm() as kvm, kvm.create_vm() as vm:
+        mem = vm.add_memory(0, 0, 0x2000)
+        with pytest.raises(ValueError, match="slot 4294967296 does not fit in 32 bits"):
+            vm.set_user_memory_region(1 << 32, 0, 0, 0, 0)     # would delete slot 0
+        with pytest.raises(ValueError, match="flags 4294967296 does not fit in 32 bits"):
+            vm.add_memory(1, 0x100000, 0x1000, flags=1 << 32)
+        assert sorted(vm.memory) == [0]
+        with pytest.raises(KvmError, match="EEXIST"):           # slot 0 is still there
+            vm.set_user_memory_region(5, 0, 0, 0x1000, mem.host_addr)
+
+
+def test_a_slot_id_in_use_names_a_way_to_free_it_that_works():
+    # the advice was "set_user_memory_region with size 0", after which add_memory still
+    # refused: the VM keeps the memory (the slot may be re-created over it)
+    with Kvm() as kvm, kvm.create_vm() as vm:
+        mem = vm.add_memory(0, 0, 0x2000)
+        with pytest.raises(ValueError, match="remove it first \\(remove_memory\\)"):
+            vm.add_memory(0, 0, 0x4000)
+        vm.remove_memory(0)
+        assert 0 not in vm.memory and mem.map is None
+        assert vm.add_memory(0, 0, 0x4000).size == 0x4000
+        with pytest.raises(ValueError, match="slot 3 holds no memory"):
+            vm.remove_memory(3)
+
+
+def test_set_cpuid2_refuses_more_entries_than_its_buffer_holds():
+    # the kernel would read nent entries: the rest from the heap past the buffer
+    with Kvm() as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        buf = abi.cpuid2_type(1)()
+        buf.nent = 200
+        with pytest.raises(ValueError, match="nent is 200 but the buffer holds 1"):
+            vcpu.set_cpuid2(buf)
+        vcpu.set_cpuid2(kvm.get_supported_cpuid())
+
+
+def test_wait_before_start_is_refused():
+    # wait() with no start() waited for vCPU threads that never were: a hang
+    proc = _in_child(
+        "from minivmm import Machine, MachineError\n"
+        "with Machine('guest_payloads/spin.asm') as m:\n"
+        "    try:\n"
+        "        m.wait()\n"
+        "    except MachineError as e:\n"
+        "        print(e)\n"
+        "    m.start(timeout=0.3)\n"
+        "    print(m.wait().vcpus[0].end.reason)\n", timeout=30)
+    assert proc.stdout.splitlines() == ["this Machine has not been started: call start() first",
+                                        "timeout"], proc.stdout + proc.stderr
+
+
+def test_a_nan_timeout_is_refused():
+    with Machine(payload("spin")) as m:
+        with pytest.raises(MachineError, match="NaN"):
+            m.run(timeout=float("nan"))               # never expired: a hang
+
+
+def test_machine_registers_and_pages_are_checked():
+    with pytest.raises(MachineError, match="no register named 'RAX'"):
+        Machine(payload("hello_long"), regs={"RAX": 5})   # was silently ignored
+    with pytest.raises(TypeError, match="pages must be an int, not float"):
+        Machine(payload("hello_long"), pages=8.5)
