@@ -400,7 +400,7 @@ class Machine:
             self._vcpu_loop(st)
         except KvmError as e:
             st.end = VcpuEnd("kvm-error", detail={"error": str(e)})
-        except Exception as e:  # a bug of ours must still end the vCPU visibly
+        except BaseException as e:  # a bug, or a callback's SystemExit: still an end
             st.end = VcpuEnd("host-error", detail={"error": f"{type(e).__name__}: {e}"})
         finally:
             try:        # the mask is the vCPU's: a KVM_RUN from another thread must not keep it
@@ -411,6 +411,10 @@ class Machine:
             try:
                 if self.on_end is not None:
                     self.on_end(st)
+            except BaseException as e:  # not lost on stderr: the run is not ok
+                was = st.end.summary() if st.end else "no end"
+                st.end = VcpuEnd("host-error", detail={
+                    "error": f"on_end raised {type(e).__name__}: {e} (the vCPU had {was})"})
             finally:
                 st.done.set()
 

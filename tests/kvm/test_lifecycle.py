@@ -578,3 +578,21 @@ def test_machine_registers_and_pages_are_checked():
         Machine(payload("hello_long"), regs={"RAX": 5})   # was silently ignored
     with pytest.raises(TypeError, match="pages must be an int, not float"):
         Machine(payload("hello_long"), pages=8.5)
+
+
+@pytest.mark.parametrize("where", ["on_end", "trace"])
+def test_a_callbacks_exception_ends_the_vcpu_visibly(where):
+    # on_end's exception went to threading.excepthook only, and the run stayed ok; a
+    # SystemExit in trace left the vCPU with no end at all
+    def boom(*_):
+        raise SystemExit("callback gave up") if where == "trace" else ValueError("bad")
+    with Machine(payload("hello_long")) as m:
+        setattr(m, where, boom)
+        r = m.run(timeout=20)
+    st, = r.vcpus
+    assert not r.ok and st.end.reason == "host-error"
+    if where == "on_end":
+        assert st.end.detail["error"] == ("on_end raised ValueError: bad (the vCPU had "
+                                          "exited with code 0)")
+    else:
+        assert st.end.detail["error"] == "SystemExit: callback gave up"
