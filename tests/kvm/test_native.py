@@ -82,12 +82,17 @@ def test_native_collects_what_minivmm_collects(native, tmp_path, tracker):
         records = s.run(timeout=60)
         assert all(r.ok for r in records)
         data = sum(len(r.data_pages) for r in records)
+        every = sum(p.count for r in records for p in r.collection.sets.values())
     assert data == 3 * 4096         # dirty_seq: every page of each share, every iteration
     args = ["dirty", image, "--tracker", tracker] + (["--ring-entries", 1024] * bool(kw))
     n = native(*args)
     assert n["vcpus"] == 2 and n["reset_mismatch"] == 0
     # the native side also logs the system slot (page tables, stacks) but never less
     assert data <= n["pages"] <= data + 3 * 64, n
+    # the data slot alone: exactly what minivmm collected (both de-duplicate per collection)
+    assert n["slot_pages"]["1"] == data, n
+    assert n["collections"] == 4, n
+    assert n["pages"] == every, (n, every)      # the system slot's pages too
     if tracker == "ring":
         assert n["ring_full_exits"] >= 1     # 2048 pages a vCPU through 1024 entries
 
