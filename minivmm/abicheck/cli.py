@@ -45,6 +45,10 @@ def cmd_abi_check(args) -> int:
         print(f"minivmm abi-check: cannot write --output {args.output}: {e.strerror}",
               file=sys.stderr)
         return EXIT_CANNOT_RUN
+    if out is None:    # started with stdout closed (>&-): Python leaves sys.stdout None
+        print("minivmm abi-check: cannot write the report to stdout: it is closed (give "
+              "--output FILE)", file=sys.stderr)
+        return EXIT_CANNOT_RUN
     try:
         if args.list:
             text = report.listing_json(specs) if args.format == "json" \

@@ -13,7 +13,7 @@ import errno
 
 import numpy as np
 
-from .. import _sys
+from .. import _sys, abi
 from .._sys import KvmError
 from . import ctx as ctxmod
 
@@ -75,6 +75,20 @@ def vm_calls_fail():
     def change(name, q, a, ret, err):
         if name.startswith(_VM_CALLS):
             return -1, errno.EINVAL
+        return ret, err
+    with _ioctl_hook(change):
+        yield
+
+
+@fault("small_rings_refused", "KVM_ENABLE_CAP refuses dirty rings under 16 KiB with EINVAL "
+       "(a kernel that reserves more entries than it should)")
+def small_rings_refused():
+    def change(name, q, a, ret, err):
+        if q == abi.KVM_ENABLE_CAP and ret >= 0:
+            cap = abi.kvm_enable_cap.from_address(a)
+            if cap.cap in (abi.KVM_CAP_DIRTY_LOG_RING, abi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL) \
+                    and (cap.args[0] & 0xFFFFFFFF) < 16384:
+                return -1, errno.EINVAL
         return ret, err
     with _ioctl_hook(change):
         yield

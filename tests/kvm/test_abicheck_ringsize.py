@@ -28,10 +28,16 @@ def _pml_limits(kvm):
 
 
 def _patch_ring_limits(monkeypatch):
-    """Every module that imported ring_limits by name sees the PML host's minimum."""
+    """Every module that imported ring_limits by name sees the PML host's minimum, and
+    ring.enable.sizes sees kvm_intel with pml=Y (what it holds that minimum to)."""
+    from minivmm.abicheck import checks_ring_enable
     for name, mod in list(sys.modules.items()):
         if name.startswith("minivmm") and getattr(mod, "ring_limits", None) is REAL_RING_LIMITS:
             monkeypatch.setattr(mod, "ring_limits", _pml_limits)
+    monkeypatch.setattr(checks_ring_enable, "vendor_module", lambda: "kvm_intel")
+    monkeypatch.setattr(checks_ring_enable, "module_param",
+                        lambda module, name, sysfs=None:
+                        "Y" if (module, name) == ("kvm_intel", "pml") else None)
 
 
 def _recording_tracer(sizes: list):
