@@ -214,37 +214,68 @@ next:
 """
 
 
+@contextlib.contextmanager
+def _signal_storm(thread_id: int, every: float = 0.00005):
+    """Signals at the thread ``thread_id`` every ``every`` seconds while the block runs.
+
+    A Python thread sends the kick, but on a busy host it may not get a CPU while a reset
+    runs; so on the main thread an interval timer (SIGALRM, a no-op handler) fires too:
+    the kernel raises it on time whatever the scheduler does with our threads."""
+    import signal
+    from ..machine import KICK_SIGNAL
+    stop = threading.Event()
+
+    def storm():
+        while not stop.is_set():
+            signal.pthread_kill(thread_id, KICK_SIGNAL)
+            time.sleep(every)
+    t = threading.Thread(target=storm, daemon=True)
+    t.start()
+    timer = threading.get_ident() == thread_id == threading.main_thread().ident
+    if timer:
+        old_handler = signal.signal(signal.SIGALRM, lambda *_: None)
+        old_timer = signal.setitimer(signal.ITIMER_REAL, every, every)
+    try:
+        yield
+    finally:
+        if timer:
+            # the timer goes first: a SIGALRM raised after the handler is restored could kill
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old_handler)
+            if old_timer[0]:
+                signal.setitimer(signal.ITIMER_REAL, *old_timer)
+        stop.set()
+        t.join()
+
+
 @check("ring.reset.signal_partial", 40, "virt/kvm/dirty_ring.c kvm_dirty_ring_reset() "
        "(49005a2a3d2a: bail if a signal is pending); virt/kvm/kvm_main.c "
        "kvm_vm_ioctl_reset_dirty_pages()", fault="reset_count_lie")
 def reset_signal_partial(ctx):
     """A signal during KVM_RESET_DIRTY_RINGS never makes it fail: a partial count, the rest later"""
-    import signal
-    from ..machine import KICK_SIGNAL
     pages_per_vcpu, entries = 8192, 16384
-    me = threading.get_ident()
-    partial, totals = [], []
-    for attempt, delay in enumerate((0.0, 0.0003, 0.001)):
+    partial = []
+    for attempt in range(3):
         m = ctx.guest(WRITE_SHARE, vcpus=2, pages=2 * pages_per_vcpu, ring=entries)
         for i in (0, 1):
             ctx.expect_event(ctx.run_to_port(m, i), "exit", f"vCPU {i} writes its share")
         harvested = sum(len(ctx.harvest(m.rings[i])[1]) for i in (0, 1))
-        kicker = threading.Timer(delay, lambda: signal.pthread_kill(me, KICK_SIGNAL))
-        kicker.start()
         t0 = time.perf_counter()
         # signals not held back: this check is about what one does to the reset
-        first = m.vm.reset_dirty_rings(hold_signals=False)   # a KvmError (EINTR) fails it
+        with _signal_storm(threading.get_ident()):
+            first = m.vm.reset_dirty_rings(hold_signals=False)   # a KvmError (EINTR) fails it
         took = time.perf_counter() - t0
-        kicker.join()
         rest = m.vm.reset_dirty_rings()
         if first < harvested:
             partial.append((first, harvested))
-        totals.append((first, rest, harvested))
-        ctx.diag(f"attempt {attempt}: signal after {delay * 1e3:.1f} ms; reset returned "
-                 f"{first} in {took * 1e3:.2f} ms, then {rest}; harvested {harvested}")
+        ctx.diag(f"attempt {attempt}: under a signal storm the reset returned {first} in "
+                 f"{took * 1e3:.2f} ms, then {rest}; harvested {harvested}")
         expect_eq(first + rest, harvested, "the counts of the interrupted reset and the "
                   "next one add up to what was harvested")
-    ctx.diag(f"partial counts seen: {partial or 'none (no signal landed inside a reset)'}")
+    if not partial:
+        raise Skip("no signal cut a reset short in 3 attempts: this kernel may not stop "
+                   "KVM_RESET_DIRTY_RINGS for signals (before v6.17), or none landed in time")
+    ctx.diag(f"partial counts seen: {partial}")
 
 
 # Two passes over the vCPU's share, with a sync between them: what the second pass writes
@@ -278,40 +309,6 @@ def _runs(pages) -> str:
             out.append(f"{start}" if start == p else f"{start}-{p}")
             start = None
     return ", ".join(out)
-
-
-@contextlib.contextmanager
-def _signal_storm(thread_id: int, every: float = 0.00005):
-    """Signals at the thread ``thread_id`` every ``every`` seconds while the block runs.
-
-    A Python thread sends the kick, but on a busy host it may not get a CPU while a reset
-    runs; so on the main thread an interval timer (SIGALRM, a no-op handler) fires too:
-    the kernel raises it on time whatever the scheduler does with our threads."""
-    import signal
-    from ..machine import KICK_SIGNAL
-    stop = threading.Event()
-
-    def storm():
-        while not stop.is_set():
-            signal.pthread_kill(thread_id, KICK_SIGNAL)
-            time.sleep(every)
-    t = threading.Thread(target=storm, daemon=True)
-    t.start()
-    timer = threading.get_ident() == thread_id == threading.main_thread().ident
-    if timer:
-        old_handler = signal.signal(signal.SIGALRM, lambda *_: None)
-        old_timer = signal.setitimer(signal.ITIMER_REAL, every, every)
-    try:
-        yield
-    finally:
-        if timer:
-            # the timer goes first: a SIGALRM raised after the handler is restored could kill
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, old_handler)
-            if old_timer[0]:
-                signal.setitimer(signal.ITIMER_REAL, *old_timer)
-        stop.set()
-        t.join()
 
 
 @check("ring.reset.signal_rearms", 40, "virt/kvm/dirty_ring.c kvm_dirty_ring_reset() "

@@ -39,8 +39,11 @@ def cmd_abi_check(args) -> int:
         raise UsageError("--list prints text (the default) or --format json, not junit")
     if args.pattern and not specs:
         raise UsageError(f"no check id matches {args.pattern!r} (see --list)")
+    if args.output == "":      # it would be taken as "no --output": stdout
+        print("minivmm abi-check: --output needs a file name", file=sys.stderr)
+        return EXIT_CANNOT_RUN
     try:   # opened before any check runs: a bad path costs nothing and is no failure
-        out = open(args.output, "w") if args.output else sys.stdout
+        out = open(args.output, "w") if args.output is not None else sys.stdout
     except OSError as e:
         print(f"minivmm abi-check: cannot write --output {args.output}: {e.strerror}",
               file=sys.stderr)

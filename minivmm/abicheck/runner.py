@@ -99,6 +99,9 @@ def cve_line(release: str) -> str:
         state = "at or past the fix" if ver >= fixed else "BEFORE the fix"
         return (f"CVE-2026-52969 (wrapped offset in kvm_reset_dirty_gfn): {release} is {state} "
                 f"({'.'.join(map(str, fixed))}); version comparison only, no exploit is run")
+    if ver < (5, 11, 0):
+        return (f"CVE-2026-52969: {release} is not affected: the dirty ring it is in came "
+                "with 5.11")
     if ver >= (7, 1, 0):
         return f"CVE-2026-52969: {release} is newer than every fixed release listed (7.0.10)"
     return (f"CVE-2026-52969: no fixed release known for the {ver[0]}.{ver[1]} line "

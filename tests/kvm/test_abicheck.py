@@ -109,6 +109,9 @@ def test_an_unwritable_output_is_refused_before_any_check(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     line, = proc.stderr.strip().splitlines()     # no ioctl traced: nothing ran
     assert "--output" in line and "No such file" in line and not bad.exists()
+    proc = run_cli("abi-check", "-k", "caps.api", "--output", "")   # was: stdout, silently
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == "minivmm abi-check: --output needs a file name\n"
     good = tmp_path / "report.json"
     proc = run_cli("abi-check", "-k", "caps.api", "--format", "json", "--output", str(good))
     assert proc.returncode == 0 and proc.stdout == ""

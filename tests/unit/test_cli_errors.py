@@ -183,3 +183,14 @@ def test_ctrl_c_inside_a_class_made_while_loading_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 130 and proc.stderr == "minivmm: interrupted\n", proc.stderr
+
+
+@pytest.mark.parametrize("release,words", [
+    ("6.18.44-fc-v595", "is at or past the fix (6.18.33)"),
+    ("6.18.2", "is BEFORE the fix (6.18.33)"),
+    ("5.10.200", "is not affected: the dirty ring it is in came with 5.11"),
+    ("6.3.1", "no fixed release known for the 6.3 line"),
+])
+def test_the_cve_line_of_the_abicheck_header(release, words):
+    from minivmm.abicheck.runner import cve_line
+    assert words in cve_line(release)
