@@ -70,6 +70,10 @@ DEFAULT_COUNT = 1000
 DEFAULT_PAGES = 16
 DEFAULT_MAX_TIME = 60.0     # seconds for a whole session: --count 0 on a spinning guest ends
 PROBE_EXITS = 8             # exits the guest-debug probe waits for a verdict
+# KVM_EXIT_DIRTY_RING_FULL exits in a row whose harvest finds nothing: KVM's index has run
+# past the VMM's, the ring overflowed (as dirty/tracker.py EMPTY_FULL_LIMIT): every
+# KVM_RUN from now on would exit the same way at once
+EMPTY_FULL_LIMIT = 3
 
 _IO, _DEBUG, _HLT, _INTR = abi.KVM_EXIT_IO, abi.KVM_EXIT_DEBUG, abi.KVM_EXIT_HLT, abi.KVM_EXIT_INTR
 _OUT = abi.KVM_EXIT_IO_OUT
@@ -113,6 +117,7 @@ class Step:
     event: str                # how the host learned of it: debug-exit | db-trap | io-exit | hlt
     io: dict | None = None    # for an `out`: port and value
     dirty: list | None = None  # RingEntry list with --dirty
+    note: str = ""            # when the step is not exactly one instruction (stepping lost)
 
     def to_dict(self, mechanism: str) -> dict:
         out = {"step": self.number, "address": self.address, "next": self.next,
@@ -122,6 +127,8 @@ class Step:
             out["io"] = self.io
         if self.dirty is not None:
             out["dirty"] = [e.to_dict() for e in self.dirty]
+        if self.note:
+            out["note"] = self.note
         return out
 
 
@@ -324,6 +331,8 @@ class StepSession:
         self.syncs = 0
         self.pre_break_entries = 0       # ring entries harvested while running to --break
         self.stub_entries = 0            # ring entries written by the #DB stub itself
+        self._pending_dirty = []         # harvested at a ring-full exit, for the next step
+        self._empty_full = 0             # ring-full exits in a row that harvested nothing
         self.elapsed_s = 0.0             # time spent stepping (setup_s not included)
         self.setup_s = 0.0               # time spent running freely to the breakpoint
         self._system_pages = _system_page_names(self.machine, vcpu)
@@ -487,7 +496,7 @@ class StepSession:
                     # it and no KVM_EXIT_HLT; the next KVM_RUN would run on into whatever
                     # follows. The guest meant to stop here. (Where KVM halts instead,
                     # the KVM_EXIT_HLT is handled in _common_exit.)
-                    self.end = VcpuEnd("hlt", rip=regs.rip, instruction=step.instruction,
+                    self.end = VcpuEnd("hlt", rip=regs.rip, instruction=self._named(step),
                                        detail={"note": "KVM_EXIT_DEBUG replaced KVM_EXIT_HLT"})
                 return step
             step = self._common_exit(reason)
@@ -550,7 +559,9 @@ class StepSession:
             # An `out` ends in its IO exit: this exit is the out's step. On kvm_pvm RIP is
             # already past it and its step trap is lost (host-probes 2).
             past = self._past_pending_out(regs)
+            note = self._untraced_out(past.rip)
             step = self._step(past, "io-exit", io={"port": port, "value": value})
+            step.note = note
             if self.end is not None:            # the payload's own write to port 0xe0
                 return step
             if port in (L.PORT_CONSOLE, L.PORT_DEBUGCON):
@@ -560,7 +571,7 @@ class StepSession:
             elif port == L.PORT_EXIT:
                 # past the out on every host, as kvm_pvm leaves it (Machine.out_exit_rip)
                 self.end = VcpuEnd("exit-port", code=value & 0xFF, rip=past.rip,
-                                   instruction=step.instruction)
+                                   instruction=self._named(step))
             else:
                 self.end = self._end_here("unhandled-io", after=True, io_out=True,
                                           detail=_strip(vcpu.describe_exit(reason)))
@@ -570,14 +581,16 @@ class StepSession:
         if reason == _HLT:
             regs = self.vcpu.get_regs()
             step = self._step(regs, "hlt")
-            self.end = VcpuEnd("hlt", rip=regs.rip, instruction=step.instruction)
+            self.end = VcpuEnd("hlt", rip=regs.rip, instruction=self._named(step))
             return step
         if reason == _INTR:
             if not self._out_of_time():
                 self.end = self._end_here("timeout", detail={"timeout_s": self.timeout})
             return None
         if reason == abi.KVM_EXIT_DIRTY_RING_FULL and self.ring is not None:
-            return False                    # the next step's harvest empties it
+            got = self._harvest()           # the next step reports them
+            self._pending_dirty.extend(got)
+            return None if self._ring_overflowed(got) else False
         detail = _strip(vcpu.describe_exit(reason))
         if reason == abi.KVM_EXIT_MMIO:
             # a write leaves RIP past its instruction, a read at it (host-probes.md 6)
@@ -612,6 +625,21 @@ class StepSession:
         self._late_trap = past.rip
         return past
 
+    def _untraced_out(self, rip: int) -> str:
+        """"" when the instruction being stepped is the out that made this IO exit. Else
+        the guest ran on untraced (it cleared TF itself with popf or iretq, say) up to an
+        out ending at ``rip``: the step is moved to that out, and the note says so."""
+        _, text, _ = self._instruction(self.pc)
+        if any(w.startswith("out") for w in text.split()[:2]):
+            return ""
+        ins = self.payload.instruction_ending_at(rip)
+        if ins is None:
+            return ""
+        was = self.pc
+        self.pc = ins.address
+        return (f"stepping lost after {was:#x}: the guest ran untraced up to this out "
+                "(it cleared RFLAGS.TF itself?); the registers changed over all of it")
+
     def _keep_tf(self, regs) -> None:
         # Measured here, TF survives an `out` (the next instruction traps), so this does
         # nothing; should a host drop it, set it again. KVM_SET_REGS with the `out` still
@@ -644,17 +672,40 @@ class StepSession:
         raw, text, line = self._instruction(addr)
         step = Step(self.steps, addr, regs.rip, raw, text, line, changed, event, io)
         if self.ring is not None:
-            step.dirty = self._harvest(stub_rsp)
+            step.dirty, self._pending_dirty = self._pending_dirty + self._harvest(stub_rsp), []
         return step
 
+    def _ring_overflowed(self, got: list) -> bool:
+        """After a ring-full exit's harvest: True (and ``end`` set) when it is the
+        EMPTY_FULL_LIMIT-th in a row to find nothing, i.e. the ring overflowed."""
+        if got:
+            self._empty_full = 0
+            return False
+        self._empty_full += 1
+        if self._empty_full < EMPTY_FULL_LIMIT:
+            return False
+        why = (f"{EMPTY_FULL_LIMIT} KVM_EXIT_DIRTY_RING_FULL exits in a row found no DIRTY "
+               "entry at the VMM's fetch index: the ring overflowed (KVM pushed past its "
+               "size; entries were overwritten and their pages are lost)")
+        self.end = self._end_here("ring-overflow", detail={"why": why})
+        return True
+
+    def _named(self, step: Step) -> str:
+        """The step's instruction as `run` names it in an end (with its source line)."""
+        return self.machine.describe_instruction(self.st, step.address) or step.instruction
+
     def _instruction(self, addr: int) -> tuple:
+        """(bytes, text, source line) of the instruction at addr as it is in memory now:
+        the listing's, unless the guest wrote over it (then line 0, as for code that is
+        not in the listing)."""
         ins = self.by_address.get(addr)
-        if ins is None:                  # not in the listing (data run as code, ...)
-            lin = self.machine.linear(self.st, addr)
-            mem = self.machine.vm.slot_for(lin)
-            if mem is not None:
-                ins = disassemble_one(mem.read(lin, min(16, mem.gpa + mem.size - lin)), addr,
-                                      self.payload.mode)
+        lin = self.machine.linear(self.st, addr)
+        mem = self.machine.vm.slot_for(lin)
+        raw = mem.read(lin, min(16, mem.gpa + mem.size - lin)) if mem is not None else None
+        if ins is not None and raw is not None and raw[:ins.size] != ins.raw:
+            ins = None                   # rewritten by the guest: what ran is in memory
+        if ins is None and raw is not None:   # not in the listing (data run as code, ...)
+            ins = disassemble_one(raw, addr, self.payload.mode)
         if ins is None:
             return b"", "(undecodable)", 0
         return ins.raw, ins.text, ins.line
@@ -693,7 +744,8 @@ class StepSession:
         saved = code.read(lin, 1)
 
         def restore():                   # put the instruction's first byte back
-            if self.mechanism == IN_GUEST:
+            # unless the guest wrote over our int3 itself: its byte is the one to keep
+            if self.mechanism == IN_GUEST and code.read(lin, 1) == bytes((INT3,)):
                 code.write(lin, saved)
         if self.mechanism == GUEST_DEBUG:
             debugreg = [lin, 0, 0, 0, 0, 0, 0, 0x1]          # DR0 = address, DR7 = L0, execute
@@ -743,6 +795,7 @@ class StepSession:
                 if out and port == L.PORT_SYNC:
                     self.syncs += 1
                     continue
+                restore()                       # the end names what is really there
                 if out and port == L.PORT_EXIT:
                     self.end = self._end_here("exit-port", after=True, io_out=True)
                     self.end.code = vcpu.io_data()[0]
@@ -750,12 +803,26 @@ class StepSession:
                     self.end = self._end_here("unhandled-io", after=out, io_out=out,
                                               detail=_strip(vcpu.describe_exit(reason)))
             elif reason == _HLT:
+                restore()
                 self.end = self._end_here("hlt", after=True)
             elif reason == abi.KVM_EXIT_DIRTY_RING_FULL and self.ring is not None:
-                self.pre_break_entries += len(self._harvest())
-                continue
+                got = self._harvest()
+                self.pre_break_entries += len(got)
+                if not self._ring_overflowed(got):
+                    continue
             else:
+                restore()
+                regs = vcpu.get_regs()
                 self._common_exit(reason, free_run=True)   # timeout, shutdown, ...: no step
+                if self.mechanism == IN_GUEST and regs.rip == bp and self.end is not None \
+                        and self.end.reason == "internal-error":
+                    # kvm_pvm cannot deliver an int3 from the code it emulates (host-probes
+                    # 2): the breakpoint was reached, its int3 ended the guest
+                    self.end.detail["why"] = (
+                        f"the breakpoint's int3 at {bp:#x} was reached, but KVM could not "
+                        "deliver it (an int3 in code KVM emulates, such as CPL0 code on "
+                        "kvm_pvm, ends in KVM_EXIT_INTERNAL_ERROR); use --mechanism "
+                        "guest-debug (or auto) for this code")
             restore()
             if self.end is None:                # --max-time: the guest may still get there
                 self.stopped["breakpoint"] = f"{bp:#x} not reached yet"
@@ -764,7 +831,7 @@ class StepSession:
             return
         self.pc, self.regs = bp, _regs_dict(regs)
         if self.ring is not None:
-            self.pre_break_entries = len(self._harvest())
+            self.pre_break_entries += len(self._harvest())
 
     # -- ends --
     def _end_here(self, reason: str, after: bool = False, detail=None,
@@ -783,6 +850,10 @@ class StepSession:
 
     def _end_exception(self, frame: dict) -> None:
         self.end = self.machine.exception_end(self.st, frame)
+        # the frame's RFLAGS carry the stepper's TF (in-guest stepping, or the TF the
+        # breakpoint's frame was given): not the guest's, as in _without_tf
+        if "rflags" in self.end.detail:
+            self.end.detail["rflags"] &= ~TF
 
     def _end_in_stub(self) -> None:
         """KVM guest debug stepped into minivmm's exception stub: an exception was
@@ -855,6 +926,8 @@ def format_step(step: Step) -> str:
                  L.PORT_DEBUGCON: f"console {chr(value & 0xFF)!r}",
                  L.PORT_SYNC: f"sync {value}", L.PORT_EXIT: f"exit {value & 0xFF}"}
         notes.append(named.get(port, f"port {port:#x} <- {value:#x}"))
+    if step.note:
+        notes.append(f"({step.note})")
     line = f"; line {step.line}" if step.line else ";"
     return (f"step {step.number:<4} {step.address:#07x}  {step.raw.hex(' '):<21} "
             f"{step.instruction:<32} {line:<10} {' '.join(notes)}").rstrip()

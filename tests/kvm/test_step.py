@@ -590,3 +590,116 @@ def test_ctrl_c_inside_a_harvest_comes_out_as_such(monkeypatch):
         with StepSession(payload("dirty_seq"), dirty=True) as s:
             list(s.run(count=50))
     assert len(calls) == 5
+
+
+# -- from a probe of the stepper (fix.diff) --
+
+def test_an_exception_end_keeps_the_steppers_tf_out_of_rflags():
+    # run reports the #UD frame's RFLAGS without TF; the in-guest stepper set TF, not the guest
+    p = assemble_source(";! mode: long\n    mov eax, 1\n    ud2\n", "ud2.asm")
+    with StepSession(p, mechanism=IN_GUEST) as s:
+        list(s.run())
+        assert s.end.reason == "exception" and s.end.vector == 6
+        assert not s.end.detail["rflags"] & 0x100
+
+
+def test_entries_before_the_breakpoint_count_every_ring_full_harvest():
+    # 8192 pages written before the breakpoint: the ring (4096 entries) fills on the way,
+    # and each ring-full harvest counts, not only the last one
+    with StepSession(payload("dirty_seq"), breakpoint="finished", dirty=True, pages=8192,
+                     iterations=2, timeout=60) as s:
+        list(s.run())
+        assert s.end.reason == "exit-port" and s.end.code == 0
+        assert s.pre_break_entries >= 8192
+
+
+@pytest.mark.parametrize("to_break", [True, False])
+def test_a_ring_that_stays_full_is_an_overflow_not_a_timeout(monkeypatch, to_break):
+    # what an overflowed ring does (emulated writes, kvm_pvm): KVM_EXIT_DIRTY_RING_FULL at
+    # every entry, and nothing DIRTY at the VMM's fetch index
+    import minivmm.step as step_mod
+    real_enter = step_mod.StepSession._enter
+    entered = []
+
+    def enter(self):
+        if self._deadline is not None and time.monotonic() >= self._deadline:
+            return abi.KVM_EXIT_INTR            # the watchdog's kick, as KVM_RUN returns it
+        if len(entered) >= 1:
+            return abi.KVM_EXIT_DIRTY_RING_FULL
+        entered.append(1)
+        return real_enter(self)
+    monkeypatch.setattr(step_mod.StepSession, "_enter", enter)
+    if not to_break:
+        entered.append(1)
+    t0 = time.monotonic()
+    with StepSession(payload("hello_real"), breakpoint="done" if to_break else None,
+                     dirty=True, timeout=3) as s:
+        list(s.run())
+        assert s.end is not None and s.end.reason == "ring-overflow", s.end
+        assert "overflowed" in s.end.detail["why"]
+    assert time.monotonic() - t0 < 2
+
+
+SMC = """;! mode: long
+    lea rdi, [rip + target]
+    mov byte ptr [rdi], 0x90
+    mov byte ptr [rdi+1], 0x90
+target:
+    ud2
+    mov eax, 5
+    out 0xf4, al
+"""
+
+
+def test_code_the_guest_rewrote_is_stepped_as_it_ran():
+    p = assemble_source(SMC, "smc.asm")
+    with StepSession(p) as s:
+        steps = list(s.run())
+        assert [st.instruction for st in steps][3:5] == ["nop", "nop"]
+        assert steps[3].raw == b"\x90" and steps[3].line == 0
+        assert s.end.reason == "exit-port" and s.end.code == 5
+
+
+def test_a_breakpoint_int3_the_host_cannot_deliver_is_not_blamed_on_the_guest():
+    # forced in-guest at CPL0: kvm_pvm ends an emulated int3 in KVM_EXIT_INTERNAL_ERROR
+    p = cpl0("hello_long")
+    done = by_line(p, "xor eax, eax").address
+    with StepSession(p, mechanism=IN_GUEST, breakpoint=done) as s:
+        steps = list(s.run())
+        if s.end is not None and s.end.reason == "internal-error":
+            assert "rewritten by the guest" not in (s.end.instruction or "")
+            assert s.end.instruction == "xor eax, eax  ; line 14"
+            assert "int3" in s.end.detail["why"]
+        else:                   # a host that delivers it: the breakpoint works
+            assert [st.instruction for st in steps] == ["xor eax, eax", "out 0xf4, al"]
+
+
+CLEAR_TF = """;! mode: long
+    pushfq
+    pop rax
+    and rax, -257
+    push rax
+    popfq
+    nop
+    nop
+    mov eax, 4
+    out 0xf4, al
+"""
+
+
+def test_a_guest_that_clears_tf_gets_its_out_named_not_the_last_stepped_instruction():
+    p = assemble_source(CLEAR_TF, "cleartf.asm")
+    out = by_line(p, "out 0xf4, al")
+    with StepSession(p, mechanism=IN_GUEST) as s:
+        steps = list(s.run())
+        last = steps[-1]
+        assert last.event == "io-exit" and last.address == out.address
+        assert last.instruction == "out 0xf4, al" and "stepping lost" in last.note
+        assert s.end.reason == "exit-port" and s.end.instruction == "out 0xf4, al  ; line 10"
+
+
+def test_ends_name_their_instruction_as_run_does():
+    for name, want in (("hello_real", "hlt  ; line 15"), ("hello_long", "out 0xf4, al  ; line 14")):
+        with StepSession(payload(name)) as s:
+            list(s.run())
+            assert s.end.instruction == want
