@@ -1,5 +1,8 @@
 """minivmm: a virtual machine monitor in Python that speaks to /dev/kvm one ioctl at a time.
 
+Not an ABI mirror itself: it re-exports the layers that are (minivmm.abi, kvm.py, vm.py,
+vcpu.py) and the policy on top of them (Machine, DirtySession).
+
 The names below load on first use (PEP 562), so that `minivmm` starts with nothing heavy
 imported and a Ctrl-C while numpy, capstone and keystone load is still one line.
 """

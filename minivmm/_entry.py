@@ -1,4 +1,4 @@
-"""The `minivmm` command (and `python -m minivmm`): loads the CLI, then runs it.
+"""The `minivmm` command (and `python -m minivmm`): loads the CLI, then runs it. Not a kernel ABI.
 
 Loading takes a few hundred ms (numpy, capstone, keystone); a Ctrl-C in that time gets
 the same one line and status 130 as one during a command (minivmm/cli.py).

@@ -4,7 +4,7 @@ dirty-ring entry to the instruction that produced it.
 Two ways to step, because which one works depends on the host (host-probes.md sections 2
 and 4; abi.md section 6):
 
-* **KVM guest debug** (Documentation/virt/kvm/api.rst 4.53 KVM_SET_GUEST_DEBUG):
+* **KVM guest debug** (Documentation/virt/kvm/api.rst 4.87 KVM_SET_GUEST_DEBUG):
   ``KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP`` makes KVM return ``KVM_EXIT_DEBUG``
   after every instruction (``kvm_run.debug.arch``: exception 1, ``pc`` = the next
   instruction). Breakpoints use ``KVM_GUESTDBG_USE_HW_BP`` with DR0 = the address and

@@ -2,7 +2,7 @@
 
 Mirrors the "vCPU ioctls" of Documentation/virt/kvm/api.rst section 4:
 4.10 KVM_RUN, 4.11/4.12 KVM_GET/SET_REGS, 4.13/4.14 KVM_GET/SET_SREGS,
-KVM_SET_CPUID2, 4.53 KVM_SET_GUEST_DEBUG; and section 5, "The kvm_run
+KVM_SET_CPUID2, 4.87 KVM_SET_GUEST_DEBUG; and section 5, "The kvm_run
 structure" (page 0 of the vCPU mapping; x86 page layout in
 arch/x86/include/uapi/asm/kvm.h: PIO data at page 1, coalesced MMIO at 2,
 dirty ring from page 64).
@@ -152,7 +152,7 @@ class Vcpu:
         ioctl(self.fd, abi.KVM_SET_SIGNAL_MASK, ctypes.addressof(arg), "KVM_SET_SIGNAL_MASK")
 
     def set_guest_debug(self, control: int, debugreg=None) -> None:
-        """KVM_SET_GUEST_DEBUG: single-step and breakpoints (api.rst 4.53)."""
+        """KVM_SET_GUEST_DEBUG: single-step and breakpoints (api.rst 4.87)."""
         dbg = abi.kvm_guest_debug(control=control)
         if len(debugreg or ()) > len(dbg.arch.debugreg):
             raise ValueError(f"at most {len(dbg.arch.debugreg)} debug registers (DR0-DR7)")

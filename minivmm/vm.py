@@ -3,7 +3,7 @@
 Mirrors the "VM ioctls" of Documentation/virt/kvm/api.rst section 4, one
 method each: 4.7 KVM_CREATE_VCPU, 4.8 KVM_GET_DIRTY_LOG, 4.35
 KVM_SET_USER_MEMORY_REGION, 4.37 KVM_ENABLE_CAP, 4.40
-KVM_SET_IDENTITY_MAP_ADDR, 4.44 KVM_SET_TSS_ADDR, 4.117 KVM_CLEAR_DIRTY_LOG,
+KVM_SET_IDENTITY_MAP_ADDR, 4.36 KVM_SET_TSS_ADDR, 4.117 KVM_CLEAR_DIRTY_LOG,
 and KVM_RESET_DIRTY_RINGS (section 7.36 KVM_CAP_DIRTY_LOG_RING).
 """
 from __future__ import annotations
@@ -147,7 +147,7 @@ class Vm:
                      _RESET_HINTS, retry_eintr=False)
 
     def set_tss_addr(self, addr: int) -> None:
-        """KVM_SET_TSS_ADDR: three pages VMX needs for real mode (api.rst 4.44); address by value."""
+        """KVM_SET_TSS_ADDR: three pages VMX needs for real mode (api.rst 4.36); address by value."""
         ioctl(self.fd, abi.KVM_SET_TSS_ADDR, addr, "KVM_SET_TSS_ADDR")
 
     def set_identity_map_addr(self, addr: int) -> None:

@@ -236,7 +236,7 @@ static void setup_vm(void)
 	if (vm_fd < 0)
 		die_sys("KVM_CREATE_VM");
 	/* VMX without unrestricted guest runs real mode through vm86 and needs
-	 * these (api.rst 4.40, 4.44); other hosts accept and ignore them. */
+	 * these (api.rst 4.40, 4.36); other hosts accept and ignore them. */
 	if (tss_addr && ioctl(vm_fd, KVM_CHECK_EXTENSION, KVM_CAP_SET_TSS_ADDR) > 0 &&
 	    ioctl(vm_fd, KVM_SET_TSS_ADDR, (unsigned long)tss_addr) < 0)
 		die_sys("KVM_SET_TSS_ADDR");

@@ -104,7 +104,7 @@ class kvm_guest_debug_arch(_S):
 
 
 class kvm_guest_debug(_S):
-    """api.rst 4.53 KVM_SET_GUEST_DEBUG."""
+    """api.rst 4.87 KVM_SET_GUEST_DEBUG."""
     _c_name_ = "struct kvm_guest_debug"
     _fields_ = [("control", u32), ("pad", u32), ("arch", kvm_guest_debug_arch)]
 

@@ -92,7 +92,7 @@ def zero(ctx):
     _enable_each(ctx, ctx.ring_cap(), (0,), "EINVAL", "size 0")
 
 
-@check("ring.enable.not_pow2", 9, f"{ENABLE} (is_power_of_2)", fault="errno_swap")
+@check("ring.enable.not_pow2", 9, f"{ENABLE} (!size || (size & (size - 1)))", fault="errno_swap")
 def not_pow2(ctx):
     """Sizes that are not a power of two (12288, 4112) are EINVAL"""
     _enable_each(ctx, ctx.ring_cap(), (12288, 4112), "EINVAL", "not a power of two")

@@ -151,10 +151,10 @@ def private(ctx):
 
 
 @check("ring.mmap.exec", 22, f"{MMAP} (VM_EXEC); mm/mmap.c do_mmap() (path_noexec() with "
-       "VM_EXEC: -EPERM), fs/anon_inodes.c SB_I_NOEXEC (commit 1ed95281c0c7, v6.15)",
+       "VM_EXEC: -EPERM), fs/anon_inodes.c SB_I_NOEXEC (commit 1ed95281c0c7, v6.16; stable 6.15.4 and LTS)",
        fault="mmap_invert")
 def exec_(ctx):
-    """A PROT_EXEC mapping of the ring fails: EINVAL (KVM) or EPERM (VFS, >= 6.15)"""
+    """A PROT_EXEC mapping of the ring fails: EINVAL (KVM) or EPERM (VFS, >= 6.16 or a stable backport)"""
     entries = ctx.min_ring()
     vm, fd = _ring_vcpu(ctx, entries)
     seen = []

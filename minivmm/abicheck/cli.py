@@ -1,4 +1,6 @@
-"""`minivmm abi-check`: run the checks and report in KTAP (default), JSON or JUnit."""
+"""`minivmm abi-check`: run the checks and report in KTAP (default), JSON or JUnit.
+
+Not a kernel ABI mirror: the command line only; what is checked is in the checks_*.py modules."""
 from __future__ import annotations
 
 import contextlib

@@ -1,5 +1,7 @@
 """What a check works with: fresh VMs, guests, ring and mmap access, diagnostics.
 
+Not a kernel ABI mirror: test plumbing over the layers that are (minivmm.vm, vcpu, dirty.ring).
+
 Every kernel access a check makes goes through the layers below (minivmm._sys.ioctl
 and minivmm._sys.map_shared) or through the Ctx methods here, so that the fault
 injector (faults.py) can stand between the check and the kernel.

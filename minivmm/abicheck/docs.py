@@ -1,4 +1,5 @@
 """Regenerate the check table in docs/abi-check.md from the registry (so it cannot drift).
+Not a kernel ABI.
 
     python -m minivmm.abicheck.docs          # rewrite the table in place
     python -m minivmm.abicheck.docs --check  # exit 1 if the file is out of date

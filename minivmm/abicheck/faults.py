@@ -1,5 +1,6 @@
 """Fault injection: make the kernel (as a check sees it) lie, so that every check is
 shown able to fail. Used by the test suite; each check names the fault it must catch.
+Not a kernel ABI mirror: it falsifies what the kernel answers, never calls it differently.
 
 The injector stands where every kernel access passes: minivmm._sys.ioctl (through its
 ``tracer`` hook), minivmm._sys.map_shared, and the Ctx methods that read the ring, mmap

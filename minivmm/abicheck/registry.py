@@ -1,4 +1,4 @@
-"""The check registry and the vocabulary checks are written in.
+"""The check registry and the vocabulary checks are written in. Not a kernel ABI mirror.
 
 Each check is a function ``fn(ctx)`` registered with a stable id, the abi.md rule
 numbers it covers, a citation (kernel file and function, or api.rst section), and

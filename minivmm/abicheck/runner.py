@@ -1,4 +1,7 @@
-"""Selecting and running checks, each in its own fresh VM(s), and the host header."""
+"""Selecting and running checks, each in its own fresh VM(s), and the host header.
+
+Not a kernel ABI mirror; the header's CVE line compares the release against the stable
+releases that carry commit 577a8d3bae05 (CVE-2026-52969), a version comparison only."""
 from __future__ import annotations
 
 import dataclasses
