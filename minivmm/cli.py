@@ -326,6 +326,9 @@ def cmd_dirty(args) -> int:
     if args.tracker == "ring" and (args.initially_set or args.no_manual_protect):
         raise UsageError("--initially-set and --no-manual-protect are bitmap options; "
                          "use them with --tracker bitmap or both")
+    if args.initially_set and args.no_manual_protect:   # before any VM runs, not after the ring's
+        raise UsageError("KVM_DIRTY_LOG_INITIALLY_SET is an option of manual protect "
+                         "(api.rst 7.18): drop --no-manual-protect or --initially-set")
     if args.tracker == "bitmap" and (args.show_ring or args.ring_entries is not None):
         raise UsageError("--show-ring and --ring-entries are ring options; use them with "
                          "--tracker ring or both")
@@ -354,7 +357,9 @@ def cmd_dirty(args) -> int:
     ring_records = [recs for t, recs, _ in runs if t.name == "ring"]
     ring_plot = None
     if args.plot:
-        report.plot(summary, args.plot)
+        report.plot(summary, args.plot,
+                    missed={t.name: {str(r.iteration): r.missed.tolist() for r in recs}
+                            for t, recs, _ in runs})
         if args.show_ring and ring_records:
             ring_plot = _plot_paths(args.plot, True)[1]
             report.plot_rings(ring_records[0], ring_plot)

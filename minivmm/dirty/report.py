@@ -206,8 +206,11 @@ def verdict(summary: dict) -> str:
             f"against {oracles})")
 
 
-def plot(summary: dict, path: str) -> None:
-    """Iterations by pages, coloured by which tracker saw each page, misses marked."""
+def plot(summary: dict, path: str, missed: dict | None = None) -> None:
+    """Iterations by pages, coloured by which tracker saw each page, misses marked.
+
+    ``missed``: {tracker: {iteration (str): every missed page}}; the summary's
+    ``missed_pages`` holds only the first 64 of an iteration's misses."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -223,6 +226,14 @@ def plot(summary: dict, path: str) -> None:
     if len(names) == 2:
         colours[names[1]] = "tab:orange"
     width = 0.8
+    labelled = set()          # each group in the legend once, whichever iteration has it first
+
+    def label(name):
+        if name in labelled:
+            return None
+        labelled.add(name)
+        return name
+
     for k in iters:
         x = xpos[k]
         if len(names) == 2:
@@ -230,16 +241,20 @@ def plot(summary: dict, path: str) -> None:
             groups = {"both": a & b, names[0]: a - b, names[1]: b - a}
         else:
             groups = {names[0]: sets[names[0]].get(k, set())}
-        for label, pages in groups.items():
+        for name, pages in groups.items():
             if pages:
                 ys = sorted(pages)
                 ax.scatter([x] * len(ys), ys, s=2, marker="s",
-                           color=colours[label], label=label if x == 0 else None)
+                           color=colours[name], label=label(name))
         for r in runs:
             for it in r["iterations"]:
-                if str(it["iteration"]) == k and it["missed_pages"]:
-                    ax.scatter([x] * len(it["missed_pages"]), it["missed_pages"], s=30,
-                               marker="x", color="red", label="missed" if x == 0 else None)
+                if str(it["iteration"]) != k:
+                    continue
+                pages = it["missed_pages"] if missed is None else \
+                    missed.get(r["tracker"], {}).get(k, it["missed_pages"])
+                if len(pages):
+                    ax.scatter([x] * len(pages), pages, s=30,
+                               marker="x", color="red", label=label("missed"))
     ax.set_xticks(range(len(iters)), iters)
     ax.set_xlim(-width, len(iters) - 1 + width)
     ax.set_xlabel("iteration (collection)")

@@ -1,0 +1,92 @@
+"""The --plot picture and the dirty options checked before any VM runs, without KVM."""
+import pytest
+
+from minivmm import cli
+from minivmm.dirty import report
+
+pytest.importorskip("matplotlib")
+
+
+def _iteration(n, pages, missed=()):
+    missed = list(missed)
+    return {"iteration": n, "pages": {"data": list(pages)}, "missed_pages": missed[:64]}
+
+
+def _capture(monkeypatch):
+    """Every scatter the plot draws: (label, marker, y values)."""
+    from matplotlib.axes import Axes
+    drawn = []
+    real = Axes.scatter
+
+    def scatter(self, x, y, *a, **kw):
+        drawn.append((kw.get("label"), kw.get("marker"), list(y)))
+        return real(self, x, y, *a, **kw)
+    monkeypatch.setattr(Axes, "scatter", scatter)
+    return drawn
+
+
+def test_the_legend_names_every_group_even_if_iteration_1_lacks_it(tmp_path, monkeypatch):
+    drawn = _capture(monkeypatch)
+    summary = {"payload": "dirty_seq", "collect": "sync", "runs": [
+        {"tracker": "ring", "iterations": [_iteration(1, range(100)),
+                                           _iteration(2, range(90), missed=range(90, 100))]},
+        {"tracker": "bitmap", "iterations": [_iteration(1, range(100)),
+                                             _iteration(2, range(100))]}]}
+    report.plot(summary, str(tmp_path / "p.png"))
+    labels = [label for label, _, _ in drawn if label]
+    # the bitmap-only pages and the misses first appear in iteration 2: they used to be
+    # drawn without a legend entry (labels were given at x == 0 only)
+    assert sorted(labels) == ["bitmap", "both", "missed"]
+
+
+def test_every_miss_is_marked_not_only_the_first_64(tmp_path, monkeypatch):
+    drawn = _capture(monkeypatch)
+    summary = {"payload": "dirty_seq", "collect": "sync", "runs": [
+        {"tracker": "ring", "iterations": [_iteration(1, range(300, 1000), missed=range(300))]}]}
+    report.plot(summary, str(tmp_path / "p.png"), missed={"ring": {"1": list(range(300))}})
+    marked = [y for _, marker, ys in drawn if marker == "x" for y in ys]
+    assert sorted(marked) == list(range(300))
+
+
+def test_cmd_dirty_hands_the_plot_every_miss(tmp_path, monkeypatch):
+    """cmd_dirty passes the records' full miss lists, not the JSON's first 64."""
+    import numpy as np
+    got = {}
+    monkeypatch.setattr(report, "plot", lambda summary, path, missed=None: got.update(missed))
+
+    class Rec:
+        iteration, ok = 1, False
+        missed = np.arange(300)
+    monkeypatch.setattr(cli, "_check_plot_path", lambda *a: None)
+    monkeypatch.setattr(cli, "_check_payload_params", lambda args: None)
+    monkeypatch.setattr(cli, "load", lambda p: p)
+
+    class T:
+        name = "bitmap"
+
+    class S:
+        nvcpus = 1
+
+        class payload:
+            name = "x"
+    monkeypatch.setattr(cli, "_run_dirty_session", lambda args, kind: (T(), [Rec()], None, S()))
+    monkeypatch.setattr(report, "to_json", lambda a, runs: {"ok": False, "runs": []})
+    monkeypatch.setattr(report, "table", lambda s: "")
+    monkeypatch.setattr(report, "verdict", lambda s: "")
+    assert cli.main(["dirty", "--tracker", "bitmap", "--plot", str(tmp_path / "p.png"),
+                     "--json"]) == 1
+    assert got == {"bitmap": {"1": list(range(300))}}
+
+
+@pytest.mark.parametrize("tracker", ["both", "auto", "bitmap"])
+def test_initially_set_without_manual_protect_is_refused_before_any_run(tracker, monkeypatch,
+                                                                         capsys):
+    # with both (or auto), the ring's whole run used to come first: the refusal came
+    # after it, from the bitmap tracker's constructor
+    def no_run(*a, **kw):
+        raise AssertionError("a VM ran before the options were checked")
+    monkeypatch.setattr(cli, "_run_dirty_session", no_run)
+    assert cli.main(["dirty", "--tracker", tracker, "--initially-set",
+                     "--no-manual-protect"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "INITIALLY_SET is an option of manual protect" in err[0]
