@@ -195,16 +195,21 @@ def _trace_printer(machine, stream):
         info = st.vcpu.describe_exit(reason)
         regs = st.vcpu.get_regs()
         io_out = reason == abi.KVM_EXIT_IO and info.get("direction") == "out"
-        # after an out, an MMIO write or a hlt, RIP may be past the instruction
-        after = io_out or (reason == abi.KVM_EXIT_MMIO and info.get("is_write")) or \
-            reason == abi.KVM_EXIT_HLT
-        ins = machine.describe_instruction(st, regs.rip, after, io_out) or "?"
+        # after an out, an MMIO write or a hlt, RIP may be past the instruction; name it
+        # as the vCPU's end would (the out that made this exit, a repeating string store)
+        rip, after = regs.rip, reason == abi.KVM_EXIT_HLT
+        if io_out:
+            rip, name_at = machine.out_exit_rip(st, regs)
+            after = not name_at
+        elif reason == abi.KVM_EXIT_MMIO:
+            after = machine.mmio_after(st, regs)
+        ins = machine.describe_instruction(st, rip, after) or "?"
         fields = " ".join(f"{k}={v:#x}" if isinstance(v, int) and k not in ("size", "count", "len")
                           else f"{k}={v}" for k, v in info.items()
                           if k not in ("reason", "exit_reason"))
         with lock:
             print(f"[vcpu{st.index} #{sum(st.exit_counts.values())}] "
-                  f"{info['reason']:<14} {fields:44} rip={regs.rip:#x}  "
+                  f"{info['reason']:<14} {fields:44} rip={rip:#x}  "
                   f"{'by' if after else 'at'} {ins}", file=stream, flush=True)
     return trace
 

@@ -450,9 +450,8 @@ class Machine:
                     if port == L.PORT_EXCEPTION and self.payload.mode == "long":
                         st.end = self._exception_end(st)
                         break
-                elif port == L.PORT_EXCEPTION:     # the stub asks: resume? never, here
-                    vcpu.set_io_data(b"\0\0\0\0")
-                    continue
+                # an `in` from 0xe0 here is the payload's: a stub's own `in` comes only after
+                # its `out 0xe0`, which has ended the vCPU above
                 st.end = self.end_at(st, "unhandled-io", after=io.direction == _OUT,
                                      io_out=io.direction == _OUT,
                                      detail=_strip(vcpu.describe_exit(reason)))
@@ -473,7 +472,7 @@ class Machine:
                 st.end = self.end_at(st, "hlt", after=True)
             elif reason == _MMIO:
                 detail = _strip(vcpu.describe_exit(reason))
-                st.end = self.end_at(st, "unhandled-mmio", after=bool(run.mmio.is_write),
+                st.end = self.end_at(st, "unhandled-mmio", after=self.mmio_after(st),
                                      detail=detail)
             elif reason == abi.KVM_EXIT_DIRTY_RING_FULL and self.on_ring_full is not None:
                 st.end = self.on_ring_full(st)     # harvest, reset, re-enter (or an end)
@@ -565,6 +564,30 @@ class Machine:
         if registers:
             end.detail["registers"] = self.registers(st)
         return end
+
+    def mmio_after(self, st, regs=None) -> bool:
+        """At an MMIO exit: True when RIP is past the instruction that made it (a write),
+        False when RIP is at it: a read, or a write by a `rep movs`/`rep stos` that is
+        still repeating (KVM keeps RIP at it until its count is done). Such a write is the
+        string instruction's when RDI has just moved past the written address."""
+        mmio = st.vcpu.run_struct.mmio
+        is_write, phys = bool(mmio.is_write), mmio.phys_addr
+        del mmio                            # no view of kvm_run may outlive the call
+        if not is_write:
+            return False
+        regs = regs or st.vcpu.get_regs()
+        raw = self._memory_bytes(st, regs.rip)
+        ins = disassemble_one(raw, regs.rip, self.payload.mode) if raw else None
+        words = ins.mnemonic.split() if ins is not None else []
+        if len(words) < 2 or words[0] != "rep" or not words[-1].startswith(("movs", "stos")):
+            return True
+        width = {"b": 1, "w": 2, "d": 4, "q": 8}.get(words[-1][-1])
+        mask = {"real": 0xFFFF, "protected": 0xFFFFFFFF}.get(self.payload.mode, (1 << 64) - 1)
+        if width is None or not regs.rcx & mask:
+            return True                     # the last repetition: RIP is past it
+        step = -width if regs.rflags & 0x400 else width     # RFLAGS.DF
+        base = st.vcpu.get_sregs().es.base if self.payload.mode == "real" else 0
+        return base + ((regs.rdi - step) & mask) != phys
 
     def out_exit_rip(self, st, regs) -> tuple:
         """(rip, name_at) for an IO exit at an OUT, the same on every host: rip past the
@@ -671,8 +694,11 @@ class Machine:
         from_stub = L.STUBS <= regs.rip <= STUB_END
         frame = self.stub_frame(regs.rsp) if from_stub else None
         # A frame the CPU pushed names one of our code selectors; a payload that jumped
-        # into the stubs leaves whatever its stack held (all zero, typically)
-        if frame is not None and frame["cs"] in (L.SEL_CODE0, L.SEL_CODE3):
+        # into the stubs leaves whatever its stack held (all zero, typically). The stubs
+        # run at CPL0 (their gates say so): a CPL3 payload running their code does not
+        if from_stub and st.vcpu.get_sregs().cs.selector & 3:
+            from_stub = False
+        if frame is not None and from_stub and frame["cs"] in (L.SEL_CODE0, L.SEL_CODE3):
             return frame, None
         from_stub = from_stub and frame is None
         value = int.from_bytes(st.vcpu.io_data()[:4], "little")

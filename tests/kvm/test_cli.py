@@ -103,3 +103,19 @@ def test_ctrl_c_stops_all_vcpus_and_exits_130():
     assert proc.returncode == 130, (out, err)
     assert time.monotonic() - start < 5
     assert "interrupted" in err and "Traceback" not in err
+
+
+def test_trace_names_the_out_that_made_the_exit(tmp_path):
+    # RIP past `out 0xf0, eax` is at `out 0xf0, al`: that out would not make a
+    # 4-byte exit, so the trace must name the one before it
+    src = tmp_path / "outs.asm"
+    src.write_text(";! mode: long\n    mov eax, 1\n    out 0xf0, eax\n    out 0xf0, al\n"
+                   "    out 0xe9, al\n    out 0xe9, al\n    xor eax, eax\n    out 0xf4, al\n")
+    proc = run_cli("run", src, "--trace")
+    assert proc.returncode == 0, proc.stderr
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("[vcpu0")]
+    assert len(lines) == 5
+    for line, want in zip(lines, ["out 0xf0, eax  ; line 3", "out 0xf0, al  ; line 4",
+                                  "out 0xe9, al  ; line 5", "out 0xe9, al  ; line 6",
+                                  "out 0xf4, al  ; line 8"]):
+        assert line.endswith("by " + want), line

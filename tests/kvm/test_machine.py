@@ -306,3 +306,50 @@ def test_an_out_not_in_the_listing_followed_by_a_like_out_keeps_its_rip():
     with Machine(assemble_source(src, "bytes.asm")) as m:
         end = m.run(timeout=20).vcpus[0].end
     assert end.reason == "exit-port" and end.code == 7 and end.rip == L.CODE + 7
+
+
+@pytest.mark.parametrize("mode,src", [
+    ("long", "    mov rdi, 0xd0000000\n    mov ecx, 4\n    mov al, 0x55\n    rep stosb\n"),
+    ("long", "    mov rdi, 0xd0000000\n    lea rsi, [rip]\n    mov ecx, 4\n    rep movsb\n"),
+    ("protected", "    mov edi, 0x300000\n    mov ecx, 3\n    rep stosd\n"),
+])
+def test_rep_string_mmio_write_names_the_string_instruction(mode, src):
+    # KVM keeps RIP at a `rep stos/movs` while it repeats: the write is the string
+    # instruction's, not the one that ends at RIP (the `mov ecx`/`mov al` before it)
+    with Machine(assemble_source(f";! mode: {mode}\n{src}", "reps.asm")) as m:
+        r = m.run(timeout=20)
+    end = r.vcpus[0].end
+    assert end.reason == "unhandled-mmio" and end.detail["is_write"]
+    assert end.instruction.startswith("rep "), end.instruction
+    assert end.rip == m.payload.listing[-1].address
+
+
+def test_mmio_write_just_before_a_rep_store_names_the_write():
+    # RIP is at the rep stos here too, but the write was the mov's (RDI not advanced)
+    src = (";! mode: long\n    mov rdi, 0xd0000000\n    mov ecx, 4\n"
+           "    mov byte ptr [rdi], 1\n    rep stosb\n")
+    with Machine(assemble_source(src, "mov_then_rep.asm")) as m:
+        end = m.run(timeout=20).vcpus[0].end
+    assert end.reason == "unhandled-mmio"
+    assert end.instruction.startswith("mov byte ptr [rdi], 1"), end.instruction
+
+
+@pytest.mark.parametrize("mode", ["real", "protected", "long"])
+def test_in_from_the_exception_port_by_the_payload_is_reported(mode):
+    # only the stubs may use port 0xe0; a payload's own `in` was answered 0 silently
+    src = f";! mode: {mode}\n    in al, 0xe0\n    mov al, 4\n    out 0xf4, al\n"
+    with Machine(assemble_source(src, "in_e0.asm")) as m:
+        end = m.run(timeout=20).vcpus[0].end
+    assert end.reason == "unhandled-io", end.summary()
+    assert end.detail["port"] == 0xE0 and end.detail["direction"] == "in"
+    assert end.instruction.startswith("in al, 0xe0")
+
+
+def test_cpl3_payload_jumping_into_the_stubs_with_a_frame_is_not_an_exception():
+    # a frame-shaped stack (CS 0x1b) must not make up a #PF: the real stubs run at CPL0
+    src = (";! mode: long\n    push 0x23\n    push rsp\n    pushfq\n    push 0x1b\n"
+           "    lea rax, [rip + here]\n    push rax\n    push 0\n    push 14\n"
+           f"here:\n    jmp qword ptr [rip + tgt]\ntgt:\n    .quad {L.STUB_COMMON:#x}\n")
+    with Machine(assemble_source(src, "fake.asm")) as m:
+        end = m.run(timeout=20).vcpus[0].end
+    assert end.reason == "exception-port-by-payload" and end.vector is None, end.summary()
