@@ -20,8 +20,8 @@ from ._sys import KvmError
 from .kvm import Kvm
 from .payload import Payload, disassemble, disassemble_one, load
 from .x86 import layout as L
-from .x86.modes import (EXCEPTION_NAMES, STUB_END, STUB_FRAME_FIELDS, setup_memory,
-                         setup_vcpu)
+from .x86.modes import (EXCEPTION_NAMES, STUB_END, STUB_FRAME_CS, STUB_FRAME_FIELDS,
+                        STUB_FRAME_LAYOUT, setup_memory, setup_vcpu, stub_end)
 
 TRAP_VECTORS = (1, 3, 4)      # #DB (single-step), #BP, #OF
 DEFAULT_PAGES = 64
@@ -447,7 +447,7 @@ class Machine:
                         st.end = self.end_at(st, "exit-port", code=kmap[io.data_offset],
                                              after=True, io_out=True)
                         break
-                    if port == L.PORT_EXCEPTION and self.payload.mode == "long":
+                    if port == L.PORT_EXCEPTION:
                         st.end = self._exception_end(st)
                         break
                 # an `in` from 0xe0 here is the payload's: a stub's own `in` comes only after
@@ -496,14 +496,15 @@ class Machine:
                    cs=sregs.cs.selector, ss=sregs.ss.selector, cs_base=sregs.cs.base)
         return out
 
-    def linear(self, st: VcpuState, rip: int) -> int:
-        """RIP to a guest-physical address (identity paging; real mode adds the CS base)."""
+    def linear(self, st: VcpuState, rip: int, cs_base: int | None = None) -> int:
+        """RIP to a guest-physical address (identity paging; real mode adds the CS base,
+        the vCPU's unless ``cs_base`` is given)."""
         if self.payload.mode == "real":
-            return st.vcpu.get_sregs().cs.base + rip
+            return (st.vcpu.get_sregs().cs.base if cs_base is None else cs_base) + rip
         return rip
 
     def describe_instruction(self, st: VcpuState, rip: int, after: bool = False,
-                             io_out: bool = False) -> str | None:
+                             io_out: bool = False, cs_base: int | None = None) -> str | None:
         """The payload's instruction at rip, or (after=True) the one ending at rip.
 
         ``io_out``: the exit is an OUT. kvm_pvm has already moved RIP past it; VMX and
@@ -520,7 +521,7 @@ class Machine:
         if ins is None:
             ins = p.instruction_ending_at(rip) if after else p.instruction_at(rip)
         if ins is not None:
-            raw = self._memory_bytes(st, ins.address)
+            raw = self._memory_bytes(st, ins.address, cs_base)
             if raw is not None and len(raw) >= ins.size and raw[:ins.size] != ins.raw:
                 # the guest wrote over it: what ran is in memory, not in the listing
                 one = disassemble_one(raw, ins.address, p.mode)
@@ -536,13 +537,13 @@ class Machine:
                 if (ins.address + ins.size if after else ins.address) == rip:
                     return f"{ins.text}  ; exception stub"
             return None
-        raw = None if after else self._memory_bytes(st, rip)
+        raw = None if after else self._memory_bytes(st, rip, cs_base)
         one = disassemble_one(raw, rip, p.mode) if raw is not None else None
         return one.text if one else None
 
-    def _memory_bytes(self, st, address: int) -> bytes | None:
+    def _memory_bytes(self, st, address: int, cs_base: int | None = None) -> bytes | None:
         """Up to 16 bytes of guest memory at this code address; None outside memory."""
-        addr = self.linear(st, address)
+        addr = self.linear(st, address, cs_base)
         mem = self.vm.slot_for(addr)
         if mem is None:
             return None
@@ -682,6 +683,24 @@ class Machine:
         frame["_at"] = rsp
         return frame
 
+    def _mode_stub_frame(self, st, regs) -> dict | None:
+        """stub_frame() for the payload's mode: a 32-bit or 16-bit frame outside long mode,
+        read at SS:SP in real mode; "rsp" is where the stack was before the exception."""
+        mode = self.payload.mode
+        if mode == "long":
+            return self.stub_frame(regs.rsp)
+        fmt, fields = STUB_FRAME_LAYOUT[mode]
+        size = struct.calcsize(fmt)
+        at = st.vcpu.get_sregs().ss.base + (regs.rsp & 0xFFFF) if mode == "real" \
+            else regs.rsp & 0xFFFFFFFF
+        mem = self.vm.slot_for(at)
+        if mem is None or not mem.contains(at, size):
+            return None
+        frame = dict(zip(fields, struct.unpack(fmt, mem.read(at, size))))
+        frame["rsp"], frame["_at"] = (regs.rsp + size) & (0xFFFF if mode == "real" else
+                                                         0xFFFFFFFF), at
+        return frame
+
     def _exception_end(self, st) -> VcpuEnd:
         frame, end = self.stub_report(st, st.vcpu.get_regs())
         return end or self.exception_end(st, frame)
@@ -691,14 +710,15 @@ class Machine:
         (x86/modes.py) with its frame readable at RSP; else (None, the vCPU's end): the
         payload wrote the port itself, or the stub's stack is outside guest memory."""
         # RIP is past the stub's out (kvm_pvm) or still at it (VMX/SVM): inside the stubs
-        from_stub = L.STUBS <= regs.rip <= STUB_END
-        frame = self.stub_frame(regs.rsp) if from_stub else None
+        mode = self.payload.mode
+        from_stub = L.STUBS <= regs.rip <= stub_end(mode)
+        frame = self._mode_stub_frame(st, regs) if from_stub else None
         # A frame the CPU pushed names one of our code selectors; a payload that jumped
         # into the stubs leaves whatever its stack held (all zero, typically). The stubs
         # run at CPL0 (their gates say so): a CPL3 payload running their code does not
         if from_stub and st.vcpu.get_sregs().cs.selector & 3:
             from_stub = False
-        if frame is not None and from_stub and frame["cs"] in (L.SEL_CODE0, L.SEL_CODE3):
+        if frame is not None and from_stub and frame["cs"] in STUB_FRAME_CS[mode]:
             return frame, None
         from_stub = from_stub and frame is None
         value = int.from_bytes(st.vcpu.io_data()[:4], "little")
@@ -713,8 +733,11 @@ class Machine:
         # #DB traps and #BP (int3) push the address after the instruction (SDM vol. 3,
         # 6.5: traps); faults push the faulting instruction's own address
         trap = frame["vector"] in TRAP_VECTORS
+        # real mode: the pushed IP is an offset in the payload's segment (the stub's is 0)
+        cs_base = frame["cs"] << 4 if self.payload.mode == "real" else None
         return VcpuEnd("exception", vector=frame["vector"], rip=frame["rip"],
-                       instruction=self.describe_instruction(st, frame["rip"], after=trap),
+                       instruction=self.describe_instruction(st, frame["rip"], after=trap,
+                                                             cs_base=cs_base),
                        detail={"error_code": frame["error_code"], "cr2": cr2,
                                "name": EXCEPTION_NAMES.get(frame["vector"], "?"),
                                "cs": frame["cs"], "rsp": frame["rsp"],

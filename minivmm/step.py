@@ -45,7 +45,7 @@ from .machine import (KICK_SIGNAL, Machine, MachineError, VcpuEnd, format_regist
                       install_kick_handler)
 from .payload import Payload, disassemble_one, load
 from .x86 import layout as L
-from .x86.modes import STUB_END, STUB_FRAME_FIELDS
+from .x86.modes import STUB_FRAME_FIELDS, stub_end
 
 MECHANISMS = ("auto", "guest-debug", "in-guest")
 GUEST_DEBUG, IN_GUEST = "guest-debug", "in-guest"
@@ -134,8 +134,8 @@ class Step:
 
 # -- choosing the mechanism --
 
-def _in_stubs(pc: int) -> bool:
-    return L.STUBS <= pc < STUB_END
+def _in_stubs(pc: int, mode: str = "long") -> bool:
+    return L.STUBS <= pc < stub_end(mode)
 
 
 def probe_guest_debug(payload: Payload, kvm: Kvm | None = None) -> tuple:
@@ -151,7 +151,7 @@ def probe_guest_debug(payload: Payload, kvm: Kvm | None = None) -> tuple:
             info = vcpu.describe_exit(reason)
             if reason == _DEBUG:
                 pc = info["pc"]
-                if _in_stubs(pc):
+                if _in_stubs(pc, payload.mode):
                     return False, (f"the step's #DB was delivered to the guest's own #DB "
                                    f"handler (KVM_EXIT_DEBUG at pc {pc:#x}, inside minivmm's "
                                    "exception stubs), not reported to the VMM")
@@ -487,7 +487,7 @@ class StepSession:
                 late, self._late_trap = self._late_trap, None
                 if regs.rip == late:
                     continue                 # the out's own step, already reported
-                if _in_stubs(regs.rip) and self.payload.mode == "long":
+                if _in_stubs(regs.rip, self.payload.mode):
                     self._end_in_stub()
                     return None
                 step = self._step(regs, "debug-exit")
@@ -547,7 +547,7 @@ class StepSession:
                 return None
             value = int.from_bytes(vcpu.io_data()[:size], "little")
             regs = vcpu.get_regs()
-            if port == L.PORT_EXCEPTION and self.payload.mode == "long":
+            if port == L.PORT_EXCEPTION:
                 # VMX/SVM deliver the fault natively (vmx.c handle_ud re-injects #UD; #GP
                 # and #PF are not intercepted with EPT) and the interrupt gate clears TF,
                 # so the stub runs unstepped and its report arrives here: an exception,
@@ -764,8 +764,7 @@ class StepSession:
                 # 2): stepping on without it is what steps over it.
                 vcpu.set_guest_debug(abi.KVM_GUESTDBG_ENABLE | abi.KVM_GUESTDBG_SINGLESTEP)
                 break
-            if reason == _IO and vcpu.run_struct.io.port == L.PORT_EXCEPTION \
-                    and self.payload.mode == "long":   # the stubs live in the long-mode IDT
+            if reason == _IO and vcpu.run_struct.io.port == L.PORT_EXCEPTION:
                 if vcpu.run_struct.io.direction != _OUT:
                     self._answer_stub()
                     continue

@@ -3,7 +3,8 @@
 Mirrors ``struct kvm_sregs`` / ``struct kvm_segment`` (arch/x86/include/uapi/asm/kvm.h,
 api.rst 4.13 KVM_GET_SREGS) and the in-memory x86 structures of the Intel SDM vol. 3:
 GDT descriptors (3.4.5), 64-bit TSS with I/O permission bitmap (7.7, 19.5.2),
-64-bit interrupt gates (6.14.1) and 4-level paging with 2 MiB pages (4.5).
+64-bit interrupt gates (6.14.1), 32-bit gates (6.11), the real-mode IVT (20.1.4) and
+4-level paging with 2 MiB pages (4.5).
 
 Why long mode runs at CPL3 by default: on kvm_pvm hosts CPL0 code is emulated
 one instruction at a time; CPL3 code runs natively (host-probes.md, abi.md 6).
@@ -57,13 +58,66 @@ STUB_END = L.STUB_COMMON + len(STUB_COMMON_CODE)
 # After `push rax` the frame is: rax, vector, error, rip, cs, rflags, rsp, ss.
 STUB_FRAME_FIELDS = ("rax", "vector", "error_code", "rip", "cs", "rflags", "rsp", "ss")
 
+# The same stubs for 32-bit protected mode (flat, CPL0: IDT of 8-byte interrupt gates) and
+# real mode (IVT at 0: offset, segment 0). Same per-vector code (push imm8 is 4 or 2
+# bytes there, jmp rel32 or rel16), a common part of that width. Their frame after
+# `push eax`/`push ax`: eax, vector, error (0 in real mode), eip, cs, eflags: no stack
+# switch at one privilege level.
+STUB_COMMON_CODE_32 = bytes.fromhex(
+    "50"            # push eax
+    "8b442404"      # mov eax, [esp+4]      ; the vector
+    "e7e0"          # out 0xe0, eax
+    "e5e0"          # in eax, 0xe0
+    "85c0"          # test eax, eax
+    "7405"          # jz .stop
+    "58"            # pop eax
+    "83c408"        # add esp, 8
+    "cf"            # iretd
+    "f4"            # .stop: hlt
+    "ebfd"          # jmp .stop
+)
+STUB_COMMON_CODE_16 = bytes.fromhex(
+    "50"            # push ax
+    "678b442402"    # mov ax, [esp+2]       ; the vector
+    "e7e0"          # out 0xe0, ax
+    "e5e0"          # in ax, 0xe0
+    "85c0"          # test ax, ax
+    "7405"          # jz .stop
+    "58"            # pop ax
+    "83c404"        # add sp, 4
+    "cf"            # iret
+    "f4"            # .stop: hlt
+    "ebfd"          # jmp .stop
+)
+_COMMON = {"long": STUB_COMMON_CODE, "protected": STUB_COMMON_CODE_32,
+           "real": STUB_COMMON_CODE_16}
+STUB_FRAME_LAYOUT = {"long": ("<8Q", STUB_FRAME_FIELDS),
+                     "protected": ("<6I", STUB_FRAME_FIELDS[:6]),
+                     "real": ("<6H", STUB_FRAME_FIELDS[:6])}
+# The selector a frame the CPU pushed names: minivmm's code selectors, the payload's
+# segment in real mode
+STUB_FRAME_CS = {"long": (L.SEL_CODE0, L.SEL_CODE3), "protected": (0x08,),
+                 "real": (L.CODE >> 4,)}
 
-def _stub(vector: int) -> bytes:
-    code = b"" if vector in ERROR_CODE_VECTORS else b"\x6a\x00"   # push 0
+
+def stub_end(mode: str) -> int:
+    """Where the exception stubs' code ends in ``mode``."""
+    return L.STUB_COMMON + len(_COMMON[mode])
+
+
+def _stub(vector: int, mode: str = "long") -> bytes:
+    no_error = vector not in ERROR_CODE_VECTORS or mode == "real"    # real mode pushes none
+    code = b"\x6a\x00" if no_error else b""                          # push 0
     code += bytes((0x6A, vector))                                   # push vector
-    here = L.STUBS + 16 * vector + len(code) + 5
-    code += b"\xe9" + struct.pack("<i", L.STUB_COMMON - here)       # jmp common
+    rel = "<h" if mode == "real" else "<i"                          # jmp rel16 / rel32
+    here = L.STUBS + 16 * vector + len(code) + 1 + struct.calcsize(rel)
+    code += b"\xe9" + struct.pack(rel, L.STUB_COMMON - here)        # jmp common
     return code.ljust(16, b"\xcc")
+
+
+def _gate32(offset: int) -> bytes:
+    """An 8-byte 32-bit interrupt gate to a CPL0 handler (SDM 6.11)."""
+    return struct.pack("<HHBBH", offset & 0xFFFF, 0x08, 0, 0x8E, offset >> 16)
 
 
 def _descriptor(base: int, limit: int, access: int, flags: int) -> bytes:
@@ -97,9 +151,16 @@ def gdt_bytes(mode: str) -> bytes:
 
 
 def setup_memory(mem, mode: str, vcpus: int, data_pages: int) -> None:
-    """Write GDT, and for long mode page tables, IDT, stubs and per-vCPU TSSes, into slot 0."""
+    """Write GDT, exception stubs and their IDT (an IVT at 0 in real mode), and for long
+    mode page tables and per-vCPU TSSes, into slot 0."""
     mem.write(L.GDT, gdt_bytes(mode))
     if mode != "long":
+        if mode == "real":      # IVT entries: offset, segment 0
+            mem.write(0, b"".join(struct.pack("<HH", L.STUBS + 16 * v, 0) for v in range(32)))
+        else:
+            mem.write(L.IDT, b"".join(_gate32(L.STUBS + 16 * v) for v in range(32)))
+        mem.write(L.STUBS, b"".join(_stub(v, mode) for v in range(32)))
+        mem.write(L.STUB_COMMON, _COMMON[mode])
         return
     ngib = L.mapped_gib(data_pages)
     if ngib > L.PD_MAX:
@@ -142,6 +203,7 @@ def setup_vcpu(vcpu, mode: str, cpl: int, index: int, regs_init: dict) -> None:
             seg = getattr(sregs, name)
             seg.selector, seg.base = code_seg, L.CODE
         sregs.ss.selector, sregs.ss.base = block >> 4, block
+        sregs.idt.base, sregs.idt.limit = 0, 32 * 4 - 1       # the IVT: stubs for 0-31
         regs.rip, regs.rsp, regs.rflags = 0, L.USER_STACK_TOP_OFF, 0x2
     elif mode == "protected":
         sregs.cs = _seg(0x08, type_=11, db=1)
@@ -149,6 +211,7 @@ def setup_vcpu(vcpu, mode: str, cpl: int, index: int, regs_init: dict) -> None:
             setattr(sregs, name, _seg(0x10, db=1))
         sregs.tr = _seg(0, limit=0x67, type_=11, s=0, g=0)
         sregs.gdt.base, sregs.gdt.limit = L.GDT, 3 * 8 - 1
+        sregs.idt.base, sregs.idt.limit = L.IDT, 32 * 8 - 1
         sregs.cr0 = CR0_PE | CR0_ET | CR0_NE
         regs.rip, regs.rsp, regs.rflags = L.CODE, stack_top, 0x2
     elif mode == "long":

@@ -353,3 +353,32 @@ def test_cpl3_payload_jumping_into_the_stubs_with_a_frame_is_not_an_exception():
     with Machine(assemble_source(src, "fake.asm")) as m:
         end = m.run(timeout=20).vcpus[0].end
     assert end.reason == "exception-port-by-payload" and end.vector is None, end.summary()
+
+
+# Real and protected mode get exception stubs too (an IVT at 0; a 32-bit IDT): a fault
+# there ran off into the zeroed IVT until the timeout, or ended as a bare triple fault
+@pytest.mark.parametrize("mode,body,vector,error,at,ins", [
+    ("real", "    mov ax, 5\n    xor dx, dx\n    xor cx, cx\n    div cx\n", 0, 0, 0x7, "div cx"),
+    ("real", "    nop\n    int3\n", 3, 0, 0x2, "int3"),
+    ("protected", "    nop\n    ud2\n", 6, 0, L.CODE + 1, "ud2"),
+    ("protected", "    mov ax, 0x33\n    mov ds, ax\n", 13, 0x30, L.CODE + 4, "mov ds, ax"),
+])
+def test_an_exception_outside_long_mode_is_reported(mode, body, vector, error, at, ins):
+    src = f";! mode: {mode}\n{body}    hlt\n"
+    with Machine(assemble_source(src, f"{mode}_exc.asm")) as m:
+        r = m.run(timeout=20)
+    end = r.vcpus[0].end
+    assert (end.reason, end.vector, end.rip) == ("exception", vector, at), end.summary()
+    assert end.detail["error_code"] == error and end.instruction.startswith(ins), end.summary()
+    assert not r.ok
+
+
+@pytest.mark.parametrize("mode", ["real", "protected"])
+def test_a_payload_jumping_into_the_stubs_outside_long_mode_fakes_no_exception(mode):
+    # the stack holds no frame the CPU pushed (CS is not the payload's / minivmm's)
+    far = "    push 0\n    push 0\n    push 0\n    push 0\n    push 0x5060\n    retf\n" \
+        if mode == "real" else \
+        "    push 0\n    push 0\n    push 0\n    mov eax, 0x5060\n    jmp eax\n"
+    with Machine(assemble_source(f";! mode: {mode}\n{far}", "jump.asm")) as m:
+        end = m.run(timeout=20).vcpus[0].end
+    assert end.reason == "exception-port-by-payload", end.summary()

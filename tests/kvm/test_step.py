@@ -383,6 +383,21 @@ def test_an_exception_ends_the_stepping_with_its_vector():
         assert s.end.rip == p.listing[1].address
 
 
+@pytest.mark.parametrize("mode,body,vector,steps", [
+    ("real", "    xor cx, cx\n    div cx\n", 0, ["xor cx, cx"]),
+    ("protected", "    mov eax, 1\n    ud2\n", 6, ["mov eax, 1"]),
+])
+def test_an_exception_outside_long_mode_ends_the_stepping_with_its_vector(mode, body, vector,
+                                                                         steps):
+    # KVM guest debug steps into the real/protected-mode stubs: the stepping ends with the
+    # exception they report, not with an unhandled out to port 0xe0 from inside them
+    p = assemble_source(f";! mode: {mode}\n{body}    hlt\n", f"{mode}_exc.asm")
+    with StepSession(p) as s:
+        assert [st.instruction for st in s.run()] == steps
+        assert (s.end.reason, s.end.vector) == ("exception", vector), s.end.summary()
+        assert s.end.rip == p.listing[1].address
+
+
 def test_a_breakpoint_never_reached_times_out():
     p = assemble_source(";! mode: long\nspin:\n    jmp spin\n    nop\n", "spin.asm")
     t0 = time.monotonic()
