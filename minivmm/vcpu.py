@@ -146,6 +146,8 @@ class Vcpu:
             return
         blocked = (1 << 64) - 1
         for sig in signals:
+            if not 1 <= int(sig) <= 64:        # a larger one was silently dropped
+                raise ValueError(f"KVM_SET_SIGNAL_MASK: no signal {sig} (1-64)")
             blocked &= ~(1 << (int(sig) - 1))
         arg = (ctypes.c_uint8 * 12)()             # struct kvm_signal_mask, len 8, sigset
         ctypes.memmove(arg, (8).to_bytes(4, "little") + blocked.to_bytes(8, "little"), 12)
@@ -153,6 +155,9 @@ class Vcpu:
 
     def set_guest_debug(self, control: int, debugreg=None) -> None:
         """KVM_SET_GUEST_DEBUG: single-step and breakpoints (api.rst 4.87)."""
+        if not isinstance(control, int) or not 0 <= control < 1 << 32:   # a u32 field
+            raise ValueError(f"KVM_SET_GUEST_DEBUG: control {control!r} does not fit in 32 "
+                             "bits unsigned")
         dbg = abi.kvm_guest_debug(control=control)
         if len(debugreg or ()) > len(dbg.arch.debugreg):
             raise ValueError(f"at most {len(dbg.arch.debugreg)} debug registers (DR0-DR7)")

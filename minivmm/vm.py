@@ -24,6 +24,16 @@ _RING_HINTS = {
     errno.E2BIG: "the ring is larger than KVM_CHECK_EXTENSION(KVM_CAP_DIRTY_LOG_RING) allows"}
 
 
+def _check_width(name: str, fields) -> None:
+    """Each (what, value, bits) an int that fits its C field: ctypes would keep the low
+    bits without a word (a slot 2**32 becomes slot 0)."""
+    for what, value, bits in fields:
+        if not isinstance(value, int):
+            raise TypeError(f"{name}: {what} must be an int, not {type(value).__name__}")
+        if not 0 <= value < 1 << bits:
+            raise ValueError(f"{name}: {what} {value} does not fit in {bits} bits unsigned")
+
+
 class Vm:
     """A VM created by Kvm.create_vm(). Owns its vCPUs and the memory it was given."""
 
@@ -69,14 +79,9 @@ class Vm:
     def set_user_memory_region(self, slot: int, flags: int, gpa: int, size: int,
                                host_addr: int) -> None:
         """KVM_SET_USER_MEMORY_REGION: create, move, change or (size 0) delete a slot."""
-        for what, value, bits in (("slot", slot, 32), ("flags", flags, 32), ("gpa", gpa, 64),
-                                  ("size", size, 64), ("host_addr", host_addr, 64)):
-            if not isinstance(value, int):
-                raise TypeError(f"KVM_SET_USER_MEMORY_REGION: {what} must be an int, not "
-                                f"{type(value).__name__}")
-            if not 0 <= value < 1 << bits:    # ctypes would keep the low bits without a word
-                raise ValueError(f"KVM_SET_USER_MEMORY_REGION: {what} {value} does not fit "
-                                 f"in {bits} bits unsigned")
+        _check_width("KVM_SET_USER_MEMORY_REGION",
+                     [("slot", slot, 32), ("flags", flags, 32), ("gpa", gpa, 64),
+                      ("size", size, 64), ("host_addr", host_addr, 64)])
         region = abi.kvm_userspace_memory_region(slot, flags, gpa, size, host_addr)
         ioctl(self.fd, abi.KVM_SET_USER_MEMORY_REGION, ctypes.addressof(region),
               "KVM_SET_USER_MEMORY_REGION",
@@ -101,7 +106,13 @@ class Vm:
 
     def enable_cap(self, cap: int, *args: int, flags: int = 0, hints: dict | None = None) -> int:
         """KVM_ENABLE_CAP on the VM fd (api.rst 4.37)."""
-        arg = abi.kvm_enable_cap(cap=cap, flags=flags)
+        arg = abi.kvm_enable_cap()
+        _check_width("KVM_ENABLE_CAP", [("cap", cap, 32), ("flags", flags, 32)]
+                     + [(f"args[{i}]", v, 64) for i, v in enumerate(args)])
+        if len(args) > len(arg.args):
+            raise ValueError(f"KVM_ENABLE_CAP takes at most {len(arg.args)} arguments, "
+                             f"got {len(args)}")
+        arg.cap, arg.flags = cap, flags
         for i, value in enumerate(args):
             arg.args[i] = value
         name = abi.CAP_NAMES.get(cap, str(cap))

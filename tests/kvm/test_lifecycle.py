@@ -596,3 +596,19 @@ def test_a_callbacks_exception_ends_the_vcpu_visibly(where):
                                           "exited with code 0)")
     else:
         assert st.end.detail["error"] == "SystemExit: callback gave up"
+
+
+def test_enable_cap_signal_mask_and_guest_debug_arguments_fit_their_fields():
+    # a fifth argument was an IndexError from ctypes; signal 65 was dropped from the mask
+    # without a word; a guest-debug control over 32 bits was cut to its low half
+    with Kvm() as kvm, kvm.create_vm() as vm:
+        with pytest.raises(ValueError, match="at most 4 arguments"):
+            vm.enable_cap(abi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL, 4096, 0, 0, 0, 0)
+        with pytest.raises(ValueError, match="flags 4294967296 does not fit in 32 bits"):
+            vm.enable_cap(abi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL, 4096, flags=1 << 32)
+        vcpu = vm.create_vcpu(0)
+        with pytest.raises(ValueError, match="no signal 65"):
+            vcpu.set_run_signals([65])
+        with pytest.raises(ValueError, match="control 1099511627776 does not fit"):
+            vcpu.set_guest_debug(1 << 40)
+        vcpu.set_guest_debug(0)
