@@ -20,8 +20,8 @@ from ._sys import KvmError
 from .kvm import Kvm
 from .payload import Payload, disassemble, disassemble_one, load
 from .x86 import layout as L
-from .x86.modes import (EXCEPTION_NAMES, STUB_END, STUB_FRAME_CS, STUB_FRAME_FIELDS,
-                        STUB_FRAME_LAYOUT, setup_memory, setup_vcpu, stub_end)
+from .x86.modes import (EXCEPTION_NAMES, STUB_FRAME_FIELDS, STUB_FRAME_LAYOUT,
+                        cpu_pushed_frame, setup_memory, setup_vcpu, stub_end)
 
 TRAP_VECTORS = (1, 3, 4)      # #DB (single-step), #BP, #OF
 DEFAULT_PAGES = 64
@@ -529,17 +529,27 @@ class Machine:
                     return None
                 return f"{one.text}  ; rewritten by the guest (line {ins.line}: {ins.text})"
             return f"{ins.text}" + (f"  ; line {ins.line}" if ins.line else "")
-        if p.mode == "long" and L.STUBS <= rip <= STUB_END:
+        if self.in_stubs(st, rip, cs_base):
             # minivmm's own exception stubs: decode them linearly from the stub's start
             start = L.STUB_COMMON if rip > L.STUB_COMMON else rip & ~0xF
-            code = self.system.read(start, STUB_END - start)
-            for ins in disassemble(code, start, "long"):
+            code = self.system.read(start, stub_end(p.mode) - start)
+            for ins in disassemble(code, start, p.mode):
                 if (ins.address + ins.size if after else ins.address) == rip:
                     return f"{ins.text}  ; exception stub"
             return None
         raw = None if after else self._memory_bytes(st, rip, cs_base)
         one = disassemble_one(raw, rip, p.mode) if raw is not None else None
         return one.text if one else None
+
+    def in_stubs(self, st, rip: int, cs_base: int | None = None) -> bool:
+        """Whether rip is in minivmm's exception stubs' code. Real mode: they run at CS 0,
+        so an IP in their range in another segment (cs_base, else the vCPU's) is the
+        payload's own code."""
+        if not L.STUBS <= rip <= stub_end(self.payload.mode):
+            return False
+        if self.payload.mode != "real":
+            return True
+        return (st.vcpu.get_sregs().cs.base if cs_base is None else cs_base) == 0
 
     def _memory_bytes(self, st, address: int, cs_base: int | None = None) -> bytes | None:
         """Up to 16 bytes of guest memory at this code address; None outside memory."""
@@ -691,12 +701,24 @@ class Machine:
             return self.stub_frame(regs.rsp)
         fmt, fields = STUB_FRAME_LAYOUT[mode]
         size = struct.calcsize(fmt)
-        at = st.vcpu.get_sregs().ss.base + (regs.rsp & 0xFFFF) if mode == "real" \
-            else regs.rsp & 0xFFFFFFFF
-        mem = self.vm.slot_for(at)
-        if mem is None or not mem.contains(at, size):
-            return None
-        frame = dict(zip(fields, struct.unpack(fmt, mem.read(at, size))))
+        if mode == "real":
+            # 16-bit pushes wrap SP at 64 KiB: read each word at SS:((SP + 2i) & 0xffff)
+            ss_base = st.vcpu.get_sregs().ss.base
+            at = ss_base + (regs.rsp & 0xFFFF)
+            words = []
+            for i in range(len(fields)):
+                addr = ss_base + ((regs.rsp + 2 * i) & 0xFFFF)
+                mem = self.vm.slot_for(addr)
+                if mem is None or not mem.contains(addr, 2):
+                    return None
+                words.append(struct.unpack("<H", mem.read(addr, 2))[0])
+            frame = dict(zip(fields, words))
+        else:
+            at = regs.rsp & 0xFFFFFFFF
+            mem = self.vm.slot_for(at)
+            if mem is None or not mem.contains(at, size):
+                return None
+            frame = dict(zip(fields, struct.unpack(fmt, mem.read(at, size))))
         frame["rsp"], frame["_at"] = (regs.rsp + size) & (0xFFFF if mode == "real" else
                                                          0xFFFFFFFF), at
         return frame
@@ -711,14 +733,14 @@ class Machine:
         payload wrote the port itself, or the stub's stack is outside guest memory."""
         # RIP is past the stub's out (kvm_pvm) or still at it (VMX/SVM): inside the stubs
         mode = self.payload.mode
-        from_stub = L.STUBS <= regs.rip <= stub_end(mode)
+        from_stub = self.in_stubs(st, regs.rip)
         frame = self._mode_stub_frame(st, regs) if from_stub else None
         # A frame the CPU pushed names one of our code selectors; a payload that jumped
         # into the stubs leaves whatever its stack held (all zero, typically). The stubs
         # run at CPL0 (their gates say so): a CPL3 payload running their code does not
         if from_stub and st.vcpu.get_sregs().cs.selector & 3:
             from_stub = False
-        if frame is not None and from_stub and frame["cs"] in STUB_FRAME_CS[mode]:
+        if frame is not None and from_stub and cpu_pushed_frame(mode, frame):
             return frame, None
         from_stub = from_stub and frame is None
         value = int.from_bytes(st.vcpu.io_data()[:4], "little")
@@ -733,15 +755,35 @@ class Machine:
         # #DB traps and #BP (int3) push the address after the instruction (SDM vol. 3,
         # 6.5: traps); faults push the faulting instruction's own address
         trap = frame["vector"] in TRAP_VECTORS
-        # real mode: the pushed IP is an offset in the payload's segment (the stub's is 0)
-        cs_base = frame["cs"] << 4 if self.payload.mode == "real" else None
+        # real mode: the pushed IP is an offset in the pushed CS's segment. The listing's
+        # addresses are offsets from the payload's load address: name the instruction at
+        # the same linear address there (a far jump may have moved CS)
+        at, cs_base = frame["rip"], None
+        if self.payload.mode == "real":
+            linear = (frame["cs"] << 4) + frame["rip"]
+            if L.CODE <= linear < L.CODE + L.CODE_MAX:
+                at, cs_base = linear - L.CODE, L.CODE
+            else:
+                cs_base = frame["cs"] << 4
+        # `int n` is a software interrupt: the pushed address is past it, as for a trap
+        before = self.payload.instruction_ending_at(at) if not trap else None
+        if before is not None and before.mnemonic == "int" \
+                and _int_operand(before.op_str) == frame["vector"]:
+            trap = True
         return VcpuEnd("exception", vector=frame["vector"], rip=frame["rip"],
-                       instruction=self.describe_instruction(st, frame["rip"], after=trap,
+                       instruction=self.describe_instruction(st, at, after=trap,
                                                              cs_base=cs_base),
                        detail={"error_code": frame["error_code"], "cr2": cr2,
                                "name": EXCEPTION_NAMES.get(frame["vector"], "?"),
                                "cs": frame["cs"], "rsp": frame["rsp"],
                                "rflags": frame["rflags"]})
+
+
+def _int_operand(op_str: str) -> int | None:
+    try:
+        return int(op_str, 0)
+    except ValueError:
+        return None
 
 
 def _forward_to_main_thread(sig: int) -> None:

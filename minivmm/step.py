@@ -487,7 +487,7 @@ class StepSession:
                 late, self._late_trap = self._late_trap, None
                 if regs.rip == late:
                     continue                 # the out's own step, already reported
-                if _in_stubs(regs.rip, self.payload.mode):
+                if self.machine.in_stubs(self.st, regs.rip):   # real mode: at CS 0 only
                     self._end_in_stub()
                     return None
                 step = self._step(regs, "debug-exit")

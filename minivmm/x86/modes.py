@@ -94,10 +94,23 @@ _COMMON = {"long": STUB_COMMON_CODE, "protected": STUB_COMMON_CODE_32,
 STUB_FRAME_LAYOUT = {"long": ("<8Q", STUB_FRAME_FIELDS),
                      "protected": ("<6I", STUB_FRAME_FIELDS[:6]),
                      "real": ("<6H", STUB_FRAME_FIELDS[:6])}
-# The selector a frame the CPU pushed names: minivmm's code selectors, the payload's
-# segment in real mode
-STUB_FRAME_CS = {"long": (L.SEL_CODE0, L.SEL_CODE3), "protected": (0x08,),
-                 "real": (L.CODE >> 4,)}
+# The selector a frame the CPU pushed names: minivmm's code selectors in long mode.
+STUB_FRAME_CS = {"long": (L.SEL_CODE0, L.SEL_CODE3)}
+EFLAGS_FIXED1 = 0x2     # RFLAGS bit 1 reads as 1 in every flags image the CPU pushes
+
+
+def cpu_pushed_frame(mode: str, frame: dict) -> bool:
+    """Whether the CPU could have pushed this stub frame's CS and flags. Long mode: one of
+    minivmm's code selectors. Protected mode (CPL0; a payload may load its own GDT): a
+    non-null selector with RPL 0. Real mode: any segment (a payload's far jump or its
+    own code anywhere), so only the flags image tells: its bit 1 is always set."""
+    if mode == "long":
+        return frame["cs"] in STUB_FRAME_CS["long"]
+    if not frame["rflags"] & EFLAGS_FIXED1:
+        return False
+    if mode == "protected":
+        return frame["cs"] & 0xFFFC != 0 and frame["cs"] & 3 == 0
+    return True
 
 
 def stub_end(mode: str) -> int:
@@ -203,7 +216,7 @@ def setup_vcpu(vcpu, mode: str, cpl: int, index: int, regs_init: dict) -> None:
             seg = getattr(sregs, name)
             seg.selector, seg.base = code_seg, L.CODE
         sregs.ss.selector, sregs.ss.base = block >> 4, block
-        sregs.idt.base, sregs.idt.limit = 0, 32 * 4 - 1       # the IVT: stubs for 0-31
+        sregs.idt.base, sregs.idt.limit = 0, 0x3FF           # the IVT (stubs for 0-31)
         regs.rip, regs.rsp, regs.rflags = 0, L.USER_STACK_TOP_OFF, 0x2
     elif mode == "protected":
         sregs.cs = _seg(0x08, type_=11, db=1)

@@ -382,3 +382,46 @@ def test_a_payload_jumping_into_the_stubs_outside_long_mode_fakes_no_exception(m
     with Machine(assemble_source(f";! mode: {mode}\n{far}", "jump.asm")) as m:
         end = m.run(timeout=20).vcpus[0].end
     assert end.reason == "exception-port-by-payload", end.summary()
+
+
+# From a probe of the real/protected-mode stubs: every frame the CPU pushes is reported as
+# the exception it is, with the instruction that raised it named
+_FAR_TO_0FFF = "    .byte 0xea\n    .word there + 0x10\n    .word 0x0fff\nthere:\n"
+
+
+@pytest.mark.parametrize("mode,body,vector,at,cs,ins", [
+    # a far jump moved CS: any segment is one the CPU may push in real mode (it was
+    # refused as "the payload wrote the port itself"); the IP is named in that segment
+    ("real", _FAR_TO_0FFF + "    nop\n    xor cx, cx\n    div cx\n", 0, 0x18, 0x0FFF, "div cx"),
+    # SP near 0: the frame wraps at 64 KiB (it was read past the segment, and refused)
+    ("real", "    mov sp, 4\n    xor cx, cx\n    div cx\n", 0, 0x5, 0x1000, "div cx"),
+    # `int n` pushes the address past it: it is the instruction named, not the next one
+    ("real", "    int 6\n    mov ax, 1\n", 6, 0x2, 0x1000, "int 6"),
+    ("real", "    nop\n    int 0\n    nop\n", 0, 0x3, 0x1000, "int 0"),
+    # a payload's own GDT with another ring-0 code selector (it was refused)
+    ("protected", "    lgdt [gdtr]\n    .byte 0xea\n    .long there\n    .word 0x18\nthere:\n"
+     "    xor ecx, ecx\n    div ecx\n    hlt\ngdtr:\n    .word 4*8-1\n    .long gdt\ngdt:\n"
+     "    .quad 0\n    .quad 0x00cf9a000000ffff\n    .quad 0x00cf92000000ffff\n"
+     "    .quad 0x00cf9a000000ffff\n", 0, L.CODE + 0x11, 0x18, "div ecx"),
+])
+def test_every_frame_the_cpu_pushed_outside_long_mode_is_an_exception(mode, body, vector, at,
+                                                                     cs, ins):
+    with Machine(assemble_source(f";! mode: {mode}\n{body}    hlt\n", "exc.asm")) as m:
+        end = m.run(timeout=20).vcpus[0].end
+    assert (end.reason, end.vector, end.rip, end.detail["cs"]) == ("exception", vector, at, cs), \
+        end.summary()
+    assert end.instruction.startswith(ins), end.summary()
+
+
+@pytest.mark.parametrize("mode,body,out", [
+    ("real", "    push 0\n    push 0\n    push 0\n    push 0\n    push 0x5060\n    retf\n",
+     "out 0xe0, ax"),
+    ("protected", "    push 0\n    push 0\n    push 0\n    mov eax, 0x5060\n    jmp eax\n",
+     "out 0xe0, eax"),
+])
+def test_the_stubs_out_is_named_outside_long_mode(mode, body, out):
+    # as in long mode: the end (and --trace) name the stub's instruction, not nothing
+    with Machine(assemble_source(f";! mode: {mode}\n{body}", "jump.asm")) as m:
+        end = m.run(timeout=20).vcpus[0].end
+    assert end.reason == "exception-port-by-payload", end.summary()
+    assert end.instruction == f"{out}  ; exception stub", end.summary()

@@ -718,3 +718,15 @@ def test_ends_name_their_instruction_as_run_does():
         with StepSession(payload(name)) as s:
             list(s.run())
             assert s.end.instruction == want
+
+
+def test_real_mode_code_at_the_stubs_ip_in_another_segment_is_stepped():
+    # CS 0x0b00 runs the payload at IPs 0x5000+: the stubs' IP range, but not at CS 0.
+    # The stepper took it for the stubs and ended with "unexpected-exit" after 0 steps
+    p = assemble_source(";! mode: real\n    .byte 0xea\n    .word 0x5000 + there\n"
+                        "    .word 0x0b00\nthere:\n    mov al, 0x41\n    out 0xe9, al\n"
+                        "    hlt\n", "seg.asm")
+    with StepSession(p) as s:
+        steps = list(s.run())
+        assert [st.instruction for st in steps][-3:] == ["mov al, 0x41", "out 0xe9, al", "hlt"]
+        assert s.end.reason == "hlt" and bytes(s.console) == b"A", s.end.summary()
