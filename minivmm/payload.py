@@ -165,7 +165,8 @@ def _header_values(header: dict, name: str) -> tuple:
     vcpus = None
     if "vcpus" in header:
         text, line = header["vcpus"]
-        if not text.isdigit() or int(text) < 1:
+        # isdigit() is true for '²' and other Unicode digits int() refuses
+        if not (text.isascii() and text.isdigit()) or int(text) < 1:
             raise PayloadError(f"{name}:{line}: vcpus must be a positive integer, got {text!r}")
         vcpus = int(text)
     return mode, cpl, vcpus, header.get("description", ("", 0))[0]
@@ -286,6 +287,16 @@ def _check_syntax(stmts, name) -> None:
         _apply_constant(env, changes, no)
         if word in _ALIGN_DIRECTIVES:   # before keystone pads gigabytes
             _alignment(word, args, env, name, no)
+        elif word == ".fill":   # keystone keeps the low bytes of the value, without a word
+            parts = _split_operands(args)
+            if len(parts) == 3:
+                size = _evaluate(parts[1], env, directive=True)
+                value = _evaluate(parts[2], env, directive=True)
+                width = min(size, 4) if size is not None and size > 0 else None
+                if width and value is not None and \
+                        not -(1 << (8 * width - 1)) <= value < (1 << (8 * width)):
+                    raise PayloadError(f"{name}:{no}: .fill value {value:#x} does not fit "
+                                       f"in {width} byte(s) (keystone keeps at most 4)")
         elif word == ".word":   # keystone emits nothing (or hangs) for a too-big .word
             for arg in _split_operands(args):
                 value = _evaluate(arg, env, directive=True)
@@ -756,7 +767,15 @@ def list_payloads(directory: str | None = None) -> list:
     """(name, mode, cpl, description) for every payload in the directory."""
     base = Path(directory) if directory else payload_dir()
     rows = []
-    for path in sorted(base.glob("*.asm")):
+    try:
+        if not base.is_dir():
+            raise PayloadError(f"{base}: " + ("not a directory" if base.exists()
+                                              else "no such directory"))
+        paths = sorted(base.glob("*.asm"))
+        os.scandir(base).close()      # glob() says nothing of a directory it cannot read
+    except OSError as e:              # a parent without search permission, ...
+        raise PayloadError(f"{base}: cannot list: {e.strerror or e}") from None
+    for path in paths:
         if path.exists() and not path.is_file() and not path.is_dir():
             # a FIFO or a device: opening it to list it could block forever
             rows.append((path.stem, "?", "?", None, "(unreadable: not a regular file)"))

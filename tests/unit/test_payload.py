@@ -384,3 +384,45 @@ def test_messages_name_the_line_in_one_line(body, match):
     with pytest.raises(P.PayloadError, match=match) as e:
         asm(body)
     assert "\n" not in str(e.value)
+
+
+def test_a_unicode_digit_vcpus_header_is_a_payload_error_not_a_crash(tmp_path):
+    # '²'.isdigit() is true but int('²') raises ValueError: a traceback, not one line
+    with pytest.raises(P.PayloadError, match=r"t.asm:1: vcpus must be a positive integer"):
+        asm("nop\n", header=";! vcpus: \u00b2\n")
+    (tmp_path / "sup.asm").write_text(";! vcpus: \u00b2\nhlt\n")
+    rows = {r[0]: r for r in P.list_payloads(str(tmp_path))}
+    assert rows["sup"][1] == "?" and "bad header" in rows["sup"][4]
+
+
+@pytest.mark.parametrize("body,match", [
+    (".fill 1, 1, 0x1ff\n", r"^t.asm:2: .fill value 0x1ff does not fit in 1 byte"),
+    (".fill 1, 4, 0x112233445\n", r"^t.asm:2: .fill value 0x112233445 does not fit in 4"),
+    (".fill 2, 8, 0x1122334455667788\n", r"^t.asm:2: .fill value 0x1122334455667788 does "),
+])
+def test_fill_values_too_wide_are_refused_not_silently_cut(body, match):
+    # keystone keeps the low bytes (at most 4) of a .fill value without a word
+    with pytest.raises(P.PayloadError, match=match):
+        asm(body + "nop\n")
+
+
+def test_fill_values_that_fit_are_accepted():
+    p = asm(".fill 2, 1, -1\n.fill 1, 2, 0xffff\n.fill 1, 4, -0x80000000\nnop\n")
+    assert p.code == b"\xff\xff\xff\xff\x00\x00\x00\x80\x90"
+
+
+def test_list_payloads_refuses_a_missing_or_unlistable_directory(tmp_path):
+    with pytest.raises(P.PayloadError, match=r"no such directory"):
+        P.list_payloads(str(tmp_path / "missing"))
+    (tmp_path / "f.asm").write_text("hlt\n")
+    with pytest.raises(P.PayloadError, match=r"not a directory"):
+        P.list_payloads(str(tmp_path / "f.asm"))
+    (tmp_path / "locked").mkdir()
+    os.chmod(tmp_path / "locked", 0)
+    try:
+        if os.access(tmp_path / "locked", os.R_OK):
+            pytest.skip("running with CAP_DAC_OVERRIDE: permissions are not enforced")
+        with pytest.raises(P.PayloadError, match=r"cannot list: Permission denied"):
+            P.list_payloads(str(tmp_path / "locked" / "sub"))
+    finally:
+        os.chmod(tmp_path / "locked", 0o700)
