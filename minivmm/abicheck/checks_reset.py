@@ -226,11 +226,18 @@ def _signal_storm(thread_id: int, every: float = 0.00005):
     stop = threading.Event()
 
     def storm():
+        # SIGALRM is blocked here (the mask it was started with): the timer's signal is
+        # for the calling thread; one caught here would reach Python late, after the
+        # handler is restored
         while not stop.is_set():
             signal.pthread_kill(thread_id, KICK_SIGNAL)
             time.sleep(every)
     t = threading.Thread(target=storm, daemon=True)
-    t.start()
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})   # inherited by t
+    try:
+        t.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     timer = threading.get_ident() == thread_id == threading.main_thread().ident
     if timer:
         old_handler = signal.signal(signal.SIGALRM, lambda *_: None)
@@ -238,14 +245,29 @@ def _signal_storm(thread_id: int, every: float = 0.00005):
     try:
         yield
     finally:
-        if timer:
-            # the timer goes first: a SIGALRM raised after the handler is restored could kill
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, old_handler)
-            if old_timer[0]:
-                signal.setitimer(signal.ITIMER_REAL, *old_timer)
         stop.set()
         t.join()
+        if timer:
+            # No SIGALRM may be left for after the handler is restored: one still pending
+            # would kill (SIG_DFL), one already caught but not yet run by Python would be
+            # "Signal 14 ignored due to race condition". So: block it, stop the timer, take
+            # a raised one, let Python run the caught ones (at a function call), restore.
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+            try:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.sigtimedwait({signal.SIGALRM}, 0)
+                for _ in range(3):
+                    _run_pending_handlers()
+                signal.signal(signal.SIGALRM, old_handler)
+                if old_timer[0]:
+                    signal.setitimer(signal.ITIMER_REAL, *old_timer)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _run_pending_handlers() -> None:
+    """Nothing: calling a Python function is where CPython runs the handlers of signals
+    its C handler has caught."""
 
 
 @check("ring.reset.signal_partial", 40, "virt/kvm/dirty_ring.c kvm_dirty_ring_reset() "

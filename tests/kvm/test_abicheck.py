@@ -172,3 +172,23 @@ def test_a_closed_stdout_is_cannot_run_not_a_traceback():
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     line, = proc.stderr.strip().splitlines()
     assert "stdout" in line
+
+
+def test_the_signal_storm_leaves_no_signal_behind(kvm):
+    # A SIGALRM caught by the storm thread (or still pending) reached Python after the
+    # handler was restored: "Signal 14 ignored due to race condition", printed as an
+    # unraisable exception in the middle of a run (seen once in a whole `make test`)
+    import signal
+    import sys
+    bad, hook = [], sys.unraisablehook
+    before = signal.getsignal(signal.SIGALRM), signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    sys.unraisablehook = lambda u: bad.append(str(u.exc_value))
+    try:
+        for _ in range(25):         # without the fix: about one run in three caught it
+            for check_id in ("ring.reset.signal_partial", "ring.reset.signal_rearms"):
+                runner.run_one(runner.REGISTRY[check_id], kvm)
+    finally:
+        sys.unraisablehook = hook
+    assert not bad, bad
+    assert (signal.getsignal(signal.SIGALRM), signal.pthread_sigmask(signal.SIG_BLOCK, [])) \
+        == before and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
