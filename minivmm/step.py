@@ -45,7 +45,7 @@ from .machine import (KICK_SIGNAL, Machine, MachineError, VcpuEnd, format_regist
                       install_kick_handler)
 from .payload import Payload, disassemble_one, load
 from .x86 import layout as L
-from .x86.modes import STUB_FRAME_FIELDS, stub_end
+from .x86.modes import STUB_FRAME_FIELDS
 
 MECHANISMS = ("auto", "guest-debug", "in-guest")
 GUEST_DEBUG, IN_GUEST = "guest-debug", "in-guest"
@@ -134,10 +134,6 @@ class Step:
 
 # -- choosing the mechanism --
 
-def _in_stubs(pc: int, mode: str = "long") -> bool:
-    return L.STUBS <= pc < stub_end(mode)
-
-
 def probe_guest_debug(payload: Payload, kvm: Kvm | None = None) -> tuple:
     """Single-step the payload's first instruction(s) with KVM guest debug on a throwaway
     VM. Returns (works, evidence): works is True when a KVM_EXIT_DEBUG arrived with the pc
@@ -151,7 +147,7 @@ def probe_guest_debug(payload: Payload, kvm: Kvm | None = None) -> tuple:
             info = vcpu.describe_exit(reason)
             if reason == _DEBUG:
                 pc = info["pc"]
-                if _in_stubs(pc, payload.mode):
+                if m.in_stubs(m.states[0], pc):
                     return False, (f"the step's #DB was delivered to the guest's own #DB "
                                    f"handler (KVM_EXIT_DEBUG at pc {pc:#x}, inside minivmm's "
                                    "exception stubs), not reported to the VMM")
