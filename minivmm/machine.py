@@ -20,7 +20,7 @@ from ._sys import KvmError
 from .kvm import Kvm
 from .payload import Payload, disassemble, disassemble_one, load
 from .x86 import layout as L
-from .x86.modes import (EXCEPTION_NAMES, STUB_FRAME_FIELDS, STUB_FRAME_LAYOUT,
+from .x86.modes import (EXCEPTION_NAMES, STUB_FRAME_LAYOUT,
                         cpu_pushed_frame, setup_memory, setup_vcpu, stub_end)
 
 TRAP_VECTORS = (1, 3, 4)      # #DB (single-step), #BP, #OF
@@ -33,6 +33,8 @@ _IO, _HLT, _MMIO, _INTR = abi.KVM_EXIT_IO, abi.KVM_EXIT_HLT, abi.KVM_EXIT_MMIO, 
 _OUT = abi.KVM_EXIT_IO_OUT
 _SYNC = L.PORT_SYNC
 _REG_NAMES = frozenset(name for name, _ in abi.kvm_regs._fields_)
+# The width of an offset (IP, SP, string-instruction RDI) in each mode
+_ADDRESS_MASK = {"real": 0xFFFF, "protected": 0xFFFFFFFF, "long": (1 << 64) - 1}
 
 
 class MachineError(ValueError):
@@ -195,13 +197,14 @@ class Machine:
             # VMX needs these for real mode (and ignores them with unrestricted guest); the
             # defaults near 4 GiB would collide with a data slot above 3 GiB
             # (kept for dump_image: the native baseline sets the same)
-            self.vmx_pages = (0, 0)
-            if self.kvm.check_extension(abi.KVM_CAP_SET_TSS_ADDR):
-                self.vm.set_tss_addr(L.VMX_TSS)
-                self.vmx_pages = (L.VMX_TSS, 0)
-            if self.kvm.check_extension(abi.KVM_CAP_SET_IDENTITY_MAP_ADDR):
-                self.vm.set_identity_map_addr(L.VMX_IDENTITY_MAP)
-                self.vmx_pages = (self.vmx_pages[0], L.VMX_IDENTITY_MAP)
+            tss = L.VMX_TSS if self.kvm.check_extension(abi.KVM_CAP_SET_TSS_ADDR) else 0
+            idmap = L.VMX_IDENTITY_MAP \
+                if self.kvm.check_extension(abi.KVM_CAP_SET_IDENTITY_MAP_ADDR) else 0
+            if tss:
+                self.vm.set_tss_addr(tss)
+            if idmap:
+                self.vm.set_identity_map_addr(idmap)
+            self.vmx_pages = (tss, idmap)
             if before_vcpus:
                 before_vcpus(self)
             sys_mem = self.vm.add_memory(L.SLOT_SYSTEM, 0, L.system_slot_size(nvcpus),
@@ -233,10 +236,9 @@ class Machine:
         """Stop the vCPUs and release everything. From a callback (a vCPU's own thread,
         whose loop still holds its kvm_run page) it only stops them: the release is left
         to the close() of the Machine's owner (its ``with``)."""
-        if self._in_vcpu_thread():
-            self.stop("closed")
-            return
         self.stop("closed")
+        if self._in_vcpu_thread():
+            return
         if self.vm is not None:
             self.vm.close()
             self.vm = None
@@ -521,7 +523,7 @@ class Machine:
         if ins is None:
             ins = p.instruction_ending_at(rip) if after else p.instruction_at(rip)
         if ins is not None:
-            raw = self._memory_bytes(st, ins.address, cs_base)
+            raw = self.code_bytes(st, ins.address, cs_base)
             if raw is not None and len(raw) >= ins.size and raw[:ins.size] != ins.raw:
                 # the guest wrote over it: what ran is in memory, not in the listing
                 one = disassemble_one(raw, ins.address, p.mode)
@@ -537,7 +539,7 @@ class Machine:
                 if (ins.address + ins.size if after else ins.address) == rip:
                     return f"{ins.text}  ; exception stub"
             return None
-        raw = None if after else self._memory_bytes(st, rip, cs_base)
+        raw = None if after else self.code_bytes(st, rip, cs_base)
         one = disassemble_one(raw, rip, p.mode) if raw is not None else None
         return one.text if one else None
 
@@ -551,8 +553,9 @@ class Machine:
             return True
         return (st.vcpu.get_sregs().cs.base if cs_base is None else cs_base) == 0
 
-    def _memory_bytes(self, st, address: int, cs_base: int | None = None) -> bytes | None:
-        """Up to 16 bytes of guest memory at this code address; None outside memory."""
+    def code_bytes(self, st, address: int, cs_base: int | None = None) -> bytes | None:
+        """Up to 16 bytes of guest memory at this code address (the stepper's too); None
+        outside memory."""
         addr = self.linear(st, address, cs_base)
         mem = self.vm.slot_for(addr)
         if mem is None:
@@ -587,13 +590,13 @@ class Machine:
         if not is_write:
             return False
         regs = regs or st.vcpu.get_regs()
-        raw = self._memory_bytes(st, regs.rip)
+        raw = self.code_bytes(st, regs.rip)
         ins = disassemble_one(raw, regs.rip, self.payload.mode) if raw else None
         words = ins.mnemonic.split() if ins is not None else []
         if len(words) < 2 or words[0] != "rep" or not words[-1].startswith(("movs", "stos")):
             return True
         width = {"b": 1, "w": 2, "d": 4, "q": 8}.get(words[-1][-1])
-        mask = {"real": 0xFFFF, "protected": 0xFFFFFFFF}.get(self.payload.mode, (1 << 64) - 1)
+        mask = _ADDRESS_MASK[self.payload.mode]
         if width is None or not regs.rcx & mask:
             return True                     # the last repetition: RIP is past it
         step = -width if regs.rflags & 0x400 else width     # RFLAGS.DF
@@ -632,7 +635,7 @@ class Machine:
     def _out_making(self, st, regs, rip: int, port: int, size: int):
         """The out instruction at rip, as it is in memory, if it makes an exit to this port
         with this size; else None."""
-        raw = self._memory_bytes(st, rip)
+        raw = self.code_bytes(st, rip)
         ins = disassemble_one(raw, rip, self.payload.mode) if raw else None
         if ins is None:
             return None
@@ -682,45 +685,34 @@ class Machine:
             detail["rip_is"] = "last known"
         return VcpuEnd("shutdown", rip=last_rip, instruction=ins, detail=detail)
 
-    def stub_frame(self, rsp: int) -> dict | None:
-        """The frame minivmm's exception stub left at ``rsp`` (x86/modes.py), with its
-        address under "_at"; None when ``rsp`` is not in guest memory."""
-        mem = self.vm.slot_for(rsp)
-        if mem is None or not mem.contains(rsp, 8 * len(STUB_FRAME_FIELDS)):
-            return None
-        frame = dict(zip(STUB_FRAME_FIELDS,
-                         struct.unpack("<8Q", mem.read(rsp, 8 * len(STUB_FRAME_FIELDS)))))
-        frame["_at"] = rsp
-        return frame
-
-    def _mode_stub_frame(self, st, regs) -> dict | None:
-        """stub_frame() for the payload's mode: a 32-bit or 16-bit frame outside long mode,
-        read at SS:SP in real mode; "rsp" is where the stack was before the exception."""
+    def stub_frame(self, st, regs) -> dict | None:
+        """The frame minivmm's exception stub left on the stack (x86/modes.py, in the
+        payload's mode), its address under "_at"; None when it is not in guest memory.
+        Outside long mode, where the CPU pushes no stack pointer, "rsp" is where the
+        stack was before the exception."""
         mode = self.payload.mode
-        if mode == "long":
-            return self.stub_frame(regs.rsp)
         fmt, fields = STUB_FRAME_LAYOUT[mode]
-        size = struct.calcsize(fmt)
+        size, mask = struct.calcsize(fmt), _ADDRESS_MASK[mode]
         if mode == "real":
             # 16-bit pushes wrap SP at 64 KiB: read each word at SS:((SP + 2i) & 0xffff)
             ss_base = st.vcpu.get_sregs().ss.base
-            at = ss_base + (regs.rsp & 0xFFFF)
             words = []
             for i in range(len(fields)):
-                addr = ss_base + ((regs.rsp + 2 * i) & 0xFFFF)
+                addr = ss_base + ((regs.rsp + 2 * i) & mask)
                 mem = self.vm.slot_for(addr)
                 if mem is None or not mem.contains(addr, 2):
                     return None
                 words.append(struct.unpack("<H", mem.read(addr, 2))[0])
-            frame = dict(zip(fields, words))
+            frame, at = dict(zip(fields, words)), ss_base + (regs.rsp & mask)
         else:
-            at = regs.rsp & 0xFFFFFFFF
+            at = regs.rsp & mask
             mem = self.vm.slot_for(at)
             if mem is None or not mem.contains(at, size):
                 return None
             frame = dict(zip(fields, struct.unpack(fmt, mem.read(at, size))))
-        frame["rsp"], frame["_at"] = (regs.rsp + size) & (0xFFFF if mode == "real" else
-                                                         0xFFFFFFFF), at
+        if mode != "long":
+            frame["rsp"] = (regs.rsp + size) & mask
+        frame["_at"] = at
         return frame
 
     def _exception_end(self, st) -> VcpuEnd:
@@ -734,7 +726,7 @@ class Machine:
         # RIP is past the stub's out (kvm_pvm) or still at it (VMX/SVM): inside the stubs
         mode = self.payload.mode
         from_stub = self.in_stubs(st, regs.rip)
-        frame = self._mode_stub_frame(st, regs) if from_stub else None
+        frame = self.stub_frame(st, regs) if from_stub else None
         # A frame the CPU pushed names one of our code selectors; a payload that jumped
         # into the stubs leaves whatever its stack held (all zero, typically). The stubs
         # run at CPL0 (their gates say so): a CPL3 payload running their code does not

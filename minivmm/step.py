@@ -70,10 +70,6 @@ DEFAULT_COUNT = 1000
 DEFAULT_PAGES = 16
 DEFAULT_MAX_TIME = 60.0     # seconds for a whole session: --count 0 on a spinning guest ends
 PROBE_EXITS = 8             # exits the guest-debug probe waits for a verdict
-# KVM_EXIT_DIRTY_RING_FULL exits in a row whose harvest finds nothing: KVM's index has run
-# past the VMM's, the ring overflowed (as dirty/tracker.py EMPTY_FULL_LIMIT): every
-# KVM_RUN from now on would exit the same way at once
-EMPTY_FULL_LIMIT = 3
 
 _IO, _DEBUG, _HLT, _INTR = abi.KVM_EXIT_IO, abi.KVM_EXIT_DEBUG, abi.KVM_EXIT_HLT, abi.KVM_EXIT_INTR
 _OUT = abi.KVM_EXIT_IO_OUT
@@ -674,16 +670,14 @@ class StepSession:
     def _ring_overflowed(self, got: list) -> bool:
         """After a ring-full exit's harvest: True (and ``end`` set) when it is the
         EMPTY_FULL_LIMIT-th in a row to find nothing, i.e. the ring overflowed."""
+        from .dirty.ring import EMPTY_FULL_LIMIT, overflow_reason   # --dirty has loaded it
         if got:
             self._empty_full = 0
             return False
         self._empty_full += 1
         if self._empty_full < EMPTY_FULL_LIMIT:
             return False
-        why = (f"{EMPTY_FULL_LIMIT} KVM_EXIT_DIRTY_RING_FULL exits in a row found no DIRTY "
-               "entry at the VMM's fetch index: the ring overflowed (KVM pushed past its "
-               "size; entries were overwritten and their pages are lost)")
-        self.end = self._end_here("ring-overflow", detail={"why": why})
+        self.end = self._end_here("ring-overflow", detail={"why": overflow_reason()})
         return True
 
     def _named(self, step: Step) -> str:
@@ -695,9 +689,7 @@ class StepSession:
         the listing's, unless the guest wrote over it (then line 0, as for code that is
         not in the listing)."""
         ins = self.by_address.get(addr)
-        lin = self.machine.linear(self.st, addr)
-        mem = self.machine.vm.slot_for(lin)
-        raw = mem.read(lin, min(16, mem.gpa + mem.size - lin)) if mem is not None else None
+        raw = self.machine.code_bytes(self.st, addr)
         if ins is not None and raw is not None and raw[:ins.size] != ins.raw:
             ins = None                   # rewritten by the guest: what ran is in memory
         if ins is None and raw is not None:   # not in the listing (data run as code, ...)

@@ -15,11 +15,11 @@ import time
 
 import numpy as np
 
+from ..dirty.ring import EMPTY_FULL_LIMIT   # empty ring-full exits in a row: give up
 from .checks_entries import EXIT, first_words, guest, small_ring, write_run
 from .registry import Fail, check
 
 WARN_SITE = "kvm_dirty_ring_push"
-EMPTY_FULL_LIMIT = 3          # ring-full exits in a row with nothing to harvest: give up
 MAX_EVENTS = 64
 WALL_S = 5.0
 

@@ -59,6 +59,18 @@ def enable_dirty_ring(vm, entries: int, cap: int | None = None) -> int:
 RESET_CALLS = 16      # KVM_RESET_DIRTY_RINGS calls per reset at most, the first included
 
 
+# Ring-full exits in a row that find nothing to harvest before the vCPU is stopped:
+# the kernel's ring index no longer matches ours (the ring overflowed, abi.md 6).
+EMPTY_FULL_LIMIT = 3
+
+
+def overflow_reason() -> str:
+    """Why a vCPU is stopped after EMPTY_FULL_LIMIT empty ring-full exits (tracker, stepper)."""
+    return (f"{EMPTY_FULL_LIMIT} KVM_EXIT_DIRTY_RING_FULL exits in a row found no DIRTY "
+            "entry at the VMM's fetch index: the ring overflowed (KVM pushed past its size; "
+            "entries were overwritten and their pages are lost)")
+
+
 def finish_reset(vm, got: int, harvested: int) -> tuple:
     """Call KVM_RESET_DIRTY_RINGS again until ``harvested`` entries are reset, after a first
     call that reset only ``got``; returns (total reset, calls made here).

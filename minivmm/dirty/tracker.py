@@ -28,13 +28,11 @@ from ..x86 import layout as L
 from .bitmap import SlotBitmap, enable_manual_protect, popcount
 from .harvest import PageSets, dirty_count, take
 from .pageset import PageSet
-from .ring import DirtyRingError, VcpuRing, enable_dirty_ring, finish_reset, ring_capability
+from .ring import (EMPTY_FULL_LIMIT, DirtyRingError, VcpuRing, enable_dirty_ring, finish_reset,
+                   overflow_reason, ring_capability)
 from .verify import ContentOracle, has_plan, plan
 
 SLOT_NAMES = {L.SLOT_SYSTEM: "system", L.SLOT_DATA: "data"}
-# Ring-full exits in a row that find nothing to harvest before the vCPU is stopped:
-# the kernel's ring index no longer matches ours (the ring overflowed, abi.md 6).
-EMPTY_FULL_LIMIT = 3
 _EMPTY = np.empty(0, np.int64)
 
 
@@ -211,9 +209,7 @@ class RingTracker(Tracker):
             self._empty_full[st.index] = self._empty_full.get(st.index, 0) + 1
             if self._empty_full[st.index] < EMPTY_FULL_LIMIT:
                 return None
-            why = (f"vCPU {st.index}: {EMPTY_FULL_LIMIT} KVM_EXIT_DIRTY_RING_FULL exits in a row "
-                   "found no DIRTY entry at the VMM's fetch index: the ring overflowed (KVM "
-                   "pushed past its size; entries were overwritten and their pages are lost)")
+            why = f"vCPU {st.index}: {overflow_reason()}"
             self._lost.append(why)
             return VcpuEnd("ring-overflow", detail={"error": why})
         finally:

@@ -36,23 +36,30 @@ EXCEPTION_NAMES = {
     19: "#XM SIMD exception", 20: "#VE virtualization", 21: "#CP control protection",
 }
 
-# The shared part of the exception stubs (64-bit, CPL0). On entry the stack holds
-# vector, error code, then the CPU's frame (RIP, CS, RFLAGS, RSP, SS). It reports
-# the vector on port 0xe0; the host reads the frame at RSP. The host's answer to
-# `in eax, 0xe0` is 0 (stay halted) or 1 (resume with iretq).
-STUB_COMMON_CODE = bytes.fromhex(
-    "50"            # push rax
-    "8b442408"      # mov eax, [rsp+8]      ; the vector
-    "e7e0"          # out 0xe0, eax
-    "e5e0"          # in eax, 0xe0
-    "85c0"          # test eax, eax
-    "7407"          # jz .stop
-    "58"            # pop rax
-    "4883c410"      # add rsp, 16           ; drop vector and error code
-    "48cf"          # iretq
-    "f4"            # .stop: hlt
-    "ebfd"          # jmp .stop
-)
+# The shared part of the exception stubs, the same code at each mode's word size W
+# (8, 4 or 2 bytes; CPL0). On entry the stack holds vector, error code, then the CPU's
+# frame. It reports the vector on port 0xe0; the host reads the frame at the stack
+# pointer. The host's answer to `in eax, 0xe0` is 0 (stay halted) or 1 (resume).
+#     push rax / eax / ax
+#     mov eax, [rsp+W]          ; the vector (16-bit: an address-size prefix for [esp+2])
+#     out 0xe0, eax
+#     in eax, 0xe0
+#     test eax, eax
+#     jz .stop
+#     pop rax / eax / ax
+#     add rsp, 2*W              ; drop vector and error code (REX.W in long mode)
+#     iretq / iretd / iret
+# .stop: hlt
+#     jmp .stop
+def _stub_common_code(word: int) -> bytes:
+    rex = "48" if word == 8 else ""
+    skip = 5 + (2 if rex else 0)        # jz over pop, add and iret (and their REX.W)
+    return bytes.fromhex(
+        "50" + ("67" if word == 2 else "") + f"8b4424{word:02x}" + "e7e0" "e5e0" "85c0"
+        + f"74{skip:02x}" + "58" + rex + f"83c4{2 * word:02x}" + rex + "cf" + "f4" "ebfd")
+
+
+STUB_COMMON_CODE = _stub_common_code(8)
 # The stubs' code ends here: the per-vector stubs from L.STUBS, then the common part
 STUB_END = L.STUB_COMMON + len(STUB_COMMON_CODE)
 # After `push rax` the frame is: rax, vector, error, rip, cs, rflags, rsp, ss.
@@ -60,42 +67,14 @@ STUB_FRAME_FIELDS = ("rax", "vector", "error_code", "rip", "cs", "rflags", "rsp"
 
 # The same stubs for 32-bit protected mode (flat, CPL0: IDT of 8-byte interrupt gates) and
 # real mode (IVT at 0: offset, segment 0). Same per-vector code (push imm8 is 4 or 2
-# bytes there, jmp rel32 or rel16), a common part of that width. Their frame after
+# bytes there, jmp rel32 or rel16), the common part at that word size. Their frame after
 # `push eax`/`push ax`: eax, vector, error (0 in real mode), eip, cs, eflags: no stack
 # switch at one privilege level.
-STUB_COMMON_CODE_32 = bytes.fromhex(
-    "50"            # push eax
-    "8b442404"      # mov eax, [esp+4]      ; the vector
-    "e7e0"          # out 0xe0, eax
-    "e5e0"          # in eax, 0xe0
-    "85c0"          # test eax, eax
-    "7405"          # jz .stop
-    "58"            # pop eax
-    "83c408"        # add esp, 8
-    "cf"            # iretd
-    "f4"            # .stop: hlt
-    "ebfd"          # jmp .stop
-)
-STUB_COMMON_CODE_16 = bytes.fromhex(
-    "50"            # push ax
-    "678b442402"    # mov ax, [esp+2]       ; the vector
-    "e7e0"          # out 0xe0, ax
-    "e5e0"          # in ax, 0xe0
-    "85c0"          # test ax, ax
-    "7405"          # jz .stop
-    "58"            # pop ax
-    "83c404"        # add sp, 4
-    "cf"            # iret
-    "f4"            # .stop: hlt
-    "ebfd"          # jmp .stop
-)
-_COMMON = {"long": STUB_COMMON_CODE, "protected": STUB_COMMON_CODE_32,
-           "real": STUB_COMMON_CODE_16}
+_COMMON = {"long": STUB_COMMON_CODE, "protected": _stub_common_code(4),
+           "real": _stub_common_code(2)}
 STUB_FRAME_LAYOUT = {"long": ("<8Q", STUB_FRAME_FIELDS),
                      "protected": ("<6I", STUB_FRAME_FIELDS[:6]),
                      "real": ("<6H", STUB_FRAME_FIELDS[:6])}
-# The selector a frame the CPU pushed names: minivmm's code selectors in long mode.
-STUB_FRAME_CS = {"long": (L.SEL_CODE0, L.SEL_CODE3)}
 EFLAGS_FIXED1 = 0x2     # RFLAGS bit 1 reads as 1 in every flags image the CPU pushes
 
 
@@ -105,7 +84,7 @@ def cpu_pushed_frame(mode: str, frame: dict) -> bool:
     non-null selector with RPL 0. Real mode: any segment (a payload's far jump or its
     own code anywhere), so only the flags image tells: its bit 1 is always set."""
     if mode == "long":
-        return frame["cs"] in STUB_FRAME_CS["long"]
+        return frame["cs"] in (L.SEL_CODE0, L.SEL_CODE3)
     if not frame["rflags"] & EFLAGS_FIXED1:
         return False
     if mode == "protected":
