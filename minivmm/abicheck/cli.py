@@ -7,7 +7,7 @@ import contextlib
 import sys
 
 from . import report
-from .runner import host_header, load_checks, run_one, select
+from .runner import host_header, load_checks, pattern_error, run_one, select
 
 EXIT_CANNOT_RUN = 2
 
@@ -17,12 +17,14 @@ def register(sub, common) -> None:
                        help="numbered, cited regression checks of KVM's dirty-log ABI (KTAP)",
                        description="Run numbered, cited checks of the dirty ring and dirty "
                        "bitmap ABI against the running kernel, each in a fresh VM, and report "
-                       "in KTAP. Exit status: 0 all passed or skipped, 1 a failure, 4 all "
-                       "skipped, 2 cannot run (no /dev/kvm).")
+                       "in KTAP. Exit status: 0 all passed or skipped, 1 a failure or an "
+                       "error, 4 all skipped, 2 cannot run (no /dev/kvm).")
     p.add_argument("--list", action="store_true", help="list the checks (id, rules, citation; "
                    "as text, or JSON with --format json), needs no KVM")
     p.add_argument("-k", metavar="PATTERN", dest="pattern",
-                   help="only checks whose id matches (substring or glob)")
+                   help="only checks whose id matches PATTERN anywhere, as with pytest -k: "
+                   "a substring, or a glob with * ? [...] (reset and reset* select the same), "
+                   "case-insensitive")
     p.add_argument("--format", choices=["ktap", "json", "junit"], default="ktap")
     p.add_argument("--unsafe", action="store_true",
                    help="also run checks that may WARN or taint the kernel")
@@ -36,6 +38,8 @@ def cmd_abi_check(args) -> int:
     from ..kvm import Kvm
     from .._sys import KvmUnavailable
     load_checks()
+    if args.pattern is not None and (why := pattern_error(args.pattern)):
+        raise UsageError(why)
     specs = select(args.pattern)
     if args.list and args.format == "junit":
         raise UsageError("--list prints text (the default) or --format json, not junit")
@@ -64,12 +68,23 @@ def cmd_abi_check(args) -> int:
         except KvmUnavailable as e:     # no device, no permission, or not a KVM device
             print(f"minivmm abi-check: cannot run: {e}", file=sys.stderr)
             return EXIT_CANNOT_RUN
+        # KTAP goes out a check at a time, as kselftest.h line-buffers its output: a check
+        # that hangs, or a runner's timeout, leaves the plan and the results before it
+        stream = args.format == "ktap"
+        results = []
         with kvm:
             header = host_header(kvm)
-            results = [run_one(s, kvm, args.unsafe) for s in specs]
-        formatter = {"ktap": report.ktap, "json": report.to_json, "junit": report.junit}
-        return _write(out, formatter[args.format](results, header), args.output) \
-            or report.exit_status(results)
+            if stream and (err := _write(out, report.ktap_head(header, len(specs)),
+                                         args.output)):
+                return err
+            for spec in specs:
+                results.append(run_one(spec, kvm, args.unsafe))
+                if stream and (err := _write(out, report.ktap_result(len(results), results[-1]),
+                                             args.output)):
+                    return err
+        text = report.ktap_totals(results) if stream else \
+            {"json": report.to_json, "junit": report.junit}[args.format](results, header)
+        return _write(out, text, args.output) or report.exit_status(results)
     finally:
         if out is not sys.stdout:
             with contextlib.suppress(OSError):   # a failed write was reported already

@@ -10,8 +10,10 @@ KSFT_PASS, KSFT_FAIL, KSFT_SKIP = 0, 1, 4
 
 
 def exit_status(results) -> int:
-    """kselftest convention: 0 all passed or skipped, 1 any failure, 4 everything skipped."""
-    if any(r.status == "fail" for r in results):
+    """kselftest convention: 0 all passed or skipped, 1 any failure or error, 4 everything
+    skipped. An error (a bug in a check) is 1 as in kselftest.h, whose ksft_finished() exits
+    KSFT_FAIL unless every test passed, was skipped or failed as expected."""
+    if any(r.status in ("fail", "error") for r in results):
         return KSFT_FAIL
     if results and all(r.status == "skip" for r in results):
         return KSFT_SKIP
@@ -23,29 +25,49 @@ def _one_line(text: str) -> str:
 
 
 def ktap(results, header: dict) -> str:
+    return (ktap_head(header, len(results))
+            + "".join(ktap_result(n, r) for n, r in enumerate(results, 1))
+            + ktap_totals(results))
+
+
+def ktap_head(header: dict, planned: int) -> str:
+    """The version line, the host header as diagnostics, and the plan."""
     out = ["KTAP version 1",
            f"# minivmm abi-check on {header['kernel']} ({header['machine']}), "
            f"vendor module {header['vendor_module']}"]
     out.append("# capabilities: " + " ".join(f"{k[8:]}={v}"
                                               for k, v in header["capabilities"].items()))
     out.append(f"# {header['cve']}")
-    out.append(f"1..{len(results)}")
-    for n, r in enumerate(results, 1):
-        out.append(f"# {r.id}: {r.summary} [abi.md rule(s) {', '.join(map(str, r.rules))}; "
-                   f"{r.cite}]")
-        for d in r.diagnostics:
-            out.append(f"# {_one_line(d)}")
-        if r.status == "pass":
-            out.append(f"ok {n} {r.id}")
-        elif r.status == "skip":
-            out.append(f"ok {n} {r.id} # SKIP {_one_line(r.reason)}")
-        else:
-            out.append(f"# FAIL {r.id}: {_one_line(r.reason)}")
-            out.append(f"not ok {n} {r.id}")
-    counts = {s: sum(r.status == s for r in results) for s in ("pass", "fail", "skip")}
-    out.append(f"# Totals: pass:{counts['pass']} fail:{counts['fail']} xfail:0 xpass:0 "
-               f"skip:{counts['skip']} error:0")
+    out.append(f"1..{planned}")
     return "\n".join(out) + "\n"
+
+
+def ktap_result(n: int, r) -> str:
+    """Check number n: its diagnostics, then its result line."""
+    out = [f"# {r.id}: {r.summary} [abi.md rule(s) {', '.join(map(str, r.rules))}; "
+           f"{r.cite}]"]
+    for d in r.diagnostics:
+        out.append(f"# {_one_line(d)}")
+    if r.status == "pass":
+        out.append(f"ok {n} {r.id}")
+    elif r.status == "skip":
+        out.append(f"ok {n} {r.id} # SKIP {_one_line(r.reason)}")
+    elif r.status == "error":
+        # A bug in the check, not a kernel failure: Documentation/dev-tools/ktap.rst's ERROR
+        # directive on a "not ok" line, and error:N in the totals, where kselftest.h's
+        # ksft_test_result_error() counts it
+        out.append(f"not ok {n} {r.id} # ERROR {_one_line(r.reason)}")
+    else:
+        out.append(f"# FAIL {r.id}: {_one_line(r.reason)}")
+        out.append(f"not ok {n} {r.id}")
+    return "\n".join(out) + "\n"
+
+
+def ktap_totals(results) -> str:
+    """kselftest.h ksft_print_cnts()'s line."""
+    counts = {s: sum(r.status == s for r in results) for s in ("pass", "fail", "skip", "error")}
+    return (f"# Totals: pass:{counts['pass']} fail:{counts['fail']} xfail:0 xpass:0 "
+            f"skip:{counts['skip']} error:{counts['error']}\n")
 
 
 def to_json(results, header: dict) -> str:
@@ -59,10 +81,11 @@ def to_json(results, header: dict) -> str:
 def junit(results, header: dict) -> str:
     fails = sum(r.status == "fail" for r in results)
     skips = sum(r.status == "skip" for r in results)
+    errors = sum(r.status == "error" for r in results)
     total = sum(r.seconds for r in results)
     out = ['<?xml version="1.0" encoding="UTF-8"?>',
            f'<testsuites><testsuite name="minivmm-abi-check" tests="{len(results)}" '
-           f'failures="{fails}" skipped="{skips}" errors="0" time="{total:.3f}" '
+           f'failures="{fails}" skipped="{skips}" errors="{errors}" time="{total:.3f}" '
            f'hostname={quoteattr(socket.gethostname())}>',
            "<properties>" + "".join(
                f"<property name={quoteattr(k)} value={quoteattr(str(v))}/>"
@@ -75,6 +98,9 @@ def junit(results, header: dict) -> str:
         if r.status == "fail":
             out.append(f"<failure message={quoteattr(_one_line(r.reason))}>"
                        f"{escape(chr(10).join(r.diagnostics))}</failure>")
+        elif r.status == "error":    # JUnit's word for a test that broke, not one that failed
+            out.append(f"<error message={quoteattr(_one_line(r.reason))}>"
+                       f"{escape(chr(10).join(r.diagnostics))}</error>")
         elif r.status == "skip":
             out.append(f"<skipped message={quoteattr(_one_line(r.reason))}/>")
         out.append(f"<system-out>{escape(r.summary + ' | ' + r.cite)}</system-out></testcase>")

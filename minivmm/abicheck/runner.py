@@ -35,7 +35,7 @@ def load_checks() -> dict:
 @dataclasses.dataclass
 class Result:
     id: str
-    status: str                      # pass | fail | skip
+    status: str                      # pass | fail | skip | error (a bug in the check)
     reason: str = ""
     diagnostics: list = dataclasses.field(default_factory=list)
     seconds: float = 0.0
@@ -44,13 +44,35 @@ class Result:
     summary: str = ""
 
 
+def pattern_error(pattern: str) -> str | None:
+    """Why ``-k pattern`` can select nothing useful, or None if it is a usable glob."""
+    if not pattern:
+        return "-k needs a pattern (an empty one would select every check)"
+    if any(c.isspace() for c in pattern):   # `-k "ring and not reset"` is pytest's, not ours
+        return (f"-k {pattern!r}: one glob without spaces, not a pytest-style expression "
+                "(check ids have no spaces)")
+    i = 0
+    while i < len(pattern):     # fnmatch takes an unclosed [ literally: no id has one
+        if pattern[i] == "[":
+            j = i + 1 + (pattern[i + 1:i + 2] == "!")
+            j = pattern.find("]", j + (pattern[j:j + 1] == "]"))
+            if j < 0:
+                return f"-k {pattern!r}: the [ at position {i + 1} is never closed with ]"
+            i = j
+        i += 1
+    return None
+
+
 def select(pattern: str | None = None, ids=None) -> list:
+    """The checks whose id matches ``pattern``: a glob that may match any part of the id,
+    case-insensitively, as pytest -k matches a substring (``reset``, ``reset*`` and
+    ``*reset*`` select the same checks)."""
     specs = list(load_checks().values())
     if ids:
         specs = [s for s in specs if s.id in ids]
-    if pattern:
-        pat = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
-        specs = [s for s in specs if fnmatch.fnmatch(s.id, pat)]
+    if pattern is not None:
+        pat = f"*{pattern.lower()}*"
+        specs = [s for s in specs if fnmatch.fnmatchcase(s.id, pat)]
     return specs
 
 
@@ -69,8 +91,8 @@ def run_one(spec, kvm, unsafe: bool = False) -> Result:
         res.status, res.reason = "fail", str(e)
     except KvmError as e:
         res.status, res.reason = "fail", f"unexpected error: {e}"
-    except Exception as e:
-        res.status, res.reason = "fail", f"check raised {type(e).__name__}: {e}"
+    except Exception as e:   # the tool's bug, not the kernel's: KTAP's ERROR, not a failure
+        res.status, res.reason = "error", f"check raised {type(e).__name__}: {e}"
         res.diagnostics.extend(traceback.format_exc().rstrip().splitlines()[-6:])
     finally:
         ctx.close()

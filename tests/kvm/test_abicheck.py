@@ -71,6 +71,97 @@ def test_ktap_output_and_exit_status():
                                   for l in results] == list(range(1, n + 1))
     assert any("vendor module" in l for l in lines if l.startswith("#"))
     assert lines[-1].startswith("# Totals: pass:")
+    assert parse_ktap(proc.stdout)["pass"] == n
+
+
+def test_the_whole_run_is_strict_ktap():
+    proc = run_cli("abi-check", timeout=600)
+    counts = parse_ktap(proc.stdout)
+    failed = re.findall(r"^not ok \d+ (\S+)$", proc.stdout, re.M)
+    assert set(failed) <= set(KNOWN_KERNEL_BUGS) and counts["error"] == 0, proc.stdout
+    assert proc.returncode == (1 if failed else 0), proc.stderr
+
+
+
+# The result-line forms of tools/testing/kunit/kunit_parser.py (TEST_RESULT, TEST_RESULT_SKIP)
+KTAP_RESULT = re.compile(r"^(ok|not ok) ([0-9]+) (- )?([^#]*)( # .*)?$")
+KTAP_TOTALS = re.compile(r"# Totals: pass:(\d+) fail:(\d+) xfail:(\d+) xpass:(\d+) "
+                         r"skip:(\d+) error:(\d+)")
+
+
+def parse_ktap(text: str) -> dict:
+    """A strict reader of what abi-check prints (Documentation/dev-tools/ktap.rst): the
+    version line, header diagnostics, one plan, then per test `#` diagnostics and one result
+    numbered from 1, then kselftest.h's totals line, which must agree with the results."""
+    lines = text.splitlines()
+    assert lines[0] == "KTAP version 1" and text.endswith("\n")
+    i = 1
+    while lines[i].startswith("# "):
+        i += 1
+    plan = re.fullmatch(r"1\.\.(\d+)", lines[i])
+    assert plan, lines[i]
+    statuses = []
+    for line in lines[i + 1:-1]:
+        if line.startswith("# "):
+            continue
+        m = KTAP_RESULT.match(line)
+        assert m and m.group(3) is None and int(m.group(2)) == len(statuses) + 1, line
+        directive = (m.group(5) or " # ")[3:].split(" ")[0]
+        assert directive in ("", "SKIP", "ERROR"), line
+        assert directive != "ERROR" or m.group(1) == "not ok", line   # ktap.rst
+        statuses.append({"SKIP": "skip", "ERROR": "error"}.get(
+            directive, "pass" if m.group(1) == "ok" else "fail"))
+    assert len(statuses) == int(plan.group(1))
+    totals = KTAP_TOTALS.fullmatch(lines[-1])
+    assert totals, lines[-1]
+    counts = {s: statuses.count(s) for s in ("pass", "fail", "skip", "error")}
+    assert [int(g) for g in totals.groups()] == [counts["pass"], counts["fail"], 0, 0,
+                                                 counts["skip"], counts["error"]]
+    return counts
+
+
+def _broken(ctx):
+    return {}["no such key"]       # a bug in a check, not a kernel failure
+
+
+def test_a_check_that_raises_is_an_error_not_a_kernel_failure(kvm):
+    # it was a plain "not ok", counted in fail:, the same as the kernel breaking a rule
+    import dataclasses
+    spec = dataclasses.replace(runner.REGISTRY["caps.api_version"], fn=_broken)
+    results = [runner.run_one(spec, kvm), runner.run_one(runner.REGISTRY["caps.api_version"],
+                                                         kvm)]
+    assert [r.status for r in results] == ["error", "pass"]
+    text = report.ktap(results, runner.host_header(kvm))
+    assert "not ok 1 caps.api_version # ERROR check raised KeyError: 'no such key'\n" in text
+    assert "# FAIL" not in text and "KeyError: 'no such key'" in text.split("not ok 1")[0]
+    assert parse_ktap(text) == {"pass": 1, "fail": 0, "skip": 0, "error": 1}
+    assert report.exit_status(results) == report.KSFT_FAIL
+    assert report.exit_status(results[:1] + [runner.Result("b", "skip")]) == report.KSFT_FAIL
+    suite = ET.fromstring(report.junit(results, runner.host_header(kvm))).find("testsuite")
+    assert (suite.get("errors"), suite.get("failures")) == ("1", "0")
+    assert suite.find("testcase/error").get("message").startswith("check raised KeyError")
+    data = json.loads(report.to_json(results, runner.host_header(kvm)))
+    assert [r["status"] for r in data["results"]] == ["error", "pass"]
+
+
+def test_ktap_results_are_written_as_each_check_ends(kvm, monkeypatch):
+    # the report was written once every check had run: a runner that stopped a hung run
+    # at its timeout got no KTAP at all, not even the results of the checks that had ended
+    import dataclasses
+    import io
+    from minivmm import cli
+    seen, out = [], io.StringIO()
+    second = runner.REGISTRY["caps.create_vm.on_vm_fd"]
+
+    def spy(ctx):
+        seen.append(out.getvalue())
+        return second.fn(ctx)
+    monkeypatch.setitem(runner.REGISTRY, second.id, dataclasses.replace(second, fn=spy))
+    monkeypatch.setattr("sys.stdout", out)
+    assert cli.main(["abi-check", "-k", "caps.create_vm."]) == 0
+    assert seen[0].startswith("KTAP version 1\n") and "\n1..2\n" in seen[0]
+    assert seen[0].endswith("\nok 1 caps.create_vm.bad_type\n")
+    assert parse_ktap(out.getvalue()) == {"pass": 2, "fail": 0, "skip": 0, "error": 0}
 
 
 def test_formats_json_and_junit():

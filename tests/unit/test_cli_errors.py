@@ -121,6 +121,37 @@ def test_abicheck_list_as_json_needs_no_kvm():
     assert "not junit" in line
 
 
+
+def _listed(*k):
+    proc = run_cli("abi-check", "--list", "--format", "json", *k,
+                   env={"MINIVMM_KVM_DEVICE": "/nonexistent/kvm"})
+    assert proc.returncode == 0, proc.stderr
+    return [c["id"] for c in json.loads(proc.stdout)["checks"]]
+
+
+def test_abicheck_pattern_is_one_rule_a_glob_matched_anywhere_in_the_id():
+    # -k reset took a substring but -k 'reset*' a glob of the whole id: the wildcard
+    # narrowed "reset" (11 checks) to nothing at all
+    reset = _listed("-k", "reset")
+    assert len(reset) > 9 and "ring.enable.reset_without_ring" in reset
+    for same in ("reset*", "*reset", "*reset*", "RESET", "r?set"):
+        assert _listed("-k", same) == reset, same
+    assert _listed("-k", "ring.*.zero") == ["ring.enable.zero"]
+    assert _listed("-k", "caps.api_version") == ["caps.api_version"]
+
+
+@pytest.mark.parametrize("pattern,word", [
+    ("", "-k needs a pattern"),                   # was: every check, silently
+    ("ring and not reset", "not a pytest-style expression"),
+    ("ring[", "the [ at position 5 is never closed"),
+    ("[!]", "the [ at position 1 is never closed"),
+    ("no.such.check", "no check id matches"),
+])
+def test_abicheck_refuses_a_pattern_that_cannot_select(pattern, word):
+    line = one_line_error(run_cli("abi-check", "-k", pattern,
+                                  env={"MINIVMM_KVM_DEVICE": "/nonexistent/kvm"}))
+    assert word in line
+
 def test_help_lists_commands():
     proc = run_cli("--help")
     assert proc.returncode == 0
