@@ -189,6 +189,7 @@ def cmd_disasm(args) -> int:
 # -- run --
 
 def _trace_printer(machine, stream):
+    from .machine import is_hlt, writes_memory
     lock = threading.Lock()
 
     def trace(st, reason):
@@ -196,14 +197,18 @@ def _trace_printer(machine, stream):
         regs = st.vcpu.get_regs()
         io_out = reason == abi.KVM_EXIT_IO and info.get("direction") == "out"
         # after an out, an MMIO write or a hlt, RIP may be past the instruction; name it
-        # as the vCPU's end would (the out that made this exit, a repeating string store)
+        # as the vCPU's end would (the out that made this exit, a repeating string store),
+        # by what the exit proves it was: the listing may not say (code the guest rewrote,
+        # jumped into the middle of, or wrote elsewhere)
         rip, after = regs.rip, reason == abi.KVM_EXIT_HLT
+        made_by = is_hlt if after else None
         if io_out:
+            made_by = machine.out_made_by(st, regs)
             rip, name_at = machine.out_exit_rip(st, regs)
             after = not name_at
         elif reason == abi.KVM_EXIT_MMIO:
-            after = machine.mmio_after(st, regs)
-        ins = machine.describe_instruction(st, rip, after) or "?"
+            after, made_by = machine.mmio_after(st, regs), writes_memory
+        ins = machine.describe_instruction(st, rip, after, made_by=made_by) or "?"
         fields = " ".join(f"{k}={v:#x}" if isinstance(v, int) and k not in ("size", "count", "len")
                           else f"{k}={v}" for k, v in info.items()
                           if k not in ("reason", "exit_reason"))

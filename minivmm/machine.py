@@ -18,7 +18,7 @@ from . import _sys, abi
 from ._kick import KICK_SIGNAL, install_kick_handler
 from ._sys import KvmError
 from .kvm import Kvm
-from .payload import Payload, disassemble, disassemble_one, load
+from .payload import Payload, disassemble, disassemble_one, instructions_ending, load
 from .x86 import layout as L
 from .x86.modes import (EXCEPTION_NAMES, STUB_FRAME_LAYOUT,
                         cpu_pushed_frame, setup_memory, setup_vcpu, stub_end)
@@ -506,42 +506,103 @@ class Machine:
         return rip
 
     def describe_instruction(self, st: VcpuState, rip: int, after: bool = False,
-                             io_out: bool = False, cs_base: int | None = None) -> str | None:
-        """The payload's instruction at rip, or (after=True) the one ending at rip.
+                             io_out: bool = False, cs_base: int | None = None,
+                             made_by=None) -> str | None:
+        """The instruction the CPU ran at rip, or (after=True) the one ending at rip, named
+        (see executed); None when memory holds none that fits.
 
-        ``io_out``: the exit is an OUT. kvm_pvm has already moved RIP past it; VMX and
-        SVM complete a userspace OUT on the next KVM_RUN (complete_fast_pio_out in
-        arch/x86/kvm/x86.c), so RIP may still point at the out itself: accept both.
+        ``made_by``: a predicate on an Instruction that the one ending at rip is known to
+        satisfy (the exit proves it: is_out, is_hlt, ...). ``io_out``: the exit is an OUT.
+        kvm_pvm has already moved RIP past it; VMX and SVM complete a userspace OUT on the
+        next KVM_RUN (complete_fast_pio_out in arch/x86/kvm/x86.c), so RIP may still point
+        at the out itself: accept both.
         """
-        p = self.payload
-        ins = None
-        if io_out:
-            here = p.instruction_at(rip)
-            # `rep outsb` keeps RIP at itself until its count is done
-            if here is not None and here.mnemonic.split()[-1].startswith("out"):
-                ins = here
-        if ins is None:
-            ins = p.instruction_ending_at(rip) if after else p.instruction_at(rip)
-        if ins is not None:
-            raw = self.code_bytes(st, ins.address, cs_base)
-            if raw is not None and len(raw) >= ins.size and raw[:ins.size] != ins.raw:
-                # the guest wrote over it: what ran is in memory, not in the listing
-                one = disassemble_one(raw, ins.address, p.mode)
-                if one is None or (one.address + one.size if after else one.address) != rip:
-                    return None
-                return f"{one.text}  ; rewritten by the guest (line {ins.line}: {ins.text})"
-            return f"{ins.text}" + (f"  ; line {ins.line}" if ins.line else "")
         if self.in_stubs(st, rip, cs_base):
             # minivmm's own exception stubs: decode them linearly from the stub's start
+            p = self.payload
             start = L.STUB_COMMON if rip > L.STUB_COMMON else rip & ~0xF
             code = self.system.read(start, stub_end(p.mode) - start)
             for ins in disassemble(code, start, p.mode):
                 if (ins.address + ins.size if after else ins.address) == rip:
                     return f"{ins.text}  ; exception stub"
             return None
-        raw = None if after else self.code_bytes(st, rip, cs_base)
-        one = disassemble_one(raw, rip, p.mode) if raw is not None else None
-        return one.text if one else None
+        if io_out:
+            # `rep outsb` keeps RIP at itself until its count is done
+            here, note = self.executed(st, rip, cs_base=cs_base)
+            if here is not None and is_out(here):
+                return instruction_name(here, note)
+            after, made_by = True, made_by or is_out
+        ins, note = self.executed(st, rip, after, cs_base, made_by)
+        return instruction_name(ins, note) if ins is not None else None
+
+    def executed(self, st: VcpuState, rip: int, after: bool = False,
+                 cs_base: int | None = None, made_by=None) -> tuple:
+        """(instruction, note): the instruction the CPU ran at rip, or (after=True) the one
+        ending at rip, with the address it ran at (an IP in real mode); (None, "") when
+        guest memory holds none.
+
+        The listing's, with its source line, when memory still holds its bytes (and, after
+        rip, it satisfies ``made_by``); else decoded from memory, line 0, the note saying
+        how it stands to the listing: rewritten by the guest, or run from the middle of a
+        listed instruction. The listing alone cannot tell: the guest may write new code
+        over it, jump into an instruction, or run code it wrote elsewhere. After rip, what
+        ran is found by trying each start up to 15 bytes back (the longest x86
+        instruction): it must end at rip and satisfy ``made_by``; without ``made_by``, or
+        with two different candidates, only a listed start rewritten in place is named.
+        Real mode: the listing is found by linear address, whatever CS the code ran in."""
+        p = self.payload
+        lin = self.linear(st, rip, cs_base)
+        shift = p.origin - p.load_address + (lin - rip)   # rip + shift: a listing address
+        mem = self.vm.slot_for(lin - 1 if after else lin)
+        if mem is None:
+            return None, ""
+        if not after:
+            raw = mem.read(lin, min(16, mem.gpa + mem.size - lin))
+            ins = p.instruction_at(rip + shift)
+            if ins is not None and raw[:ins.size] == ins.raw:
+                return _moved(ins, -shift), ""       # the common case: one compare
+            one = disassemble_one(raw, rip, p.mode)
+            return (one, self._note(one, shift)) if one is not None else (None, "")
+        ins = p.instruction_ending_at(rip + shift)
+        if ins is not None and mem.contains(lin - ins.size, ins.size) \
+                and mem.read(lin - ins.size, ins.size) == ins.raw \
+                and (made_by is None or made_by(ins)):
+            return _moved(ins, -shift), ""
+        found = self.ending_at(st, rip, made_by, lin) if made_by is not None else []
+        if len({one.text for one in found}) == 1:
+            return found[0], self._note(found[0], shift)
+        if made_by is None and ins is not None:      # rewritten in place, same boundaries?
+            start = lin - ins.size
+            raw = mem.read(start, min(16, mem.gpa + mem.size - start))
+            one = disassemble_one(raw, rip - ins.size, p.mode)
+            if one is not None and one.size == ins.size:
+                return one, self._note(one, shift)
+        return None, ""
+
+    def ending_at(self, st: VcpuState, rip: int, made_by, lin: int | None = None) -> list:
+        """Every instruction in guest memory that ends at rip and satisfies made_by,
+        shortest first (addresses as rip's)."""
+        lin = self.linear(st, rip) if lin is None else lin
+        mem = self.vm.slot_for(lin - 1)
+        if mem is None:
+            return []
+        # no further back than the slot's start or (real mode) IP 0
+        lo = max(lin - 15, mem.gpa, lin - rip)
+        return [one for one in instructions_ending(mem.read(lo, lin - lo), rip,
+                                                   self.payload.mode) if made_by(one)]
+
+    def _note(self, one, shift: int) -> str:
+        """How an instruction decoded from memory stands to the listing."""
+        p = self.payload
+        ins = p.instruction_containing(one.address + shift)
+        if ins is None:
+            return ""                   # code the guest made elsewhere, or data
+        lin = ins.address - p.origin + p.load_address
+        mem = self.vm.slot_for(lin)
+        if mem is None or not mem.contains(lin, ins.size) or mem.read(lin, ins.size) != ins.raw:
+            return f"rewritten by the guest (line {ins.line}: {ins.text})"
+        into = one.address + shift - ins.address
+        return f"run from byte {into} of line {ins.line} ({ins.text})"
 
     def in_stubs(self, st, rip: int, cs_base: int | None = None) -> bool:
         """Whether rip is in minivmm's exception stubs' code. Real mode: they run at CS 0,
@@ -569,11 +630,15 @@ class Machine:
         is an OUT, and RIP is reported past it on every host (out_exit_rip)."""
         regs = st.vcpu.get_regs()
         rip = regs.rip
+        # what the exit proves the instruction ending at rip was (Machine.executed)
+        made_by = {"hlt": is_hlt, "unhandled-mmio": writes_memory}.get(reason)
         if io_out:                          # rip is now past the out (or at a repeating outs)
+            made_by = self.out_made_by(st, regs)
             rip, name_at = self.out_exit_rip(st, regs)
             after = not name_at
         end = VcpuEnd(reason, code=code, rip=rip,
-                      instruction=self.describe_instruction(st, rip, after),
+                      instruction=self.describe_instruction(st, rip, after,
+                                                            made_by=made_by),
                       detail=dict(detail or {}))
         if registers:
             end.detail["registers"] = self.registers(st)
@@ -614,41 +679,40 @@ class Machine:
         it would make exactly this exit (port and size). A string out goes through the
         emulator (vmx.c handle_io -> kvm_emulate_instruction), which keeps RIP at a
         `rep outs` until its count is done, on every host."""
-        io = st.vcpu.run_struct.io
-        port, size = io.port, io.size
-        del io                              # no view of kvm_run may outlive the call
-        here = self._out_making(st, regs, regs.rip, port, size)
-        if here is None:
+        made_by = self.out_made_by(st, regs)
+        raw = self.code_bytes(st, regs.rip)
+        here = disassemble_one(raw, regs.rip, self.payload.mode) if raw else None
+        if here is None or not made_by(here):
             return regs.rip, False          # past it already (kvm_pvm), or not decodable
         if here.mnemonic.split()[-1] != "out":
             return regs.rip, True           # outs: RIP stays at it while it repeats
-        before = self.payload.instruction_ending_at(regs.rip)
-        if before is None or self._out_making(st, regs, before.address, port, size) \
-                is not None:
-            # RIP at an out that would make this exit fits both hosts when the instruction
-            # before it would too (`out X; out X`) or is unknown (code not in the listing):
-            # re-entering with immediate_exit finishes a pending out without running the
-            # guest further (api.rst 5, "immediate_exit"), so RIP is then past it anyway
+        if self.ending_at(st, regs.rip, made_by):
+            # RIP at an out that would make this exit fits both hosts when one that would
+            # too ends at RIP (`out X; out X`, or bytes that decode so): re-entering with
+            # immediate_exit finishes a pending out without running the guest further
+            # (api.rst 5, "immediate_exit"), so RIP is then past it anyway
             return self._complete_pending_io(st), False
-        return regs.rip + here.size, False
+        return regs.rip + here.size, False  # nothing before it made this exit: at it
 
-    def _out_making(self, st, regs, rip: int, port: int, size: int):
-        """The out instruction at rip, as it is in memory, if it makes an exit to this port
-        with this size; else None."""
-        raw = self.code_bytes(st, rip)
-        ins = disassemble_one(raw, rip, self.payload.mode) if raw else None
-        if ins is None:
-            return None
-        name = ins.mnemonic.split()[-1]
-        if name == "out":
-            where, _, reg = ins.op_str.partition(", ")
-            width = {"al": 1, "ax": 2, "eax": 4}.get(reg)
-        elif name in ("outsb", "outsw", "outsd"):
-            where, width = "dx", {"b": 1, "w": 2, "d": 4}[name[-1]]
-        else:
-            return None
-        at = regs.rdx & 0xFFFF if where == "dx" else int(where, 0)
-        return ins if (at, width) == (port, size) else None
+    def out_made_by(self, st, regs):
+        """At an IO exit for an OUT: a predicate telling the instructions that would make
+        exactly this exit (an out or outs to this port with this size)."""
+        io = st.vcpu.run_struct.io
+        port, size = io.port, io.size
+        del io                              # no view of kvm_run may outlive the call
+        dx = regs.rdx & 0xFFFF
+
+        def made_by(ins) -> bool:
+            name = ins.mnemonic.split()[-1]
+            if name == "out":
+                where, _, reg = ins.op_str.partition(", ")
+                width = {"al": 1, "ax": 2, "eax": 4}.get(reg)
+            elif name in ("outsb", "outsw", "outsd"):
+                where, width = "dx", {"b": 1, "w": 2, "d": 4}[name[-1]]
+            else:
+                return False
+            return (dx if where == "dx" else int(where, 0), width) == (port, size)
+        return made_by
 
     def _complete_pending_io(self, st) -> int:
         """Finish the pending IO with a KVM_RUN that runs no guest instruction; its RIP."""
@@ -746,29 +810,68 @@ class Machine:
         cr2 = st.vcpu.get_sregs().cr2
         # #DB traps and #BP (int3) push the address after the instruction (SDM vol. 3,
         # 6.5: traps); faults push the faulting instruction's own address
-        trap = frame["vector"] in TRAP_VECTORS
-        # real mode: the pushed IP is an offset in the pushed CS's segment. The listing's
-        # addresses are offsets from the payload's load address: name the instruction at
-        # the same linear address there (a far jump may have moved CS)
-        at, cs_base = frame["rip"], None
-        if self.payload.mode == "real":
-            linear = (frame["cs"] << 4) + frame["rip"]
-            if L.CODE <= linear < L.CODE + L.CODE_MAX:
-                at, cs_base = linear - L.CODE, L.CODE
-            else:
-                cs_base = frame["cs"] << 4
-        # `int n` is a software interrupt: the pushed address is past it, as for a trap
-        before = self.payload.instruction_ending_at(at) if not trap else None
-        if before is not None and before.mnemonic == "int" \
-                and _int_operand(before.op_str) == frame["vector"]:
-            trap = True
-        return VcpuEnd("exception", vector=frame["vector"], rip=frame["rip"],
+        vector = frame["vector"]
+        trap, made_by = vector in TRAP_VECTORS, raises(vector)
+        # real mode: the pushed IP is an offset in the pushed CS's segment (executed finds
+        # the listing by linear address, whatever CS a far jump left)
+        at, cs_base = frame["rip"], (frame["cs"] << 4 if self.payload.mode == "real" else None)
+        if not trap:
+            # `int n` is a software interrupt: the pushed address is past it, as for a
+            # trap. Memory is searched only where the listing does not vouch for the bytes
+            # before: a fault's own address may follow bytes that merely look like an int
+            ins, note = self.executed(st, at, after=True, cs_base=cs_base)
+            if ins is None or note:
+                ins, note = self.executed(st, at, after=True, cs_base=cs_base,
+                                          made_by=made_by)
+            trap = ins is not None and made_by(ins)
+        return VcpuEnd("exception", vector=vector, rip=frame["rip"],
                        instruction=self.describe_instruction(st, at, after=trap,
-                                                             cs_base=cs_base),
+                                                             cs_base=cs_base,
+                                                             made_by=made_by),
                        detail={"error_code": frame["error_code"], "cr2": cr2,
-                               "name": EXCEPTION_NAMES.get(frame["vector"], "?"),
+                               "name": EXCEPTION_NAMES.get(vector, "?"),
                                "cs": frame["cs"], "rsp": frame["rsp"],
                                "rflags": frame["rflags"]})
+
+
+def instruction_name(ins, note: str = "") -> str:
+    """An instruction as ends, traces and steps name it: with its source line, or with
+    the note Machine.executed gave for code that is not the listing's."""
+    if note:
+        return f"{ins.text}  ; {note}"
+    return ins.text + (f"  ; line {ins.line}" if ins.line else "")
+
+
+def _moved(ins, by: int):
+    """ins at an address ``by`` bytes on (the listing's, in the segment it ran in)."""
+    return ins if not by else dataclasses.replace(ins, address=ins.address + by)
+
+
+# What an exit proves about the instruction that ended at RIP (Machine.executed's made_by)
+def is_out(ins) -> bool:
+    return ins.mnemonic.split()[-1].startswith("out")
+
+
+def is_hlt(ins) -> bool:
+    return ins.mnemonic == "hlt"
+
+
+def writes_memory(ins) -> bool:
+    """A memory destination: what an MMIO write's instruction has (mov, stos, add ...)."""
+    return "[" in ins.op_str.split(",")[0]
+
+
+def raises(vector: int):
+    """The instructions that raise ``vector`` as a trap or software interrupt: int n,
+    and int3, into, int1 for #BP, #OF, #DB (None for #DB: a TF trap follows any)."""
+    short = {3: "int3", 4: "into"}.get(vector)
+    if vector == 1:
+        return None
+
+    def fits(ins) -> bool:
+        return ins.mnemonic == short or (ins.mnemonic == "int"
+                                         and _int_operand(ins.op_str) == vector)
+    return fits
 
 
 def _int_operand(op_str: str) -> int | None:

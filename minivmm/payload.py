@@ -97,17 +97,27 @@ class Payload:
 
     def instruction_at(self, addr: int) -> Instruction | None:
         """The instruction starting at ``addr`` (in the payload's own address space)."""
-        for ins in self.listing:
-            if ins.address == addr:
-                return ins
-        return None
+        return self._starts.get(addr)
 
     def instruction_ending_at(self, addr: int) -> Instruction | None:
         """The instruction whose last byte is just before ``addr`` (after an out or MMIO write)."""
+        return self._ends.get(addr)
+
+    def instruction_containing(self, addr: int) -> Instruction | None:
+        """The instruction one of whose bytes is at ``addr``."""
         for ins in self.listing:
-            if ins.address + ins.size == addr:
+            if ins.address <= addr < ins.address + ins.size:
                 return ins
         return None
+
+    # a stepper and a trace look an address up per step or exit: dicts, made once
+    @functools.cached_property
+    def _starts(self) -> dict:
+        return {ins.address: ins for ins in self.listing}
+
+    @functools.cached_property
+    def _ends(self) -> dict:
+        return {ins.address + ins.size: ins for ins in self.listing}
 
     def disassemble(self) -> list:
         return disassemble(self.code, self.origin, self.mode)
@@ -421,6 +431,18 @@ def disassemble_one(code: bytes, address: int, mode: str) -> Instruction | None:
     for i in _cs(mode).disasm(code, address, 1):
         return Instruction(i.address, i.size, bytes(i.bytes), i.mnemonic, i.op_str)
     return None
+
+
+def instructions_ending(code: bytes, end: int, mode: str) -> list:
+    """Every instruction that decodes from some byte of ``code`` to exactly its last byte,
+    shortest first; ``end`` is the address just past ``code``."""
+    md, found = _cs(mode), []
+    for start in range(len(code) - 1, -1, -1):
+        for i in md.disasm(code[start:], end - (len(code) - start), 1):
+            if i.size == len(code) - start:
+                found.append(Instruction(i.address, i.size, bytes(i.bytes), i.mnemonic,
+                                         i.op_str))
+    return found
 
 
 # -- values: what the source says vs what keystone encoded --

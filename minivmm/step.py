@@ -42,8 +42,8 @@ import time
 from . import abi
 from .kvm import Kvm, vendor_module
 from .machine import (KICK_SIGNAL, Machine, MachineError, VcpuEnd, format_registers,
-                      install_kick_handler)
-from .payload import Payload, disassemble_one, load
+                      install_kick_handler, instruction_name, is_out)
+from .payload import Payload, load
 from .x86 import layout as L
 from .x86.modes import STUB_FRAME_FIELDS
 
@@ -285,7 +285,6 @@ class StepSession:
         self.max_time = max_time
         self.stopped: dict | None = None   # why the host stopped early (end stays None)
         self._session_deadline = None      # monotonic end of max_time, from the first step
-        self.by_address = {ins.address: ins for ins in p.listing}
         self.rings: dict = {}
         kwargs = {}
         if dirty:
@@ -333,6 +332,7 @@ class StepSession:
         # RIP just past an out whose step was reported while KVM still had it pending
         # (VMX/SVM): the step trap its completion raises is that out's, not a new one.
         self._late_trap = None
+        self._code = (None, None, "")    # (pc, instruction, note) read before the step ran
         # Watchdog: a thread that kicks KVM_RUN out (immediate_exit + signal, as
         # Machine does) when one step takes longer than the timeout.
         self._lock = threading.Lock()
@@ -395,6 +395,9 @@ class StepSession:
                 return None
         if self._out_of_time():
             return None
+        # What runs is read before it runs: the instruction may write over itself, or
+        # (real mode) move CS, which changes what its address reads afterwards
+        self._code = (self.pc, *self.machine.executed(self.st, self.pc))
         self._deadline = self._step_deadline()
         try:
             if self.mechanism == IN_GUEST:
@@ -551,7 +554,7 @@ class StepSession:
             # An `out` ends in its IO exit: this exit is the out's step. On kvm_pvm RIP is
             # already past it and its step trap is lost (host-probes 2).
             past = self._past_pending_out(regs)
-            note = self._untraced_out(past.rip)
+            note = self._untraced_out(past)
             step = self._step(past, "io-exit", io={"port": port, "value": value})
             step.note = note
             if self.end is not None:            # the payload's own write to port 0xe0
@@ -609,24 +612,27 @@ class StepSession:
         kernel source; kvm_pvm never takes this path."""
         if regs.rip != self.pc:
             return regs                  # past it already (kvm_pvm, measured)
-        raw, text, _ = self._instruction(self.pc)
-        if not raw or not text.startswith("out "):
+        ins, _ = self._instruction(self.pc)
+        if ins is None or not ins.text.startswith("out "):
             return regs                  # a string out (outs) is re-entered at RIP: left as is
         past = type(regs).from_buffer_copy(regs)
-        past.rip = self.pc + len(raw)
+        past.rip = self.pc + ins.size
         self._late_trap = past.rip
         return past
 
-    def _untraced_out(self, rip: int) -> str:
+    def _untraced_out(self, regs) -> str:
         """"" when the instruction being stepped is the out that made this IO exit. Else
         the guest ran on untraced (it cleared TF itself with popf or iretq, say) up to an
-        out ending at ``rip``: the step is moved to that out, and the note says so."""
-        _, text, _ = self._instruction(self.pc)
-        if any(w.startswith("out") for w in text.split()[:2]):
+        out ending at RIP (in regs, past it) that would make this exit: the step is moved
+        to that out, and the note says so."""
+        ins, _ = self._instruction(self.pc)
+        if ins is not None and is_out(ins):
             return ""
-        ins = self.payload.instruction_ending_at(rip)
-        if ins is None:
+        found = self.machine.ending_at(self.st, regs.rip,
+                                       self.machine.out_made_by(self.st, regs))
+        if not found:
             return ""
+        ins = found[0]
         was = self.pc
         self.pc = ins.address
         return (f"stepping lost after {was:#x}: the guest ran untraced up to this out "
@@ -661,7 +667,8 @@ class StepSession:
             changed["rflags"] = now["rflags"]
         self.regs, self.pc = now, regs.rip
         self.steps += 1
-        raw, text, line = self._instruction(addr)
+        ins, _ = self._instruction(addr)
+        raw, text, line = (ins.raw, ins.text, ins.line) if ins else (b"", "(undecodable)", 0)
         step = Step(self.steps, addr, regs.rip, raw, text, line, changed, event, io)
         if self.ring is not None:
             step.dirty, self._pending_dirty = self._pending_dirty + self._harvest(stub_rsp), []
@@ -682,21 +689,16 @@ class StepSession:
 
     def _named(self, step: Step) -> str:
         """The step's instruction as `run` names it in an end (with its source line)."""
-        return self.machine.describe_instruction(self.st, step.address) or step.instruction
+        ins, note = self._instruction(step.address)
+        return instruction_name(ins, note) if ins is not None else step.instruction
 
     def _instruction(self, addr: int) -> tuple:
-        """(bytes, text, source line) of the instruction at addr as it is in memory now:
-        the listing's, unless the guest wrote over it (then line 0, as for code that is
-        not in the listing)."""
-        ins = self.by_address.get(addr)
-        raw = self.machine.code_bytes(self.st, addr)
-        if ins is not None and raw is not None and raw[:ins.size] != ins.raw:
-            ins = None                   # rewritten by the guest: what ran is in memory
-        if ins is None and raw is not None:   # not in the listing (data run as code, ...)
-            ins = disassemble_one(raw, addr, self.payload.mode)
-        if ins is None:
-            return b"", "(undecodable)", 0
-        return ins.raw, ins.text, ins.line
+        """(instruction, note) at addr as Machine.executed names it: the listing's with its
+        source line while memory holds its bytes, else decoded from memory (line 0).
+        The step's own is the one read before it ran."""
+        if self._code[0] == addr:
+            return self._code[1:]
+        return self.machine.executed(self.st, addr)
 
     def _harvest(self, stub_rsp=None) -> list:
         """Take what this vCPU's ring gained since the last step, then reset (api.rst 7.36),

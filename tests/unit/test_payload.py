@@ -442,3 +442,19 @@ assert libc.capget(hdr, data) == 0
 data[0] &= ~((1 << 1) | (1 << 2))         # effective: CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
 assert libc.capset(hdr, data) == 0, os.strerror(ctypes.get_errno())
 """
+
+
+def test_instructions_ending_at_an_address_are_every_decoding_that_ends_there():
+    # a mov whose immediate ends in `out 0xe9, al`: both end at 0x1005 (nop; out from
+    # 0x1001 does not: it is two instructions)
+    found = P.instructions_ending(bytes.fromhex("bb9090e6e9"), 0x1005, "long")
+    assert [(i.address, i.text) for i in found] == [(0x1003, "out 0xe9, al"),
+                                                    (0x1000, "mov ebx, 0xe9e69090")]
+
+
+def test_listing_lookups_by_start_end_and_inside():
+    p = P.assemble_source(";! mode: long\n    mov ebx, 1\n    nop\n", "t.asm")
+    mov, nop = p.listing
+    assert p.instruction_at(mov.address) is mov and p.instruction_ending_at(nop.address) is mov
+    assert p.instruction_containing(mov.address + 4) is mov
+    assert p.instruction_containing(nop.address + 1) is None
