@@ -70,6 +70,22 @@ def ktap_totals(results) -> str:
             f"skip:{counts['skip']} error:{counts['error']}\n")
 
 
+def skipped_all(fmt: str, reason: str) -> str:
+    """The report of a run that could not start any check for want of KVM: KTAP's plan of
+    no tests with a SKIP directive, as kselftest.h's ksft_exit_skip() prints before any
+    test, or the empty JSON and JUnit documents saying why."""
+    if fmt == "json":
+        return json.dumps({"header": None, "skipped": reason, "results": [],
+                           "exit_status": KSFT_SKIP}, indent=2) + "\n"
+    if fmt == "junit":
+        return ('<?xml version="1.0" encoding="UTF-8"?>\n'
+                '<testsuites><testsuite name="minivmm-abi-check" tests="0" failures="0" '
+                'skipped="0" errors="0" time="0.000"><properties>'
+                f'<property name="skipped" value={quoteattr(reason)}/></properties>'
+                '</testsuite></testsuites>\n')
+    return f"KTAP version 1\n1..0 # SKIP {_one_line(reason)}\n"
+
+
 def to_json(results, header: dict) -> str:
     return json.dumps({"header": header, "results": [
         {"n": n, "id": r.id, "status": r.status, "reason": r.reason, "rules": list(r.rules),
