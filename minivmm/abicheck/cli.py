@@ -85,11 +85,20 @@ def cmd_abi_check(args) -> int:
             if stream and (err := _write(out, report.ktap_head(header, len(specs)),
                                          args.output)):
                 return err
-            for spec in specs:
-                results.append(run_one(spec, kvm, args.unsafe))
-                if stream and (err := _write(out, report.ktap_result(len(results), results[-1]),
-                                             args.output)):
-                    return err
+            try:
+                for spec in specs:
+                    results.append(run_one(spec, kvm, args.unsafe))
+                    if stream and (err := _write(out, report.ktap_result(len(results),
+                                                                         results[-1]),
+                                                 args.output)):
+                        return err
+            except KeyboardInterrupt:
+                # ktap.rst's "Bail out!": the run was stopped, the missing results are
+                # not failures of the kernel
+                if stream:
+                    _write(out, f"Bail out! interrupted (SIGINT) after {len(results)} of "
+                           f"{len(specs)} checks\n", args.output)
+                raise
         text = report.ktap_totals(results) if stream else \
             {"json": report.to_json, "junit": report.junit}[args.format](results, header)
         return _write(out, text, args.output) or report.exit_status(results)
