@@ -19,11 +19,14 @@ from ._kick import KICK_SIGNAL, install_kick_handler
 from ._sys import KvmError
 from .kvm import Kvm
 from .payload import Payload, disassemble, disassemble_one, instructions_ending, load
+from .x86 import debug
 from .x86 import layout as L
+from .x86.debug import DebugCause
 from .x86.modes import (EXCEPTION_NAMES, STUB_FRAME_LAYOUT,
                         cpu_pushed_frame, setup_memory, setup_vcpu, stub_end)
 
-TRAP_VECTORS = (1, 3, 4)      # #DB (single-step), #BP, #OF
+TRAP_VECTORS = (1, 3, 4)      # #DB (unless DR6 says otherwise: debug_cause), #BP, #OF
+VEC_DB = 1
 DEFAULT_PAGES = 64
 OK_ENDS = ("exit-port", "hlt")
 # The x86 INIT state's CS and RIP (SDM vol. 3, 10.1.4 "First Instruction Executed")
@@ -80,6 +83,8 @@ class VcpuEnd:
             extra = f", error code {self.detail.get('error_code', 0):#x}"
             if self.vector == 14:
                 extra += f", CR2 {self.detail.get('cr2', 0):#x}"
+            if self.detail.get("debug"):
+                extra = f": {debug.describe(self.detail['debug'])},"
             return f"CPU exception {name}{extra}{where}{ins}"
         if self.reason == "unhandled-io":
             d = self.detail
@@ -805,6 +810,93 @@ class Machine:
                                  detail={"port": L.PORT_EXCEPTION, "value": value,
                                          "rsp": regs.rsp})
 
+    def frame_location(self, frame: dict) -> tuple:
+        """(address, cs_base) of the frame's pushed RIP for naming an instruction. Real
+        mode: the pushed IP is an offset in the pushed CS's segment; the listing's
+        addresses are offsets from the payload's load address, so name the instruction at
+        the same linear address there (a far jump may have moved CS)."""
+        if self.payload.mode != "real":
+            return frame["rip"], None
+        linear = (frame["cs"] << 4) + frame["rip"]
+        if L.CODE <= linear < L.CODE + L.CODE_MAX:
+            return linear - L.CODE, L.CODE
+        return frame["rip"], frame["cs"] << 4
+
+    def debug_cause(self, st, frame: dict) -> DebugCause:
+        """What raised the #DB this stub frame reports (x86/debug.py), from the guest's DR6
+        and DR7 at the stub's report (KVM_GET_DEBUGREGS: the stub itself touches no debug
+        register). Kept in the frame: the stepper asks first, the end asks again."""
+        if "_debug" in frame:
+            return frame["_debug"]
+        try:
+            dr = st.vcpu.get_debugregs()
+        except KvmError as e:           # no DR6 to read: the old rule, said to be a guess
+            cause = debug.unknown(f"DR6 unreadable ({e})")
+        else:
+            cause = debug.classify(dr.dr6, dr.dr7, dr.db)
+            frame["_debugregs"] = dr         # for reset_dr6, one KVM_GET_DEBUGREGS fewer
+        if cause.kind == "icebp":
+            self._find_icebp(st, frame, cause)
+        frame["_debug"] = cause
+        return cause
+
+    def _find_icebp(self, st, frame: dict, cause: DebugCause) -> None:
+        """A #DB with no cause in DR6 is INT1 (icebp). Hardware pushes the address past
+        it; kvm_pvm was measured pushing the icebp's own address (native CPL3 code). The
+        code at RIP says which, else a probe of this host decides; no icebp either way:
+        the cause is unknown."""
+        at, cs_base = self.frame_location(frame)
+        mask = _ADDRESS_MASK[self.payload.mode]
+        before = self._icebp_here(st, (at - 1) & mask, cs_base, ending=at)
+        here = self._icebp_here(st, at, cs_base)
+        if before and here:             # `icebp; icebp`: only the host's behaviour tells
+            here = probe_icebp_rip(self.payload.mode, self.payload.cpl, self.kvm) == "at"
+            before = not here
+        if before:
+            cause.icebp_at = (at - 1) & mask
+        elif here:
+            cause.icebp_at = at
+            cause.note = ("but this host pushed the icebp's own address (hardware pushes "
+                          "the next instruction's)")
+        elif self._int_n_before(at, VEC_DB):
+            cause.kind = "int-1"        # a software interrupt through the #DB gate
+        else:
+            cause.kind = "unknown"
+            cause.note = ("DR6 names no cause and no icebp is at or before RIP: named as a "
+                          "trap")
+
+    def _int_n_before(self, at: int, vector: int) -> bool:
+        """Whether the payload's instruction ending at ``at`` is `int vector`."""
+        before = self.payload.instruction_ending_at(at)
+        return before is not None and before.mnemonic == "int" \
+            and _int_operand(before.op_str) == vector
+
+    def _icebp_here(self, st, address: int, cs_base, ending: int | None = None) -> bool:
+        """Whether an icebp (0xF1) is at this address: in memory, and not part of another
+        instruction of the listing (the one at it, or ending at ``ending``)."""
+        raw = self.code_bytes(st, address, cs_base)
+        if not raw or raw[0] != debug.ICEBP:
+            return False
+        p = self.payload
+        listed = p.instruction_ending_at(ending) if ending is not None else \
+            p.instruction_at(address)
+        return listed is None or listed.raw[:1] == bytes((debug.ICEBP,)) and listed.size == 1
+
+    def reset_dr6(self, st, frame: dict | None = None) -> None:
+        """Clear the guest's DR6 status bits (KVM_SET_DEBUGREGS) before its #DB stub
+        resumes it, as a #DB handler must: the CPU never clears them (x86/debug.py).
+        ``frame``: a #DB's, whose debug_cause has read the debug registers already (or
+        found them unreadable: then nothing to clear)."""
+        if frame is not None and "_debug" in frame:
+            dr = frame.get("_debugregs")
+            if dr is None:
+                return
+        else:
+            dr = st.vcpu.get_debugregs()
+        if dr.dr6 != debug.DR6_INIT:
+            dr.dr6 = debug.DR6_INIT
+            st.vcpu.set_debugregs(dr)
+
     def exception_end(self, st, frame: dict) -> VcpuEnd:
         """How a vCPU ended, from the exception frame its stub reported."""
         cr2 = st.vcpu.get_sregs().cr2
@@ -815,7 +907,17 @@ class Machine:
         # real mode: the pushed IP is an offset in the pushed CS's segment (executed finds
         # the listing by linear address, whatever CS a far jump left)
         at, cs_base = frame["rip"], (frame["cs"] << 4 if self.payload.mode == "real" else None)
-        if not trap:
+        detail = {"error_code": frame["error_code"], "cr2": cr2,
+                  "name": EXCEPTION_NAMES.get(vector, "?"),
+                  "cs": frame["cs"], "rsp": frame["rsp"], "rflags": frame["rflags"]}
+        if vector == VEC_DB:
+            # a code breakpoint or general detect is a fault; icebp is where it was found
+            cause = self.debug_cause(st, frame)
+            detail["debug"] = cause.to_dict()
+            trap = not cause.fault
+            if cause.icebp_at is not None:
+                (_, cs_base), at, trap = self.frame_location(frame), cause.icebp_at, False
+        elif not trap:
             # `int n` is a software interrupt: the pushed address is past it, as for a
             # trap. Memory is searched only where the listing does not vouch for the bytes
             # before: a fault's own address may follow bytes that merely look like an int
@@ -828,10 +930,36 @@ class Machine:
                        instruction=self.describe_instruction(st, at, after=trap,
                                                              cs_base=cs_base,
                                                              made_by=made_by),
-                       detail={"error_code": frame["error_code"], "cr2": cr2,
-                               "name": EXCEPTION_NAMES.get(vector, "?"),
-                               "cs": frame["cs"], "rsp": frame["rsp"],
-                               "rflags": frame["rflags"]})
+                       detail=detail)
+
+
+def probe_icebp_rip(mode: str, cpl: int, kvm: Kvm | None = None) -> str | None:
+    """Where this host's #DB frame for an icebp points, in this mode and CPL: "after" it
+    (as hardware), "at" it (kvm_pvm, native CPL3), or None (no #DB reached the stub:
+    kvm_pvm's emulator cannot run icebp at all). A throwaway VM runs one icebp; cached."""
+    key = (mode, cpl if mode == "long" else 0)
+    if key not in _ICEBP_RIP:
+        payload = Payload(name="icebp-probe", path="", mode=mode, cpl=key[1], vcpus=1,
+                          description="", code=bytes((debug.ICEBP, 0xF4)),   # icebp; hlt
+                          load_address=L.CODE, origin=0 if mode == "real" else L.CODE,
+                          listing=[], header={})
+        with Machine(payload, vcpus=1, pages=1, kvm=kvm) as m:
+            st = m.states[0]
+            start = st.vcpu.get_regs().rip
+            found = None
+            reason = st.vcpu.run()
+            io = st.vcpu.run_struct.io
+            reported = reason == _IO and io.port == L.PORT_EXCEPTION and io.direction == _OUT
+            del io
+            if reported:
+                frame, _ = m.stub_report(st, st.vcpu.get_regs())
+                if frame is not None and frame["vector"] == VEC_DB:
+                    found = {start: "at", start + 1: "after"}.get(frame["rip"])
+        _ICEBP_RIP[key] = found
+    return _ICEBP_RIP[key]
+
+
+_ICEBP_RIP: dict = {}
 
 
 def instruction_name(ins, note: str = "") -> str:

@@ -17,6 +17,9 @@ and 4; abi.md section 6):
   guest IDT to minivmm's exception stub (x86/modes.py), which reports it with
   ``out 0xe0`` and asks with ``in 0xe0`` whether to resume; the host answers 1 and the
   stub's ``iretq`` restores RFLAGS with TF still set, so the next instruction traps too.
+  A #DB is a step only when the guest's DR6 says single-step (BS; KVM_GET_DEBUGREGS,
+  x86/debug.py): the payload's own breakpoint or icebp ends the stepping as an exception.
+  DR6 keeps its bits until cleared, so the stepper clears it after each step.
   Breakpoints are an ``int3`` byte written over the instruction; its #BP (vector 3)
   reaches the stub the same way.
 
@@ -510,9 +513,14 @@ class StepSession:
                 frame = self._stub_frame(regs)
                 if frame is None:
                     return None
-                if frame["vector"] != VEC_DB:
+                # a #DB is this session's step if DR6 says single-step (or cannot say: as
+                # before); the payload's own breakpoint or icebp ends it, as any exception
+                if frame["vector"] != VEC_DB or self.machine.debug_cause(
+                        self.st, frame).kind not in ("single-step", "unknown"):
                     self._end_exception(frame)
                     return None
+                # DR6 keeps its bits until cleared: leave it clean for the next #DB
+                self.machine.reset_dr6(self.st, frame)
                 late, self._late_trap = self._late_trap, None
                 if frame["rip"] == late:
                     self._stub_answer = 1    # the out's own trap, already reported
@@ -857,7 +865,8 @@ class StepSession:
                                       detail=_strip(self.vcpu.describe_exit(reason)))
             return
         frame = self._end_reported(self.vcpu.get_regs())
-        if frame is not None and frame["vector"] == VEC_DB:
+        if frame is not None and frame["vector"] == VEC_DB and \
+                self.machine.debug_cause(self.st, frame).kind in ("single-step", "unknown"):
             self.end.detail["why"] = ("KVM guest debug's single-step trap went to the guest's "
                                       "#DB handler instead of the VMM: this host cannot step "
                                       "native CPL3 code with KVM guest debug; use "

@@ -115,6 +115,11 @@ def _guest_debug(dbg) -> str:
     return "{" + text + "}"
 
 
+def _debugregs(d) -> str:
+    db = ", ".join(_hex(r) for r in d.db)
+    return f"{{db=[{db}], dr6={_hex(d.dr6)}, dr7={_hex(d.dr7)}, flags={_hex(d.flags)}}}"
+
+
 def _cpuid2(cp) -> str:
     return f"{{nent={cp.nent}}}"     # the entries themselves would be 40 bytes each
 
@@ -143,6 +148,7 @@ _DECODERS = {
     s.kvm_dirty_log: lambda o: _fields(o, _DIRTY_LOG),
     s.kvm_clear_dirty_log: lambda o: _fields(o, _CLEAR_DIRTY_LOG),
     s.kvm_guest_debug: _guest_debug,
+    s.kvm_debugregs: _debugregs,
     s.kvm_cpuid2: _cpuid2,
     s.kvm_signal_mask: _signal_mask,
     ctypes.c_uint64: lambda o: f"[{_hex(o.value)}]",   # KVM_SET_IDENTITY_MAP_ADDR: a u64 *
@@ -173,6 +179,8 @@ _ARG_TYPES = {
     i.KVM_GET_SREGS: s.kvm_sregs,
     i.KVM_SET_SREGS: s.kvm_sregs,
     i.KVM_SET_GUEST_DEBUG: s.kvm_guest_debug,
+    i.KVM_GET_DEBUGREGS: s.kvm_debugregs,
+    i.KVM_SET_DEBUGREGS: s.kvm_debugregs,
     i.KVM_SET_SIGNAL_MASK: s.kvm_signal_mask,
 }
 

@@ -2,10 +2,10 @@
 
 Mirrors the "vCPU ioctls" of Documentation/virt/kvm/api.rst section 4:
 4.10 KVM_RUN, 4.11/4.12 KVM_GET/SET_REGS, 4.13/4.14 KVM_GET/SET_SREGS,
-KVM_SET_CPUID2, 4.87 KVM_SET_GUEST_DEBUG; and section 5, "The kvm_run
-structure" (page 0 of the vCPU mapping; x86 page layout in
-arch/x86/include/uapi/asm/kvm.h: PIO data at page 1, coalesced MMIO at 2,
-dirty ring from page 64).
+KVM_SET_CPUID2, 4.87 KVM_SET_GUEST_DEBUG, 4.33/4.34 KVM_GET/SET_DEBUGREGS;
+and section 5, "The kvm_run structure" (page 0 of the vCPU mapping; x86 page
+layout in arch/x86/include/uapi/asm/kvm.h: PIO data at page 1, coalesced MMIO
+at 2, dirty ring from page 64).
 """
 from __future__ import annotations
 
@@ -164,6 +164,21 @@ class Vcpu:
         for i, value in enumerate(debugreg or ()):
             dbg.arch.debugreg[i] = value
         ioctl(self.fd, abi.KVM_SET_GUEST_DEBUG, ctypes.addressof(dbg), "KVM_SET_GUEST_DEBUG")
+
+    def get_debugregs(self) -> abi.kvm_debugregs:
+        """KVM_GET_DEBUGREGS (api.rst 4.33, KVM_CAP_DEBUGREGS): the guest's own DR0-DR3,
+        DR6 and DR7, not the host's guest-debug ones. A vCPU ioctl (arch/x86/kvm/x86.c
+        kvm_arch_vcpu_ioctl; older copies of api.rst called it a vm ioctl). EINVAL: the
+        guest's state is protected (SEV-ES, TDX)."""
+        regs = abi.kvm_debugregs()
+        ioctl(self.fd, abi.KVM_GET_DEBUGREGS, ctypes.addressof(regs), "KVM_GET_DEBUGREGS")
+        return regs
+
+    def set_debugregs(self, regs: abi.kvm_debugregs) -> None:
+        """KVM_SET_DEBUGREGS (api.rst 4.34). EINVAL: flags not 0, or DR6/DR7 with bits
+        set above bit 31."""
+        ioctl(self.fd, abi.KVM_SET_DEBUGREGS, _address(regs, abi.kvm_debugregs),
+              "KVM_SET_DEBUGREGS")
 
     # -- reading an exit --
     def io_data(self) -> bytes:

@@ -37,6 +37,8 @@ KVM_GET_SREGS = IOR(KVMIO, 0x83, s.kvm_sregs)
 KVM_SET_SREGS = IOW(KVMIO, 0x84, s.kvm_sregs)
 KVM_SET_CPUID2 = IOW(KVMIO, 0x90, s.kvm_cpuid2)
 KVM_SET_GUEST_DEBUG = IOW(KVMIO, 0x9B, s.kvm_guest_debug)
+KVM_GET_DEBUGREGS = IOR(KVMIO, 0xA1, s.kvm_debugregs)
+KVM_SET_DEBUGREGS = IOW(KVMIO, 0xA2, s.kvm_debugregs)
 KVM_SET_SIGNAL_MASK = IOW(KVMIO, 0x8B, s.kvm_signal_mask)
 
 IOCTL_NAMES = {v: k for k, v in globals().items() if k.startswith("KVM_")}

@@ -13,8 +13,8 @@ from ctypes import c_uint8 as u8, c_uint16 as u16, c_uint32 as u32, c_uint64 as 
 __all__ = [
     "kvm_userspace_memory_region", "kvm_regs", "kvm_segment", "kvm_dtable", "kvm_sregs",
     "kvm_enable_cap", "kvm_dirty_log", "kvm_clear_dirty_log", "kvm_dirty_gfn",
-    "kvm_guest_debug_arch", "kvm_guest_debug", "kvm_debug_exit_arch", "kvm_cpuid_entry2",
-    "kvm_cpuid2", "kvm_run", "kvm_run_io", "kvm_run_mmio", "kvm_run_fail_entry",
+    "kvm_guest_debug_arch", "kvm_guest_debug", "kvm_debug_exit_arch", "kvm_debugregs",
+    "kvm_cpuid_entry2", "kvm_cpuid2", "kvm_run", "kvm_run_io", "kvm_run_mmio", "kvm_run_fail_entry",
     "kvm_run_internal", "kvm_run_system_event", "kvm_run_debug", "kvm_run_exit_union",
     "cpuid2_type", "ALL_STRUCTS",
 ]
@@ -114,6 +114,13 @@ class kvm_debug_exit_arch(_S):
     _fields_ = [("exception", u32), ("pad", u32), ("pc", u64), ("dr6", u64), ("dr7", u64)]
 
 
+class kvm_debugregs(_S):
+    """api.rst 4.33/4.34 KVM_GET/SET_DEBUGREGS: the guest's own DR0-DR3, DR6 and DR7."""
+    _c_name_ = "struct kvm_debugregs"
+    _fields_ = [("db", u64 * 4), ("dr6", u64), ("dr7", u64), ("flags", u64),
+                ("reserved", u64 * 9)]
+
+
 class kvm_cpuid_entry2(_S):
     """api.rst 4.46 KVM_SET_CPUID2 entry."""
     _c_name_ = "struct kvm_cpuid_entry2"
@@ -186,6 +193,6 @@ class kvm_run(_S):
 ALL_STRUCTS = [
     kvm_userspace_memory_region, kvm_regs, kvm_segment, kvm_dtable, kvm_sregs, kvm_enable_cap,
     kvm_dirty_log, kvm_clear_dirty_log, kvm_dirty_gfn, kvm_guest_debug_arch, kvm_guest_debug,
-    kvm_debug_exit_arch, kvm_cpuid_entry2, kvm_cpuid2, kvm_run, kvm_run_io, kvm_run_mmio,
-    kvm_run_fail_entry, kvm_run_internal, kvm_run_system_event, kvm_run_debug,
+    kvm_debug_exit_arch, kvm_debugregs, kvm_cpuid_entry2, kvm_cpuid2, kvm_run, kvm_run_io,
+    kvm_run_mmio, kvm_run_fail_entry, kvm_run_internal, kvm_run_system_event, kvm_run_debug,
 ]
