@@ -1,9 +1,9 @@
 """The one door to the kernel: ``ioctl(2)`` through libc via ctypes, and KvmError.
 
 Mirrors the calling convention of Documentation/virt/kvm/api.rst sections 1
-("General description"), 2 ("File descriptors") and 4 ("API description"):
-every KVM call is an ioctl on a file descriptor that returns -1 and sets errno
-on failure. ctypes releases
+("General description", which describes the file descriptors) and 4 ("API
+description"): every KVM call is an ioctl on a file descriptor that returns -1
+and sets errno on failure. ctypes releases
 the GIL around the foreign call, so vCPU threads really run in parallel
 inside KVM_RUN.
 """

@@ -281,7 +281,7 @@ def _try(say, name, fn):
 
 @check("ring.mmap.fork_eio", 27, "virt/kvm/kvm_main.c kvm_vm_ioctl(), kvm_vcpu_ioctl() "
        "(kvm->mm != current->mm: -EIO); api.rst 1 (General description: same process), "
-       "2 (File descriptors: fork)", fault="errno_swap")
+       "2 (Restrictions: fork)", fault="errno_swap")
 def fork_eio(ctx):
     """After fork(), VM and vCPU ioctls in the child are EIO; /dev/kvm ioctls still work"""
     vm, fd = _ring_vcpu(ctx, ctx.min_ring())

@@ -6,7 +6,7 @@ the payload writes the iteration number into each page it dirties, so every page
 whose first u64 changed since the previous collection must have been reported
 (a miss is a kernel or VMM bug). The plan oracle: the shipped dirty payloads are
 deterministic, so the pages each vCPU writes in each iteration follow from the
-payload's parameters (README, "Dirty payloads").
+payload's parameters (plan() below; README, "Dirty pages: ring vs bitmap").
 """
 from __future__ import annotations
 

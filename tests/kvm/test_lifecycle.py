@@ -612,3 +612,26 @@ def test_enable_cap_signal_mask_and_guest_debug_arguments_fit_their_fields():
         with pytest.raises(ValueError, match="control 1099511627776 does not fit"):
             vcpu.set_guest_debug(1 << 40)
         vcpu.set_guest_debug(0)
+
+
+def test_a_failed_signal_mask_reset_at_the_end_still_ends_the_vcpu(monkeypatch):
+    # `minivmm run X --trace-ioctls | head` hung past its --timeout: the tracer's
+    # BrokenPipeError from the vCPU thread's last KVM_SET_SIGNAL_MASK skipped done.set()
+    import threading
+    from minivmm.vcpu import Vcpu
+    real = Vcpu.set_run_signals
+
+    def set_run_signals(self, signals):
+        real(self, signals)
+        if signals is None:
+            raise BrokenPipeError(32, "Broken pipe")
+    monkeypatch.setattr(Vcpu, "set_run_signals", set_run_signals)
+    m = Machine(payload("hello_long"))
+    result = []
+    waiter = threading.Thread(target=lambda: result.append(m.run(timeout=5)), daemon=True)
+    waiter.start()
+    waiter.join(15)
+    if waiter.is_alive():       # closing would wait for the vCPU thread for ever too
+        pytest.fail("Machine.run() never returned after the vCPU thread ended")
+    m.close()
+    assert result[0].vcpus[0].end.reason == "exit-port"
