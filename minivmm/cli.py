@@ -368,7 +368,9 @@ def cmd_dirty(args) -> int:
     ring_plot = None
     if args.plot:
         report.plot(summary, args.plot,
-                    missed={t.name: {str(r.iteration): r.missed.tolist() for r in recs}
+                    missed={t.name: dict(zip(report.collection_keys([r.iteration
+                                                                    for r in recs]),
+                                             (r.missed.tolist() for r in recs)))
                             for t, recs, _ in runs})
         if args.show_ring and ring_records:
             ring_plot = _plot_paths(args.plot, True)[1]

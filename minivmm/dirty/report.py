@@ -60,9 +60,10 @@ def table(summary: dict) -> str:
     lines.append(head)
     by_iter: dict = {}
     for run in summary["runs"]:
-        for it in run["iterations"]:
-            by_iter.setdefault(str(it["iteration"]), []).append((run, it))
-    for key in sorted(by_iter, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0)):
+        keys = collection_keys([it["iteration"] for it in run["iterations"]])
+        for key, it in zip(keys, run["iterations"]):
+            by_iter.setdefault(key, []).append((run, it))
+    for key in sorted(by_iter, key=lambda k: _order(by_iter[k][0][1]["iteration"], k)):
         for run, it in by_iter[key]:
             for n, row in enumerate(it["vcpus"]):
                 first = n == 0
@@ -107,11 +108,11 @@ def ring_strip(flags, fetch: int, width: int = RING_WIDTH) -> tuple:
 def ring_view_text(records, entries_note: str = "") -> str:
     """The rings around each collection: before harvest, after harvest, after reset."""
     out = []
-    for r in records:
+    for key, r in zip(collection_keys([r.iteration for r in records]), records):
         views = r.collection.ring_views
         if not views:
             continue
-        out.append(f"iteration {r.iteration}:")
+        out.append(f"iteration {key}:")
         for i, v in views.items():
             n = v["entries"]
             out.append(f"  vCPU {i} ring ({n} entries, {n // min(RING_WIDTH, n)} per char; "
@@ -136,13 +137,13 @@ def plot_rings(records, path: str) -> None:
     import numpy as np
     from matplotlib.colors import ListedColormap
     rows, labels = [], []
-    for r in records:
+    for name, r in zip(collection_keys([r.iteration for r in records]), records):
         for i, v in (r.collection.ring_views or {}).items():
             for stage, key in (("before", "before"), ("harvested", "harvested_flags"),
                                ("reset", "after_reset")):
                 f = np.asarray(v[key]) & 3
                 rows.append(np.where(f == 1, 1, np.where(f & 2, 2, 0)))
-                labels.append(f"it {r.iteration} vCPU {i} {stage}")
+                labels.append(f"it {name} vCPU {i} {stage}")
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(10, 0.25 * len(rows) + 1.5), dpi=110)
@@ -194,8 +195,14 @@ def verdict(summary: dict) -> str:
                             if bad else f"{r['tracker']}: a vCPU ended badly")
     compared = f" ({summary['compared']})" if "compared" in summary else ""
     if len(runs) == 2 and not summary["agree"]:
-        problems.append(f"ring and bitmap disagree on {len(summary['differences'])} iteration(s)"
-                        + compared)
+        diffs = summary["differences"]
+        guests = sum(1 for d in diffs if d.get("guests_differ"))
+        why = (f"; in {guests} of them the guests themselves changed different pages (the "
+               "content oracle differs too): they did not run alike (rdtsc, rdrand, timing, "
+               "a vCPU stopped early), so that is no evidence against either tracker"
+               if guests else "")
+        problems.append(f"ring and bitmap disagree on {len(diffs)} iteration(s)" + compared
+                        + why)
     if problems:
         return "verdict: FAIL - " + "; ".join(problems)
     agree = (f" agree on every iteration{' compared' + compared if compared else ''};"
@@ -206,21 +213,43 @@ def verdict(summary: dict) -> str:
             f"against {oracles})")
 
 
+def collection_keys(iterations: list) -> list:
+    """A label per collection: its iteration, and "#2", "#3"... on later collections with
+    the same tag (a payload may sync more than once per iteration)."""
+    seen, out = {}, []
+    for it in iterations:
+        n = seen[it] = seen.get(it, 0) + 1
+        out.append(str(it) if n == 1 else f"{it}#{n}")
+    return out
+
+
+def _order(iteration, key: str) -> tuple:
+    """Numbered iterations in order, each tag's collections in order, "final" last."""
+    n = int(key.rpartition("#")[2]) if "#" in key else 1
+    numbered = isinstance(iteration, int)
+    return (not numbered, iteration if numbered else 0, n)
+
+
 def plot(summary: dict, path: str, missed: dict | None = None) -> None:
     """Iterations by pages, coloured by which tracker saw each page, misses marked.
 
-    ``missed``: {tracker: {iteration (str): every missed page}}; the summary's
-    ``missed_pages`` holds only the first 64 of an iteration's misses."""
+    ``missed``: {tracker: {collection key (collection_keys()): every missed page}}; the
+    summary's ``missed_pages`` holds only the first 64 of an iteration's misses."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     runs = summary["runs"]
     fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
-    iters = sorted({str(it["iteration"]) for r in runs for it in r["iterations"]},
-                   key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0))
+    # one column per collection: a payload may sync twice with one tag, and a column per
+    # tag drew only the last of them (an empty picture for pages reported before it)
+    order, sets, its = {}, {}, {}
+    for r in runs:
+        keys = collection_keys([it["iteration"] for it in r["iterations"]])
+        its[r["tracker"]] = list(zip(keys, r["iterations"]))
+        sets[r["tracker"]] = {k: set(it["pages"].get("data", [])) for k, it in its[r["tracker"]]}
+        order.update(zip(keys, (_order(it["iteration"], k) for k, it in its[r["tracker"]])))
+    iters = sorted(order, key=order.get)
     xpos = {k: i for i, k in enumerate(iters)}
-    sets = {r["tracker"]: {str(it["iteration"]): set(it["pages"].get("data", []))
-                           for it in r["iterations"]} for r in runs}
     names = list(sets)
     colours = {"both": "tab:green", names[0]: "tab:blue"}
     if len(names) == 2:
@@ -247,8 +276,8 @@ def plot(summary: dict, path: str, missed: dict | None = None) -> None:
                 ax.scatter([x] * len(ys), ys, s=2, marker="s",
                            color=colours[name], label=label(name))
         for r in runs:
-            for it in r["iterations"]:
-                if str(it["iteration"]) != k:
+            for key, it in its[r["tracker"]]:
+                if key != k:
                     continue
                 pages = it["missed_pages"] if missed is None else \
                     missed.get(r["tracker"], {}).get(k, it["missed_pages"])

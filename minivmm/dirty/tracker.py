@@ -705,22 +705,47 @@ class DirtySession:
 
 def compare_runs(a: list, b: list, completed_only: bool = False,
                  skip: tuple = ()) -> list:
-    """Per-iteration differences of the data-slot page sets of two runs ([] = agree).
+    """Per-collection differences of the data-slot page sets of two runs ([] = agree).
 
+    Collections are paired by iteration and, where a payload syncs more than once with
+    one tag, by their order within it: keyed by iteration alone, only the last of them
+    was compared and a difference in the others was reported as agreement.
     ``completed_only``: only the numbered iterations every vCPU of both runs completed
     (runs stopped by a timeout stop at different points; what follows is not comparable).
-    ``skip``: iterations not to compare."""
+    ``skip``: iterations whose first collection is not compared. A difference says
+    ``guests_differ`` when the pages whose content changed differ as well: the two
+    guests wrote different pages (a payload using rdtsc, say, or a vCPU that a ring
+    overflow stopped early)."""
     diffs = []
-    amap = {r.iteration: r for r in a}
-    bmap = {r.iteration: r for r in b}
-    its = (set(amap) | set(bmap)) - set(skip)
+    amap, bmap = _by_collection(a), _by_collection(b)
+    keys = (set(amap) | set(bmap)) - {(it, 0) for it in skip}
     if completed_only:
-        its = {it for it in (set(amap) & set(bmap)) - set(skip)
-               if isinstance(it, int) and amap[it].complete and bmap[it].complete}
-    for it in sorted(its, key=str):
-        pa = amap[it].data_pages if it in amap else _EMPTY
-        pb = bmap[it].data_pages if it in bmap else _EMPTY
+        keys = {k for k in (set(amap) & set(bmap)) - {(it, 0) for it in skip}
+                if isinstance(k[0], int) and amap[k].complete and bmap[k].complete}
+    numbered = (lambda k: (not isinstance(k[0], int),
+                           k[0] if isinstance(k[0], int) else 0, k[1]))
+    for key in sorted(keys, key=numbered):
+        ra, rb = amap.get(key), bmap.get(key)
+        pa = ra.data_pages if ra is not None else _EMPTY
+        pb = rb.data_pages if rb is not None else _EMPTY
         if not np.array_equal(pa, pb):
-            diffs.append({"iteration": it, "only_first": np.setdiff1d(pa, pb).tolist()[:64],
-                          "only_second": np.setdiff1d(pb, pa).tolist()[:64]})
+            ca = getattr(ra, "changed", None) if ra is not None else _EMPTY
+            cb = getattr(rb, "changed", None) if rb is not None else _EMPTY
+            diff = {"iteration": key[0], "only_first": np.setdiff1d(pa, pb).tolist()[:64],
+                    "only_second": np.setdiff1d(pb, pa).tolist()[:64],
+                    "guests_differ": ca is not None and cb is not None
+                    and not np.array_equal(ca, cb)}
+            if key[1]:
+                diff["repeat"] = key[1]      # the (repeat+1)-th collection with this tag
+            diffs.append(diff)
     return diffs
+
+
+def _by_collection(records: list) -> dict:
+    """{(iteration, n): record}: n counts earlier collections with the same tag."""
+    seen, out = {}, {}
+    for r in records:
+        n = seen.get(r.iteration, 0)
+        seen[r.iteration] = n + 1
+        out[(r.iteration, n)] = r
+    return out

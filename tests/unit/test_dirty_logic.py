@@ -216,3 +216,27 @@ def test_a_record_without_pages_does_not_claim_an_empty_data_slot():
     rec = IterationRecord(1, "ring", col, pages, pages, pages, empty, empty, [])
     assert rec.to_dict(with_pages=False)["pages"] == {}
     assert rec.to_dict()["pages"]["data"] == [0, 1, 2, 3]
+
+
+def test_two_collections_with_one_tag_are_each_compared():
+    # A payload may sync twice with one tag; keyed by iteration alone, only the last
+    # collection of each tag was compared, and a difference in the first was "agree"
+    from types import SimpleNamespace as R
+    from minivmm.dirty.tracker import compare_runs
+
+    def rec(it, pages):
+        p = np.array(pages, np.int64)
+        return R(iteration=it, data_pages=p, changed=p, complete=True)
+    a = [rec(1, [3]), rec(1, []), rec(2, [5]), rec(2, [])]
+    b = [rec(1, [3]), rec(1, []), rec(2, [6]), rec(2, [])]
+    diffs = compare_runs(a, b)
+    assert [(d["iteration"], d.get("repeat", 0)) for d in diffs] == [(2, 0)]
+    assert diffs[0]["only_first"] == [5] and diffs[0]["only_second"] == [6]
+    assert diffs[0]["guests_differ"]               # the content changed elsewhere too
+    # skip leaves out only the first collection of that tag (INITIALLY_SET's)
+    b[1] = rec(1, [9])
+    assert [(d["iteration"], d.get("repeat", 0)) for d in compare_runs(a, b, skip=(1,))] \
+        == [(1, 1), (2, 0)]
+    # the same guest writes, reported differently: the trackers', not the guests'
+    c = [R(iteration=1, data_pages=np.array([3, 4]), changed=np.array([3]), complete=True)]
+    assert not compare_runs(c, a[:1])[0]["guests_differ"]

@@ -90,3 +90,15 @@ def test_initially_set_without_manual_protect_is_refused_before_any_run(tracker,
                      "--no-manual-protect"]) == cli.EXIT_USAGE
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "INITIALLY_SET is an option of manual protect" in err[0]
+
+
+def test_a_tag_synced_twice_gets_a_column_per_collection(tmp_path, monkeypatch):
+    # Columns were keyed by tag: the second (empty) collection of tag 1 replaced the
+    # first, and a picture of 64 reported pages showed none
+    drawn = _capture(monkeypatch)
+    summary = {"payload": "mine", "collect": "sync", "runs": [
+        {"tracker": t, "iterations": [_iteration(1, range(64)), _iteration(1, []),
+                                      _iteration("final", [])]} for t in ("ring", "bitmap")]}
+    report.plot(summary, str(tmp_path / "p.png"))
+    assert [(label, ys) for label, _, ys in drawn] == [("both", list(range(64)))]
+    assert report.collection_keys([1, 1, 2, 1, "final"]) == ["1", "1#2", "2", "1#3", "final"]
