@@ -129,6 +129,7 @@ class RingTracker(Tracker):
         self._ring_full = self._reset_retries = 0
         self._empty_full: dict[int, int] = {}
         self._since_full: dict[int, int] = {}    # entries taken from ring i since its last full
+        self._overrun: set[int] = set()   # rings KVM wrote past our index (a lap, an overflow)
         self._bg_s = 0.0
         self.show_ring = False            # record each ring's state around every collection
 
@@ -160,6 +161,7 @@ class RingTracker(Tracker):
                 self._lost.append(f"vCPU {index}: a harvest took a full lap of {ring.entries} "
                                   "entries: the ring was full, so later dirty pages may have "
                                   "overwritten entries")
+                self._overrun.add(index)
         return count
 
     def _reset_locked(self) -> None:
@@ -211,6 +213,7 @@ class RingTracker(Tracker):
                 return None
             why = f"vCPU {st.index}: {overflow_reason()}"
             self._lost.append(why)
+            self._overrun.add(st.index)
             return VcpuEnd("ring-overflow", detail={"error": why})
         finally:
             self.lock.release()
@@ -250,9 +253,13 @@ class RingTracker(Tracker):
                 raw[i] = (c["slot"], c["offset"])
             holes = self.page_sets.add_words(*ring.stage.words())
             if holes:
+                # after a full lap or an overflow, KVM's writes past our index explain the
+                # holes; without one, only out-of-order publishing does
+                why = ("KVM wrote over them when the ring was overrun (a full lap or an "
+                       "overflow, noted)" if i in self._overrun
+                       else "the kernel published the ring out of order")
                 self._lost.append(f"vCPU {i}: {holes} entries taken as DIRTY were not DIRTY "
-                                  "when copied: the kernel published the ring out of order; "
-                                  "their pages are not trusted")
+                                  f"when copied: {why}; their pages are not trusted")
             entries += n
             ring.stage.clear()
         sets, dups, bogus = self.page_sets.take_sets()

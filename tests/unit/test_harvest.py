@@ -460,3 +460,29 @@ def test_add_words_of_mixed_entries_equals_dedupe_of_the_dirty_ones(seed):
     assert got.keys() == want.keys() and dups == wdups and sorted(bogus) == sorted(wbogus)
     for k in got:
         np.testing.assert_array_equal(got[k], want[k])
+
+
+@pytest.mark.parametrize("overrun", [False, True])
+def test_holes_are_blamed_on_an_overrun_ring_when_there_was_one(overrun):
+    # after a full lap or an overflow the holes are KVM's overwrites; the note blamed
+    # out-of-order publishing whatever had happened to the ring
+    from types import SimpleNamespace
+    from minivmm.dirty.tracker import RingTracker
+    entries, buf = 64, make_ring(64)
+    for i in range(40):
+        publish(buf, entries, i, 1, i)
+    set_flags(buf, entries, 5, 0)                      # the hole
+    stage = Stage(entries)
+    staged_take(buf, entries, 0, stage)
+    tracker = RingTracker(entries)
+    tracker.keep_raw = False
+    tracker.rings = {3: SimpleNamespace(stage=stage)}
+    tracker.page_sets = PageSets({1: 64})
+    tracker._reset_locked = lambda: None               # no VM: nothing to reset
+    if overrun:
+        tracker._overrun.add(3)
+    col = tracker._build_locked(None, 0.0)
+    note, = col.lost
+    assert note.startswith("vCPU 3: 1 entries taken as DIRTY were not DIRTY when copied")
+    assert ("overrun" in note) == overrun and ("out of order" in note) != overrun
+    stage.close()
