@@ -810,18 +810,6 @@ class Machine:
                                  detail={"port": L.PORT_EXCEPTION, "value": value,
                                          "rsp": regs.rsp})
 
-    def frame_location(self, frame: dict) -> tuple:
-        """(address, cs_base) of the frame's pushed RIP for naming an instruction. Real
-        mode: the pushed IP is an offset in the pushed CS's segment; the listing's
-        addresses are offsets from the payload's load address, so name the instruction at
-        the same linear address there (a far jump may have moved CS)."""
-        if self.payload.mode != "real":
-            return frame["rip"], None
-        linear = (frame["cs"] << 4) + frame["rip"]
-        if L.CODE <= linear < L.CODE + L.CODE_MAX:
-            return linear - L.CODE, L.CODE
-        return frame["rip"], frame["cs"] << 4
-
     def debug_cause(self, st, frame: dict) -> DebugCause:
         """What raised the #DB this stub frame reports (x86/debug.py), from the guest's DR6
         and DR7 at the stub's report (KVM_GET_DEBUGREGS: the stub itself touches no debug
@@ -843,44 +831,36 @@ class Machine:
     def _find_icebp(self, st, frame: dict, cause: DebugCause) -> None:
         """A #DB with no cause in DR6 is INT1 (icebp). Hardware pushes the address past
         it; kvm_pvm was measured pushing the icebp's own address (native CPL3 code). The
-        code at RIP says which, else a probe of this host decides; no icebp either way:
-        the cause is unknown."""
-        at, cs_base = self.frame_location(frame)
-        mask = _ADDRESS_MASK[self.payload.mode]
-        before = self._icebp_here(st, (at - 1) & mask, cs_base, ending=at)
-        here = self._icebp_here(st, at, cs_base)
-        if before and here:             # `icebp; icebp`: only the host's behaviour tells
-            here = probe_icebp_rip(self.payload.mode, self.payload.cpl, self.kvm) == "at"
-            before = not here
-        if before:
-            cause.icebp_at = (at - 1) & mask
+        code in memory at RIP says which (Machine.executed: the guest may have written
+        the icebp over its listing, or elsewhere), else a probe of this host decides; no
+        icebp either way: `int 1` ending at RIP, or the cause is unknown."""
+        at, cs_base = frame["rip"], self._frame_cs_base(frame)
+        before, _ = self.executed(st, at, after=True, cs_base=cs_base, made_by=is_icebp)
+        here, _ = self.executed(st, at, cs_base=cs_base)
+        here = here is not None and is_icebp(here)
+        if before is not None and here:     # `icebp; icebp`: only the host's behaviour tells
+            if probe_icebp_rip(self.payload.mode, self.payload.cpl, self.kvm) == "at":
+                before = None
+            else:
+                here = False
+        if before is not None:
+            cause.icebp_at = before.address
         elif here:
             cause.icebp_at = at
             cause.note = ("but this host pushed the icebp's own address (hardware pushes "
                           "the next instruction's)")
-        elif self._int_n_before(at, VEC_DB):
+        elif self.executed(st, at, after=True, cs_base=cs_base,
+                           made_by=int_n(VEC_DB))[0] is not None:
             cause.kind = "int-1"        # a software interrupt through the #DB gate
         else:
             cause.kind = "unknown"
             cause.note = ("DR6 names no cause and no icebp is at or before RIP: named as a "
                           "trap")
 
-    def _int_n_before(self, at: int, vector: int) -> bool:
-        """Whether the payload's instruction ending at ``at`` is `int vector`."""
-        before = self.payload.instruction_ending_at(at)
-        return before is not None and before.mnemonic == "int" \
-            and _int_operand(before.op_str) == vector
-
-    def _icebp_here(self, st, address: int, cs_base, ending: int | None = None) -> bool:
-        """Whether an icebp (0xF1) is at this address: in memory, and not part of another
-        instruction of the listing (the one at it, or ending at ``ending``)."""
-        raw = self.code_bytes(st, address, cs_base)
-        if not raw or raw[0] != debug.ICEBP:
-            return False
-        p = self.payload
-        listed = p.instruction_ending_at(ending) if ending is not None else \
-            p.instruction_at(address)
-        return listed is None or listed.raw[:1] == bytes((debug.ICEBP,)) and listed.size == 1
+    def _frame_cs_base(self, frame: dict) -> int | None:
+        """The cs_base (Machine.executed) of a stub frame's pushed RIP: real mode's pushed
+        IP is an offset in the pushed CS's segment."""
+        return frame["cs"] << 4 if self.payload.mode == "real" else None
 
     def reset_dr6(self, st, frame: dict | None = None) -> None:
         """Clear the guest's DR6 status bits (KVM_SET_DEBUGREGS) before its #DB stub
@@ -906,7 +886,7 @@ class Machine:
         trap, made_by = vector in TRAP_VECTORS, raises(vector)
         # real mode: the pushed IP is an offset in the pushed CS's segment (executed finds
         # the listing by linear address, whatever CS a far jump left)
-        at, cs_base = frame["rip"], (frame["cs"] << 4 if self.payload.mode == "real" else None)
+        at, cs_base = frame["rip"], self._frame_cs_base(frame)
         detail = {"error_code": frame["error_code"], "cr2": cr2,
                   "name": EXCEPTION_NAMES.get(vector, "?"),
                   "cs": frame["cs"], "rsp": frame["rsp"], "rflags": frame["rflags"]}
@@ -916,7 +896,9 @@ class Machine:
             detail["debug"] = cause.to_dict()
             trap = not cause.fault
             if cause.icebp_at is not None:
-                (_, cs_base), at, trap = self.frame_location(frame), cause.icebp_at, False
+                at, trap = cause.icebp_at, False
+            elif cause.kind == "int-1":
+                made_by = int_n(VEC_DB)     # what ran may be code the listing does not hold
         elif not trap:
             # `int n` is a software interrupt: the pushed address is past it, as for a
             # trap. Memory is searched only where the listing does not vouch for the bytes
@@ -995,11 +977,23 @@ def raises(vector: int):
     short = {3: "int3", 4: "into"}.get(vector)
     if vector == 1:
         return None
+    is_int = int_n(vector)
 
     def fits(ins) -> bool:
-        return ins.mnemonic == short or (ins.mnemonic == "int"
-                                         and _int_operand(ins.op_str) == vector)
+        return ins.mnemonic == short or is_int(ins)
     return fits
+
+
+def int_n(vector: int):
+    """`int vector` (CD ib), a software interrupt through that vector's gate."""
+    def fits(ins) -> bool:
+        return ins.mnemonic == "int" and _int_operand(ins.op_str) == vector
+    return fits
+
+
+def is_icebp(ins) -> bool:
+    """INT1, the one-byte icebp (0xF1)."""
+    return ins.mnemonic == "int1"
 
 
 def _int_operand(op_str: str) -> int | None:

@@ -515,8 +515,8 @@ class StepSession:
                     return None
                 # a #DB is this session's step if DR6 says single-step (or cannot say: as
                 # before); the payload's own breakpoint or icebp ends it, as any exception
-                if frame["vector"] != VEC_DB or self.machine.debug_cause(
-                        self.st, frame).kind not in ("single-step", "unknown"):
+                if frame["vector"] != VEC_DB or \
+                        not self.machine.debug_cause(self.st, frame).is_step:
                     self._end_exception(frame)
                     return None
                 # DR6 keeps its bits until cleared: leave it clean for the next #DB
@@ -866,7 +866,7 @@ class StepSession:
             return
         frame = self._end_reported(self.vcpu.get_regs())
         if frame is not None and frame["vector"] == VEC_DB and \
-                self.machine.debug_cause(self.st, frame).kind in ("single-step", "unknown"):
+                self.machine.debug_cause(self.st, frame).is_step:
             self.end.detail["why"] = ("KVM guest debug's single-step trap went to the guest's "
                                       "#DB handler instead of the VMM: this host cannot step "
                                       "native CPL3 code with KVM guest debug; use "

@@ -44,8 +44,14 @@ class DebugCause:
     dr6: int | None = None
     dr7: int | None = None
     breakpoints: list = dataclasses.field(default_factory=list)   # dicts, one per DRn hit
-    icebp_at: int | None = None      # the icebp's address, once the caller found it
+    icebp_at: int | None = None      # the icebp's address, as RIP's (real mode: an IP)
     note: str = ""
+
+    @property
+    def is_step(self) -> bool:
+        """A single-step trap: DR6 says BS, or DR6 could not be read (every #DB was taken
+        for a step before DR6 was read). A readable DR6 without BS is no step."""
+        return self.kind == "single-step" or self.kind == "unknown" and self.dr6 is None
 
     def to_dict(self) -> dict:
         out = {"kind": self.kind, "fault": self.fault, "dr6": self.dr6, "dr7": self.dr7,

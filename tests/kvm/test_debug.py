@@ -124,6 +124,41 @@ def test_a_software_int_1_is_no_debug_condition_and_is_named_itself():
     assert end.detail["debug"]["kind"] == "int-1"
 
 
+# the guest writes an icebp over a listed nop (CPL3, where kvm_pvm delivers it)
+ICEBP_OVER = (";! mode: long\n    lea rax, [rip + target]\n    mov byte ptr [rax], 0xf1\n"
+              "    nop\ntarget:\n    nop\n    mov eax, 7\n    out 0xf4, al\n")
+
+
+def test_an_icebp_the_guest_wrote_over_its_code_is_found_and_named_as_rewritten():
+    # before: the listing's nop said no icebp was there: "unknown", the nop before named
+    p, end = end_of(ICEBP_OVER)
+    target = address_of(p, "mov byte ptr [rax], 0xf1") + 4
+    d = end.detail["debug"]
+    assert d["kind"] == "icebp" and d["icebp_at"] == target, end.summary()
+    assert end.instruction == "int1  ; rewritten by the guest (line 6: nop)"
+
+
+@pytest.mark.parametrize("src,named", [
+    # over a listed nop; nop
+    (";! mode: real\n    mov word ptr [target], 0x01cd\n    nop\ntarget:\n    nop\n"
+     "    nop\n    hlt\n", "int 1  ; rewritten by the guest (line 5: nop)"),
+    # written to 0x9000:0 and jumped to: nothing listed there
+    (";! mode: real\n    mov ax, 0x9000\n    mov es, ax\n    mov dword ptr es:[0], 0xf401cd90\n"
+     "    .byte 0xea\n    .word 0, 0x9000\n", "int 1"),
+], ids=["rewritten", "elsewhere"])
+def test_an_int_1_the_guest_wrote_is_a_software_interrupt_named_as_it_ran(src, named):
+    # before: only the listing was asked, so the #DB's cause was "unknown", no instruction
+    p, end = end_of(src)
+    if end.reason != "exception":
+        pytest.skip(f"this host did not deliver `int 1` to the #DB stub: {end.summary()}")
+    assert end.detail["debug"]["kind"] == "int-1"
+    assert end.instruction == named
+    # stepped, it was blamed on the step ("the single-step trap went to the guest's #DB")
+    with StepSession(p) as s:
+        list(s.run(count=20))
+    assert s.end.instruction == named and "why" not in s.end.detail
+
+
 def test_a_data_breakpoint_is_a_trap_named_at_the_writer_or_the_host_ignores_it():
     p, end = end_of(";! mode: long\n;! cpl: 0\n    mov rbx, 0x40000000\n    mov dr1, rbx\n"
                     "    mov eax, 0xd00004\n    mov dr7, rax\n    nop\n"   # DR1: write, 4 bytes
@@ -220,6 +255,23 @@ def test_in_guest_stepping_ends_at_an_icebp_instead_of_stepping_it_forever():
     assert s.end.vector == 1 and s.end.instruction == "int1"
     assert s.end.detail["debug"]["kind"] == "icebp"
     assert not dr6 & debug.DR6_BS
+
+
+def test_in_guest_stepping_ends_at_an_icebp_the_guest_wrote():
+    # before: it was found nowhere, and the stepper took its #DB for a step, forever
+    with StepSession(assemble_source(ICEBP_OVER, "i.asm"), mechanism="in-guest") as s:
+        steps = list(s.run(count=20))
+    assert len(steps) == 3 and s.end is not None and s.end.vector == 1
+    assert s.end.detail["debug"]["kind"] == "icebp"
+
+
+def test_in_guest_stepping_takes_no_db_for_a_step_when_dr6_says_none(monkeypatch):
+    # an icebp not found: the cause is unknown, but DR6 was read and has no BS
+    monkeypatch.setattr(machine, "is_icebp", lambda ins: False)
+    with StepSession(assemble_source(ICEBP_OVER, "i.asm"), mechanism="in-guest") as s:
+        steps = list(s.run(count=20))
+    assert len(steps) == 3 and s.end is not None and s.end.vector == 1
+    assert s.end.detail["debug"]["kind"] == "unknown"
 
 
 def test_in_guest_stepping_leaves_dr6_clean_after_each_step():

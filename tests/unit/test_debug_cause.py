@@ -53,3 +53,11 @@ def test_unknown_without_dr6_is_named_as_a_trap():
     cause = debug.unknown("DR6 unreadable (x)")
     assert cause.kind == "unknown" and not cause.fault and cause.dr6 is None
     assert debug.describe(cause.to_dict()) == "unknown, DR6 unreadable (x): named as a trap"
+
+
+def test_only_single_step_or_an_unreadable_dr6_is_a_step():
+    assert debug.classify(INIT | debug.DR6_BS, 0, DB).is_step
+    assert debug.unknown("DR6 unreadable (x)").is_step
+    # DR6 was read and says no single-step: the cause was not found, but it is no step
+    assert not debug.DebugCause("unknown", False, INIT, 0x400).is_step
+    assert not debug.classify(INIT, 0, DB).is_step
