@@ -66,6 +66,11 @@ class KvmError(OSError):
         self.hint = hint
         super().__init__(err, os.strerror(err) if err else "failed")
 
+    def __reduce__(self):
+        # OSError's own would call us with (errno, strerror): a KvmError raised in a worker
+        # process could not be unpickled in the parent
+        return type(self), (self.call, self.errno, self.hint)
+
     @property
     def errno_name(self) -> str:
         return errno_name(self.errno)
@@ -111,6 +116,17 @@ def reap(pid: int, kill: bool) -> int:
         except ProcessLookupError:
             pass
     return os.waitpid(pid, 0)[1]
+
+
+class FdOwner:
+    """Base of Kvm, Vm and Vcpu: objects that own a file descriptor of this process."""
+
+    def __reduce_ex__(self, protocol):
+        # A copy would share the fd and its one close: closing either leaves the other
+        # calling the kernel with a number it may give to another VM. A pickle sent to
+        # another process carries a number that means nothing there
+        raise TypeError(f"a {type(self).__name__} cannot be copied or pickled: it owns a file "
+                        "descriptor of this process; make a new one where it is needed")
 
 
 def own_fd(owner, fd: int) -> "weakref.finalize":
@@ -199,6 +215,11 @@ def failure(fd: int, name: str, err: int, hints: dict | None) -> KvmError:
     hint = (hints or {}).get(err)
     if hint is None and fd < 0:
         hint = "its /dev/kvm, VM or vCPU has been closed"
+    elif hint is None and err == _errno.EIO:
+        # kvm_vm_ioctl()/kvm_vcpu_ioctl() (virt/kvm/kvm_main.c): EIO when kvm->mm is not
+        # the caller's or the VM is dead
+        hint = ("this VM belongs to another process (after fork, api.rst 2, Restrictions), "
+                "or KVM marked it dead after an internal error (see dmesg)")
     return KvmError(name, err, hint)
 
 

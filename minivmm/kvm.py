@@ -28,7 +28,7 @@ def vendor_module() -> str:
     return "unknown"
 
 
-class Kvm:
+class Kvm(_sys.FdOwner):
     """An open /dev/kvm. Use as a context manager, or call close()."""
 
     def __init__(self, device: str | None = None):
@@ -66,6 +66,7 @@ class Kvm:
 
     # -- lifecycle --
     def close(self) -> None:
+        """Close /dev/kvm. Its VMs stay open, but making their vCPUs needs it open."""
         if self.fd >= 0:
             self._close_fd()
             self.fd = -1

@@ -102,7 +102,9 @@ class VcpuEnd:
             return f"triple fault (KVM_EXIT_SHUTDOWN){where}{ins}"
         if self.reason == "timeout":
             return f"stopped by the timeout{where}{ins}"
-        return f"{self.reason}{where}{ins}"
+        # A host-side end (kvm-error, host-error, ring-overflow) is no use without its cause
+        error = f": {self.detail['error']}" if self.detail.get("error") else ""
+        return f"{self.reason}{error}{where}{ins}"
 
 
 class VcpuState:
@@ -159,13 +161,28 @@ class Machine:
     """A payload in a fresh VM: slot 0 (system) and slot 1 (data), one thread per vCPU.
 
     Use as a context manager; ``run()`` runs every vCPU until it ends or the timeout.
+    A Machine runs once.
+
+    ``payload``: a name in guest_payloads/, a path, or a Payload (assemble_source).
+    ``vcpus``: default the payload's header, else 1. ``pages``: 4 KiB pages of the data slot,
+    split evenly between the vCPUs. ``kvm``: an open Kvm to share (else one of its own).
+    ``data_flags``/``system_flags``: the slots' KVM_MEM_* flags. ``regs``: entry registers
+    by name (rax ... r15, rip, rflags) over the README's entry state.
+    ``before_vcpus(machine)``: called before the slots and vCPUs are made (enable a VM
+    capability there); ``on_vcpu(machine, state)``: after each vCPU is set up.
+
+    Callbacks, attributes to set before run()/start(), called in the vCPU's thread:
+    ``trace(state, exit_reason)`` after every KVM_RUN, ``on_sync(state, tag)`` at each
+    ``out 0xf0``, ``on_ring_full(state)`` at KVM_EXIT_DIRTY_RING_FULL (return None to go
+    on, or a VcpuEnd), ``on_end(state)`` when the vCPU is over. One that raises ends its
+    vCPU as ``host-error``.
     """
 
     def __init__(self, payload: Payload | str, vcpus: int | None = None,
                  pages: int = DEFAULT_PAGES, kvm: Kvm | None = None,
                  data_flags: int = 0, system_flags: int = 0, before_vcpus=None,
                  on_vcpu=None, regs: dict | None = None):
-        self.payload = load(payload) if isinstance(payload, str) else payload
+        self.payload = payload if isinstance(payload, Payload) else load(payload)
         self._own_kvm = kvm is None
         self.kvm = kvm
         self.vm = None
@@ -497,6 +514,7 @@ class Machine:
 
     # -- reporting where a vCPU stopped --
     def registers(self, st: VcpuState) -> dict:
+        """The vCPU's general registers and CR0-CR4, EFER, by name (for an end's report)."""
         regs, sregs = st.vcpu.get_regs(), st.vcpu.get_sregs()
         out = {name: getattr(regs, name) for name, _ in abi.kvm_regs._fields_}
         out.update(cr0=sregs.cr0, cr2=sregs.cr2, cr3=sregs.cr3, cr4=sregs.cr4, efer=sregs.efer,

@@ -194,6 +194,9 @@ def find_payload(name_or_path: str, search_dir: str | None = None) -> Path:
     for cand in (p, base / f"{name_or_path}.asm"):
         if cand.is_dir():
             raise PayloadError(f"{cand}: is a directory, not a payload file")
+    if "\n" in name_or_path:     # source text where a name was expected
+        raise PayloadError("payload file not found: the name given has several lines; to run "
+                           "source text, pass assemble_source(text) instead")
     raise PayloadError(f"{name_or_path}: payload file not found (looked in . and {base})")
 
 
@@ -209,7 +212,13 @@ def payload_dir() -> Path:
     return here.parent / "guest_payloads"
 
 
-def load(name_or_path: str) -> Payload:
+def load(name_or_path: "str | os.PathLike") -> Payload:
+    """The payload file named (a path, or a name in guest_payloads/), assembled."""
+    if isinstance(name_or_path, os.PathLike):
+        name_or_path = os.fspath(name_or_path)
+    if not isinstance(name_or_path, str):
+        raise TypeError(f"a payload is a name, a path or a Payload (assemble_source), not "
+                        f"{type(name_or_path).__name__}")
     path = find_payload(name_or_path)
     try:
         text = path.read_text(encoding="utf-8")

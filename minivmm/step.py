@@ -268,7 +268,7 @@ class StepSession:
                  breakpoint: str | int | None = None, dirty: bool = False,
                  timeout: float = 10.0, kvm: Kvm | None = None,
                  max_time: float | None = DEFAULT_MAX_TIME):
-        self.payload = load(payload) if isinstance(payload, str) else payload
+        self.payload = payload if isinstance(payload, Payload) else load(payload)
         p = self.payload
         if vcpus < 1:
             raise StepError(f"--vcpus must be at least 1 (got {vcpus})")

@@ -33,7 +33,7 @@ class _Closed:
         raise _closed(vcpu, "kvm_run")
 
 
-class Vcpu:
+class Vcpu(_sys.FdOwner):
     """A vCPU created by Vm.create_vcpu(); closed by its Vm."""
 
     run_struct = _Closed()
@@ -64,7 +64,8 @@ class Vcpu:
             try:
                 self.map.close()
             except BufferError:
-                # still close the fd; the mapping goes when the last view does
+                # still close the fd; the mapping (and the duplicate fd mmap keeps)
+                # goes at a close() after the last view is gone
                 if self.fd >= 0:
                     self._close_fd()
                     self.fd = -1
@@ -181,16 +182,36 @@ class Vcpu:
               "KVM_SET_DEBUGREGS")
 
     # -- reading an exit --
+    def _io_exit(self, call: str) -> tuple:
+        """(direction, port, bytes, data_offset) of the current IO exit, as plain ints: a
+        view kept in a raising frame would pin the kvm_run page past the VM's close."""
+        # Outside an IO exit the union holds another exit's fields (data_offset 0 before
+        # the first run): bytes written there would land on kvm_run itself
+        reason = self.run_struct.exit_reason
+        if reason != abi.KVM_EXIT_IO:
+            name = abi.EXIT_NAMES.get(reason, str(reason))
+            if reason == abi.KVM_EXIT_UNKNOWN:
+                name += ", or it has not run yet"
+            raise ValueError(f"{call}: the vCPU is not at an IO exit: its last exit is {name}")
+        io = self.run_struct.io
+        return io.direction, io.port, io.size * io.count, io.data_offset
+
     def io_data(self) -> bytes:
         """The bytes of the current KVM_EXIT_IO (they live at kvm_run + io.data_offset)."""
-        io = self.run_struct.io
-        off = io.data_offset
-        return self.map[off:off + io.size * io.count]
+        _, _, size, off = self._io_exit("io_data")
+        return self.map[off:off + size]
 
     def set_io_data(self, data: bytes) -> None:
-        """Answer an IN: KVM copies these bytes into the guest on the next KVM_RUN."""
-        off = self.run_struct.io.data_offset
-        self.map[off:off + len(data)] = data
+        """Answer an IN: KVM copies these bytes into the guest on the next KVM_RUN.
+        Exactly io.size * io.count of them, at an IN exit only."""
+        direction, port, size, off = self._io_exit("set_io_data")
+        if direction != abi.KVM_EXIT_IO_IN:
+            raise ValueError(f"set_io_data: the current exit is an OUT to port {port:#x}, "
+                             "not an IN to answer")
+        data = memoryview(data).cast("B")
+        if len(data) != size:
+            raise ValueError(f"set_io_data: this IN reads {size} byte(s), got {len(data)}")
+        self.map[off:off + size] = data
 
     def describe_exit(self, reason: int | None = None) -> dict:
         """The current exit, decoded into plain values (for traces and reports)."""

@@ -34,7 +34,7 @@ def _check_width(name: str, fields) -> None:
             raise ValueError(f"{name}: {what} {value} does not fit in {bits} bits unsigned")
 
 
-class Vm:
+class Vm(_sys.FdOwner):
     """A VM created by Kvm.create_vm(). Owns its vCPUs and the memory it was given."""
 
     def __init__(self, kvm, fd: int):
@@ -48,20 +48,27 @@ class Vm:
     # -- lifecycle: vCPUs first, then the VM fd, then the memory behind it --
     def close(self) -> None:
         """Close vCPUs, the VM fd and the memory; if one part fails (a live view of a
-        mapping), the rest is still closed and the first failure raised at the end."""
+        mapping), the rest is still closed and the first failure raised at the end.
+        Delete the view and call close() again to release that part too."""
         errors = []
-        for part in [*self.vcpus, None, *self.memory.values()]:
+
+        def released(part) -> bool:
             try:
-                if part is None:
-                    if self.fd >= 0:
-                        self._close_fd()
-                        self.fd = -1
-                else:
-                    part.close()
+                part.close()
+                return True
             except BufferError as e:
                 errors.append(e)
-        self.vcpus.clear()
+                return False
+
+        # A part a live view still holds stays listed, so that close() again, once the
+        # view is gone, releases it (its mapping, and the vCPU fd's duplicate in it)
+        self.vcpus[:] = [vcpu for vcpu in self.vcpus if not released(vcpu)]
+        if self.fd >= 0:
+            self._close_fd()
+            self.fd = -1
+        held = {slot: mem for slot, mem in self.memory.items() if not released(mem)}
         self.memory.clear()
+        self.memory.update(held)
         if errors:
             raise errors[0]
 

@@ -456,7 +456,7 @@ class DirtySession:
                                        ("writes", writes, 0, MAX_ITERATIONS)):
             if value is not None and not low <= value <= high:   # a register: 64 bits
                 raise ValueError(f"--{name} must be between {low} and {high} (got {value})")
-        self.payload = load(payload) if isinstance(payload, str) else payload
+        self.payload = payload if isinstance(payload, Payload) else load(payload)
         self.tracker = tracker if isinstance(tracker, Tracker) else make_tracker(
             tracker, ring_entries, manual_protect, initially_set, force_no_ring, show_ring)
         self.tracker.used = True
@@ -516,6 +516,7 @@ class DirtySession:
 
     # -- lifecycle --
     def close(self) -> None:
+        """Stop the vCPUs and release the VM, its rings and bitmaps."""
         self._closed = True
         self._reaper_stop.set()
         self._go.set()

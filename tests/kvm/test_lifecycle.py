@@ -112,6 +112,34 @@ def test_a_second_close_with_a_view_alive_raises_the_same_clear_error():
         vm.close()
 
 
+def _kvm_fds():
+    fds = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            fds.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass
+    return [link for link in fds if "kvm-v" in link]
+
+
+def test_vm_close_again_once_the_view_is_gone_releases_what_it_held():
+    # The first close() raised and forgot the vCPU and the memory: following its advice
+    # (delete the view, close again) freed nothing while the objects lived; the mmap's
+    # duplicate of the vCPU fd kept the VM alive in the kernel
+    with Kvm() as kvm:
+        vm = kvm.create_vm()
+        mem = vm.add_memory(0, 0, 0x10000)
+        vcpu = vm.create_vcpu(0)
+        io, view = vcpu.run_struct.io, memoryview(mem.map)
+        with pytest.raises(BufferError, match="still alive"):
+            vm.close()
+        assert vm.fd == -1 and vcpu.fd == -1
+        del io, view
+        vm.close()
+        assert _kvm_fds() == [] and _kvm_maps() == []
+        assert mem.map is None and vcpu.map is None
+
+
 def test_objects_dropped_without_close_give_their_fds_back():
     # The standard way is a with block; a forgotten close must still not leak
     with Kvm() as kvm:
@@ -246,6 +274,72 @@ def test_guest_memory_and_slot_bounds():
         assert sorted(vm.memory) == [0]
         with pytest.raises(ValueError, match="slot 0 already holds memory"):
             vm.add_memory(0, 0x100000, 0x1000)
+
+
+def test_io_data_is_refused_outside_the_io_exit_it_belongs_to():
+    # Before the first exit data_offset is 0: set_io_data wrote over kvm_run itself
+    # (immediate_exit), and every KVM_RUN after it returned KVM_EXIT_INTR without running
+    from minivmm.payload import assemble_source
+    code = assemble_source(";! mode: real\nin ax, 0x60\nout 0xe9, al\nhlt").code
+    with Kvm() as kvm, kvm.create_vm() as vm:
+        vm.add_memory(0, 0, 0x20000).write(0x10000, code)
+        vcpu = vm.create_vcpu(0)
+        sregs = vcpu.get_sregs()
+        sregs.cs.selector, sregs.cs.base = 0x1000, 0x10000
+        vcpu.set_sregs(sregs)
+        regs = vcpu.get_regs()
+        regs.rip, regs.rflags = 0, 2
+        vcpu.set_regs(regs)
+        for use in (lambda: vcpu.set_io_data(b"QQ"), vcpu.io_data):
+            with pytest.raises(ValueError, match="not at an IO exit: its last exit is UNKNOWN"):
+                use()
+        assert vcpu.run_struct.immediate_exit == 0
+        assert vcpu.run() == abi.KVM_EXIT_IO
+        with pytest.raises(ValueError, match="this IN reads 2 byte\\(s\\), got 1"):
+            vcpu.set_io_data(b"Q")
+        vcpu.set_io_data(b"AB")
+        assert vcpu.run() == abi.KVM_EXIT_IO and vcpu.io_data() == b"A"
+        with pytest.raises(ValueError, match="an OUT to port 0xe9, not an IN"):
+            vcpu.set_io_data(b"A")
+        assert vcpu.run() == abi.KVM_EXIT_HLT
+
+
+def test_fd_owners_refuse_to_be_copied_or_pickled():
+    # A copy shared the fd and its one close: closing the copy left the original with a
+    # number the next VM took, and the original's ioctls then went to that VM
+    import copy
+    import pickle
+    with Kvm() as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        for obj in (kvm, vm, vcpu):
+            name = type(obj).__name__
+            for clone in (copy.copy, copy.deepcopy, pickle.dumps):
+                with pytest.raises(TypeError, match=f"a {name} cannot be copied or pickled"):
+                    clone(obj)
+
+
+def test_a_forked_child_using_its_parents_vm_is_told_why():
+    # KVM_RUN named the fork on EIO; every other VM and vCPU ioctl gave a bare EIO
+    with Kvm() as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                for use in (vcpu.get_regs, lambda: vm.add_memory(0, 0, 0x1000)):
+                    try:
+                        use()
+                    except KvmError as e:
+                        os.write(w, f"{e}\n".encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        with os.fdopen(r) as f:
+            lines = f.read().splitlines()
+        os.waitpid(pid, 0)
+    assert len(lines) == 2
+    for line in lines:
+        assert "EIO" in line and "belongs to another process (after fork" in line, line
 
 
 def test_a_closed_vcpus_exit_data_says_closed():
@@ -596,6 +690,8 @@ def test_a_callbacks_exception_ends_the_vcpu_visibly(where):
                                           "exited with code 0)")
     else:
         assert st.end.detail["error"] == "SystemExit: callback gave up"
+    # the summary, the documented way to print an end, said only "host-error"
+    assert st.end.summary() == f"host-error: {st.end.detail['error']}"
 
 
 def test_enable_cap_signal_mask_and_guest_debug_arguments_fit_their_fields():

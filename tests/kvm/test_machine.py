@@ -3,7 +3,7 @@ import pytest
 
 from minivmm import abi
 from minivmm.machine import Machine, MachineError
-from minivmm.payload import assemble_source
+from minivmm.payload import PayloadError, assemble_source
 from minivmm.x86 import layout as L
 from tests.conftest import payload
 
@@ -425,3 +425,16 @@ def test_the_stubs_out_is_named_outside_long_mode(mode, body, out):
         end = m.run(timeout=20).vcpus[0].end
     assert end.reason == "exception-port-by-payload", end.summary()
     assert end.instruction == f"{out}  ; exception stub", end.summary()
+
+
+def test_a_payload_may_be_a_path_object_and_anything_else_is_named():
+    # A pathlib.Path reached the Machine as if it were a Payload: AttributeError 'vcpus'
+    import pathlib
+    from minivmm import run_payload
+    r = run_payload(pathlib.Path(payload("hello_long")), timeout=10)
+    assert r.ok and r.vcpus[0].console == b"Hello from long mode\n"
+    for wrong in (None, b"hello_long"):
+        with pytest.raises(TypeError, match="a payload is a name, a path or a Payload"):
+            Machine(wrong)
+    with pytest.raises(PayloadError, match="pass assemble_source\\(text\\) instead"):
+        Machine("mov al, 1\nhlt")

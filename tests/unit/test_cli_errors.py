@@ -213,3 +213,15 @@ def test_dirty_refuses_a_parameter_a_users_payload_never_names(tmp_path):
 def test_the_cve_line_of_the_abicheck_header(release, words):
     from minivmm.abicheck.runner import cve_line
     assert words in cve_line(release)
+
+
+def test_a_kvm_error_survives_pickling():
+    # A worker process's KvmError reaches the parent pickled; OSError's reduce called
+    # KvmError(errno, strerror), which failed (TypeError) in the parent
+    import pickle
+    from minivmm._sys import KvmError
+    for err in (KvmError("KVM_RUN", errno.EINVAL, "a hint"),
+                KvmUnavailable("open /dev/kvm", errno.ENOENT, None)):
+        back = pickle.loads(pickle.dumps(err))
+        assert type(back) is type(err) and str(back) == str(err)
+        assert (back.call, back.errno, back.hint) == (err.call, err.errno, err.hint)
