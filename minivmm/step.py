@@ -616,16 +616,16 @@ class StepSession:
         skip it on the next KVM_RUN; with TF or KVM single-step set, that skip raises
         a step of its own (complete_fast_pio_out -> kvm_skip_emulated_instruction ->
         kvm_vcpu_do_singlestep, arch/x86/kvm/x86.c): _late_trap marks it so that
-        the stepping loops drop it instead of reporting the out twice. Written from the
-        kernel source; kvm_pvm never takes this path."""
-        if regs.rip != self.pc:
-            return regs                  # past it already (kvm_pvm, measured)
-        ins, _ = self._instruction(self.pc)
-        if ins is None or not ins.text.startswith("out "):
-            return regs                  # a string out (outs) is re-entered at RIP: left as is
+        the stepping loops drop it instead of reporting the out twice. Where RIP is,
+        Machine.out_exit_rip tells from the code, not from self.pc: a guest that cleared
+        TF itself reaches the out untraced (_untraced_out). Written from the kernel
+        source; kvm_pvm never takes this path."""
+        rip, name_at = self.machine.out_exit_rip(self.st, regs)
+        if name_at or rip == regs.rip:
+            return regs                  # past it already (kvm_pvm), or a repeating outs
         past = type(regs).from_buffer_copy(regs)
-        past.rip = self.pc + ins.size
-        self._late_trap = past.rip
+        past.rip = rip
+        self._late_trap = rip
         return past
 
     def _untraced_out(self, regs) -> str:
@@ -651,7 +651,9 @@ class StepSession:
         # nothing; should a host drop it, set it again. KVM_SET_REGS with the `out` still
         # pending is safe: RIP is left where KVM put it (past the out, or at it on VMX/SVM,
         # where KVM skips the out only if RIP is unchanged: complete_fast_pio_out).
+        # The vCPU's own registers: Machine.out_exit_rip may have completed the out
         if not regs.rflags & TF:
+            regs = self.vcpu.get_regs()
             regs.rflags |= TF
             self.vcpu.set_regs(regs)
 

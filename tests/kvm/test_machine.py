@@ -438,3 +438,13 @@ def test_a_payload_may_be_a_path_object_and_anything_else_is_named():
             Machine(wrong)
     with pytest.raises(PayloadError, match="pass assemble_source\\(text\\) instead"):
         Machine("mov al, 1\nhlt")
+
+
+def test_a_plain_outs_at_rip_is_the_next_one_not_the_one_that_exited():
+    # every host moves RIP past a plain outs before its exit (KVM's emulator writes RIP
+    # back; kvm_pvm measured): RIP then points at the second of `outsb; outsb`
+    src = (";! mode: long\n    lea rsi, [rip + msg]\n    mov dx, 0x80\n    outsb\n"
+           "    outsb\n    nop\nmsg:\n    .ascii \"ab\"\n")
+    end = _end_of(src)
+    assert end.reason == "unhandled-io" and end.rip == L.CODE + 12
+    assert end.instruction == "outsb dx, byte ptr [rsi]  ; line 4"

@@ -245,16 +245,17 @@ def test_triple_fault_where_kvm_reset_the_vcpu_keeps_the_last_known_rip(monkeypa
 def test_an_out_still_pending_is_reported_past_it_once():
     # VMX/SVM exit with RIP still at a fast out and raise its step trap when they skip it
     # on the next KVM_RUN. kvm_pvm never does (the stepping tests above run with RIP past
-    # it), so here the vCPU is put in that state by hand: RIP at the out, as the step's pc.
+    # it), so at the out's real IO exit the registers are put in that state by hand.
     p, _ = listing("hello_long")
     out = next(i for i in p.listing if i.text == "out 0xe9, al")
     with StepSession(p) as s:
+        next(st for st in s.run() if st.io)          # at the first out's IO exit
         regs = s.vcpu.get_regs()
+        assert regs.rip == out.address + out.size
         regs.rip = s.pc = out.address
-        s.vcpu.set_regs(regs)
-        past = s._past_pending_out(s.vcpu.get_regs())
+        past = s._past_pending_out(regs)
         assert past.rip == out.address + out.size == s._late_trap
-        assert s.vcpu.get_regs().rip == out.address          # the vCPU itself is untouched
+        assert s.vcpu.get_regs().rip == out.address + out.size   # the vCPU is untouched
         regs.rip = out.address + out.size                   # kvm_pvm: already past it
         s._late_trap = None
         assert s._past_pending_out(regs) is regs and s._late_trap is None
@@ -730,3 +731,43 @@ def test_real_mode_code_at_the_stubs_ip_in_another_segment_is_stepped():
         steps = list(s.run())
         assert [st.instruction for st in steps][-3:] == ["mov al, 0x41", "out 0xe9, al", "hlt"]
         assert s.end.reason == "hlt" and bytes(s.console) == b"A", s.end.summary()
+
+
+UNTRACED_OUT = (";! mode: long\n    pushfq\n    and qword ptr [rsp], -0x101\n    popfq\n"
+                "    mov al, 0x42\n    inc al\n    out 0xe9, al\n    nop\n    xor eax, eax\n"
+                "    out 0xf4, al\n")
+
+
+@pytest.mark.parametrize("rip_at_out", [False, True])
+def test_an_out_reached_untraced_is_its_own_step_whether_rip_is_past_it_or_at_it(
+        monkeypatch, rip_at_out):
+    # The guest clears TF itself and runs untraced to an out. VMX/SVM exit with RIP still
+    # at that out and skip it on the next KVM_RUN (complete_fast_pio_out); simulated
+    # here: RIP is moved back at the console exit and past the out again before re-entry
+    p = assemble_source(UNTRACED_OUT, "untraced.asm")
+    out = next(i for i in p.listing if i.text == "out 0xe9, al")
+    enter, pending = StepSession._enter, []
+
+    def enter_like_vmx(self):
+        if pending and self.vcpu.get_regs().rip == pending[0]:
+            regs = self.vcpu.get_regs()
+            regs.rip = pending.pop() + out.size
+            self.vcpu.set_regs(regs)
+        reason = enter(self)
+        io = self.vcpu.run_struct.io
+        if rip_at_out and reason == abi.KVM_EXIT_IO and io.port == L.PORT_DEBUGCON:
+            regs = self.vcpu.get_regs()
+            regs.rip -= out.size
+            self.vcpu.set_regs(regs)
+            pending.append(regs.rip)
+        return reason
+    monkeypatch.setattr(StepSession, "_enter", enter_like_vmx)
+    with StepSession(p, mechanism=IN_GUEST) as s:
+        steps = list(s.run())
+    assert s.end.reason == "exit-port" and s.console == b"C"
+    [at_out] = [st for st in steps if st.io and st.io["port"] == L.PORT_DEBUGCON]
+    assert (at_out.address, at_out.instruction, at_out.next) == \
+        (out.address, "out 0xe9, al", out.address + out.size)
+    assert "stepping lost" in at_out.note
+    assert [st.instruction for st in steps[steps.index(at_out) + 1:]] == \
+        ["nop", "xor eax, eax", "out 0xf4, al"]
