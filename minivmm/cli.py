@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 
 from . import abi, __version__
+from ._args import as_option
 from ._entry import interrupted
 from ._sys import KvmError, KvmUnavailable
 from .payload import PayloadError, load, payload_dir
@@ -226,7 +227,7 @@ def cmd_run(args) -> int:
     try:
         machine = Machine(args.payload, vcpus=args.vcpus, pages=args.pages)
     except MachineError as e:
-        raise UsageError(str(e)) from None
+        raise UsageError(as_option(e)) from None
     with machine:
         if args.trace:
             machine.trace = _trace_printer(machine, sys.stderr if args.json else sys.stdout)
@@ -273,7 +274,7 @@ def _run_dirty_session(args, tracker: str):
     except (DirtyRingError, MachineError, ValueError) as e:
         if isinstance(e, PayloadError):
             raise
-        raise UsageError(str(e)) from None
+        raise UsageError(as_option(e)) from None
     with session:
         records = session.run(timeout=args.timeout)
         return session.tracker, records, session.result, session
@@ -330,7 +331,12 @@ def _check_payload_params(args) -> None:
 def cmd_dirty(args) -> int:
     from .dirty import report
     from .dirty.ring import ring_capability
+    from .dirty.tracker import MAX_ITERATIONS
     from .kvm import Kvm
+    # 0 (until stopped, as the Python API allows) would end only at --timeout, a failed run
+    if not 1 <= args.iterations <= MAX_ITERATIONS:
+        raise UsageError(f"--iterations must be between 1 and {MAX_ITERATIONS} "
+                         f"(got {args.iterations})")
     if args.plot is not None:
         _check_plot_path(args.plot, args.show_ring)
     if args.tracker == "ring" and (args.initially_set or args.no_manual_protect):

@@ -66,7 +66,8 @@ class Kvm(_sys.FdOwner):
 
     # -- lifecycle --
     def close(self) -> None:
-        """Close /dev/kvm. Its VMs stay open, but making their vCPUs needs it open."""
+        """Close /dev/kvm. Its VMs stay open and can still make vCPUs (each VM keeps the
+        kvm_run size); system ioctls, such as capabilities asked of this object, need it open."""
         if self.fd >= 0:
             self._close_fd()
             self.fd = -1
@@ -109,10 +110,13 @@ class Kvm(_sys.FdOwner):
     def create_vm(self, machine_type: int = 0) -> "Vm":
         """KVM_CREATE_VM: a new, empty VM (api.rst 4.2)."""
         from .vm import Vm
+        # A system ioctl, asked now: the VM fd holds its own reference to the VM (api.rst 2),
+        # so the VM may make vCPUs after this /dev/kvm fd is closed
+        mmap_size = self.get_vcpu_mmap_size()
         with _sys.fd_creation():
             fd = ioctl(self.fd, abi.KVM_CREATE_VM, machine_type, "KVM_CREATE_VM",
                        {errno.EINVAL: "unknown machine type", errno.ENOMEM: "out of memory"})
-            return Vm(self, fd)
+            return Vm(self, fd, mmap_size)
 
     # -- conveniences built on the above --
     def caps(self, names=None) -> dict:

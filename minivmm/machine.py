@@ -15,6 +15,7 @@ import threading
 import time
 
 from . import _sys, abi
+from ._args import check_number, named
 from ._kick import KICK_SIGNAL, install_kick_handler
 from ._sys import KvmError
 from .kvm import Kvm
@@ -132,6 +133,10 @@ class VcpuState:
 
 @dataclasses.dataclass
 class RunResult:
+    """What a Machine run left: the payload, each vCPU's VcpuState (console, exit counts,
+    end) and the wall time. It holds the live vCPUs, so it cannot be pickled: to pass a
+    result to another process (multiprocessing, a file), send ``to_dict()``, plain values
+    that json and pickle both take."""
     payload: Payload
     vcpus: list
     elapsed_s: float
@@ -151,10 +156,8 @@ class RunResult:
 
 
 def check_vcpus(nvcpus: int, kvm: Kvm) -> None:
-    limit = kvm.max_vcpus()
-    if not 1 <= nvcpus <= limit:
-        raise MachineError(f"--vcpus must be between 1 and {limit} (KVM_CAP_MAX_VCPUS), "
-                           f"got {nvcpus}")
+    check_number("vcpus", nvcpus, 1, kvm.max_vcpus(), note=" (KVM_CAP_MAX_VCPUS)",
+                 error=MachineError)
 
 
 class Machine:
@@ -200,16 +203,13 @@ class Machine:
                 raise MachineError(f"no register named {name!r} (one of "
                                    f"{', '.join(sorted(_REG_NAMES))})")
             # ctypes would keep the low 64 bits without a word
-            if not 0 <= value < 1 << 64:
-                raise MachineError(f"register {name}: {value} does not fit in 64 bits")
-        if not isinstance(pages, int):    # a float would reach the slot as a fraction
-            raise TypeError(f"pages must be an int, not {type(pages).__name__}")
-        if pages < 1:
-            raise MachineError(f"--pages must be at least 1 (got {pages})")
+            check_number(f"regs[{name!r}]", value, 0, (1 << 64) - 1, error=MachineError)
+        # a float would reach the slot as a fraction
+        check_number("pages", pages, 1, error=MachineError)
         if pages > L.MAX_DATA_PAGES:
-            raise MachineError(f"--pages {pages} is more than this machine can map "
-                               f"(at most {L.MAX_DATA_PAGES} pages, "
-                               f"{L.MAX_DATA_PAGES * 4096 >> 30} GiB)")
+            raise named(MachineError(f"pages {pages} is more than this machine can map "
+                                     f"(at most {L.MAX_DATA_PAGES} pages, "
+                                     f"{L.MAX_DATA_PAGES * 4096 >> 30} GiB)"), "pages")
         self.pages = pages
         try:
             if self.kvm is None:
@@ -234,7 +234,7 @@ class Machine:
             try:
                 self.vm.add_memory(L.SLOT_DATA, L.DATA_GPA, pages * L.PAGE, data_flags, "data")
             except MemoryError as e:
-                raise MachineError(f"--pages {pages}: {e}") from None
+                raise named(MachineError(f"pages {pages}: {e}"), "pages") from None
             setup_memory(sys_mem, self.payload.mode, nvcpus, pages)
             sys_mem.write(L.CODE, self.payload.code)
             cpuid = self.kvm.get_supported_cpuid()
@@ -320,9 +320,11 @@ class Machine:
 
     def start(self, timeout: float | None = None) -> None:
         """Start the vCPU threads and return at once; wait() collects the result."""
-        if timeout is not None and not timeout >= 0:     # NaN too: it never expires
-            raise MachineError(f"timeout must be a number of seconds, not negative nor NaN "
-                               f"(got {timeout})")
+        if timeout is not None:
+            check_number("timeout", timeout, seconds=True)
+            if not timeout >= 0:      # NaN too: it never expires
+                raise named(MachineError(f"timeout must be a number of seconds, not negative "
+                                         f"nor NaN (got {timeout})"), "timeout")
         self._vm()
         if self._started:
             # a vCPU thread per vCPU at most: a second one would wait in KVM_RUN behind the

@@ -43,6 +43,7 @@ import traceback
 import time
 
 from . import abi
+from ._args import as_option, check_number, named
 from .kvm import Kvm, vendor_module
 from .machine import (KICK_SIGNAL, Machine, MachineError, VcpuEnd, format_registers,
                       install_kick_handler, instruction_name, is_out)
@@ -168,8 +169,9 @@ def choose_mechanism(payload: Payload, requested: str = "auto", kvm: Kvm | None 
         raise StepError(f"unknown mechanism {requested!r} "
                         f"(expected one of {', '.join(MECHANISMS)})")
     if requested == IN_GUEST and payload.mode != "long":
-        raise StepError(f"--mechanism in-guest needs long mode (the #DB stub lives in the long-"
-                        f"mode IDT); {payload.name} is a {payload.mode}-mode payload")
+        raise named(StepError(f"mechanism in-guest needs long mode (the #DB stub lives in "
+                              f"the long-mode IDT); {payload.name} is a {payload.mode}-mode "
+                              "payload"), "mechanism")
     if requested != "auto":
         return requested, "asked for with --mechanism"
     vendor = vendor_module()
@@ -193,11 +195,12 @@ def _check_forced_break(payload: Payload, bp: int, kvm: Kvm | None) -> None:
         return                           # emulated everywhere it matters: KVM sees it
     works, evidence = probe_guest_debug(payload, kvm)
     if works is False:
-        raise StepError(f"--mechanism guest-debug cannot break at {bp:#x}: probe on a "
-                        f"throwaway VM: {evidence}; KVM guest debug does not see this "
-                        f"native CPL3 code on this host (vendor module {vendor_module()}), so "
-                        "its hardware breakpoint would never fire; use --mechanism in-guest "
-                        "(or auto)")
+        raise named(StepError(f"mechanism guest-debug cannot break at {bp:#x}: probe on a "
+                              f"throwaway VM: {evidence}; KVM guest debug does not see this "
+                              "native CPL3 code on this host (vendor module "
+                              f"{vendor_module()}), so its hardware breakpoint would never "
+                              "fire; use the in-guest mechanism (--mechanism in-guest) or "
+                              "auto"), "mechanism")
 
 
 # -- breakpoints --
@@ -214,20 +217,23 @@ def resolve_break(payload: Payload, text: str) -> int:
         try:
             no = int(text[5:], 10)
         except ValueError:
-            raise StepError(f"--break {text}: expected line:N with N a line number") from None
+            raise named(StepError(f"breakpoint {text}: expected line:N with N a line number"),
+                        "breakpoint") from None
         for ins in payload.listing:
             if ins.line == no:
                 return ins.address
-        raise StepError(f"--break {text}: line {no} of {payload.path} holds no instruction")
+        raise named(StepError(f"breakpoint {text}: line {no} of {payload.path} holds no "
+                              "instruction"), "breakpoint")
     try:
         addr = int(text, 0)
     except ValueError:
         addr = _label_address(payload, text)
     if addr not in starts:
         first, last = payload.listing[0], payload.listing[-1]
-        raise StepError(f"--break {text}: {addr:#x} is not the start of an instruction of "
-                        f"{payload.name} (its instructions span {first.address:#x}.."
-                        f"{last.address + last.size - 1:#x}; see `minivmm disasm`)")
+        raise named(StepError(f"breakpoint {text}: {addr:#x} is not the start of an "
+                              f"instruction of {payload.name} (its instructions span "
+                              f"{first.address:#x}..{last.address + last.size - 1:#x}; see "
+                              "`minivmm disasm`)"), "breakpoint")
     return addr
 
 
@@ -243,12 +249,13 @@ def _label_address(payload: Payload, name: str) -> int:
             labels.setdefault(m.group(1), no)
     if name not in labels:
         shown = ", ".join(sorted(labels)) or "none"
-        raise StepError(f"--break {name}: not a number, line:N, or a label of {payload.name} "
-                        f"(labels: {shown})")
+        raise named(StepError(f"breakpoint {name}: not a number, line:N, or a label of "
+                              f"{payload.name} (labels: {shown})"), "breakpoint")
     for ins in payload.listing:          # the first instruction at or after the label
         if ins.line >= labels[name]:
             return ins.address
-    raise StepError(f"--break {name}: the label is followed by no instruction (data?)")
+    raise named(StepError(f"breakpoint {name}: the label is followed by no instruction "
+                          "(data?)"), "breakpoint")
 
 
 # -- stepping --
@@ -270,15 +277,15 @@ class StepSession:
                  max_time: float | None = DEFAULT_MAX_TIME):
         self.payload = payload if isinstance(payload, Payload) else load(payload)
         p = self.payload
-        if vcpus < 1:
-            raise StepError(f"--vcpus must be at least 1 (got {vcpus})")
+        check_number("vcpus", vcpus, 1, error=StepError)
+        check_number("vcpu", vcpu, error=StepError)
         if not 0 <= vcpu < vcpus:
-            raise StepError(f"--vcpu {vcpu} does not exist: the machine has {vcpus} vCPU(s) "
-                            f"(0..{vcpus - 1}; give --vcpus)")
-        if timeout <= 0:
-            raise StepError(f"--timeout must be positive (got {timeout})")
-        if max_time is not None and max_time <= 0:
-            raise StepError(f"--max-time must be positive (got {max_time:g})")
+            raise named(StepError(f"vcpu {vcpu} does not exist: the machine has {vcpus} "
+                                  f"vCPU(s) (0..{vcpus - 1})"), "vcpu")
+        check_number("iterations", iterations, 0, (1 << 64) - 1, error=StepError)   # RCX
+        check_number("timeout", timeout, seconds=True, positive=True, error=StepError)
+        if max_time is not None:
+            check_number("max_time", max_time, seconds=True, positive=True, error=StepError)
         self.bp = breakpoint if isinstance(breakpoint, int) or breakpoint is None \
             else resolve_break(p, breakpoint)
         self.mechanism, self.why = choose_mechanism(p, mechanism, kvm)
@@ -297,12 +304,12 @@ class StepSession:
 
             def before_vcpus(m):
                 if ring_capability(m.kvm) is None:
-                    raise StepError("--dirty needs the dirty ring, and this kernel offers "
-                                    "none (KVM_CAP_DIRTY_LOG_RING is 0)")
+                    raise named(StepError("dirty needs the dirty ring, and this kernel "
+                                          "offers none (KVM_CAP_DIRTY_LOG_RING is 0)"), "dirty")
                 try:
                     enable_dirty_ring(m.vm, RING_ENTRIES)
                 except DirtyRingError as e:
-                    raise StepError(f"--dirty: {e}") from None
+                    raise named(StepError(f"dirty: {e}"), "dirty") from None
 
             def on_vcpu(m, st):
                 self.rings[st.index] = VcpuRing(st.vcpu, RING_ENTRIES)
@@ -315,7 +322,7 @@ class StepSession:
             self.machine = Machine(p, vcpus=vcpus, pages=pages, kvm=kvm,
                                    regs={"rcx": iterations}, **kwargs)
         except MachineError as e:
-            raise StepError(str(e)) from None
+            raise named(StepError(str(e)), getattr(e, "argument", None)) from None
         self.st = self.machine.states[vcpu]
         self.vcpu = self.st.vcpu
         self.ring = self.rings.get(vcpu)
@@ -961,7 +968,7 @@ def cmd_step(args) -> int:
                               breakpoint=args.breakpoint, dirty=args.dirty,
                               timeout=args.timeout, max_time=args.max_time)
     except StepError as e:
-        raise UsageError(str(e)) from None
+        raise UsageError(as_option(e)) from None
     out = sys.stdout
     with session:
         p = session.payload

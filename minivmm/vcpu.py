@@ -43,8 +43,7 @@ class Vcpu(_sys.FdOwner):
         self.map = None
         self.ring = None      # a minivmm.dirty.ring.VcpuRing once the ring is mapped
         try:
-            size = vm.kvm.get_vcpu_mmap_size()
-            self.map = _sys.map_shared(fd, size, 0, "mmap(kvm_run)")
+            self.map = _sys.map_shared(fd, vm.vcpu_mmap_size, 0, "mmap(kvm_run)")
         except BaseException:
             os.close(fd)
             self.fd = -1
@@ -305,7 +304,17 @@ def entry_failure_meaning(reason: int) -> str:
 _RUN_HINTS = {
     errno.EFAULT: "the guest touched host memory that is not mapped",
     errno.ENOEXEC: "the vCPU state is not runnable (were registers set?)",
-    errno.EIO: "this VM belongs to another process (after fork, api.rst 4.10)",
+    errno.EIO: "this VM belongs to another process (after fork: api.rst 2, Restrictions)",
+    # arch/x86/kvm/mmu/mmu.c make_mmu_pages_available(): the shadow MMU's page budget is
+    # set from the memory slots (kvm_arch_commit_memory_region), 0 until the first one.
+    # Seen on kvm_pvm in real and protected mode (long mode shuts down first: no CR3 page)
+    errno.ENOSPC: "KVM's shadow MMU has no page to spare: its budget is 0 while the VM has "
+                  "no memory slot (add memory before KVM_RUN; KVM_SET_NR_MMU_PAGES also sets "
+                  "it)",
+    # kvm_vcpu_ioctl() (virt/kvm/kvm_main.c) and kvm_arch_vcpu_ioctl_run() (arch/x86/kvm/x86.c)
+    errno.EINVAL: "one of: KVM_RUN given an argument (it takes none); kvm_run.kvm_valid_regs "
+                  "or kvm_dirty_regs with a bit beyond KVM_SYNC_X86_*; registers handed in "
+                  "through kvm_dirty_regs that KVM refuses (KVM_CAP_SYNC_REGS, api.rst 5)",
 }
 
 

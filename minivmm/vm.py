@@ -12,6 +12,7 @@ import ctypes
 import errno
 
 from . import _sys, abi
+from ._args import check_number
 from ._sys import ioctl
 from .memory import GuestMemory
 
@@ -37,9 +38,10 @@ def _check_width(name: str, fields) -> None:
 class Vm(_sys.FdOwner):
     """A VM created by Kvm.create_vm(). Owns its vCPUs and the memory it was given."""
 
-    def __init__(self, kvm, fd: int):
+    def __init__(self, kvm, fd: int, vcpu_mmap_size: int):
         self.kvm = kvm
         self.fd = fd
+        self.vcpu_mmap_size = vcpu_mmap_size    # KVM_GET_VCPU_MMAP_SIZE (api.rst 4.5)
         self._close_fd = _sys.own_fd(self, fd)
         self.dirty_ring_bytes = 0   # per vCPU, once KVM_ENABLE_CAP(dirty ring) succeeded
         self.vcpus: list = []
@@ -101,6 +103,7 @@ class Vm(_sys.FdOwner):
     def create_vcpu(self, vcpu_id: int):
         """KVM_CREATE_VCPU: a new vCPU with this id; maps its kvm_run page."""
         from .vcpu import Vcpu
+        check_number("vcpu_id", vcpu_id)
         if vcpu_id < 0:
             raise ValueError(f"vCPU id {vcpu_id} is negative")
         with _sys.fd_creation():

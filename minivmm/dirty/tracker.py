@@ -20,6 +20,7 @@ import traceback
 import numpy as np
 
 from .. import _sys, abi
+from .._args import check_number, named
 from .._sys import KvmError
 from ..kvm import Kvm
 from ..machine import Machine, MachineError, VcpuEnd, check_vcpus
@@ -447,15 +448,14 @@ class DirtySession:
         if not isinstance(poll_interval_s, (int, float)) or not 0 < poll_interval_s < 1e9:
             raise ValueError("poll_interval_s must be a number of seconds above 0 "
                              f"(got {poll_interval_s!r})")
-        # RCX = iterations: 0 would loop until stopped, and the sync tag is 32 bits (EAX)
-        if not 1 <= iterations <= MAX_ITERATIONS:
-            raise ValueError(f"--iterations must be between 1 and {MAX_ITERATIONS} "
-                             f"(got {iterations})")
-        for name, value, low, high in (("stride", stride, 1, MAX_ITERATIONS),
+        # RCX = iterations, 0 looping until stopped (README, entry state); the sync tag is
+        # 32 bits (EAX), so more would repeat tags
+        for name, value, low, high in (("iterations", iterations, 0, MAX_ITERATIONS),
+                                       ("stride", stride, 1, MAX_ITERATIONS),
                                        ("seed", seed, 0, 2 ** 64 - 1),
                                        ("writes", writes, 0, MAX_ITERATIONS)):
-            if value is not None and not low <= value <= high:   # a register: 64 bits
-                raise ValueError(f"--{name} must be between {low} and {high} (got {value})")
+            if value is not None:      # a register: 64 bits at most
+                check_number(name, value, low, high)
         self.payload = payload if isinstance(payload, Payload) else load(payload)
         self.tracker = tracker if isinstance(tracker, Tracker) else make_tracker(
             tracker, ring_entries, manual_protect, initially_set, force_no_ring, show_ring)
@@ -468,13 +468,14 @@ class DirtySession:
             self.tracker.keep_raw = False
         self.poll_interval_s = poll_interval_s
         nvcpus = vcpus if vcpus is not None else (self.payload.vcpus or 1)
-        if nvcpus < 1:
-            raise MachineError(f"--vcpus must be at least 1 (got {nvcpus})")
+        check_number("vcpus", nvcpus, 1, error=MachineError)
+        check_number("pages", pages, 1, error=MachineError)
         if pages < nvcpus:
             with contextlib.nullcontext(kvm) if kvm else Kvm() as k:
                 check_vcpus(nvcpus, k)          # the vCPUs may be what is wrong
-            raise MachineError(f"--pages {pages} leaves some of the {nvcpus} vCPUs no page "
-                               "of their own to dirty: give at least one page per vCPU")
+            raise named(MachineError(f"pages {pages} leaves some of the {nvcpus} vCPUs no page "
+                                     "of their own to dirty: give at least one page per vCPU"),
+                        "pages")
         writes = writes if writes is not None else max(1, pages // nvcpus // 4)
         if isinstance(self.tracker, RingTracker) and not self.tracker.stage_entries:
             # A vCPU's share of the data pages per iteration, and room for its page-table
@@ -543,12 +544,20 @@ class DirtySession:
 
     # -- running --
     def run(self, timeout: float | None = 60.0) -> list:
-        """Run to the end; return every IterationRecord (the final collection included)."""
+        """Run to the end; return every IterationRecord (the final collection included).
+        With iterations=0 the guest runs until stopped: the end is the timeout, which it
+        therefore needs (its vCPUs then end as ``timeout``)."""
+        if self.iterations_asked == 0 and timeout is None:
+            raise named(ValueError("timeout: iterations=0 runs until stopped, so run() needs "
+                                   "a timeout (or use iterate() and stop when you have seen "
+                                   "enough)"), "timeout")
         return list(self.iterate(timeout, gated=False))
 
     def iterate(self, timeout: float | None = 60.0, gated: bool = True):
         """Yield an IterationRecord per collection; with gated=True the vCPUs stay paused
-        at the barrier until the next record is asked for (step by step from Python)."""
+        at the barrier until the next record is asked for (step by step from Python).
+        With iterations=0 records come until the timeout, or until the loop is left
+        (break, close()), which stops the vCPUs."""
         if self._started:     # its vCPUs have ended and its barrier counts are spent
             raise MachineError("this DirtySession has already run; make a new one")
         self._started = True
