@@ -15,6 +15,9 @@ from .checks_bitmap import (LOG, PAGE, RO, SCRATCH_GPA, get_pages, host_memory,
 from .registry import check, expect, expect_eq, expect_errno, expect_ok
 
 MAIN = "virt/kvm/kvm_main.c"
+# The 6.18 name; older kernels call it __kvm_set_memory_region() (renamed in Sean
+# Christopherson's 2025 series adding kvm_set_internal_memslot())
+SET_REGION = f"{MAIN} kvm_set_memory_region()"
 
 
 @check("memslot.flags.invalid_v1", 60, f"{MAIN} kvm_vm_ioctl() KVM_SET_USER_MEMORY_REGION "
@@ -46,7 +49,7 @@ def flags_invalid(ctx):
                  "EINVAL", "changing existing slot 1's flags to KVM_MEM_GUEST_MEMFD")
 
 
-@check("memslot.modify.einval", 61, f"{MAIN} __kvm_set_memory_region() (modify an existing "
+@check("memslot.modify.einval", 61, f"{SET_REGION} (modify an existing "
        "slot); api.rst 4.35", fault="errno_swap")
 def modify_einval(ctx):
     """Resizing a slot, changing its userspace_addr or toggling READONLY is EINVAL"""
@@ -79,7 +82,7 @@ def modify_einval(ctx):
         ctx.diag("KVM_CAP_READONLY_MEM is 0: READONLY toggling not tried")
 
 
-@check("memslot.overlap.eexist", 61, f"{MAIN} __kvm_set_memory_region() "
+@check("memslot.overlap.eexist", 61, f"{SET_REGION} "
        "(kvm_check_memslot_overlap); api.rst 4.35", fault="errno_swap")
 def overlap_eexist(ctx):
     """A new or moved slot overlapping another slot's guest-physical range is EEXIST"""
@@ -107,7 +110,7 @@ def overlap_eexist(ctx):
               "slot 3 right before slot 1 (adjacent)")
 
 
-@check("memslot.delete.absent", 61, f"{MAIN} __kvm_set_memory_region() (memory_size 0, "
+@check("memslot.delete.absent", 61, f"{SET_REGION} (memory_size 0, "
        "no old slot or old->npages == 0); api.rst 4.35", fault="errno_swap")
 def delete_absent(ctx):
     """Deleting a slot that does not exist (memory_size 0) is EINVAL"""

@@ -107,6 +107,16 @@ def check_extension_lie():
         yield
 
 
+@fault("ring_cap_in_entries", "KVM_CHECK_EXTENSION of the ring capabilities answers the max "
+       "in entries (65536), not bytes")
+def ring_cap_in_entries():
+    caps = (abi.KVM_CAP_DIRTY_LOG_RING, abi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL)
+    with _ioctl_hook(lambda name, q, a, ret, err:
+                     (ret // 16, err) if name == "KVM_CHECK_EXTENSION" and a in caps
+                     and ret > 0 else (ret, err)):
+        yield
+
+
 @fault("version_lie", "system ioctls (API version, vCPU mmap size) answer one more")
 def version_lie():
     with _one_more("KVM_GET_API_VERSION", "KVM_GET_VCPU_MMAP_SIZE"):

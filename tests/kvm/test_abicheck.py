@@ -324,3 +324,40 @@ def test_ctrl_c_ends_the_ktap_with_bail_out():
     done = sum(bool(KTAP_RESULT.match(ln)) for ln in lines)
     assert bail[0] == f"Bail out! interrupted (SIGINT) after {done} of {len(IDS)} checks"
     assert "Traceback" not in err
+
+
+def test_the_ring_capability_is_held_to_its_value_in_bytes(kvm):
+    # a power-of-two range test also passed 65536, the max in entries (an early draft of
+    # KVM_CAP_DIRTY_LOG_RING returned KVM_DIRTY_RING_MAX_ENTRIES, not x 16)
+    for check_id in ("caps.ring.size", "caps.ring.acq_rel"):
+        assert runner.run_one(runner.REGISTRY[check_id], kvm).status == "pass"
+        with FAULTS["ring_cap_in_entries"]():
+            res = runner.run_one(runner.REGISTRY[check_id], kvm)
+        assert res.status == "fail" and "131072" in res.reason, (check_id, res.reason)
+
+
+def test_acq_rel_is_not_required_before_6_1(kvm, monkeypatch):
+    # KVM_CAP_DIRTY_LOG_RING_ACQ_REL is from v6.1 (commit 17601bfed909): a 5.15 kernel that
+    # offers only the plain ring is right, and failed caps.ring.acq_rel
+    import os
+    from minivmm import abi
+    from minivmm.abicheck import checks_caps, ctx as ctxmod
+    real_cap, real_uname = ctxmod.Ctx.cap, os.uname()
+    monkeypatch.setattr(ctxmod.Ctx, "cap", lambda self, cap: 0 if
+                        cap == abi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL else real_cap(self, cap))
+    spec = runner.REGISTRY["caps.ring.acq_rel"]
+    for release, status in (("5.15.160", "skip"), ("6.0.19", "skip"), ("6.1.100", "fail"),
+                            (real_uname.release, "fail")):
+        fake = os.uname_result((real_uname.sysname, real_uname.nodename, release,
+                                real_uname.version, real_uname.machine))
+        monkeypatch.setattr(checks_caps.os, "uname", lambda: fake)
+        res = runner.run_one(spec, kvm)
+        assert res.status == status, (release, res.status, res.reason)
+
+
+def test_memslot_checks_cite_the_function_the_kernel_has():
+    # 6.18's virt/kvm/kvm_main.c has kvm_set_memory_region() (kvm_set_internal_memslot()
+    # calls it); the cited __kvm_set_memory_region() is the older name
+    for check_id in ("memslot.modify.einval", "memslot.overlap.eexist", "memslot.delete.absent"):
+        cite = runner.REGISTRY[check_id].cite
+        assert "kvm_main.c kvm_set_memory_region()" in cite and "__kvm_set" not in cite, cite
