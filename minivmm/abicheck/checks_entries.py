@@ -179,7 +179,7 @@ def entries_fields(ctx):
 
 
 @check("ring.entries.unlogged_slot", 29, "virt/kvm/kvm_main.c mark_page_dirty_in_slot() "
-       "(kvm_slot_dirty_track_enabled)", fault="ring_drop")
+       "(kvm_slot_dirty_track_enabled)", fault="ring_spurious")
 def entries_unlogged_slot(ctx):
     """Writes to a slot without KVM_MEM_LOG_DIRTY_PAGES are never logged in the ring"""
     entries, _ = small_ring(ctx)
@@ -199,7 +199,7 @@ def entries_unlogged_slot(ctx):
 
 
 @check("ring.entries.readonly_slot", 29, "arch/x86/kvm/mmu (write to a read-only memslot "
-       "-> KVM_EXIT_MMIO); api.rst 4.35 KVM_MEM_READONLY", fault="ring_drop")
+       "-> KVM_EXIT_MMIO); api.rst 4.35 KVM_MEM_READONLY", fault="ring_spurious")
 def entries_readonly_slot(ctx):
     """A write to a READONLY|LOG slot exits KVM_EXIT_MMIO, is not applied and not logged"""
     entries, _ = small_ring(ctx)
@@ -235,7 +235,7 @@ def entries_readonly_slot(ctx):
 
 
 @check("ring.entries.host_write", 29, CITE_PUSH + " (needs a running vCPU: host stores "
-       "through the HVA never reach it)", fault="ring_drop")
+       "through the HVA never reach it)", fault="ring_spurious")
 def entries_host_write(ctx):
     """Host writes through the userspace mapping of a logged slot are never logged"""
     entries, _ = small_ring(ctx)

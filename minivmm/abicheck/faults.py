@@ -172,6 +172,16 @@ def ring_drop():
         yield
 
 
+@fault("ring_spurious", "ring harvests gain an entry for page 4 of slots 1 and 2, written by "
+       "no guest there (as a kernel logging an unlogged or read-only slot, or a host write)")
+def ring_spurious():
+    def harvest(s, o):
+        return (np.concatenate([s, np.array([1, 2], s.dtype)]),
+                np.concatenate([o, np.array([4, 4], o.dtype)]))
+    with _ring_reads(harvest, lambda out: out):
+        yield
+
+
 @fault("ring_duplicate", "ring harvests repeat their first entry; raw reads repeat it too")
 def ring_duplicate():
     def harvest(s, o):

@@ -361,3 +361,21 @@ def test_memslot_checks_cite_the_function_the_kernel_has():
     for check_id in ("memslot.modify.einval", "memslot.overlap.eexist", "memslot.delete.absent"):
         cite = runner.REGISTRY[check_id].cite
         assert "kvm_main.c kvm_set_memory_region()" in cite and "__kvm_set" not in cite, cite
+
+
+NEVER_LOGGED = ("ring.entries.unlogged_slot", "ring.entries.readonly_slot",
+                "ring.entries.host_write")
+
+
+@pytest.mark.parametrize("check_id", NEVER_LOGGED)
+def test_what_must_never_be_logged_and_the_control_can_each_fail(kvm, check_id):
+    # their fault was ring_drop, which broke only the control (the logged write is seen):
+    # the claim itself, no entry for what must not be logged, was never shown able to fail
+    spec = runner.REGISTRY[check_id]
+    assert spec.fault == "ring_spurious"
+    for fault, says in (("ring_spurious", "no entry"), ("ring_drop", "")):
+        with FAULTS[fault]():
+            res = runner.run_one(spec, kvm)
+        assert res.status in ("fail", "skip"), (fault, res.status, res.reason)
+        if res.status == "fail" and says:
+            assert says in res.reason, res.reason
