@@ -54,8 +54,14 @@ MAP_POPULATE = getattr(_mmap, "MAP_POPULATE", 0)
 tracer = None
 
 
+# Where Python's table picks glibc's alias, the kernel's own name (include/uapi/asm-generic/
+# errno.h: EDEADLOCK is defined as EDEADLK; ENOTSUP is glibc's, the kernel returns EOPNOTSUPP)
+_KERNEL_ERRNO_NAMES = {_errno.EDEADLK: "EDEADLK", _errno.EOPNOTSUPP: "EOPNOTSUPP"}
+
+
 def errno_name(err: int) -> str:
-    return _errno.errorcode.get(err, f"errno {err}")
+    """The errno's name as the kernel headers (and strace) spell it."""
+    return _KERNEL_ERRNO_NAMES.get(err) or _errno.errorcode.get(err, f"errno {err}")
 
 
 class KvmError(OSError):

@@ -13,7 +13,6 @@ import math
 import os
 import re
 import sys
-import threading
 from pathlib import Path
 
 from . import abi, __version__
@@ -190,8 +189,8 @@ def cmd_disasm(args) -> int:
 # -- run --
 
 def _trace_printer(machine, stream):
+    from . import trace as trace_module
     from .machine import is_hlt, writes_memory
-    lock = threading.Lock()
 
     def trace(st, reason):
         info = st.vcpu.describe_exit(reason)
@@ -213,10 +212,10 @@ def _trace_printer(machine, stream):
         fields = " ".join(f"{k}={v:#x}" if isinstance(v, int) and k not in ("size", "count", "len")
                           else f"{k}={v}" for k, v in info.items()
                           if k not in ("reason", "exit_reason"))
-        with lock:
-            print(f"[vcpu{st.index} #{sum(st.exit_counts.values())}] "
-                  f"{info['reason']:<14} {fields:44} rip={rip:#x}  "
-                  f"{'by' if after else 'at'} {ins}", file=stream, flush=True)
+        # whole lines under the ioctl trace's lock: --trace-ioctls may write to this stream
+        trace_module.write_line(stream, f"[vcpu{st.index} #{sum(st.exit_counts.values())}] "
+                                f"{info['reason']:<14} {fields:44} rip={rip:#x}  "
+                                f"{'by' if after else 'at'} {ins}")
     return trace
 
 
@@ -425,7 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--trace-ioctls", action="store_true",
                         help="print every ioctl minivmm issues, decoded (name, fd, the struct's "
-                        "fields, result or errno, duration)")
+                        "fields, result or errno, duration), on stdout; on stderr with --json "
+                        "and for abi-check, whose output is for machines")
 
     p = sub.add_parser("caps", parents=[common], help="show the KVM capabilities that matter to minivmm")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -17,6 +17,8 @@ A line looks like::
     ioctl(vcpu0 7, KVM_RUN, 0) = 0 exit=IO {direction=out, port=0xe9, ...}  <45.1 us>
     ioctl(vm 5, KVM_ENABLE_CAP, {cap=KVM_CAP_DIRTY_LOG_RING_ACQ_REL, ...}) = -1 EINVAL (...)
 
+and a call from a forked child (abi-check's fork checks) starts with ``[pid N]``.
+
 Off by default and free when off: ``_sys.ioctl`` only tests ``_sys.tracer is not None``.
 When on, the tracer is that ``_sys.tracer``: it issues the ioctl itself and fails exactly as
 ``_sys.ioctl`` does. The duration covers the ioctl alone, not the decoding or the printing.
@@ -37,7 +39,7 @@ from .abi import ioctls as i
 from .abi import structs as s
 
 __all__ = ["Tracer", "install", "uninstall", "tracing", "ioc_dir", "fd_kind_from_link",
-           "decode", "decode_arg", "describe_exit", "IOC_WRITE", "IOC_READ"]
+           "decode", "decode_arg", "describe_exit", "write_line", "IOC_WRITE", "IOC_READ"]
 
 # include/uapi/asm-generic/ioctl.h
 IOC_NONE, IOC_WRITE, IOC_READ = 0, 1, 2
@@ -102,8 +104,17 @@ def _sregs(sr) -> str:
             f"cr3={_hex(sr.cr3)}, cr4={_hex(sr.cr4)}, efer={_hex(sr.efer)}}}")
 
 
+# args[0] of KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 is a flag word (include/uapi/linux/kvm.h;
+# api.rst 7.18); not _bit_names("KVM_DIRTY_LOG_"), which would take in PAGE_OFFSET too
+_PROTECT2_FLAGS = {c.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE: "MANUAL_PROTECT_ENABLE",
+                   c.KVM_DIRTY_LOG_INITIALLY_SET: "INITIALLY_SET"}
+
+
 def _enable_cap(ec) -> str:
-    args = ", ".join(_hex(a) for a in ec.args)
+    args = [_hex(a) for a in ec.args]
+    if ec.cap == c.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2:
+        args[0] = _flags(ec.args[0], _PROTECT2_FLAGS)
+    args = ", ".join(args)
     return f"{{cap={_cap(ec.cap)}, flags={_hex(ec.flags)}, args=[{args}]}}"
 
 
@@ -290,12 +301,27 @@ def fd_kind_from_link(link: str) -> str:
     return link[len("anon_inode:"):] if link.startswith("anon_inode:") else link
 
 
+# One lock for every line of a trace, this module's and the exit trace's (``run --trace``):
+# vCPU threads share the stream, and print() writes a line and its newline in two calls,
+# between which another thread's line lands.
+_output_lock = threading.Lock()
+
+
+def write_line(stream, text: str) -> None:
+    """Write ``text`` and its newline as one piece, never inside another trace line."""
+    with _output_lock:
+        stream.write(text + "\n")
+        stream.flush()
+
+
 class Tracer:
     """The callable ``_sys.tracer``: issue one ioctl, print it decoded, one line."""
 
     def __init__(self, stream):
         self.stream = stream
-        self._lock = threading.Lock()   # one whole line at a time, whatever the vCPU thread
+        # A forked child inherits the tracer: its lines say so, as strace -f does, or a
+        # child's EIO would read as the VM failing its owner (api.rst 2, Restrictions)
+        self._pid = os.getpid()
         # fd -> (st_dev, st_ino, kind). fstat is cheaper than readlink and tells /dev/kvm
         # from the anon inodes; but every KVM fd shares one anon inode, so a vm fd number
         # that comes back as a vcpu fd is caught where it is made: fd-creating results are
@@ -342,11 +368,10 @@ class Tracer:
             elif request in _NEW_FD:
                 self._kinds.pop(ret, None)
         label = i.IOCTL_NAMES.get(request) or name
-        line = (f"ioctl({self.fd_kind(fd)} {fd}, {label}, {argtext}) = {result}"
-                f"  <{seconds * 1e6:.1f} us>\n")
-        with self._lock:
-            self.stream.write(line)
-            self.stream.flush()
+        pid = os.getpid()
+        who = f"[pid {pid}] " if pid != self._pid else ""
+        write_line(self.stream, f"{who}ioctl({self.fd_kind(fd)} {fd}, {label}, {argtext}) = "
+                                f"{result}  <{seconds * 1e6:.1f} us>")
         if ret < 0:
             raise _sys.failure(fd, name, err, hints)
         return ret

@@ -59,6 +59,15 @@ def test_enable_cap_names_the_capability():
     assert "cap=9999," in trace.decode(abi.kvm_enable_cap(cap=9999))   # unknown: the number
 
 
+def test_enable_cap_manual_protect2_flags_by_name():
+    cap = abi.kvm_enable_cap(cap=abi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)
+    cap.args[0] = abi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | abi.KVM_DIRTY_LOG_INITIALLY_SET
+    assert trace.decode(cap) == ("{cap=KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, flags=0, "
+                                 "args=[MANUAL_PROTECT_ENABLE|INITIALLY_SET, 0, 0, 0]}")
+    cap.args[0] = abi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | 0x4     # a bit KVM refuses
+    assert "args=[MANUAL_PROTECT_ENABLE|0x4, 0," in trace.decode(cap)
+
+
 def test_dirty_log_and_clear_dirty_log():
     assert trace.decode(abi.kvm_dirty_log(slot=1, dirty_bitmap=0x7F0000001000)) == \
         "{slot=1, dirty_bitmap=0x7f0000001000}"
@@ -272,6 +281,18 @@ def test_failure_prints_errno_and_raises_like_sys_ioctl(traced):
     assert m["result"] == "-1 EINVAL (Invalid argument)"
 
 
+def test_failure_names_the_errno_as_the_kernel_does(traced):
+    # Python's errno table says ENOTSUP and EDEADLOCK, glibc's aliases
+    install, fd = traced
+    t, out = install(lambda request, arg: _fail(errno.EOPNOTSUPP))
+    with pytest.raises(KvmError) as info:
+        t(fd, abi.KVM_CHECK_EXTENSION, 0, "KVM_CHECK_EXTENSION")
+    assert one_line(out)["result"].startswith("-1 EOPNOTSUPP (")
+    assert info.value.errno_name == "EOPNOTSUPP"
+    assert _sys.errno_name(errno.EDEADLK) == "EDEADLK"
+    assert _sys.errno_name(errno.EINVAL) == "EINVAL" and _sys.errno_name(4095) == "errno 4095"
+
+
 def test_failed_read_shows_the_address_not_garbage(traced):
     install, fd = traced
     t, out = install(lambda request, arg: _fail(errno.EFAULT))
@@ -395,3 +416,58 @@ def test_lines_from_many_threads_stay_whole(traced):
     lines = "".join(stream.chars).splitlines()
     assert len(lines) == 120
     assert all(LINE.match(line) and "KVM_CAP_USER_MEMORY) = 1" in line for line in lines)
+
+
+def test_exit_trace_and_ioctl_trace_lines_stay_whole_together(traced):
+    # run --trace --trace-ioctls: vCPU threads write exit lines (cli._trace_printer) and
+    # ioctl lines to one stream; an exit line cut by an ioctl line was seen on kvm_pvm
+    from types import SimpleNamespace
+    from minivmm.cli import _trace_printer
+    install, fd = traced
+    stream = SlowStream()
+    t, _ = install(lambda request, arg: 1)
+    t.stream = stream
+    machine = SimpleNamespace(describe_instruction=lambda st, rip, after, made_by: "hlt")
+    printer = _trace_printer(machine, stream)
+    st = SimpleNamespace(index=1, exit_counts={"hlt": 1}, vcpu=SimpleNamespace(
+        describe_exit=lambda reason: {"reason": "HLT", "exit_reason": reason},
+        get_regs=lambda: SimpleNamespace(rip=0x10)))
+
+    def exits():
+        for _ in range(20):
+            printer(st, abi.KVM_EXIT_HLT)
+
+    def ioctls():
+        for _ in range(20):
+            t(fd, abi.KVM_CHECK_EXTENSION, abi.KVM_CAP_USER_MEMORY, "KVM_CHECK_EXTENSION")
+    threads = [threading.Thread(target=f) for f in (exits, ioctls) * 3]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    lines = "".join(stream.chars).splitlines()
+    assert len(lines) == 120
+    exit_line = re.compile(r"^\[vcpu1 #1\] HLT +rip=0x10  by hlt$")
+    assert all(LINE.match(line) or exit_line.match(line) for line in lines), lines
+
+
+def test_a_forked_child_marks_its_lines_with_its_pid(traced):
+    # abi-check's fork checks call the VM from a child: its EIO must not read as the
+    # parent's VM failing
+    install, fd = traced
+    t, _ = install(lambda request, arg: 0)
+    r, w = os.pipe()
+    t.stream = os.fdopen(w, "w")
+    t(fd, abi.KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")
+    pid = os.fork()
+    if pid == 0:
+        try:
+            t(fd, abi.KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    t.stream.close()
+    with os.fdopen(r) as f:
+        parent, child = f.read().splitlines()
+    assert parent.startswith("ioctl(")
+    assert child.startswith(f"[pid {pid}] ioctl(") and LINE.match(child[len(f"[pid {pid}] "):])
