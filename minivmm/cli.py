@@ -242,6 +242,8 @@ def cmd_run(args) -> int:
             for line in text.splitlines() or [""]:
                 if line:
                     print(f"  vCPU {st.index} | {line}")
+            if st.console.dropped:
+                print(f"  vCPU {st.index} | ({st.console.note()})")
             exits = ", ".join(f"{n} {k}" for k, n in st.exits_by_name().items() if n)
             print(f"  vCPU {st.index} ended: {st.end.summary()} [{exits or 'no exits'}]")
             regs = st.end.detail.get("registers")

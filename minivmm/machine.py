@@ -29,6 +29,9 @@ from .x86.modes import (EXCEPTION_NAMES, STUB_FRAME_LAYOUT,
 TRAP_VECTORS = (1, 3, 4)      # #DB (unless DR6 says otherwise: debug_cause), #BP, #OF
 VEC_DB = 1
 DEFAULT_PAGES = 64
+# Console bytes kept per vCPU: a guest printing for ever must not fill the host's memory
+# (the rest is counted, not kept; --json's escapes make the kept part up to 6 times bigger)
+CONSOLE_LIMIT = 1 << 20
 OK_ENDS = ("exit-port", "hlt")
 # The x86 INIT state's CS and RIP (SDM vol. 3, 10.1.4 "First Instruction Executed")
 INIT_CS, INIT_CS_BASE, INIT_RIP = 0xF000, 0xFFFF0000, 0xFFF0
@@ -108,13 +111,37 @@ class VcpuEnd:
         return f"{self.reason}{error}{where}{ins}"
 
 
+class Console(bytearray):
+    """A vCPU's console output: the first ``limit`` bytes (CONSOLE_LIMIT by default), and
+    how many more the guest wrote, in ``dropped``."""
+
+    def __init__(self, limit: int | None = None):
+        super().__init__()
+        self.limit = CONSOLE_LIMIT if limit is None else limit
+        self.dropped = 0
+
+    def write(self, data: bytes) -> None:
+        room = self.limit - len(self)
+        if len(data) > room:
+            self.dropped += len(data) - max(room, 0)
+            data = data[:max(room, 0)]
+        self.extend(data)
+
+    def note(self) -> str:
+        """One line saying what was dropped, or "" when nothing was."""
+        if not self.dropped:
+            return ""
+        return (f"console output cut at {self.limit} bytes: {self.dropped} more "
+                "byte(s) dropped")
+
+
 class VcpuState:
     """A vCPU as the Machine drives it: its thread, console, exit counts and end."""
 
     def __init__(self, index: int, vcpu):
         self.index = index
         self.vcpu = vcpu
-        self.console = bytearray()
+        self.console = Console()
         self.exit_counts: dict = {}
         self.syncs = 0
         self.end: VcpuEnd | None = None
@@ -149,6 +176,7 @@ class RunResult:
         return {"payload": self.payload.name, "mode": self.payload.mode, "cpl": self.payload.cpl,
                 "vcpus": [{"index": st.index,
                            "console": st.console.decode("utf-8", "replace"),
+                           "console_dropped": st.console.dropped,
                            "end": st.end.to_dict() if st.end else None,
                            "exits": st.exits_by_name(),
                            "syncs": st.syncs} for st in self.vcpus],
@@ -467,7 +495,7 @@ class Machine:
                             on_sync(st, int.from_bytes(vcpu.io_data()[:io.size], "little"))
                         continue
                     if port == L.PORT_DEBUGCON or port == L.PORT_CONSOLE:
-                        console.extend(vcpu.io_data())
+                        console.write(vcpu.io_data())
                         continue
                     if port == L.PORT_EXIT:
                         st.end = self.end_at(st, "exit-port", code=kmap[io.data_offset],

@@ -45,8 +45,8 @@ import time
 from . import abi
 from ._args import as_option, check_number, named
 from .kvm import Kvm, vendor_module
-from .machine import (KICK_SIGNAL, Machine, MachineError, VcpuEnd, format_registers,
-                      install_kick_handler, instruction_name, is_out)
+from .machine import (KICK_SIGNAL, Console, Machine, MachineError, VcpuEnd,
+                      format_registers, install_kick_handler, instruction_name, is_out)
 from .payload import Payload, load
 from .x86 import layout as L
 from .x86.modes import STUB_FRAME_FIELDS
@@ -328,7 +328,7 @@ class StepSession:
         self.ring = self.rings.get(vcpu)
         self.end: VcpuEnd | None = None
         self.steps = 0
-        self.console = bytearray()
+        self.console = Console()
         self.syncs = 0
         self.pre_break_entries = 0       # ring entries harvested while running to --break
         self.stub_entries = 0            # ring entries written by the #DB stub itself
@@ -575,7 +575,7 @@ class StepSession:
             if self.end is not None:            # the payload's own write to port 0xe0
                 return step
             if port in (L.PORT_CONSOLE, L.PORT_DEBUGCON):
-                self.console.extend(vcpu.io_data())
+                self.console.write(vcpu.io_data())
             elif port == L.PORT_SYNC:
                 self.syncs += 1
             elif port == L.PORT_EXIT:
@@ -796,7 +796,7 @@ class StepSession:
                 port, out = io.port, io.direction == _OUT
                 del io
                 if out and port in (L.PORT_CONSOLE, L.PORT_DEBUGCON):
-                    self.console.extend(vcpu.io_data())
+                    self.console.write(vcpu.io_data())
                     continue
                 if out and port == L.PORT_SYNC:
                     self.syncs += 1
@@ -1000,6 +1000,7 @@ def cmd_step(args) -> int:
                    "why": session.why, "payload": p.name, "vcpu": args.vcpu,
                    "breakpoint": session.bp,
                    "console": session.console.decode("utf-8", "replace"),
+                   "console_dropped": session.console.dropped,
                    "syncs": session.syncs, "elapsed_s": round(total_s, 6),
                    "run_to_break_s": round(session.setup_s, 6),
                    "stepping_s": round(session.elapsed_s, 6),
@@ -1027,6 +1028,8 @@ def cmd_step(args) -> int:
                     print(format_registers(regs), file=out)
             if session.console:
                 print(f"console: {session.console.decode('utf-8', 'replace')!r}", file=out)
+            if session.console.dropped:
+                print(f"note: {session.console.note()}", file=out)
             if shown_stub:
                 print(f"note: {shown_stub} more ring entries were the #DB stub writing its "
                       "exception frame on the exception stack (slot 0), once per step; not "

@@ -22,8 +22,10 @@ def run_summary(tracker, records, result, ring_entries, collect) -> dict:
 
 
 def to_json(args, runs: list) -> dict:
-    timed_out = any(st.end and st.end.reason == "timeout"
-                    for _, _, res in runs if res for st in res.vcpus)
+    # runs cut short (the timeout, a guest that would not stop syncing) stop at different points
+    cut = {st.end.reason for _, _, res in runs if res for st in res.vcpus if st.end} \
+        & {"timeout", "too-many-syncs"}
+    timed_out = bool(cut)
     # With INITIALLY_SET the bitmap's first collection is every page, not what was written:
     # iteration 1, or the final one of a payload that never syncs
     first = next((recs[0].iteration for t, recs, _ in runs
@@ -37,7 +39,8 @@ def to_json(args, runs: list) -> dict:
            "agree": not diffs, "differences": diffs}
     notes = []
     if timed_out:
-        notes.append("only the iterations both runs completed before --timeout stopped them")
+        notes.append("only the iterations both runs completed before "
+                     + ("--timeout" if "timeout" in cut else "too many syncs") + " stopped them")
     if first is not None:
         notes.append(f"not {_collection_name(first)}: with --initially-set the bitmap's first "
                      "collection reports every page (api.rst 7.18)")
@@ -165,7 +168,8 @@ def _end_text(end: dict | None) -> str:
     if end["reason"] == "timeout":
         return "stopped by --timeout"
     vector = end.get("vector")
-    return end["reason"] + (f", vector {vector}" if vector is not None else "")
+    error = f": {end['error']}" if end.get("error") else ""
+    return end["reason"] + (f", vector {vector}" if vector is not None else "") + error
 
 
 def verdict(summary: dict) -> str:

@@ -422,6 +422,10 @@ class CollectionError(RuntimeError):
 
 
 MAX_ITERATIONS = 2 ** 32 - 1
+# Collections a run may make: SYNCS_PER_ITERATION per iteration asked (a payload may sync a
+# tag more than once, README) and EXTRA_SYNCS more. A guest that syncs for ever would
+# otherwise pile up records until the timeout (30,000 a run and 250 MB in 20 s here)
+SYNCS_PER_ITERATION, EXTRA_SYNCS = 4, 64
 _NOTHING = object()      # no record arrived within the poll interval
 
 
@@ -509,7 +513,7 @@ class DirtySession:
         self._running = self.nvcpus
         self._generation = 0
         self._queue: queue.Queue = queue.Queue()
-        self._gated = self._started = self._closed = False
+        self._gated = self._started = self._closed = self._syncs_stopped = False
         self._go = threading.Event()
         self._reaper_stop = threading.Event()
         self._failure: BaseException | None = None
@@ -590,6 +594,9 @@ class DirtySession:
                 record = self._record(*item)
                 self.records.append(record)
                 yield record
+                if self.iterations_asked and not self._syncs_stopped and \
+                        len(self.records) >= SYNCS_PER_ITERATION * self.iterations_asked + EXTRA_SYNCS:
+                    self._stop_syncing()
                 self._check_open()
                 self._go.set()
             self._check_open()
@@ -611,6 +618,18 @@ class DirtySession:
         if len(final.data_pages) or len(final.missed) or final.collection.pages:
             self.records.append(final)
             yield final
+
+    def _stop_syncing(self) -> None:
+        """Stop a guest that goes on syncing far past the iterations asked (the collections
+        it queued meanwhile are still recorded)."""
+        self._syncs_stopped = True
+        self._go.set()
+        self.machine.stop("too-many-syncs")
+        why = (f"{len(self.records)} collections for {self.iterations_asked} iteration(s) "
+               "asked: the payload syncs more than it should")
+        for st in self.machine.states:
+            if st.end is not None and st.end.reason == "too-many-syncs":
+                st.end.detail["error"] = why
 
     def _reap(self) -> None:
         _sys.block_thread_signals()      # its resets are then never cut short (_sys)

@@ -680,3 +680,21 @@ def test_the_rings_picture_names_each_collection_of_a_tag_synced_twice(tmp_path,
                       show_ring=True) as s:
         report.plot_rings(s.run(timeout=30), str(tmp_path / "r.png"))
     assert [lab.rsplit(" ", 1)[0] for lab in labels[::3]] == ["it 1 vCPU 0", "it 1#2 vCPU 0"]
+
+
+@pytest.mark.parametrize("tracker", ["ring", "bitmap"])
+def test_a_guest_that_never_stops_syncing_is_stopped(tracker):
+    # it piled up a record per sync until the timeout: 30,000 records, 250 MB in 20 s
+    from minivmm.payload import assemble_source
+    src = ";! mode: long\n    mov eax, 1\nagain:\n    mov qword ptr [rsi], rax\n" \
+          "    out 0xf0, eax\n    jmp again\n"
+    t0 = time.monotonic()
+    with DirtySession(assemble_source(src, "syncs.asm"), tracker=tracker, vcpus=2, pages=64,
+                      iterations=1, ring_entries=small_ring()) as s:
+        records = s.run(timeout=5)
+    assert time.monotonic() - t0 < 4
+    limit = trackermod.SYNCS_PER_ITERATION + trackermod.EXTRA_SYNCS
+    assert limit <= len(records) < limit + 8
+    for st in s.result.vcpus:
+        assert st.end.reason == "too-many-syncs", st.end.summary()
+        assert f"{limit} collections for 1 iteration(s)" in st.end.summary()

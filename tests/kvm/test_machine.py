@@ -1,7 +1,11 @@
 """Payloads run end to end on the real /dev/kvm, in every CPU mode."""
+import json
+
 import pytest
 
 from minivmm import abi
+from minivmm import machine as machine_module
+from minivmm.cli import main as cli_main
 from minivmm.machine import Machine, MachineError
 from minivmm.payload import PayloadError, assemble_source
 from minivmm.x86 import layout as L
@@ -448,3 +452,29 @@ def test_a_plain_outs_at_rip_is_the_next_one_not_the_one_that_exited():
     end = _end_of(src)
     assert end.reason == "unhandled-io" and end.rip == L.CODE + 12
     assert end.instruction == "outsb dx, byte ptr [rsi]  ; line 4"
+
+
+_CHATTY = (";! mode: long\n    mov ecx, 750\n    mov eax, 0x44434241\nagain:\n"
+           "    out 0xe9, eax\n    dec ecx\n    jnz again\n    xor eax, eax\n    out 0xf4, al\n")
+
+
+def test_a_guest_flooding_the_console_is_kept_to_the_limit(monkeypatch):
+    # a guest printing for ever grew the console without bound (178 MB after 2 minutes)
+    monkeypatch.setattr(machine_module, "CONSOLE_LIMIT", 1000)
+    with Machine(assemble_source(_CHATTY, "chatty.asm")) as m:
+        r = m.run(timeout=20)
+    st = r.vcpus[0]
+    assert r.ok and bytes(st.console) == b"ABCD" * 250 and st.console.dropped == 2000
+    assert r.to_dict()["vcpus"][0]["console_dropped"] == 2000
+
+
+def test_run_says_the_console_was_cut(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(machine_module, "CONSOLE_LIMIT", 1000)
+    f = tmp_path / "chatty.asm"
+    f.write_text(_CHATTY)
+    assert cli_main(["run", str(f)]) == 0
+    out = capsys.readouterr().out
+    assert "vCPU 0 | (console output cut at 1000 bytes: 2000 more byte(s) dropped)" in out
+    assert cli_main(["run", str(f), "--json"]) == 0
+    vcpu = json.loads(capsys.readouterr().out)["vcpus"][0]
+    assert vcpu["console"] == "ABCD" * 250 and vcpu["console_dropped"] == 2000
