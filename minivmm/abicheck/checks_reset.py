@@ -347,21 +347,24 @@ def reset_signal_rearms(ctx):
         harvested = len(ctx.harvest(m.rings[0])[1])
         # A stream of signals while this thread resets, call after call: each call that
         # a signal stops after some entries leaves the batch it was on
-        counts, total = [], 0
+        calls, total = [], 0
         with _signal_storm(threading.get_ident()):
             for _ in range(2000):
-                got = m.vm.reset_dirty_rings(hold_signals=False)
-                total += got
-                if got:
-                    counts.append(got)
+                calls.append(m.vm.reset_dirty_rings(hold_signals=False))
+                total += calls[-1]
                 if total >= harvested:
                     break
-        total += m.vm.reset_dirty_rings()        # signals held back: the rest, if any
-        expect_eq(total, harvested, "entries reset over all the calls")
+        calls.append(m.vm.reset_dirty_rings())   # signals held back: the rest, if any
+        expect_eq(sum(calls), harvested, "entries reset over all the calls")
+        # Every call that reset something, but the last such, left entries for a later one
+        # (the held-back one too): a signal stopped it after an entry. Calls that reset
+        # nothing were stopped before their first entry, with no batch to drop.
+        counts = [c for c in calls if c]
         if len(counts) < 2:
             continue                             # no call was cut short after an entry
         cuts = list(itertools.accumulate(counts))[:-1]
-        ctx.diag(f"attempt {attempt}: {len(counts)} calls reset {counts[:8]}"
+        ctx.diag(f"attempt {attempt}: {len(calls)} calls ({len(calls) - 1} with signals let "
+                 f"in, the last with them held back) reset {counts[:8]}"
                  f"{' ...' if len(counts) > 8 else ''} of {harvested} entries: cut short "
                  f"after entry {', '.join(map(str, cuts[:8]))} (one entry per page, in order)")
         ctx.expect_event(ctx.run_to_port(m), "sync", "the second pass over every page")

@@ -1,4 +1,5 @@
 """minivmm abi-check: every check passes or skips here, and every check can fail."""
+import contextlib
 import json
 import re
 import xml.etree.ElementTree as ET
@@ -9,6 +10,7 @@ from minivmm import Kvm
 from minivmm.abicheck import docs, report, runner
 from minivmm.abicheck.faults import FAULTS
 from tests.conftest import run_cli
+from tests.kvm.reset_model import cut_resets
 
 SPECS = list(runner.load_checks().values())
 IDS = [s.id for s in SPECS]
@@ -16,6 +18,10 @@ IDS = [s.id for s in SPECS]
 # kernel, such as this host's 6.18, they fail, but only with the failure they exist to
 # detect, named in their diagnostics; on a fixed kernel they pass.
 KNOWN_KERNEL_BUGS = {"ring.reset.signal_rearms": "were rewritten but not logged"}
+# ... and a model of a kernel without the bug for each, where they must pass: on an affected
+# host their fault test would pass whatever the fault did, so it runs on the model.
+FIXED_KERNELS = {"ring.reset.signal_rearms":
+                 lambda: cut_resets([962, 2050, 2178, 2178, None], reprotects=True)}
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +32,7 @@ def kvm():
 
 def test_registry_is_sane():
     assert len(IDS) == len(set(IDS))
+    assert set(FIXED_KERNELS) == set(KNOWN_KERNEL_BUGS)
     for s in SPECS:
         assert s.rules and all(isinstance(r, int) and 1 <= r <= 67 for r in s.rules), s.id
         assert s.cite and s.summary and s.summary != s.id, s.id
@@ -47,15 +54,39 @@ def test_check_passes_or_skips_with_reason(kvm, check_id):
 @pytest.mark.parametrize("check_id", [s.id for s in SPECS if not s.unsafe])
 def test_check_fails_under_its_fault(kvm, check_id):
     spec = runner.REGISTRY[check_id]
-    clean = runner.run_one(spec, kvm)
+    kernel = FIXED_KERNELS.get(check_id, contextlib.nullcontext)
+    with kernel():
+        clean = runner.run_one(spec, kvm)
     if clean.status == "skip":
         pytest.skip(f"{check_id} does not apply on this host: {clean.reason}")
-    with FAULTS[spec.fault]():
+    assert check_id not in FIXED_KERNELS or clean.status == "pass", (clean.reason,
+                                                                      clean.diagnostics)
+    with kernel(), FAULTS[spec.fault]():
         res = runner.run_one(spec, kvm)
     assert res.status == "fail", (f"{check_id} still reports {res.status} under fault "
                                   f"{spec.fault!r}: it cannot detect what it claims to")
     # detected by the check, not by a Python error in the check or the fault itself
     assert res.reason and not res.reason.startswith("check raised"), res.reason
+
+
+@pytest.mark.parametrize("cuts, lost", [
+    ([962, 2050, 2178, 2178, None], "960-961, 3010-3011, 5188-5189, 7366-7367"),
+    ([700], "640-699")], ids=["cut four times", "cut once, then calls that reset nothing"])
+def test_signal_rearms_passes_on_a_fixed_kernel_and_fails_on_the_bug(kvm, cuts, lost):
+    # Modelled kernels (tests/kvm/reset_model.py): this host shows only the bug. The second
+    # plan is one cut, then calls stopped before their first entry and the held-back reset
+    # doing the rest; the check took it for "never cut short" and skipped, on any kernel.
+    spec = runner.REGISTRY["ring.reset.signal_rearms"]
+    with cut_resets(cuts, reprotects=True):
+        fixed = runner.run_one(spec, kvm)
+    assert fixed.status == "pass", (fixed.reason, fixed.diagnostics)
+    with cut_resets(cuts, reprotects=False):
+        buggy = runner.run_one(spec, kvm)
+    assert buggy.status == "fail", (buggy.reason, buggy.diagnostics)
+    # the pages of each cut's last batch, ending where it stopped, as on this host's 6.18
+    assert any(f"pages {lost} were rewritten" in d for d in buggy.diagnostics), buggy.diagnostics
+    with cut_resets([None], reprotects=True):       # before v6.17: never cut short
+        assert runner.run_one(spec, kvm).status == "skip"
 
 
 def test_ktap_output_and_exit_status():
