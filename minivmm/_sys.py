@@ -20,7 +20,8 @@ import weakref
 
 from .abi.ioctls import KVM_RUN
 
-__all__ = ["KvmError", "KvmUnavailable", "ioctl", "errno_name", "map_shared", "libc"]
+__all__ = ["KvmError", "KvmUnavailable", "ioctl", "errno_name", "mmap", "munmap", "map_shared",
+           "libc"]
 
 libc = ctypes.CDLL(None, use_errno=True)
 _ioctl = libc.ioctl
@@ -50,7 +51,8 @@ MAP_POPULATE = getattr(_mmap, "MAP_POPULATE", 0)
 # Optional stand-in for every ioctl: tracer(fd, request, arg, name, hints, run=None)
 # performs the call itself and returns its result or raises KvmError, as ioctl() does
 # (minivmm.trace prints each call; abicheck.faults injects faults). None costs one
-# attribute test per call.
+# attribute test per call. A tracer with mmap and munmap methods (minivmm.trace's) also
+# stands in for mmap() and munmap() below; one without them leaves mappings untraced.
 tracer = None
 
 
@@ -229,13 +231,35 @@ def failure(fd: int, name: str, err: int, hints: dict | None) -> KvmError:
     return KvmError(name, err, hint)
 
 
+def mmap(fd: int, length: int, flags: int, prot: int, offset: int = 0,
+         what: str = "") -> _mmap.mmap:
+    """``mmap.mmap()`` of ``fd`` (-1 with MAP_ANONYMOUS: guest memory), shown by the tracer
+    when one is set (``what`` says what the mapping is for); raises OSError as mmap.mmap."""
+    if tracer is not None:
+        traced = getattr(tracer, "mmap", None)
+        if traced is not None:
+            return traced(fd, length, flags, prot, offset, what)
+    return _mmap.mmap(fd, length, flags=flags, prot=prot, offset=offset)
+
+
+def munmap(m: _mmap.mmap, what: str = "") -> None:
+    """``m.close()``, the munmap() of a mapping mmap() made, shown by the tracer when one is
+    set. Raises BufferError, and unmaps nothing, while a view of ``m`` is alive."""
+    if tracer is not None:
+        traced = getattr(tracer, "munmap", None)
+        if traced is not None:
+            return traced(m, what)
+    m.close()
+
+
 def map_shared(fd: int, length: int, offset: int = 0, name: str = "mmap",
                prot: int = _mmap.PROT_READ | _mmap.PROT_WRITE,
-               populate: bool = False) -> _mmap.mmap:
+               populate: bool = False, what: str = "") -> _mmap.mmap:
     """mmap a region of a KVM fd (kvm_run page, dirty ring) shared with the kernel;
-    ``populate``: map every page now (MAP_POPULATE) rather than at its first touch."""
+    ``populate``: map every page now (MAP_POPULATE) rather than at its first touch.
+    Unmap it with munmap()."""
     flags = _mmap.MAP_SHARED | (MAP_POPULATE if populate else 0)
     try:
-        return _mmap.mmap(fd, length, flags=flags, prot=prot, offset=offset)
+        return mmap(fd, length, flags, prot, offset, what)
     except OSError as e:
         raise KvmError(name, e.errno or 0) from None

@@ -426,7 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--trace-ioctls", action="store_true",
                         help="print every ioctl minivmm issues, decoded (name, fd, the struct's "
-                        "fields, result or errno, duration), on stdout; on stderr with --json "
+                        "fields, result or errno, duration), and its mmaps and munmaps of guest "
+                        "memory, kvm_run and dirty rings, on stdout; on stderr with --json "
                         "and for abi-check, whose output is for machines")
 
     p = sub.add_parser("caps", parents=[common], help="show the KVM capabilities that matter to minivmm")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import ctypes
 import mmap
 
+from . import _sys
+
 PAGE_SIZE = 4096
 
 
@@ -27,14 +29,19 @@ class GuestMemory:
         self.slot, self.gpa, self.size, self.flags = slot, gpa, size, flags
         self.name = name or f"slot{slot}"
         try:
-            self.map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+            self.map = _sys.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
                                  | getattr(mmap, "MAP_NORESERVE", 0x4000),
-                                 prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                                 mmap.PROT_READ | mmap.PROT_WRITE, 0, self._what())
         except OSError as e:
             raise MemoryError(f"cannot map {size} bytes for {self.name}: {e.strerror}") from None
         # The address KVM needs; the ctypes view pins the buffer until close().
         self._anchor = ctypes.c_char.from_buffer(self.map)
         self.host_addr = ctypes.addressof(self._anchor)
+
+    def _what(self) -> str:
+        # how --trace-ioctls labels the mapping
+        named = "" if self.name == f"slot{self.slot}" else f" ({self.name})"
+        return f"guest memory for slot {self.slot}{named}"
 
     @property
     def pages(self) -> int:
@@ -63,7 +70,7 @@ class GuestMemory:
             if hasattr(self, "_anchor"):
                 del self._anchor
             try:
-                self.map.close()
+                _sys.munmap(self.map, self._what())
             except BufferError:
                 raise BufferError(f"{self.name}: a view of this guest memory (a numpy array or "
                                   "memoryview) is still alive; delete it before closing") from None

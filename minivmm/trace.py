@@ -1,6 +1,7 @@
-"""``--trace-ioctls``: every ioctl minivmm issues, decoded, one line each, like strace.
+"""``--trace-ioctls``: every ioctl minivmm issues, decoded, one line each, like strace, and
+the mmap()s it makes for KVM: the vCPU fd's ``struct kvm_run`` and dirty ring, guest memory.
 
-Mirrors two pieces of the kernel ABI:
+Mirrors three pieces of the kernel ABI:
 
 - the ioctl request encoding of ``include/uapi/asm-generic/ioctl.h``: bits 30-31 are the
   direction (_IOC_WRITE = 1: userspace passes a struct in; _IOC_READ = 2: the kernel fills
@@ -9,19 +10,29 @@ Mirrors two pieces of the kernel ABI:
   the call, one coming out after it (both for _IOWR);
 - the argument structs of ``include/uapi/linux/kvm.h`` (minivmm.abi.structs), printed
   field by field with flags and capability numbers by name, and, after KVM_RUN, the exit
-  the kernel wrote into ``struct kvm_run``.
+  the kernel wrote into ``struct kvm_run``;
+- the vCPU fd's mmap layout: KVM_GET_VCPU_MMAP_SIZE bytes at offset 0 hold ``struct
+  kvm_run`` (api.rst 4.5, 4.10), the dirty ring lies at KVM_DIRTY_LOG_PAGE_OFFSET * PAGE_SIZE
+  and is the ring's bytes long (api.rst 7.36); guest memory is anonymous memory whose
+  address KVM_SET_USER_MEMORY_REGION then receives as userspace_addr (api.rst 4.35).
 
 A line looks like::
 
     ioctl(vm 5, KVM_SET_USER_MEMORY_REGION, {slot=1, flags=LOG_DIRTY_PAGES, ...}) = 0  <12.3 us>
     ioctl(vcpu0 7, KVM_RUN, 0) = 0 exit=IO {direction=out, port=0xe9, ...}  <45.1 us>
     ioctl(vm 5, KVM_ENABLE_CAP, {cap=KVM_CAP_DIRTY_LOG_RING_ACQ_REL, ...}) = -1 EINVAL (...)
+    mmap(vcpu0 7, 0x3000, PROT_READ|PROT_WRITE, MAP_SHARED, offset 0) = 0x7f...  [struct kvm_run]
+    munmap(0x7f..., 0x3000) = 0  [struct kvm_run]
 
-and a call from a forked child (abi-check's fork checks) starts with ``[pid N]``.
+and a call from a forked child (abi-check's fork checks) starts with ``[pid N]``. The
+address of a mapping is read from Python's mmap object (a ctypes or numpy view made and
+dropped at once); a mapping Python refuses before mmap(2) (ValueError) or the garbage
+collector unmaps (no close()) is not shown, nor the dup() of the fd Python's mmap keeps.
 
-Off by default and free when off: ``_sys.ioctl`` only tests ``_sys.tracer is not None``.
-When on, the tracer is that ``_sys.tracer``: it issues the ioctl itself and fails exactly as
-``_sys.ioctl`` does. The duration covers the ioctl alone, not the decoding or the printing.
+Off by default and free when off: ``_sys.ioctl``, ``_sys.mmap`` and ``_sys.munmap`` only
+test ``_sys.tracer is not None``. When on, the tracer is that ``_sys.tracer``: it issues the
+ioctl (or mmap, munmap) itself and fails exactly as ``_sys`` does. The duration covers the
+call alone, not the decoding or the printing.
 """
 from __future__ import annotations
 
@@ -39,7 +50,8 @@ from .abi import ioctls as i
 from .abi import structs as s
 
 __all__ = ["Tracer", "install", "uninstall", "tracing", "ioc_dir", "fd_kind_from_link",
-           "decode", "decode_arg", "describe_exit", "write_line", "IOC_WRITE", "IOC_READ"]
+           "decode", "decode_arg", "describe_exit", "write_line", "map_address", "IOC_WRITE",
+           "IOC_READ"]
 
 # include/uapi/asm-generic/ioctl.h
 IOC_NONE, IOC_WRITE, IOC_READ = 0, 1, 2
@@ -288,6 +300,32 @@ def _exit_from_fd(fd: int) -> str:
                              else None)
 
 
+# -- mmap --
+
+_PROT_NAMES = {mmap.PROT_READ: "PROT_READ", mmap.PROT_WRITE: "PROT_WRITE",
+               mmap.PROT_EXEC: "PROT_EXEC"}
+# include/uapi/asm-generic/mman-common.h, mman.h
+_MAP_NAMES = {mmap.MAP_SHARED: "MAP_SHARED", mmap.MAP_PRIVATE: "MAP_PRIVATE",
+              mmap.MAP_ANONYMOUS: "MAP_ANONYMOUS",
+              getattr(mmap, "MAP_NORESERVE", 0x4000): "MAP_NORESERVE",
+              getattr(mmap, "MAP_POPULATE", 0x8000): "MAP_POPULATE"}
+
+
+def map_address(m) -> int | None:
+    """Where ``m`` (a Python mmap) is mapped; None once closed. Python does not say: a view
+    of its buffer does, dropped as this returns so that close() still works."""
+    try:
+        try:
+            view = ctypes.c_char.from_buffer(m)
+            return ctypes.addressof(view)
+        except TypeError:   # read-only (PROT_READ): ctypes wants a writable buffer
+            import numpy as np
+            view = np.frombuffer(m, np.uint8)
+            return view.__array_interface__["data"][0]
+    except ValueError:      # closed
+        return None
+
+
 # -- which fd --
 
 def fd_kind_from_link(link: str) -> str:
@@ -368,13 +406,53 @@ class Tracer:
             elif request in _NEW_FD:
                 self._kinds.pop(ret, None)
         label = i.IOCTL_NAMES.get(request) or name
-        pid = os.getpid()
-        who = f"[pid {pid}] " if pid != self._pid else ""
-        write_line(self.stream, f"{who}ioctl({self.fd_kind(fd)} {fd}, {label}, {argtext}) = "
-                                f"{result}  <{seconds * 1e6:.1f} us>")
+        write_line(self.stream, f"{self._who()}ioctl({self.fd_kind(fd)} {fd}, {label}, "
+                                f"{argtext}) = {result}  <{seconds * 1e6:.1f} us>")
         if ret < 0:
             raise _sys.failure(fd, name, err, hints)
         return ret
+
+    def _who(self) -> str:
+        pid = os.getpid()
+        return f"[pid {pid}] " if pid != self._pid else ""
+
+    def mmap(self, fd, length, flags, prot, offset=0, what=""):
+        """Same contract as ``_sys.mmap``: map, print one line, return the mmap object."""
+        where = f"{self.fd_kind(fd)} {fd}" if fd >= 0 else "-1"
+        prot_text = _flags(prot, _PROT_NAMES) if prot else "PROT_NONE"
+        call = (f"mmap({where}, {_hex(length)}, {prot_text}, {_flags(flags, _MAP_NAMES)}, "
+                f"offset {_hex(offset)})")
+        t0 = time.perf_counter()
+        try:
+            m = mmap.mmap(fd, length, flags=flags, prot=prot, offset=offset)
+        except OSError as e:
+            seconds = time.perf_counter() - t0
+            err = e.errno or 0
+            self._map_line(f"{call} = -1 {_sys.errno_name(err)} ({os.strerror(err)})", what,
+                           seconds)
+            raise
+        # (a ValueError or OverflowError is Python refusing before mmap(2): no line)
+        seconds = time.perf_counter() - t0
+        address = map_address(m)
+        self._map_line(f"{call} = {hex(address) if address is not None else '?'}", what,
+                       seconds)
+        return m
+
+    def munmap(self, m, what=""):
+        """Same contract as ``_sys.munmap``: close ``m``, print one line if it was mapped."""
+        address = map_address(m)
+        if address is None:         # closed already: nothing to unmap
+            m.close()
+            return
+        length = len(m)
+        t0 = time.perf_counter()
+        m.close()                   # a BufferError unmaps nothing, so prints nothing
+        seconds = time.perf_counter() - t0
+        self._map_line(f"munmap({address:#x}, {_hex(length)}) = 0", what, seconds)
+
+    def _map_line(self, text, what, seconds):
+        label = f"  [{what}]" if what else ""
+        write_line(self.stream, f"{self._who()}{text}{label}  <{seconds * 1e6:.1f} us>")
 
 
 def _safe_decode(request, arg) -> str:

@@ -43,7 +43,9 @@ class Vcpu(_sys.FdOwner):
         self.map = None
         self.ring = None      # a minivmm.dirty.ring.VcpuRing once the ring is mapped
         try:
-            self.map = _sys.map_shared(fd, vm.vcpu_mmap_size, 0, "mmap(kvm_run)")
+            # KVM_GET_VCPU_MMAP_SIZE bytes at offset 0 (api.rst 4.5, 4.10)
+            self.map = _sys.map_shared(fd, vm.vcpu_mmap_size, 0, "mmap(kvm_run)",
+                                       what="struct kvm_run")
         except BaseException:
             os.close(fd)
             self.fd = -1
@@ -61,7 +63,7 @@ class Vcpu(_sys.FdOwner):
             if "run_struct" in self.__dict__:
                 del self.run_struct
             try:
-                self.map.close()
+                _sys.munmap(self.map, "struct kvm_run")
             except BufferError:
                 # still close the fd; the mapping (and the duplicate fd mmap keeps)
                 # goes at a close() after the last view is gone

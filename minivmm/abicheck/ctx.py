@@ -189,10 +189,10 @@ class Ctx:
              prot: int = _mmap.PROT_READ | _mmap.PROT_WRITE):
         """mmap a KVM fd; raises KvmError("mmap", errno) on failure (like _sys.map_shared)."""
         try:
-            m = _mmap.mmap(fd, length, flags=flags, prot=prot, offset=offset)
+            m = _sys.mmap(fd, length, flags, prot, offset)     # traced under --trace-ioctls
         except OSError as e:
             raise _sys.KvmError("mmap", e.errno or 0) from None
-        self.on_close(m.close)
+        self.on_close(lambda: _sys.munmap(m))
         return m
 
     def get_dirty_log(self, vm, slot: int, npages: int) -> np.ndarray:

@@ -235,7 +235,7 @@ def mmap_invert():
             return m
         raise KvmError("mmap", errno.ENOMEM)
 
-    def fake_shared(fd, length, offset=0, name="mmap", prot=None):
+    def fake_shared(fd, length, offset=0, name="mmap", **_):   # prot, populate, what
         raise KvmError(name, errno.ENOMEM)
     with _patch(ctxmod.Ctx, "mmap", fake), _patch(_sys, "map_shared", fake_shared):
         yield

@@ -110,10 +110,12 @@ class VcpuRing:
         self.vcpu, self.entries = vcpu, entries
         self.fetch = 0                      # free-running u32, as the kernel's indices
         self.last_full = 0                  # the count taken at its last ring-full exit
-        offset = mmap.PAGESIZE * abi.KVM_DIRTY_LOG_PAGE_OFFSET   # host page size (selftests)
+        # KVM_DIRTY_LOG_PAGE_OFFSET * PAGE_SIZE, ring bytes long (api.rst 7.36); the host
+        # page size (selftests)
+        offset = mmap.PAGESIZE * abi.KVM_DIRTY_LOG_PAGE_OFFSET
         # Populated: its pages are mapped now, not by faults inside the first harvest
         self.map = _sys.map_shared(vcpu.fd, entries * ENTRY_BYTES, offset, "mmap(dirty ring)",
-                                   populate=True)
+                                   populate=True, what=f"dirty ring, {entries} entries")
         # Views made once: the bytes (copied out by harvest.take()) and the u32 words
         # (read by the bisection of harvest.dirty_count()); the tracker uses both.
         self.view = memoryview(self.map)
@@ -128,7 +130,7 @@ class VcpuRing:
             self.words.release()            # the views pin the mapping
             self.view.release()
             self.stage.close()
-            self.map.close()
+            _sys.munmap(self.map, f"dirty ring, {self.entries} entries")
             self.map = None
 
     def harvest(self) -> HarvestResult:

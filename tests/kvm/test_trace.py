@@ -2,18 +2,37 @@
 import errno
 import io
 import json
+import mmap
 import re
 
 import pytest
 
 from minivmm import _sys, abi, trace
 from minivmm._sys import KvmError
+from minivmm.dirty.ring import VcpuRing, enable_dirty_ring
 from minivmm.kvm import Kvm
 from minivmm.machine import Machine
 from tests.conftest import payload, run_cli
+from tests.kvm.conftest import small_ring
 
 LINE = re.compile(r"^ioctl\((?P<kind>[\w-]+) (?P<fd>\d+), (?P<name>\w+), (?P<arg>.*)\) = "
                   r"(?P<result>.+?)  <(?P<us>\d+\.\d) us>$")
+
+
+MAP_LINE = re.compile(r"^mmap\((?:(?P<kind>[\w-]+) )?(?P<fd>-?\d+), (?P<length>0x\w+), (?P<prot>[\w|]+), "
+                      r"(?P<flags>[\w|]+), offset (?P<offset>\w+)\) = (?P<result>.+?)"
+                      r"(?:  \[(?P<what>.+)\])?  <\d+\.\d us>$")
+UNMAP_LINE = re.compile(r"^munmap\((?P<addr>0x\w+), (?P<length>0x\w+)\) = 0"
+                        r"(?:  \[(?P<what>.+)\])?  <\d+\.\d us>$")
+
+
+def map_lines(text):
+    """The mmap and munmap lines, parsed, in order; every one must be well-formed."""
+    lines = [line for line in text.splitlines() if line.startswith(("mmap(", "munmap("))]
+    parsed = [(MAP_LINE if line.startswith("mmap(") else UNMAP_LINE).match(line)
+              for line in lines]
+    assert all(parsed), [line for line, m in zip(lines, parsed) if not m]
+    return parsed
 
 
 def ioctl_lines(text):
@@ -82,7 +101,7 @@ def test_threads_write_whole_lines_and_name_their_vcpu():
     out = json.loads(proc.stdout)
     all_lines = proc.stderr.splitlines()
     lines = ioctl_lines(proc.stderr)
-    assert len(lines) == len(all_lines)             # nothing but whole trace lines
+    assert len(lines) + len(map_lines(proc.stderr)) == len(all_lines)   # whole trace lines
     for v in out["vcpus"]:
         runs = [m for m in lines if m["name"] == "KVM_RUN" and m["kind"] == f"vcpu{v['index']}"]
         assert len(runs) == sum(v["exits"].values())
@@ -198,3 +217,97 @@ def test_fd_numbers_reused_by_another_kind_are_named_afresh():
     lines = ioctl_lines(out.getvalue())
     assert (lines[-1]["name"], lines[-1]["kind"], lines[-1]["fd"]) == \
         ("KVM_GET_REGS", "vcpu0", str(old_fd))
+
+
+# -- the mmaps a VMM makes: kvm_run (api.rst 4.5, 4.10), dirty ring (7.36), guest memory --
+
+def test_run_trace_shows_each_vcpus_kvm_run_mmap_and_its_munmap():
+    proc = run_cli("run", payload("multi_vcpu"), "--vcpus", "2", "--json", "--trace-ioctls")
+    assert proc.returncode == 0, proc.stderr
+    order = proc.stderr.splitlines()
+    ioctls, maps = ioctl_lines(proc.stderr), map_lines(proc.stderr)
+    size = next(m["result"] for m in ioctls if m["name"] == "KVM_GET_VCPU_MMAP_SIZE")
+    runs = [m for m in maps if m.re is MAP_LINE and m["what"] == "struct kvm_run"]
+    created = [m for m in ioctls if m["name"] == "KVM_CREATE_VCPU"]
+    assert [(m["kind"], m["fd"]) for m in runs] == \
+        [(f"vcpu{m['arg']}", m["result"]) for m in created]
+    for run, create in zip(runs, created):
+        assert (run["length"], run["prot"], run["flags"], run["offset"]) == \
+            (hex(int(size)), "PROT_READ|PROT_WRITE", "MAP_SHARED", "0")
+        assert order.index(run.string) == order.index(create.string) + 1   # right after it
+        unmap = [m for m in maps if m.re is UNMAP_LINE and m["addr"] == run["result"]]
+        assert [(m["length"], m["what"]) for m in unmap] == [(run["length"], "struct kvm_run")]
+    # each slot's userspace_addr is the address of a guest memory mapping just made
+    regions = [m for m in ioctls if m["name"] == "KVM_SET_USER_MEMORY_REGION"]
+    guest = [m for m in maps if m.re is MAP_LINE and m["what"].startswith("guest memory")]
+    assert [re.search(r"userspace_addr=(0x\w+)", m["arg"])[1] for m in regions] == \
+        [m["result"] for m in guest]
+    assert {(m["kind"], m["fd"], m["flags"]) for m in guest} == \
+        {(None, "-1", "MAP_PRIVATE|MAP_ANONYMOUS|MAP_NORESERVE")}
+    assert {m["addr"] for m in maps if m.re is UNMAP_LINE} == \
+        {m["result"] for m in maps if m.re is MAP_LINE}   # every mapping unmapped at close
+
+
+def test_dirty_ring_trace_shows_each_ring_mmap_at_page_64_with_the_rings_bytes():
+    proc = run_cli("dirty", "--tracker", "ring", "--vcpus", "2", "--pages", "256",
+                   "--iterations", "2", "--json", "--trace-ioctls")
+    assert proc.returncode == 0, proc.stderr
+    ioctls, maps = ioctl_lines(proc.stderr), map_lines(proc.stderr)
+    vm_fd = next(m["result"] for m in ioctls if m["name"] == "KVM_CREATE_VM")
+    ring_bytes = next(int(re.search(r"args=\[(0x\w+),", m["arg"])[1], 16) for m in ioctls
+                      if m["name"] == "KVM_ENABLE_CAP" and m["fd"] == vm_fd
+                      and "DIRTY_LOG_RING" in m["arg"] and m["result"] == "0")
+    rings = [m for m in maps if m.re is MAP_LINE and m["what"].startswith("dirty ring")]
+    assert [m["kind"] for m in rings] == ["vcpu0", "vcpu1"]
+    for ring in rings:
+        assert int(ring["offset"], 16) == abi.KVM_DIRTY_LOG_PAGE_OFFSET * mmap.PAGESIZE
+        assert int(ring["length"], 16) == ring_bytes
+        assert ring["what"] == f"dirty ring, {ring_bytes // 16} entries"
+        assert (ring["prot"], ring["flags"]) == ("PROT_READ|PROT_WRITE", "MAP_SHARED|MAP_POPULATE")
+        unmap = [m for m in maps if m.re is UNMAP_LINE and m["addr"] == ring["result"]]
+        assert [m["length"] for m in unmap] == [ring["length"]]
+
+
+def test_a_refused_ring_mmap_shows_its_errno_and_raises_as_untraced():
+    entries = small_ring()
+
+    def attempt():
+        with Kvm() as kvm, kvm.create_vm() as vm:
+            enable_dirty_ring(vm, entries)
+            vcpu = vm.create_vcpu(0)
+            with pytest.raises(KvmError) as info:   # EPERM (VFS, >= 6.16) or EINVAL (KVM)
+                _sys.map_shared(vcpu.fd, entries * 16, abi.KVM_DIRTY_LOG_PAGE_OFFSET
+                                * mmap.PAGESIZE, "mmap(dirty ring)",
+                                prot=mmap.PROT_READ | mmap.PROT_EXEC, what="exec")
+            return info.value
+
+    plain = attempt()
+    out = io.StringIO()
+    with trace.tracing(out):
+        traced = attempt()
+    assert (traced.errno, traced.call) == (plain.errno, plain.call)
+    assert plain.errno in (errno.EPERM, errno.EINVAL)
+    line, = [m for m in map_lines(out.getvalue()) if m.re is MAP_LINE and m["what"] == "exec"]
+    assert line["kind"] == "vcpu0" and line["prot"] == "PROT_READ|PROT_EXEC"
+    assert line["result"] == f"-1 {plain.errno_name} ({plain.strerror})"
+
+
+def test_ring_tracker_in_process_and_tracing_off_makes_no_map_lines():
+    entries = small_ring()
+
+    def session():
+        with Kvm() as kvm, kvm.create_vm() as vm:
+            enable_dirty_ring(vm, entries)
+            VcpuRing(vm.create_vcpu(0), entries)
+
+    out = io.StringIO()
+    with trace.tracing(out):
+        session()
+    whats = [m["what"] for m in map_lines(out.getvalue())]
+    ring = f"dirty ring, {entries} entries"
+    assert whats == ["struct kvm_run", ring, ring, "struct kvm_run"]   # map, map, unmap, unmap
+    off = io.StringIO()
+    trace.install(off)
+    trace.uninstall()
+    session()
+    assert off.getvalue() == ""
