@@ -11,6 +11,7 @@ import pytest
 
 from minivmm import Kvm, KvmError, abi
 from minivmm.dirty import tracker as trackermod
+from minivmm.abicheck.checks_entries import NEXT_ITERATION
 from minivmm.dirty.ring import DirtyRingError, enable_dirty_ring
 from minivmm.dirty.tracker import CollectionError, DirtySession, compare_runs
 from minivmm.machine import MachineError
@@ -623,16 +624,7 @@ iteration:
     mov qword ptr [r12 + rdx], r15
     mov eax, r15d
     out 0xf0, eax
-    mov eax, r15d
-    out 0xf0, eax
-    cmp r15, r14
-    je finished
-    inc r15
-    jmp iteration
-finished:
-    xor eax, eax
-    out 0xf4, al
-"""
+""" + NEXT_ITERATION            # the second sync, with the same tag, ends the iteration
 
 
 def test_both_trackers_compare_every_collection_and_say_when_the_guests_differ(tmp_path):

@@ -399,6 +399,15 @@ class SlowStream:
         pass
 
 
+def _run_together(targets) -> None:
+    """Each target in its own thread, all started before any is joined."""
+    threads = [threading.Thread(target=f) for f in targets]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+
+
 def test_lines_from_many_threads_stay_whole(traced):
     install, fd = traced
     stream = SlowStream()
@@ -408,11 +417,7 @@ def test_lines_from_many_threads_stay_whole(traced):
     def worker():
         for _ in range(20):
             t(fd, abi.KVM_CHECK_EXTENSION, abi.KVM_CAP_USER_MEMORY, "KVM_CHECK_EXTENSION")
-    threads = [threading.Thread(target=worker) for _ in range(6)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    _run_together([worker] * 6)
     lines = "".join(stream.chars).splitlines()
     assert len(lines) == 120
     assert all(LINE.match(line) and "KVM_CAP_USER_MEMORY) = 1" in line for line in lines)
@@ -440,11 +445,7 @@ def test_exit_trace_and_ioctl_trace_lines_stay_whole_together(traced):
     def ioctls():
         for _ in range(20):
             t(fd, abi.KVM_CHECK_EXTENSION, abi.KVM_CAP_USER_MEMORY, "KVM_CHECK_EXTENSION")
-    threads = [threading.Thread(target=f) for f in (exits, ioctls) * 3]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    _run_together((exits, ioctls) * 3)
     lines = "".join(stream.chars).splitlines()
     assert len(lines) == 120
     exit_line = re.compile(r"^\[vcpu1 #1\] HLT +rip=0x10  by hlt$")
