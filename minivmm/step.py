@@ -46,7 +46,7 @@ from . import abi
 from ._args import as_option, check_number, named
 from .kvm import Kvm, vendor_module
 from .machine import (KICK_SIGNAL, Console, Machine, MachineError, VcpuEnd,
-                      format_registers, install_kick_handler, instruction_name, is_out)
+                      format_registers, install_kick_handler, instruction_name, is_hlt)
 from .payload import Payload, load
 from .x86 import layout as L
 from .x86.modes import STUB_FRAME_FIELDS
@@ -208,10 +208,16 @@ def _check_forced_break(payload: Payload, bp: int, kvm: Kvm | None) -> None:
 _LABEL_RE = re.compile(r"^\s*([A-Za-z_.$@][\w.$@]*)\s*:")
 
 
-def resolve_break(payload: Payload, text: str) -> int:
-    """An address (hex or decimal), ``line:N``, or a label of the payload, to the address of
-    an instruction in its listing (payload address space: IP in real mode)."""
-    text = text.strip()
+def resolve_break(payload: Payload, text: str | int) -> int:
+    """An address (an int, or a string in hex or decimal), ``line:N``, or a label of the
+    payload, to the address of an instruction in its listing (payload address space: IP in
+    real mode)."""
+    if isinstance(text, bool) or not isinstance(text, (str, int)):
+        raise named(TypeError("breakpoint must be an address (int or str), line:N or a "
+                              f"label, not {type(text).__name__}"), "breakpoint")
+    # an int is held to the listing too: an int3 (or DR0) inside an instruction would
+    # change what the guest runs
+    text = f"{text:#x}" if isinstance(text, int) else text.strip()
     starts = {ins.address: ins for ins in payload.listing}
     if text.lower().startswith("line:"):
         try:
@@ -286,8 +292,7 @@ class StepSession:
         check_number("timeout", timeout, seconds=True, positive=True, error=StepError)
         if max_time is not None:
             check_number("max_time", max_time, seconds=True, positive=True, error=StepError)
-        self.bp = breakpoint if isinstance(breakpoint, int) or breakpoint is None \
-            else resolve_break(p, breakpoint)
+        self.bp = None if breakpoint is None else resolve_break(p, breakpoint)
         self.mechanism, self.why = choose_mechanism(p, mechanism, kvm)
         if self.bp is not None and mechanism == GUEST_DEBUG:
             _check_forced_break(p, self.bp, kvm)
@@ -382,7 +387,12 @@ class StepSession:
 
     def run(self, count: int | None = None):
         """Yield Step objects until the guest ends, the timeout, max_time, or ``count``
-        steps."""
+        steps (None or 0: no limit)."""
+        if count is not None:            # now, not at the generator's first step
+            check_number("count", count, 0, error=StepError)
+        return self._run(count)
+
+    def _run(self, count: int | None):
         t0, setup0 = time.perf_counter(), self.setup_s
         try:
             while self.end is None and (not count or self.steps < count):
@@ -569,7 +579,7 @@ class StepSession:
             # An `out` ends in its IO exit: this exit is the out's step. On kvm_pvm RIP is
             # already past it and its step trap is lost (host-probes 2).
             past = self._past_pending_out(regs)
-            note = self._untraced_out(past)
+            note = self._untraced_to(past, self.machine.out_made_by(self.st, regs), "out")
             step = self._step(past, "io-exit", io={"port": port, "value": value})
             step.note = note
             if self.end is not None:            # the payload's own write to port 0xe0
@@ -590,7 +600,9 @@ class StepSession:
             return step
         if reason == _HLT:
             regs = self.vcpu.get_regs()
+            note = self._untraced_to(regs, is_hlt, "hlt")
             step = self._step(regs, "hlt")
+            step.note = note
             self.end = VcpuEnd("hlt", rip=regs.rip, instruction=self._named(step))
             return step
         if reason == _INTR:
@@ -625,7 +637,7 @@ class StepSession:
         kvm_vcpu_do_singlestep, arch/x86/kvm/x86.c): _late_trap marks it so that
         the stepping loops drop it instead of reporting the out twice. Where RIP is,
         Machine.out_exit_rip tells from the code, not from self.pc: a guest that cleared
-        TF itself reaches the out untraced (_untraced_out). Written from the kernel
+        TF itself reaches the out untraced (_untraced_to). Written from the kernel
         source; kvm_pvm never takes this path."""
         rip, name_at = self.machine.out_exit_rip(self.st, regs)
         if name_at or rip == regs.rip:
@@ -635,22 +647,21 @@ class StepSession:
         self._late_trap = rip
         return past
 
-    def _untraced_out(self, regs) -> str:
-        """"" when the instruction being stepped is the out that made this IO exit. Else
-        the guest ran on untraced (it cleared TF itself with popf or iretq, say) up to an
-        out ending at RIP (in regs, past it) that would make this exit: the step is moved
-        to that out, and the note says so."""
+    def _untraced_to(self, regs, made_by, what: str) -> str:
+        """"" when the instruction being stepped made this exit (``made_by``: an out to
+        its port, a hlt). Else the guest ran on untraced (it cleared TF itself with popf
+        or iretq, say) up to such an instruction ending at RIP (in regs, past it): the
+        step is moved to it, and the note says so."""
         ins, _ = self._instruction(self.pc)
-        if ins is not None and is_out(ins):
+        if ins is not None and made_by(ins):
             return ""
-        found = self.machine.ending_at(self.st, regs.rip,
-                                       self.machine.out_made_by(self.st, regs))
+        found = self.machine.ending_at(self.st, regs.rip, made_by)
         if not found:
             return ""
         ins = found[0]
         was = self.pc
         self.pc = ins.address
-        return (f"stepping lost after {was:#x}: the guest ran untraced up to this out "
+        return (f"stepping lost after {was:#x}: the guest ran untraced up to this {what} "
                 "(it cleared RFLAGS.TF itself?); the registers changed over all of it")
 
     def _keep_tf(self, regs) -> None:
@@ -765,7 +776,9 @@ class StepSession:
             vcpu = self.vcpu
             if reason == _DEBUG and self.mechanism == GUEST_DEBUG:
                 regs = vcpu.get_regs()
-                if regs.rip != bp:
+                # DR0 matches the linear address: real-mode code may reach it at another
+                # CS:IP (Machine.executed finds such code in the listing the same way)
+                if self.machine.linear(self.st, regs.rip) != lin:
                     continue
                 # A hardware breakpoint fires again on every entry, RF or not (host-probes
                 # 2): stepping on without it is what steps over it.
@@ -835,7 +848,7 @@ class StepSession:
             else:
                 self.end.detail["breakpoint"] = f"{bp:#x} never reached"
             return
-        self.pc, self.regs = bp, _regs_dict(regs)
+        self.pc, self.regs = regs.rip, _regs_dict(regs)   # bp, or its IP in another segment
         if self.ring is not None:
             self.pre_break_entries += len(self._harvest())
 

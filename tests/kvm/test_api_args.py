@@ -16,6 +16,11 @@ from tests.conftest import ROOT, payload, run_cli
 from tests.unit.test_cli_errors import one_line_error
 
 
+def _step_run(count):
+    with StepSession(payload("hello_long")) as s:
+        s.run(count)
+
+
 @pytest.mark.parametrize("make,error,text", [
     (lambda: Machine(payload("hello_long"), pages=0), MachineError,
      "pages must be at least 1 (got 0)"),
@@ -26,6 +31,14 @@ from tests.unit.test_cli_errors import one_line_error
     (lambda: StepSession(payload("hello_long"), vcpu=1), StepError, "vcpu 1 does not exist"),
     (lambda: StepSession(payload("hello_long"), breakpoint="nowhere"), StepError,
      "breakpoint nowhere: not a number"),
+    # an int was taken as it was: in-guest stepping wrote its int3 inside the lea at
+    # 0x10000, and the guest ran other code (REX + int3), or died of #UD
+    (lambda: StepSession(payload("hello_long"), breakpoint=0x10001), StepError,
+     "breakpoint 0x10001: 0x10001 is not the start of an instruction"),
+    (lambda: StepSession(payload("hello_long"), breakpoint=-5), StepError,
+     "breakpoint -0x5: -0x5 is not the start of an instruction"),
+    (lambda: _step_run(-1), StepError,
+     "count must be at least 0 (got -1)"),
     (lambda: DirtySession(payload("dirty_seq"), vcpus=0), MachineError,
      "vcpus must be at least 1 (got 0)"),
     (lambda: DirtySession(payload("dirty_seq"), vcpus=4, pages=3), MachineError,
@@ -71,6 +84,11 @@ def _create_vcpu(vcpu_id):
     (lambda: _create_vcpu("0"), "vcpu_id must be an int, not str"),
     (lambda: StepSession(payload("hello_long"), timeout="1"),
      "timeout must be a number of seconds, not str"),
+    (lambda: StepSession(payload("hello_long"), breakpoint=True),
+     "breakpoint must be an address (int or str), line:N or a label, not bool"),
+    (lambda: StepSession(payload("hello_long"), breakpoint=3.5),
+     "breakpoint must be an address (int or str), line:N or a label, not float"),
+    (lambda: _step_run("3"), "count must be an int, not str"),
     (lambda: DirtySession(payload("dirty_seq"), iterations="3"),
      "iterations must be an int, not str"),
 ])

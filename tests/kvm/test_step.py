@@ -771,3 +771,33 @@ def test_an_out_reached_untraced_is_its_own_step_whether_rip_is_past_it_or_at_it
     assert "stepping lost" in at_out.note
     assert [st.instruction for st in steps[steps.index(at_out) + 1:]] == \
         ["nop", "xor eax, eax", "out 0xf4, al"]
+
+
+UNTRACED_HLT = (";! mode: long\n;! cpl: 0\n    pushfq\n    and qword ptr [rsp], -0x101\n"
+                "    popfq\n    mov al, 0x42\n    nop\n    inc al\n    hlt\n    nop\n")
+
+
+def test_a_hlt_reached_untraced_is_its_own_step_and_names_the_end():
+    # The guest clears TF and runs untraced to a hlt (CPL0: KVM_EXIT_HLT). The step and
+    # the end were given to the instruction after the popfq (`mov al, 0x42`, with the
+    # changes of three instructions); run names the hlt
+    p = assemble_source(UNTRACED_HLT, "untraced_hlt.asm")
+    hlt = by_line(p, "hlt")
+    with StepSession(p, mechanism=IN_GUEST) as s:
+        steps = list(s.run())
+    assert (steps[-1].address, steps[-1].instruction) == (hlt.address, "hlt")
+    assert "stepping lost" in steps[-1].note and steps[-1].changed["rax"] & 0xFF == 0x43
+    assert s.end.reason == "hlt" and s.end.instruction == "hlt  ; line 9"
+
+
+def test_break_in_real_mode_is_reached_in_another_segment():
+    # CS 0x0b00 runs `there` at IP 0x5000 + 5: DR0 (linear) fires there, but the stepper
+    # wanted RIP == 5 and re-entered into the breakpoint until the timeout, "never reached"
+    p = assemble_source(";! mode: real\n    .byte 0xea\n    .word 0x5000 + there\n"
+                        "    .word 0x0b00\nthere:\n    mov al, 0x41\n    out 0xe9, al\n"
+                        "    hlt\n", "seg_break.asm")
+    with StepSession(p, breakpoint=by_line(p, "mov al, 0x41").address, timeout=3) as s:
+        steps = list(s.run())
+    assert [(st.address, st.instruction) for st in steps] == \
+        [(0x5005, "mov al, 0x41"), (0x5007, "out 0xe9, al"), (0x5009, "hlt")]
+    assert s.end.reason == "hlt" and bytes(s.console) == b"A", s.end.summary()
