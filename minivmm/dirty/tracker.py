@@ -595,7 +595,7 @@ class DirtySession:
                 self.records.append(record)
                 yield record
                 if self.iterations_asked and not self._syncs_stopped and \
-                        len(self.records) >= SYNCS_PER_ITERATION * self.iterations_asked + EXTRA_SYNCS:
+                        len(self.records) > SYNCS_PER_ITERATION * self.iterations_asked + EXTRA_SYNCS:
                     self._stop_syncing()
                 self._check_open()
                 self._go.set()
