@@ -36,6 +36,13 @@ def check_number(name: str, value, low=None, high=None, *, seconds: bool = False
     raise named(error(f"{name} must be {limit}{note} (got {value!r})"), name)
 
 
+def check_type(name: str, value, kinds, what: str) -> None:
+    """The argument ``name`` is an instance of ``kinds`` (``what`` says which in words),
+    else a TypeError that says so: not an AttributeError from deep inside."""
+    if not isinstance(value, kinds):
+        raise named(TypeError(f"{name} must be {what}, not {type(value).__name__}"), name)
+
+
 # keyword arguments whose option is not their name with dashes
 _OPTIONS = {"breakpoint": "--break"}
 

@@ -15,7 +15,7 @@ import threading
 import time
 
 from . import _sys, abi
-from ._args import check_number, named
+from ._args import check_number, check_type, named
 from ._kick import KICK_SIGNAL, install_kick_handler
 from ._sys import KvmError
 from .kvm import Kvm
@@ -214,6 +214,7 @@ class Machine:
                  data_flags: int = 0, system_flags: int = 0, before_vcpus=None,
                  on_vcpu=None, regs: dict | None = None):
         self.payload = payload if isinstance(payload, Payload) else load(payload)
+        check_type("kvm", kvm, (Kvm, type(None)), "a minivmm Kvm or None")
         self._own_kvm = kvm is None
         self.kvm = kvm
         self.vm = None

@@ -43,7 +43,7 @@ import traceback
 import time
 
 from . import abi
-from ._args import as_option, check_number, named
+from ._args import as_option, check_number, check_type, named
 from .kvm import Kvm, vendor_module
 from .machine import (KICK_SIGNAL, Console, Machine, MachineError, VcpuEnd,
                       format_registers, install_kick_handler, instruction_name, is_hlt)
@@ -165,9 +165,9 @@ def probe_guest_debug(payload: Payload, kvm: Kvm | None = None) -> tuple:
 
 def choose_mechanism(payload: Payload, requested: str = "auto", kvm: Kvm | None = None) -> tuple:
     """(mechanism, why) for this payload on this host."""
-    if requested not in MECHANISMS:
-        raise StepError(f"unknown mechanism {requested!r} "
-                        f"(expected one of {', '.join(MECHANISMS)})")
+    if not isinstance(requested, str) or requested not in MECHANISMS:
+        raise named(StepError(f"unknown mechanism {requested!r} "
+                              f"(expected one of {', '.join(MECHANISMS)})"), "mechanism")
     if requested == IN_GUEST and payload.mode != "long":
         raise named(StepError(f"mechanism in-guest needs long mode (the #DB stub lives in "
                               f"the long-mode IDT); {payload.name} is a {payload.mode}-mode "
@@ -289,6 +289,8 @@ class StepSession:
             raise named(StepError(f"vcpu {vcpu} does not exist: the machine has {vcpus} "
                                   f"vCPU(s) (0..{vcpus - 1})"), "vcpu")
         check_number("iterations", iterations, 0, (1 << 64) - 1, error=StepError)   # RCX
+        check_type("dirty", dirty, bool, "True or False")
+        check_type("kvm", kvm, (Kvm, type(None)), "a minivmm Kvm or None")
         check_number("timeout", timeout, seconds=True, positive=True, error=StepError)
         if max_time is not None:
             check_number("max_time", max_time, seconds=True, positive=True, error=StepError)

@@ -180,3 +180,22 @@ def test_general_detect_never_fires_under_in_guest_stepping_as_the_readme_says()
     assert len(steps) == 5
     readme = " ".join((ROOT / "README.md").read_text().split())
     assert "DR7.GD (general detect) never fires" in readme
+
+
+@pytest.mark.parametrize("make,error,text", [
+    # each failed deep inside (AttributeError on "x".create_vm, or a StepError naming no
+    # argument), or was taken as given ("yes" for dirty)
+    (lambda: Machine(payload("hello_long"), kvm="x"), TypeError,
+     "kvm must be a minivmm Kvm or None, not str"),
+    (lambda: StepSession(payload("hello_long"), kvm="x"), TypeError,
+     "kvm must be a minivmm Kvm or None, not str"),
+    (lambda: StepSession(payload("hello_long"), dirty="yes"), TypeError,
+     "dirty must be True or False, not str"),
+    (lambda: StepSession(payload("hello_long"), mechanism=None), StepError,
+     "unknown mechanism None (expected one of auto, guest-debug, in-guest)"),
+])
+def test_wrong_objects_are_named_as_the_argument_they_came_in(make, error, text):
+    with pytest.raises(error) as info:
+        make()
+    assert str(info.value) == text
+    assert info.value.argument in ("kvm", "dirty", "mechanism")
