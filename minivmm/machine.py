@@ -606,16 +606,17 @@ class Machine:
         Real mode: the listing is found by linear address, whatever CS the code ran in."""
         p = self.payload
         lin = self.linear(st, rip, cs_base)
-        shift = p.origin - p.load_address + (lin - rip)   # rip + shift: a listing address
+        cs_base = lin - rip                               # read once (real mode: an ioctl)
+        shift = p.origin - p.load_address + cs_base       # rip + shift: a listing address
         mem = self.vm.slot_for(lin - 1 if after else lin)
         if mem is None:
             return None, ""
         if not after:
-            raw = mem.read(lin, min(16, mem.gpa + mem.size - lin))
             ins = p.instruction_at(rip + shift)
-            if ins is not None and raw[:ins.size] == ins.raw:
+            if ins is not None and mem.contains(lin, ins.size) \
+                    and mem.read(lin, ins.size) == ins.raw:
                 return _moved(ins, -shift), ""       # the common case: one compare
-            one = disassemble_one(raw, rip, p.mode)
+            one = self.decode_at(st, rip, cs_base)
             return (one, self._note(one, shift)) if one is not None else (None, "")
         ins = p.instruction_ending_at(rip + shift)
         if ins is not None and mem.contains(lin - ins.size, ins.size) \
@@ -626,9 +627,7 @@ class Machine:
         if len({one.text for one in found}) == 1:
             return found[0], self._note(found[0], shift)
         if made_by is None and ins is not None:      # rewritten in place, same boundaries?
-            start = lin - ins.size
-            raw = mem.read(start, min(16, mem.gpa + mem.size - start))
-            one = disassemble_one(raw, rip - ins.size, p.mode)
+            one = self.decode_at(st, rip - ins.size, cs_base)
             if one is not None and one.size == ins.size:
                 return one, self._note(one, shift)
         return None, ""
@@ -668,14 +667,15 @@ class Machine:
             return True
         return (st.vcpu.get_sregs().cs.base if cs_base is None else cs_base) == 0
 
-    def code_bytes(self, st, address: int, cs_base: int | None = None) -> bytes | None:
-        """Up to 16 bytes of guest memory at this code address (the stepper's too); None
-        outside memory."""
+    def decode_at(self, st, address: int, cs_base: int | None = None):
+        """The instruction guest memory holds at this code address, decoded there (not
+        the listing's: no source line); None outside memory or where nothing decodes."""
         addr = self.linear(st, address, cs_base)
         mem = self.vm.slot_for(addr)
         if mem is None:
             return None
-        return mem.read(addr, min(16, mem.gpa + mem.size - addr))
+        return disassemble_one(mem.read(addr, min(16, mem.gpa + mem.size - addr)), address,
+                               self.payload.mode)
 
     def end_at(self, st, reason, code=None, after=False, registers=False, detail=None,
                io_out=False) -> VcpuEnd:
@@ -709,8 +709,7 @@ class Machine:
         if not is_write:
             return False
         regs = regs or st.vcpu.get_regs()
-        raw = self.code_bytes(st, regs.rip)
-        ins = disassemble_one(raw, regs.rip, self.payload.mode) if raw else None
+        ins = self.decode_at(st, regs.rip)
         words = ins.mnemonic.split() if ins is not None else []
         if len(words) < 2 or words[0] != "rep" or not words[-1].startswith(("movs", "stos")):
             return True
@@ -734,8 +733,7 @@ class Machine:
         emulator (vmx.c handle_io -> kvm_emulate_instruction), which keeps RIP at a
         `rep outs` until its count is done, on every host."""
         made_by = self.out_made_by(st, regs)
-        raw = self.code_bytes(st, regs.rip)
-        here = disassemble_one(raw, regs.rip, self.payload.mode) if raw else None
+        here = self.decode_at(st, regs.rip)
         if here is None or not made_by(here):
             return regs.rip, False          # past it already (kvm_pvm), or not decodable
         words = here.mnemonic.split()
