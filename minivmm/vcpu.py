@@ -99,7 +99,7 @@ class Vcpu(_sys.FdOwner):
             err = ctypes.get_errno()
             if err == _EINTR:
                 return abi.KVM_EXIT_INTR
-            raise KvmError("KVM_RUN", err, _RUN_HINTS.get(err))
+            raise _sys.failure(self.fd, "KVM_RUN", err, _RUN_HINTS)
         return self.run_struct.exit_reason
 
     # -- registers --
@@ -306,7 +306,7 @@ def entry_failure_meaning(reason: int) -> str:
 _RUN_HINTS = {
     errno.EFAULT: "the guest touched host memory that is not mapped",
     errno.ENOEXEC: "the vCPU state is not runnable (were registers set?)",
-    errno.EIO: "this VM belongs to another process (after fork: api.rst 2, Restrictions)",
+    # EIO (another process's VM, or a dead one) has _sys.failure()'s hint, as every call
     # arch/x86/kvm/mmu/mmu.c make_mmu_pages_available(): the shadow MMU's page budget is
     # set from the memory slots (kvm_arch_commit_memory_region), 0 until the first one.
     # Seen on kvm_pvm in real and protected mode (long mode shuts down first: no CR3 page)
