@@ -89,6 +89,8 @@ class VcpuEnd:
                 extra += f", CR2 {self.detail.get('cr2', 0):#x}"
             if self.detail.get("debug"):
                 extra = f": {debug.describe(self.detail['debug'])},"
+            if not ins and self.detail.get("bytes"):
+                ins = f" (no instruction decodes from bytes {self.detail['bytes']})"
             return f"CPU exception {name}{extra}{where}{ins}"
         if self.reason == "unhandled-io":
             d = self.detail
@@ -108,6 +110,11 @@ class VcpuEnd:
             return f"stopped by the timeout{where}{ins}"
         # A host-side end (kvm-error, host-error, ring-overflow) is no use without its cause
         error = f": {self.detail['error']}" if self.detail.get("error") else ""
+        if not error and self.detail.get("meaning"):
+            # internal-error, fail-entry: what KVM's code says, not only in --json
+            code = self.detail.get("suberror_name") or \
+                f"{self.detail.get('hardware_entry_failure_reason', 0):#x}"
+            error = f" ({code}: {self.detail['meaning']})"
         return f"{self.reason}{error}{where}{ins}"
 
 
@@ -962,10 +969,16 @@ class Machine:
                 ins, note = self.executed(st, at, after=True, cs_base=cs_base,
                                           made_by=made_by)
             trap = ins is not None and made_by(ins)
-        return VcpuEnd("exception", vector=vector, rip=frame["rip"],
-                       instruction=self.describe_instruction(st, at, after=trap,
-                                                             cs_base=cs_base,
-                                                             made_by=made_by),
+        named = self.describe_instruction(st, at, after=trap, cs_base=cs_base,
+                                          made_by=made_by)
+        if named is None and not trap:
+            # a #UD on bytes nothing decodes (data run as code): show them, not nothing
+            lin = self.linear(st, at, cs_base)
+            mem = self.vm.slot_for(lin)
+            raw = mem.read(lin, min(8, mem.gpa + mem.size - lin)) if mem is not None else b""
+            if raw and disassemble_one(raw, at, self.payload.mode) is None:
+                detail["bytes"] = raw.hex(" ")
+        return VcpuEnd("exception", vector=vector, rip=frame["rip"], instruction=named,
                        detail=detail)
 
 

@@ -54,6 +54,8 @@ _MASK64 = (1 << 64) - 1
 _REGISTER = re.compile(r"^(?:[re]?[a-d]x|[a-d][lh]|[re]?(?:si|di|bp|sp)|(?:si|di|bp|sp)l"
                        r"|r(?:[89]|1[0-5])[bwdl]?|[c-gs]s|[re]?ip|(?:cr|dr)\d+|st|mm\d"
                        r"|[xyz]mm\d+|k[0-7])$", re.IGNORECASE)
+# `$` (NASM's current address, AT&T's immediate) where no name starts: `jmp $`, `$1`
+_BARE_DOLLAR = re.compile(r"(?<![\w.$@])\$(?![A-Za-z_.$@])")
 _PREFIXES = {"lock", "rep", "repe", "repz", "repne", "repnz", "notrack", "bnd", "data16",
              "data32", "addr16", "addr32", "xacquire", "xrelease"}
 
@@ -298,6 +300,16 @@ def _check_syntax(stmts, name) -> None:
             raise PayloadError(f"{name}:{no}: incomplete operand in {body!r}")
         if body.startswith("!"):
             raise PayloadError(f"{name}:{no}: unexpected '!' (header lines start with ';!')")
+        # keystone drops such a line without a word unless it is the first: the error
+        # then names a later line, or none
+        att = next((r for r in re.findall(r"%(\w+)", masked) if _REGISTER.match(r)), None)
+        if att:
+            raise PayloadError(f"{name}:{no}: '%{att}' is AT&T syntax: payloads are Intel "
+                               f"syntax ({att}; immediates without '$')")
+        if _BARE_DOLLAR.search(masked):
+            raise PayloadError(f"{name}:{no}: a bare '$' is not supported (the assembler "
+                               "would drop the line): for the current address use a label "
+                               "(`here: jmp here`); an immediate is a plain number")
         word, args = (body.split(None, 1) + [""])[:2]
         word = word.lower()
         if word in _WIDE_ALIGN:
@@ -374,10 +386,26 @@ def _assemble_child(source: str, mode: str, origin: int, stmts) -> tuple:
         return ("ok", bytes(enc or b""))
     except keystone.KsError as e:
         message = str(e).split(" (KS_ERR")[0]
+        missing = e.errno == keystone.KS_ERR_ASM_SYMBOL_MISSING
     # Find the failing line: assemble growing prefixes with unknown symbols resolved to 0
     # (safe only here, in the short-lived child: a resolver changes keystone's radix).
     ks = _ks(mode)
-    ks.sym_resolver = lambda symbol, value: True
+    asked: list = []
+    ks.sym_resolver = lambda symbol, value: asked.append(symbol) or True
+    if missing:
+        # Over the whole source the resolver is asked only for names nothing defines
+        # (a prefix would also ask for labels defined further down); the prefixes
+        # would blame the wrong line, or say "Invalid fixup"
+        try:
+            ks.asm(source, origin)
+        except keystone.KsError:
+            pass
+        for symbol in dict.fromkeys(s.decode("ascii", "replace") for s in asked):
+            word = re.compile(rf"(?<![\w.$@]){re.escape(symbol)}(?![\w.$@])")
+            for no, s in stmts:
+                if word.search(_mask_quotes(s)):
+                    return ("error", no, f"undefined symbol {symbol!r} (no label or "
+                                         "constant of that name)")
     for i in range(1, len(stmts) + 1):
         try:
             ks.asm("\n".join(s for _, s in stmts[:i]), origin)

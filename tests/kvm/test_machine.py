@@ -491,3 +491,20 @@ def test_run_says_the_console_was_cut(monkeypatch, capsys, tmp_path):
     assert cli_main(["run", str(f), "--json"]) == 0
     vcpu = json.loads(capsys.readouterr().out)["vcpus"][0]
     assert vcpu["console"] == "ABCD" * 250 and vcpu["console_dropped"] == 2000
+
+
+def test_ud_on_bytes_nothing_decodes_shows_the_bytes():
+    # data run as code (push es is invalid in 64-bit mode): the end named no instruction
+    # and showed nothing of what was there
+    with Machine(assemble_source("nop\n.byte 0x06, 0xff\n", "ud.asm")) as m:
+        st, = m.run(timeout=20).vcpus
+    assert (st.end.reason, st.end.vector, st.end.rip) == ("exception", 6, L.CODE + 1)
+    assert st.end.instruction is None and st.end.detail["bytes"].startswith("06 ff")
+    assert st.end.summary().endswith("at 0x10001 (no instruction decodes from bytes "
+                                     + st.end.detail["bytes"] + ")")
+
+
+def test_a_decodable_fault_has_no_bytes():
+    with Machine(assemble_source("nop\nud2\n", "ud.asm")) as m:
+        st, = m.run(timeout=20).vcpus
+    assert st.end.instruction == "ud2  ; line 2" and "bytes" not in st.end.detail

@@ -458,3 +458,31 @@ def test_listing_lookups_by_start_end_and_inside():
     assert p.instruction_at(mov.address) is mov and p.instruction_ending_at(nop.address) is mov
     assert p.instruction_containing(mov.address + 4) is mov
     assert p.instruction_containing(nop.address + 1) is None
+
+
+@pytest.mark.parametrize("line", ["jmp nowhere", "mov rax, [nowhere]", ".quad nowhere",
+                                  "lea rsi, [rip + nowhere + 8]"])
+def test_an_undefined_symbol_is_named_on_its_own_line(line):
+    # keystone says "Invalid fixup" or "Cannot find a symbol", and the line search blamed
+    # the last line for a symbol used as an address or in data
+    with pytest.raises(P.PayloadError) as e:
+        asm(f"nop\n{line}\njmp later\nhlt\nlater: nop\n")
+    assert str(e.value) == ("t.asm:3: undefined symbol 'nowhere' (no label or constant "
+                            "of that name)")
+
+
+@pytest.mark.parametrize("line,word", [("jmp $", "bare '$'"), ("mov eax, $1", "bare '$'"),
+                                       (".quad $", "bare '$'"),
+                                       ("movl $1, %eax", "'%eax' is AT&T syntax"),
+                                       ("push %rax", "'%rax' is AT&T syntax")])
+def test_lines_keystone_drops_silently_are_refused_where_they_are(line, word):
+    # keystone assembles such a line to nothing unless it is the first: the listing check
+    # then blamed the next line ("does not decode as an instruction for 'hlt'")
+    with pytest.raises(P.PayloadError) as e:
+        asm(f"nop\n{line}\nhlt\nnop\n")
+    assert str(e.value).startswith("t.asm:3: ") and word in str(e.value)
+
+
+def test_dollar_in_names_and_quotes_is_still_fine():
+    p = asm("$top: nop\nmov al, '$'\njmp $top\n.ascii \"$%eax\"\n")
+    assert [i.mnemonic for i in p.listing] == ["nop", "mov", "jmp"]
