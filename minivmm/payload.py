@@ -285,6 +285,10 @@ def _check_syntax(stmts, name) -> None:
         odd = next((ch for ch in s if ord(ch) > 127), None)
         if odd:   # keystone's binding takes ASCII only, and dies without a word
             raise PayloadError(f"{name}:{no}: non-ASCII character {odd!r} outside a comment")
+        odd = next((ch for ch in s if ord(ch) < 32 and ch != "\t" or ord(ch) == 127), None)
+        if odd:   # a NUL ends keystone's line: the error would blame bytes it never saw
+            raise PayloadError(f"{name}:{no}: control character {odd!r} in the source "
+                               "(is this a text file?)")
         body = _LABEL.sub("", s).strip()
         if not body:
             continue
@@ -312,6 +316,10 @@ def _check_syntax(stmts, name) -> None:
                                "(`here: jmp here`); an immediate is a plain number")
         word, args = (body.split(None, 1) + [""])[:2]
         word = word.lower()
+        if word in (".incbin", ".include"):
+            # keystone would read a file of the host's (or skip a missing one silently)
+            raise PayloadError(f"{name}:{no}: {word} is not supported: a payload is one "
+                               "self-contained source file (use .byte/.ascii for data)")
         if word in _WIDE_ALIGN:
             raise PayloadError(f"{name}:{no}: {word} is not supported by the assembler; "
                                "use .balign/.p2align")

@@ -486,3 +486,20 @@ def test_lines_keystone_drops_silently_are_refused_where_they_are(line, word):
 def test_dollar_in_names_and_quotes_is_still_fine():
     p = asm("$top: nop\nmov al, '$'\njmp $top\n.ascii \"$%eax\"\n")
     assert [i.mnemonic for i in p.listing] == ["nop", "mov", "jmp"]
+
+
+@pytest.mark.parametrize("line,word", [('.incbin "/etc/passwd"', ".incbin is not supported"),
+                                       ('.include "missing.s"', ".include is not supported"),
+                                       ("nop\x00", "control character '\\x00'"),
+                                       ("mov al, 1\x07", "control character '\\x07'")])
+def test_host_files_and_control_characters_are_refused_on_their_line(line, word):
+    # .incbin read a host file (refused only later, as 'assembler output does not match'),
+    # a missing .include was skipped without a word, and a NUL cut keystone's line short
+    with pytest.raises(P.PayloadError) as e:
+        asm(f"nop\n{line}\nhlt\n")
+    assert str(e.value).startswith("t.asm:3: ") and word in str(e.value)
+
+
+def test_tabs_and_crlf_line_ends_are_still_fine():
+    p = asm("nop\t; a tab\r\n\tmov al, 1\r\nhlt\r\n")
+    assert [i.mnemonic for i in p.listing] == ["nop", "mov", "hlt"]
