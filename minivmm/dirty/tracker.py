@@ -625,8 +625,12 @@ class DirtySession:
         self._syncs_stopped = True
         self._go.set()
         self.machine.stop("too-many-syncs")
-        why = (f"{len(self.records)} collections for {self.iterations_asked} iteration(s) "
-               "asked: the payload syncs more than it should")
+        # the limit, not len(self.records): vCPUs that do not wait for the consumer
+        # (run(), the CLI) have queued more by the time it is read
+        limit = SYNCS_PER_ITERATION * self.iterations_asked + EXTRA_SYNCS
+        why = (f"more than {limit} collections for {self.iterations_asked} iteration(s) "
+               f"asked (the limit: {SYNCS_PER_ITERATION} per iteration and {EXTRA_SYNCS} "
+               "more): the payload syncs more than it should")
         for st in self.machine.states:
             if st.end is not None and st.end.reason == "too-many-syncs":
                 st.end.detail["error"] = why

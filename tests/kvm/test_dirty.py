@@ -689,7 +689,8 @@ def test_a_guest_that_never_stops_syncing_is_stopped(tracker):
     assert limit < len(records) < limit + 8
     for st in s.result.vcpus:
         assert st.end.reason == "too-many-syncs", st.end.summary()
-        assert f"{limit + 1} collections for 1 iteration(s)" in st.end.summary()
+        # the limit it passed, not a count that was already out of date when printed
+        assert f"more than {limit} collections for 1 iteration(s) asked" in st.end.summary()
 
 
 def test_a_guest_that_syncs_up_to_the_limit_is_not_stopped():
