@@ -232,7 +232,12 @@ class Machine:
         self.on_end = None                # callable(state) when a vCPU's thread is over
         self._start, self._deadline = time.monotonic(), None
         self._started = False             # start() once: its vCPUs' ends are then spent
-        self._lock = threading.Lock()
+        # start() and close() from two threads: close() must see every vCPU thread that
+        # start() makes (or start() must see the close), else one runs on with its views
+        # of a kvm_run page the close releases (BufferError, then EBADF in KVM_RUN).
+        # Reentrant: a signal handler may stop() the Machine while start() holds it
+        self._lock = threading.RLock()
+        self._closing = False
         nvcpus = vcpus if vcpus is not None else (self.payload.vcpus or 1)
         for name, value in (regs or {}).items():
             if name not in _REG_NAMES:    # setattr on the ctypes struct would just add it
@@ -294,6 +299,8 @@ class Machine:
         """Stop the vCPUs and release everything. From a callback (a vCPU's own thread,
         whose loop still holds its kvm_run page) it only stops them: the release is left
         to the close() of the Machine's owner (its ``with``)."""
+        with self._lock:                # no vCPU thread starts from now on
+            self._closing = True
         self.stop("closed")
         if self._in_vcpu_thread():
             return
@@ -361,19 +368,22 @@ class Machine:
             if not timeout >= 0:      # NaN too: it never expires
                 raise named(MachineError(f"timeout must be a number of seconds, not negative "
                                          f"nor NaN (got {timeout})"), "timeout")
-        self._vm()
-        if self._started:
-            # a vCPU thread per vCPU at most: a second one would wait in KVM_RUN behind the
-            # first, and the first could no longer be kicked (st.thread is the second)
-            raise MachineError("this Machine has already run; make a new one")
-        self._started = True
-        install_kick_handler()      # the vCPU threads let the kick in themselves
-        self._start = time.monotonic()
-        self._deadline = None if timeout is None else self._start + timeout
-        for st in self.states:
-            st.thread = threading.Thread(target=self._vcpu_thread, args=(st,),
-                                         name=f"vcpu{st.index}", daemon=True)
-            st.thread.start()
+        with self._lock:            # a close() from another thread waits for every thread
+            if self._closing:
+                raise MachineError("this Machine is closed")
+            self._vm()
+            if self._started:
+                # a vCPU thread per vCPU at most: a second one would wait in KVM_RUN behind
+                # the first, and the first could no longer be kicked (st.thread is the second)
+                raise MachineError("this Machine has already run; make a new one")
+            self._started = True
+            install_kick_handler()      # the vCPU threads let the kick in themselves
+            self._start = time.monotonic()
+            self._deadline = None if timeout is None else self._start + timeout
+            for st in self.states:
+                st.thread = threading.Thread(target=self._vcpu_thread, args=(st,),
+                                             name=f"vcpu{st.index}", daemon=True)
+                st.thread.start()
 
     def expired(self) -> bool:
         """True once the timeout given to start() has passed; stops the vCPUs then."""
@@ -409,8 +419,11 @@ class Machine:
         A second Ctrl-C while stopping does not cut this short: the vCPU threads
         must be gone before their kvm_run mappings can be released.
         """
-        # Threads taken once: another stop() (a timer, close() elsewhere) may clear them
-        running = [(st, st.thread) for st in self.states if st.thread is not None]
+        # Threads taken once: another stop() (a timer, close() elsewhere) may clear them.
+        # Not while start() is making them (it waits for no vCPU: a callback's stop() here
+        # only waits until every thread exists, and then kicks them all)
+        with self._lock:
+            running = [(st, st.thread) for st in self.states if st.thread is not None]
         me = threading.current_thread()
         for st, _ in running:
             if not st.done.is_set():

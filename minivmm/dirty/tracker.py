@@ -511,12 +511,14 @@ class DirtySession:
         self._cond = threading.Condition()
         self._arrived: dict[int, int] = {}
         self._running = self.nvcpus
+        self._ended: set[int] = set()      # vCPUs over (one may still be in _arrived)
         self._generation = 0
         self._queue: queue.Queue = queue.Queue()
         self._gated = self._started = self._closed = self._syncs_stopped = False
         self._go = threading.Event()
         self._reaper_stop = threading.Event()
         self._failure: BaseException | None = None
+        self._reaper: threading.Thread | None = None
         self.result = None
 
     # -- lifecycle --
@@ -533,6 +535,9 @@ class DirtySession:
             # consumer (its `with`) releases the machine.
             self.machine.stop("closed", wait=False)
             return
+        reaper = self._reaper
+        if reaper is not None and reaper is not me:
+            reaper.join()   # its poll in flight would meet a closed VM (EBADF, unread)
         self.machine.close()
 
     def _check_open(self) -> None:
@@ -569,7 +574,8 @@ class DirtySession:
         self.machine.start(timeout)
         reaper = None
         if self.collect_mode == "async":
-            reaper = threading.Thread(target=self._reap, name="reaper", daemon=True)
+            reaper = self._reaper = threading.Thread(target=self._reap, name="reaper",
+                                                     daemon=True)
             reaper.start()
         try:
             while True:
@@ -649,7 +655,7 @@ class DirtySession:
         with self._cond:
             self._arrived[st.index] = tag
             gen = self._generation
-            if len(self._arrived) >= self._running:
+            if self._all_arrived_locked():
                 self._complete_locked(st)
             else:
                 while gen == self._generation and st.stop_reason is None:
@@ -658,12 +664,21 @@ class DirtySession:
     def _on_end(self, st) -> None:
         with self._cond:
             self._running -= 1
+            self._ended.add(st.index)
             try:
-                if self._arrived and len(self._arrived) >= self._running:
+                if self._arrived and self._all_arrived_locked():
                     self._complete_locked(st)
             finally:
                 if self._running == 0:
                     self._queue.put(None)
+
+    def _all_arrived_locked(self) -> bool:
+        # A vCPU stopped while it waited here stays in _arrived (its writes are complete)
+        # but no longer runs: counted against _running, it completed the barrier before a
+        # vCPU still on its way arrived, whose own collection then found its pages gone
+        if not self._ended:             # the common case, at every sync: no set made
+            return len(self._arrived) >= self._running
+        return len(self._arrived.keys() - self._ended) >= self._running
 
     def _fail(self, error: BaseException) -> None:
         """A collection failed in a vCPU or reaper thread: hand it to the consumer, which

@@ -705,3 +705,52 @@ def test_a_guest_that_syncs_up_to_the_limit_is_not_stopped():
         records = s.run(timeout=30)
     assert len(records) >= limit
     assert [st.end.reason for st in s.result.vcpus] == ["exit-port"]
+
+
+@pytest.mark.parametrize("collect", ["sync", "async"])
+def test_a_vcpu_stopped_at_the_barrier_does_not_complete_it_for_one_still_running(collect):
+    # vCPU 0 waits at the sync of iteration 1 and is stopped there; it ended while still
+    # counted as arrived, so the barrier completed without vCPU 1, which was still on its
+    # way: vCPU 1's own collection of iteration 1 then found nothing, and the plan oracle
+    # reported every page it had written as missed (a stop() at a random time did it)
+    s = session(tracker="ring", iterations=2, collect=collect)
+    sync = s.machine.on_sync
+
+    def on_sync(st, tag):
+        if st.index == 1 and tag == 1:
+            deadline = time.monotonic() + 10
+            while 0 not in s._arrived and time.monotonic() < deadline:
+                time.sleep(0.001)
+            s.machine._kick(s.machine.states[0], "stopped")
+            s.machine.states[0].done.wait(10)
+        sync(st, tag)
+    s.machine.on_sync = on_sync
+    with s:
+        recs = s.run(timeout=30)
+    assert [st.end.reason for st in s.result.vcpus] == ["stopped", "exit-port"]
+    first = [r for r in recs if r.iteration == 1]
+    assert len(first) == 1 and first[0].complete
+    assert all(r.ok for r in recs), [(r.iteration, len(r.missed)) for r in recs]
+
+
+def test_close_waits_for_the_reapers_poll_in_flight():
+    # close() released the VM while the reaper could still be inside a poll, which then
+    # failed with EBADF where nothing read it (seen once in ~70 stress runs)
+    entered, polls = threading.Event(), []
+    with DirtySession("dirty_seq", tracker="ring", vcpus=1, pages=64, iterations=3,
+                      collect="async", poll_interval_s=0.001) as s:
+        real = s.tracker.poll
+
+        def slow_poll():
+            entered.set()
+            time.sleep(0.3)             # a poll still in flight when close() comes
+            real()
+            polls.append(threading.current_thread().name)
+        s.tracker.poll = slow_poll
+        it = s.iterate(timeout=30)
+        next(it)
+        assert entered.wait(5)
+        s.close()
+        assert not s._reaper.is_alive()
+        assert polls == ["reaper"]      # it finished against an open VM
+        assert s._failure is None

@@ -210,6 +210,37 @@ def test_stops_from_two_threads_at_once_do_not_race():
     assert errors == []
 
 
+def test_a_close_from_another_thread_while_start_makes_the_threads(monkeypatch):
+    # close() landed between two vCPU threads of start(): it stopped the threads made so
+    # far, then released the kvm_run page of one that start() made next, still running:
+    # BufferError, that vCPU ended as kvm-error (EBADF) and a second close() raised too
+    import threading
+    from minivmm import machine as machine_module
+    errors, closers = [], []
+
+    def close(m):
+        try:
+            m.close()
+        except Exception as e:         # raised in the closer's thread: record it
+            errors.append(e)
+
+    class Thread(threading.Thread):
+        def start(self):
+            if self.name == "vcpu1":   # vCPU 0 runs; a close from elsewhere comes now
+                closers.append(threading.Thread(target=close, args=(m,)))
+                closers[-1].start()
+                time.sleep(0.3)
+            super().start()
+    monkeypatch.setattr(machine_module.threading, "Thread", Thread)
+    m = Machine(payload("spin"), vcpus=3)
+    m.start(timeout=10)
+    closers[0].join()
+    m.close()
+    assert errors == []
+    assert [st.end.reason for st in m.states] == ["closed"] * 3
+    assert not [t for t in threading.enumerate() if t.name.startswith("vcpu")]
+
+
 def test_ctrl_c_just_after_an_fd_is_made_leaks_nothing(monkeypatch):
     # The interrupt lands right after the ioctl returns the new fd: it is held back
     # until the fd has an owner, which then closes it
