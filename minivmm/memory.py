@@ -49,7 +49,9 @@ class GuestMemory:
 
     def contains(self, gpa: int, length: int = 1) -> bool:
         if self.map is None:
-            raise ValueError(f"{self.name} is closed (its VM was closed)")
+            # not only a VM's close(): close() itself and Vm.remove_memory() unmap too
+            raise ValueError(f"{self.name} is closed: its mapping was released (close(), "
+                             "Vm.remove_memory() or its VM's close())")
         return length >= 0 and self.gpa <= gpa and gpa + length <= self.gpa + self.size
 
     def write(self, gpa: int, data: bytes) -> None:

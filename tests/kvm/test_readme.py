@@ -3,7 +3,7 @@ import contextlib
 import io
 import re
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_cli
 
 
 def test_readme_python_blocks_run():
@@ -18,3 +18,24 @@ def test_readme_python_blocks_run():
     assert [l.split()[0] for l in lines[:3]] == ["1", "2", "3"]
     assert all("0 missed" in l for l in lines[:3])
     assert "Hello from long mode" in out.getvalue() and "exited with code 0" in lines[-1]
+
+
+def test_readme_trace_ioctls_sample_is_real_output():
+    """The --trace-ioctls sample is lines of the command it names, in order (addresses and
+    durations aside): it once mixed `run` and `dirty` (a data slot without dirty logging
+    next to a dirty ring, which no run maps)."""
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"```\n\$ (minivmm [^\n]*--trace-ioctls)\n(.*?)```", text, re.S)
+    assert block, "the --trace-ioctls sample names no command"
+    args = block.group(1).split()[1:]
+    out = run_cli(*args).stdout.splitlines()
+    at = 0
+    for line in block.group(2).splitlines():
+        if line == "...":
+            continue
+        pattern = re.escape(line)
+        pattern = re.sub(r"0x7f[0-9a-f]+", "0x[0-9a-f]+", pattern)
+        pattern = re.sub(r"<[0-9]+\\\.[0-9]+\\ us>", r"<[0-9.]+ us>", pattern)
+        found = [i for i in range(at, len(out)) if re.fullmatch(pattern, out[i])]
+        assert found, f"README sample line not in the output (in order): {line}"
+        at = found[0] + 1
