@@ -187,8 +187,11 @@ def _header_values(header: dict, name: str) -> tuple:
 def find_payload(name_or_path: str, search_dir: str | None = None) -> Path:
     """A path as given, or a bare name looked up in guest_payloads/."""
     p = Path(name_or_path)
-    if p.is_file():
+    if p.is_file() or p.is_fifo():      # a pipe too: `minivmm run <(generate)`
         return p
+    if p.exists() and not p.is_dir():   # reading /dev/zero would never end
+        raise PayloadError(f"{name_or_path}: not a regular file (a device or a socket); "
+                           "give a payload source file")
     base = Path(search_dir) if search_dir else payload_dir()
     for cand in (base / name_or_path, base / f"{name_or_path}.asm"):
         if cand.is_file():

@@ -314,6 +314,22 @@ def test_a_directory_is_not_a_payload_file(tmp_path):
         P.load(str(tmp_path / "x.asm"))
 
 
+def test_a_device_is_not_a_payload_file_but_a_pipe_is(tmp_path):
+    # /dev/null was "payload file not found" though it exists; /dev/zero would be read
+    # for ever
+    for dev in ("/dev/null", "/dev/zero"):
+        with pytest.raises(P.PayloadError, match=rf"^{dev}: not a regular file"):
+            P.load(dev)
+    # `minivmm run <(generate)`: the shell hands over a pipe, which is read
+    r, w = os.pipe()
+    os.write(w, b";! mode: real\nhlt\n")
+    os.close(w)
+    try:
+        assert [i.mnemonic for i in P.load(f"/dev/fd/{r}").listing] == ["hlt"]
+    finally:
+        os.close(r)
+
+
 def test_utf8_byte_order_mark_is_ignored(tmp_path):
     f = tmp_path / "bom.asm"
     f.write_bytes(b"\xef\xbb\xbf;! mode: real\nhlt\n")
