@@ -540,6 +540,11 @@ def main(argv=None) -> int:
         return EXIT_GUEST_FAILED
     except BrokenPipeError:
         return EXIT_OK
+    except MemoryError as e:
+        # the host refused guest memory (GuestMemory names the slot: the system slot's is
+        # no option's fault), or Python itself ran out: a failure of the run, not of input
+        print(f"minivmm: {e or 'out of memory'}", file=sys.stderr)
+        return EXIT_GUEST_FAILED
     except RuntimeError as e:
         if interrupted(e):                 # a Ctrl-C while a module loaded (Python 3.11)
             print("minivmm: interrupted", file=sys.stderr)

@@ -139,7 +139,15 @@ def probe_guest_debug(payload: Payload, kvm: Kvm | None = None) -> tuple:
     VM. Returns (works, evidence): works is True when a KVM_EXIT_DEBUG arrived with the pc
     in the payload, False when the step went somewhere else (the guest's #DB stub, a
     triple fault), None when the payload ended before a verdict."""
-    with Machine(payload, vcpus=1, pages=1, kvm=kvm) as m:
+    try:
+        m = Machine(payload, vcpus=1, pages=1, kvm=kvm)
+    except MachineError as e:
+        if getattr(e, "argument", None) != "pages":
+            raise
+        # its one data page could not be mapped: the probe's own size, not the caller's
+        # pages (a MachineError would be reported as the user's --pages)
+        raise MemoryError(f"guest-debug probe VM: {e}") from None
+    with m:
         vcpu = m.states[0].vcpu
         vcpu.set_guest_debug(abi.KVM_GUESTDBG_ENABLE | abi.KVM_GUESTDBG_SINGLESTEP)
         for _ in range(PROBE_EXITS):

@@ -93,7 +93,10 @@ class Vcpu(_sys.FdOwner):
             except KvmError as e:
                 if e.errno == _EINTR:
                     return abi.KVM_EXIT_INTR
-                raise
+                # without the tracer's frames: they hold run_struct, so an exception kept
+                # while the VM closes (a `with Machine` left by it) would pin the kvm_run
+                # page and close() would raise BufferError in the KvmError's place
+                raise e.with_traceback(None)
             return self.run_struct.exit_reason
         if _sys._ioctl_fast(*self._run_args) < 0:
             err = ctypes.get_errno()

@@ -616,6 +616,10 @@ class DirtySession:
             if reaper is not None:
                 reaper.join()
         self._check_open()
+        if self._failure is not None:
+            # the reaper failed after the last vCPU queued its end: its failure came
+            # after that None in the queue, so the loop never took it
+            raise self._failure
         try:
             final = self._record("final", self.tracker.collect(), self._snapshot())
         except (ValueError, BufferError, KvmError):

@@ -135,3 +135,31 @@ def test_trace_names_the_out_that_made_the_exit(tmp_path):
                                   "out 0xe9, al  ; line 5", "out 0xe9, al  ; line 6",
                                   "out 0xf4, al  ; line 8"]):
         assert line.endswith("by " + want), line
+
+
+@pytest.mark.parametrize("argv, refused, expected", [
+    # the system slot (its size follows --vcpus, not --pages): a bare MemoryError was a
+    # traceback
+    (["run", "hello_long"], "slot 0", "cannot map 2097152 bytes for system"),
+    # the guest-debug probe's one-page VM: its MachineError ("pages 1: ...") was a traceback
+    (["step", "hello_long", "--count", "1"], "slot 1", "guest-debug probe VM"),
+])
+def test_guest_memory_the_host_refuses_is_one_line_with_status_1(monkeypatch, capsys, argv,
+                                                                  refused, expected):
+    import errno
+    from minivmm import _sys
+    real = _sys.mmap
+    calls = []
+
+    def mmap(fd, length, flags, prot, offset=0, what=""):
+        if refused in what and not calls:     # the first such mapping only
+            calls.append(what)
+            raise OSError(errno.ENOMEM, "Cannot allocate memory")
+        return real(fd, length, flags, prot, offset, what)
+    monkeypatch.setattr(_sys, "mmap", mmap)
+    status = cli_main(argv)
+    err = capsys.readouterr().err
+    assert calls, "the mapping was never asked for"
+    assert status == 1 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert expected in err and "Cannot allocate memory" in err

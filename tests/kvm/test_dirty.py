@@ -758,3 +758,35 @@ def test_close_waits_for_the_reapers_poll_in_flight():
         assert not s._reaper.is_alive()
         assert polls == ["reaper"]      # it finished against an open VM
         assert s._failure is None
+
+
+def test_a_reaper_failure_after_the_last_vcpu_ended_is_raised(monkeypatch):
+    # The last vCPU's end queues None; a reaper failing after it (it polls until iterate()
+    # has waited for the machine) queued its error behind that None, where the loop never
+    # looked: the run reported OK with a failed KVM_GET_DIRTY_LOG
+    import ctypes
+    import errno
+    from minivmm import _sys
+    s = session(tracker="bitmap", pages=256, iterations=2, collect="async")
+    failed = threading.Event()
+
+    def tracer(fd, request, arg, name, hints, run=None):
+        if name == "KVM_GET_DIRTY_LOG" and threading.current_thread().name == "reaper" \
+                and all(st.done.is_set() for st in s.machine.states):
+            failed.set()
+            raise _sys.failure(fd, name, errno.EFAULT, hints)
+        ret = _sys._ioctl(fd, request, arg)
+        if ret < 0:
+            raise _sys.failure(fd, name, ctypes.get_errno(), hints)
+        return ret
+    wait = s.machine.wait
+
+    def slow_wait():          # the consumer is slower than the reaper's next poll
+        failed.wait(5)
+        return wait()
+    monkeypatch.setattr(s.machine, "wait", slow_wait)
+    monkeypatch.setattr(_sys, "tracer", tracer)
+    with s, pytest.raises(KvmError) as info:
+        s.run(timeout=30)
+    assert failed.is_set()
+    assert (info.value.call, info.value.errno) == ("KVM_GET_DIRTY_LOG", errno.EFAULT)

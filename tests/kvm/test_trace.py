@@ -311,3 +311,27 @@ def test_ring_tracker_in_process_and_tracing_off_makes_no_map_lines():
     trace.uninstall()
     session()
     assert off.getvalue() == ""
+
+
+def test_a_kvm_run_failing_under_the_tracer_leaves_its_machine_closable(monkeypatch):
+    # The tracer's frame holds the vCPU's kvm_run (its ``run`` argument): a KvmError raised
+    # with that frame pinned the page, so leaving `with Machine` raised BufferError in the
+    # KvmError's place (`minivmm step hello_long --trace-ioctls` printed a traceback when
+    # the mechanism probe's KVM_RUN failed)
+    import ctypes
+    real = _sys._ioctl
+
+    def ioctl(fd, request, arg):
+        if request == abi.KVM_RUN:
+            ctypes.set_errno(errno.EFAULT)
+            return -1
+        return real(fd, request, arg)
+    monkeypatch.setattr(_sys, "_ioctl", ioctl)
+    out = io.StringIO()
+    with trace.tracing(out):
+        with pytest.raises(KvmError) as info:
+            with Machine("hello_long", pages=1) as m:
+                m.states[0].vcpu.run()
+    assert (info.value.call, info.value.errno) == ("KVM_RUN", errno.EFAULT)
+    assert m.vm is None                      # closed: the kvm_run page was released
+    assert "KVM_RUN, 0) = -1 EFAULT" in out.getvalue()
