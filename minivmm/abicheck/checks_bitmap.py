@@ -253,7 +253,7 @@ def get_returns_and_clears(ctx):
 @check("bitmap.manual_protect.args", 54, f"{MAIN} kvm_vm_ioctl_enable_cap_generic() "
        "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2; api.rst 7.18", fault="errno_swap")
 def manual_protect_args(ctx):
-    """ENABLE_CAP(168): args[0] within {1,2}, bit 2 only with bit 1, flags 0; else EINVAL"""
+    """ENABLE_CAP(168): args[0] 0, 1 or 3 (INITIALLY_SET only with ENABLE), flags 0; else EINVAL"""
     value = require_manual_protect(ctx)
     vm = ctx.vm()
     cap = abi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2

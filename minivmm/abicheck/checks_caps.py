@@ -80,8 +80,10 @@ def ring_with_bitmap(ctx):
     expect_eq(value, 0, "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP on x86")
 
 
-@check("caps.manual_protect2.value", 4, "virt/kvm/kvm_main.c KVM_DIRTY_LOG_MANUAL_CAPS; "
-       "api.rst 7.18", fault="check_extension_lie")
+@check("caps.manual_protect2.value", 4, "virt/kvm/kvm_main.c "
+       "kvm_vm_ioctl_check_extension_generic() (returns KVM_DIRTY_LOG_MANUAL_CAPS: "
+       "include/linux/kvm_host.h, arch/x86/include/asm/kvm_host.h); api.rst 7.18",
+       fault="check_extension_lie")
 def manual_protect2(ctx):
     """KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 offers MANUAL_PROTECT_ENABLE (and maybe INITIALLY_SET)"""
     value = ctx.require(abi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)

@@ -78,7 +78,7 @@ def identity_map_after_vcpu(ctx):
        "(!vcpu->wants_to_run -> -EINTR); api.rst 5 (immediate_exit), KVM_CAP_IMMEDIATE_EXIT",
        fault="errno_swap")
 def immediate_exit(ctx):
-    """immediate_exit = 1: KVM_RUN returns -1/EINTR at once and leaves exit_reason as it was"""
+    """immediate_exit = 1: KVM_RUN returns -1/EINTR at once, the guest does not run"""
     ctx.require(abi.KVM_CAP_IMMEDIATE_EXIT)
     m = ctx.guest("    xor eax, eax\n    out 0xf4, al", pages=1)
     vcpu = m.states[0].vcpu
@@ -91,8 +91,10 @@ def immediate_exit(ctx):
     reason = run.exit_reason
     rip1 = vcpu.get_regs().rip
     run.immediate_exit = 0
-    expect_eq(reason, SENTINEL, f"kvm_run.exit_reason after the EINTR (written as "
-              f"{SENTINEL:#x} before the call)")
+    # api.rst 5 gives exit_reason a meaning only when KVM_RUN returns 0: what it holds after
+    # the EINTR is reported, not judged (x86 leaves it; a kernel may set KVM_EXIT_INTR)
+    ctx.diag(f"kvm_run.exit_reason after the EINTR: {reason:#x} (written as {SENTINEL:#x} "
+             f"before the call{'; left as it was' if reason == SENTINEL else ''})")
     expect_eq(rip1, rip0, "RIP after the EINTR (the guest did not run)")
     # control: without immediate_exit the same vCPU runs and exit_reason is written
     ioctl(vcpu.fd, abi.KVM_RUN, 0, "KVM_RUN")

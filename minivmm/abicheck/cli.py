@@ -93,7 +93,8 @@ def cmd_abi_check(args) -> int:
                                                  args.output)):
                         return err
             except KeyboardInterrupt:
-                # ktap.rst's "Bail out!": the run was stopped, the missing results are
+                # TAP 13's "Bail out!", as kselftest.h's ksft_exit_fail_msg() prints it
+                # (ktap.rst has no such line): the run was stopped, the missing results are
                 # not failures of the kernel
                 if stream:
                     _write(out, f"Bail out! interrupted (SIGINT) after {len(results)} of "

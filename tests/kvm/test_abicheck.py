@@ -7,6 +7,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from minivmm import Kvm
+from minivmm._sys import KvmError
 from minivmm.abicheck import docs, report, runner
 from minivmm.abicheck.faults import FAULTS
 from tests.conftest import run_cli
@@ -331,8 +332,9 @@ def test_the_signal_storm_leaves_no_signal_behind(kvm):
 
 
 def test_ctrl_c_ends_the_ktap_with_bail_out():
-    # an interrupted run stopped mid-plan: ktap.rst's "Bail out!" tells a parser why the
-    # rest is missing (without it the missing checks read as crashed)
+    # an interrupted run stopped mid-plan: TAP 13's "Bail out!" (kselftest.h's
+    # ksft_exit_fail_msg()) tells a reader why the rest is missing; kunit_parser.py takes it
+    # as a diagnostic and still counts the missing checks as crashed
     import signal
     import subprocess
     import sys
@@ -410,3 +412,28 @@ def test_what_must_never_be_logged_and_the_control_can_each_fail(kvm, check_id):
         assert res.status in ("fail", "skip"), (fault, res.status, res.reason)
         if res.status == "fail" and says:
             assert says in res.reason, res.reason
+
+
+def test_immediate_exit_does_not_judge_exit_reason_after_eintr(kvm, monkeypatch):
+    # api.rst 5 defines exit_reason only for a KVM_RUN that returned 0: a kernel that sets
+    # KVM_EXIT_INTR on the immediate_exit EINTR keeps the ABI and failed the check
+    from minivmm import abi
+    from minivmm.abicheck import checks_misc, ctx as ctxmod
+    machines, real_guest, real_ioctl = [], ctxmod.Ctx.guest, checks_misc.ioctl
+
+    def guest(self, *a, **kw):
+        machines.append(real_guest(self, *a, **kw))
+        return machines[-1]
+
+    def ioctl(fd, request, arg=0, name="ioctl", *a, **kw):
+        try:
+            return real_ioctl(fd, request, arg, name, *a, **kw)
+        except KvmError as e:
+            if name == "KVM_RUN" and e.errno_name == "EINTR":
+                machines[-1].states[0].vcpu.run_struct.exit_reason = abi.KVM_EXIT_INTR
+            raise
+    monkeypatch.setattr(ctxmod.Ctx, "guest", guest)
+    monkeypatch.setattr(checks_misc, "ioctl", ioctl)
+    res = runner.run_one(runner.REGISTRY["misc.immediate_exit"], kvm)
+    assert res.status == "pass", (res.reason, res.diagnostics)
+    assert any("exit_reason after the EINTR: 0xa" in d for d in res.diagnostics), res.diagnostics
