@@ -210,6 +210,18 @@ def ioctl_signals_held(fd: int, request: int, arg=0, name: str = "ioctl",
 _thread_state = threading.local()
 
 
+@contextlib.contextmanager
+def signals_held():
+    """Every signal held back in this thread inside the block (delivered as it ends);
+    threads started there begin with all of them blocked."""
+    old = _SIGSET()
+    _sigmask(_SIG_BLOCK, _ALL_SIGNALS, old)
+    try:
+        yield
+    finally:
+        _sigmask(_SIG_SETMASK, old, None)
+
+
 def block_thread_signals() -> None:
     """Hold every signal back in this thread from now on (minivmm's own vCPU and reaper
     threads). A vCPU thread lets its kick in during KVM_RUN only (Vcpu.set_run_signals,

@@ -9,6 +9,7 @@ members, and ``immediate_exit`` plus a signal to kick a vCPU out of KVM_RUN
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 import struct
 import threading
@@ -157,6 +158,13 @@ class VcpuState:
         # on Python 3.11 a Ctrl-C inside join() can mark a live thread as stopped.
         self.done = threading.Event()
         self.stop_reason: str | None = None   # set by the host to kick the vCPU out
+        # True while `thread` may be signalled: cleared under kick_lock as the thread ends,
+        # so that no kick reaches its id once it is gone (pthread_kill on an exited thread
+        # signals whichever new thread got its id, or crashes on its unmapped stack)
+        self.kickable = False
+        # reentrant: a Python signal handler tripped just before a kick runs inside it, and
+        # its own stop() kicks again
+        self.kick_lock = threading.RLock()
 
     def exits_by_name(self) -> dict:
         names = {"io": 0, "hlt": 0, "mmio": 0}
@@ -238,6 +246,7 @@ class Machine:
         # Reentrant: a signal handler may stop() the Machine while start() holds it
         self._lock = threading.RLock()
         self._closing = False
+        self._pid = None                  # the process whose start() made the vCPU threads
         nvcpus = vcpus if vcpus is not None else (self.payload.vcpus or 1)
         for name, value in (regs or {}).items():
             if name not in _REG_NAMES:    # setattr on the ctypes struct would just add it
@@ -305,7 +314,14 @@ class Machine:
         if self._in_vcpu_thread():
             return
         if self.vm is not None:
-            self.vm.close()
+            try:
+                self.vm.close()
+            except BufferError:
+                if not self._forked():
+                    raise
+                # the child of a fork: the parent's vCPU threads' frames came through it
+                # (never to run) holding views of the kvm_run pages; the fds are closed,
+                # this process's copies of those mappings go when it exits
             self.vm = None
         if self._own_kvm and self.kvm is not None:
             self.kvm.close()
@@ -377,13 +393,19 @@ class Machine:
                 # the first, and the first could no longer be kicked (st.thread is the second)
                 raise MachineError("this Machine has already run; make a new one")
             self._started = True
+            self._pid = os.getpid()
             install_kick_handler()      # the vCPU threads let the kick in themselves
             self._start = time.monotonic()
             self._deadline = None if timeout is None else self._start + timeout
-            for st in self.states:
-                st.thread = threading.Thread(target=self._vcpu_thread, args=(st,),
-                                             name=f"vcpu{st.index}", daemon=True)
-                st.thread.start()
+            # The threads start with every signal blocked (a thread inherits its maker's
+            # mask): a kick before their own block_thread_signals() would run the
+            # program's SIGUSR1 handler instead of stopping KVM_RUN
+            with _sys.signals_held():
+                for st in self.states:
+                    st.thread = threading.Thread(target=self._vcpu_thread, args=(st,),
+                                                 name=f"vcpu{st.index}", daemon=True)
+                    st.kickable = True
+                    st.thread.start()
 
     def expired(self) -> bool:
         """True once the timeout given to start() has passed; stops the vCPUs then."""
@@ -397,6 +419,10 @@ class Machine:
         if not self._started:         # no vCPU thread would ever end
             self._vm()
             raise MachineError("this Machine has not been started: call start() first")
+        if self._forked():
+            raise MachineError(f"this Machine was started in process {self._pid}: its vCPU "
+                               "threads did not come through the fork (close it here, wait "
+                               "for it there)")
         try:
             for st in self.states:
                 while not st.done.is_set():
@@ -424,6 +450,10 @@ class Machine:
         # only waits until every thread exists, and then kicks them all)
         with self._lock:
             running = [(st, st.thread) for st in self.states if st.thread is not None]
+        if self._forked():
+            # A child of fork() has none of the threads: their ids mean nothing here
+            # (pthread_kill fails or signals another thread) and they never end here
+            return
         me = threading.current_thread()
         for st, _ in running:
             if not st.done.is_set():
@@ -448,6 +478,10 @@ class Machine:
         if interrupted:
             raise KeyboardInterrupt
 
+    def _forked(self) -> bool:
+        """True in a child of fork() made while the vCPU threads existed (or later)."""
+        return self._pid is not None and self._pid != os.getpid()
+
     def _in_vcpu_thread(self) -> bool:
         me = threading.current_thread()
         return any(st.thread is me for st in self.states)
@@ -458,11 +492,16 @@ class Machine:
         thread = st.thread
         if thread is None:
             return
-        st.vcpu.run_struct.immediate_exit = 1    # if it is between two KVM_RUNs
-        try:
-            signal.pthread_kill(thread.ident, KICK_SIGNAL)   # if it is inside KVM_RUN
-        except (ProcessLookupError, TypeError):
-            pass
+        # The thread cannot end (its id freed, its VM closed) while the lock is held; no
+        # signal handler runs here meanwhile (its stop() would wait for that end for ever)
+        with _sys.signals_held(), st.kick_lock:
+            if not st.kickable:
+                return
+            st.vcpu.run_struct.immediate_exit = 1    # if it is between two KVM_RUNs
+            try:
+                signal.pthread_kill(thread.ident, KICK_SIGNAL)   # if it is inside KVM_RUN
+            except (ProcessLookupError, TypeError):
+                pass
 
     def _vcpu_thread(self, st: VcpuState) -> None:
         try:
@@ -491,6 +530,8 @@ class Machine:
                 st.end = VcpuEnd("host-error", detail={
                     "error": f"on_end raised {type(e).__name__}: {e} (the vCPU had {was})"})
             finally:
+                with st.kick_lock:      # no kick for this thread's id from now on
+                    st.kickable = False
                 st.done.set()
 
     def _vcpu_loop(self, st: VcpuState) -> None:

@@ -1,0 +1,121 @@
+"""Several Machines in one process: a kick reaches the vCPU thread it is for, and only
+while that thread exists; a Machine running when the process forks."""
+import os
+import signal
+import threading
+import time
+
+from minivmm import machine as machine_module
+from minivmm.machine import KICK_SIGNAL, Machine
+from tests.conftest import payload
+
+
+def test_no_kick_reaches_the_id_of_a_vcpu_thread_that_has_ended(monkeypatch):
+    # stop() tested done, then kicked: a thread ending in between was signalled by an id
+    # that a new thread (another Machine's) had taken, running the program's SIGUSR1
+    # handler, or that pointed into an unmapped stack: pthread_kill crashed the process
+    # (16 machines at once in threads, about one run in five)
+    with Machine(payload("hello_long")) as m:
+        m.start(timeout=20)
+        st = m.states[0]
+        thread = st.thread
+        assert st.done.wait(20)
+        thread.join()
+        kills = []
+        monkeypatch.setattr(machine_module.signal, "pthread_kill",
+                            lambda ident, sig: kills.append(ident))
+        m._kick(st, "stopped")           # what stop() does when done was read just before
+        assert kills == []
+        assert m.wait().vcpus[0].end.reason == "exit-port"
+
+
+def test_vcpu_threads_start_with_every_signal_blocked(monkeypatch):
+    # They inherited the mask of the thread calling start(): a kick before their own
+    # block ran the program's SIGUSR1 handler in the main thread instead of stopping them
+    from minivmm import _sys
+    masks = []
+    block = _sys.block_thread_signals
+
+    def seen_then_block():
+        masks.append(signal.pthread_sigmask(signal.SIG_BLOCK, ()))
+        block()
+    monkeypatch.setattr(_sys, "block_thread_signals", seen_then_block)
+    was = signal.pthread_sigmask(signal.SIG_UNBLOCK, (KICK_SIGNAL, signal.SIGINT))
+    try:
+        with Machine(payload("hello_long"), vcpus=2) as m:
+            r = m.run(timeout=20)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, was)
+    assert r.ok and len(masks) == 2
+    for mask in masks:
+        assert {KICK_SIGNAL, signal.SIGINT} <= mask
+
+
+def test_many_machines_in_threads_with_their_own_timeouts():
+    # each vCPU ends as its own Machine was asked, and no kick lands on the program's
+    # SIGUSR1 handler
+    hits, bad = [], []
+    old = signal.signal(KICK_SIGNAL, lambda *a: hits.append(1))
+
+    def one(i):
+        try:
+            with Machine(payload("spin" if i % 2 else "hello_long"),
+                         vcpus=3 if i % 2 else 1) as m:
+                r = m.run(timeout=0.05 + 0.01 * (i % 5) if i % 2 else 30)
+            want = "timeout" if i % 2 else "exit-port"
+            bad.extend((i, st.end.reason) for st in r.vcpus if st.end.reason != want)
+        except Exception as e:
+            bad.append((i, repr(e)))
+    try:
+        for _ in range(5):
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(10)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+                assert not t.is_alive()
+    finally:
+        signal.signal(KICK_SIGNAL, old)
+    assert bad == [] and hits == []
+
+
+def _in_child(body) -> str:
+    """Run body() in a forked child; what it printed (one line), or how it hung/died."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            signal.alarm(5)              # a hang ends the child, and the test says so
+            os.write(w, (body() + "\n").encode())
+        except BaseException as e:
+            os.write(w, f"raised {type(e).__name__}: {e}\n".encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        out = f.read().strip()
+    _, status = os.waitpid(pid, 0)
+    return out or f"no output, wait status {status}"
+
+
+def test_a_forked_child_can_close_but_not_wait_for_its_parents_running_machine():
+    # The child has none of the vCPU threads: close() raised OSError EINVAL from
+    # pthread_kill (their ids), and wait() without a timeout never returned
+    with Machine(payload("spin"), vcpus=2) as m:
+        m.start()
+        time.sleep(0.1)
+
+        def wait():
+            m.wait()
+            return "wait returned"
+
+        def close():
+            m.close()
+            return "closed"
+        said = _in_child(wait)
+        assert said.startswith("raised MachineError: this Machine was started in process"), said
+        assert "did not come through the fork" in said
+        assert _in_child(close) == "closed"
+        assert m.states[0].end is None      # the parent's vCPUs ran on meanwhile
+        m.stop()
+        assert [st.end.reason for st in m.states] == ["stopped", "stopped"]
