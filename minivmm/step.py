@@ -434,6 +434,12 @@ class StepSession:
                 return self._next_in_guest()
             return self._next_guest_debug()
         finally:
+            self._no_deadline()
+
+    def _no_deadline(self) -> None:
+        # Under the watchdog's lock: once the step returns, the thread that stepped may
+        # end, and a kick by its id would reach whichever thread took that id next
+        with self._lock:
             self._deadline = None
 
     def _step_deadline(self) -> float:
@@ -466,7 +472,7 @@ class StepSession:
             try:
                 self._run_to_breakpoint()
             finally:
-                self._deadline = None
+                self._no_deadline()
                 self.setup_s = time.perf_counter() - t0   # the run to --break, not a step
             return
         if self.mechanism == GUEST_DEBUG:
