@@ -96,12 +96,36 @@ class KvmUnavailable(KvmError):
 def fd_creation():
     """Hold SIGINT back while a new fd is made and handed to its owner: a Ctrl-C landing
     in between would leak it (and a vCPU fd keeps its whole VM alive). The interrupt is
-    raised as the block ends, once the fd is owned."""
+    raised as the block ends, once the fd is owned. (Also used where a thread is made and
+    started: one made but never started could never be joined.)
+
+    Blocking SIGINT in this thread is not enough in the main thread, where Python raises
+    KeyboardInterrupt: a process-directed SIGINT goes to any other thread that lets it in
+    (a threading.Timer, a user's thread) and its handler still runs here, and
+    _thread.interrupt_main() raises with no signal at all. So the main thread's handler is
+    swapped for one that only notes the interrupt, and the old one called as the block ends.
+    """
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    handler, held = None, []
+
+    def hold(signum, frame):
+        held.append(frame)
+    if threading.current_thread() is threading.main_thread():
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):      # else SIG_DFL/SIG_IGN or not Python's: the mask alone
+            signal.signal(signal.SIGINT, hold)
+        else:
+            handler = None
     try:
         yield
     finally:
+        # not where the block set its own (fork_child's child ignores SIGINT)
+        restore = handler is not None and signal.getsignal(signal.SIGINT) is hold
+        if restore:
+            signal.signal(signal.SIGINT, handler)
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        if restore and held:
+            handler(signal.SIGINT, held[0])
 
 
 def fork_child() -> int:

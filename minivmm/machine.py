@@ -399,8 +399,10 @@ class Machine:
             self._deadline = None if timeout is None else self._start + timeout
             # The threads start with every signal blocked (a thread inherits its maker's
             # mask): a kick before their own block_thread_signals() would run the
-            # program's SIGUSR1 handler instead of stopping KVM_RUN
-            with _sys.signals_held():
+            # program's SIGUSR1 handler instead of stopping KVM_RUN. Ctrl-C is held back
+            # until every thread runs: a thread made but not started never ends, and
+            # stop() (close()) would wait for it for ever
+            with _sys.fd_creation(), _sys.signals_held():
                 for st in self.states:
                     st.thread = threading.Thread(target=self._vcpu_thread, args=(st,),
                                                  name=f"vcpu{st.index}", daemon=True)

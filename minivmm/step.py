@@ -40,9 +40,10 @@ import struct
 import sys
 import threading
 import traceback
+import weakref
 import time
 
-from . import abi
+from . import _sys, abi
 from ._args import as_option, check_number, check_type, named
 from .kvm import Kvm, vendor_module
 from .machine import (KICK_SIGNAL, Console, Machine, MachineError, VcpuEnd,
@@ -461,8 +462,13 @@ class StepSession:
             self._session_deadline = time.monotonic() + self.max_time
         if install_kick_handler(let_in=True):
             self._kick_blocked_in = threading.get_ident()
-        self._watchdog = threading.Thread(target=self._watch, name="step-watchdog", daemon=True)
-        self._watchdog.start()
+        # The watchdog holds the session weakly: a session dropped without close() is then
+        # garbage, and its VM's fds go back (a bound method would keep it, and its thread,
+        # alive for ever)
+        with _sys.fd_creation():   # Ctrl-C held back: close() joins a started thread only
+            self._watchdog = threading.Thread(target=_watch, args=(weakref.ref(self),),
+                                              name="step-watchdog", daemon=True)
+            self._watchdog.start()
         regs = self.vcpu.get_regs()
         self.pc = regs.rip
         self.regs = _regs_dict(regs)
@@ -495,19 +501,19 @@ class StepSession:
             run.immediate_exit = 0
             return reason
 
-    def _watch(self) -> None:
-        while True:
-            with self._lock:
-                if self._closed:
-                    return
-                deadline = self._deadline
-                if deadline is not None and time.monotonic() >= deadline and self._ident:
-                    self.vcpu.run_struct.immediate_exit = 1
-                    try:
-                        signal.pthread_kill(self._ident, KICK_SIGNAL)
-                    except ProcessLookupError:
-                        pass
-            time.sleep(0.05)
+    def _watch_once(self) -> bool:
+        """One look of the watchdog: kick a step past its deadline; False once closed."""
+        with self._lock:
+            if self._closed:
+                return False
+            deadline = self._deadline
+            if deadline is not None and time.monotonic() >= deadline and self._ident:
+                self.vcpu.run_struct.immediate_exit = 1
+                try:
+                    signal.pthread_kill(self._ident, KICK_SIGNAL)
+                except ProcessLookupError:
+                    pass
+        return True
 
     # KVM guest debug: every exit is one instruction, or the end.
     def _next_guest_debug(self) -> Step | None:
@@ -918,6 +924,17 @@ class StepSession:
         if frame is not None:
             self._end_exception(frame)
         return frame
+
+
+def _watch(ref) -> None:
+    """The step watchdog's thread: ends with its session's close(), or once the session is
+    gone (dropped without close())."""
+    while True:
+        session = ref()
+        if session is None or not session._watch_once():
+            return
+        del session
+        time.sleep(0.05)
 
 
 def _without_tf(end: VcpuEnd) -> VcpuEnd:

@@ -573,11 +573,14 @@ class DirtySession:
         self._gated = gated
         self.machine.start(timeout)
         reaper = None
-        if self.collect_mode == "async":
-            reaper = self._reaper = threading.Thread(target=self._reap, name="reaper",
-                                                     daemon=True)
-            reaper.start()
         try:
+            if self.collect_mode == "async":
+                # Ctrl-C held back until it runs: close() joins it, and a thread made but
+                # not started cannot be joined (RuntimeError in the interrupt's place)
+                with _sys.fd_creation():
+                    reaper = self._reaper = threading.Thread(target=self._reap,
+                                                             name="reaper", daemon=True)
+                    reaper.start()
             while True:
                 try:
                     item = self._queue.get(timeout=0.1)

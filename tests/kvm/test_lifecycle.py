@@ -271,6 +271,101 @@ def test_ctrl_c_just_after_an_fd_is_made_leaks_nothing(monkeypatch):
         assert _fds() == fds
 
 
+def _ctrl_c(how: str, taker=None) -> None:
+    """A Ctrl-C as it reaches a program with threads: _thread.interrupt_main(), or a
+    SIGINT to the process that ``taker``, a thread started earlier (so not blocking it
+    as the main thread does), takes: its Python handler then raises in the main thread."""
+    import _thread
+    import signal
+    if how == "interrupt_main":
+        _thread.interrupt_main()
+    else:
+        assert taker.is_alive()
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("how", ["interrupt_main", "sigint-to-another-thread"])
+def test_ctrl_c_just_after_a_vcpu_fd_is_made_leaks_nothing_with_threads(monkeypatch, how):
+    # Blocking SIGINT in the main thread did not hold these back: each interrupted
+    # create_vcpu leaked the vCPU fd (and with it the whole VM) for the process's life
+    import threading
+    from minivmm import vm as vm_mod
+    real = vm_mod.ioctl
+    done = threading.Event()
+    taker = threading.Thread(target=done.wait, daemon=True)
+    taker.start()
+    with Kvm() as kvm:
+        with kvm.create_vm() as vm:      # warm-up
+            vm.create_vcpu(0)
+        fds = _fds()
+        for _ in range(5):
+            with kvm.create_vm() as vm:
+                def interrupted(*a, **kw):
+                    fd = real(*a, **kw)
+                    _ctrl_c(how, taker)
+                    return fd
+                monkeypatch.setattr(vm_mod, "ioctl", interrupted)
+                with pytest.raises(KeyboardInterrupt):
+                    vm.create_vcpu(0)
+                monkeypatch.setattr(vm_mod, "ioctl", real)
+                assert len(vm.vcpus) == 1     # owned before the interrupt was raised
+        gc.collect()
+        assert _fds() == fds
+    done.set()
+
+
+@pytest.mark.parametrize("thread", ["vcpu1", "reaper", "step-watchdog"])
+def test_ctrl_c_as_a_thread_starts_is_one_keyboard_interrupt(monkeypatch, thread):
+    # A Ctrl-C landing in Thread.start() before the thread ran left one that never would:
+    # Machine.close() then waited for vCPU 1 for ever; DirtySession's and StepSession's
+    # close() raised RuntimeError (cannot join thread before it is started) in its place
+    import _thread
+    import threading
+    from minivmm import DirtySession
+    from minivmm.step import StepSession
+    real = threading.Thread.start
+
+    def start(self):
+        if self.name == thread:
+            _thread.interrupt_main()
+        return real(self)
+    monkeypatch.setattr(threading.Thread, "start", start)
+    fds, t0 = _fds(), time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        if thread == "vcpu1":
+            with Machine(payload("spin"), vcpus=2) as m:
+                m.run(timeout=10)
+        elif thread == "reaper":
+            with DirtySession(payload("dirty_seq"), tracker="bitmap", vcpus=2, pages=64,
+                              iterations=0, collect="async") as s:
+                s.run(timeout=10)
+        else:
+            with StepSession(payload("hello_long")) as s:
+                list(s.run(count=3))
+    assert time.monotonic() - t0 < 5
+    assert not [t for t in threading.enumerate() if t.name == thread]
+    gc.collect()
+    assert _fds() == fds
+
+
+def test_a_step_session_dropped_without_close_gives_its_fds_and_thread_back():
+    # Its watchdog thread held the session (a bound method), so neither the session
+    # nor its VM was ever garbage: 4 fds and a thread per forgotten session
+    import threading
+    from minivmm.step import StepSession
+    list(StepSession(payload("hello_long")).run(count=2))     # warm-up
+    time.sleep(0.2)
+    gc.collect()
+    fds = _fds()
+    for _ in range(10):
+        list(StepSession(payload("hello_long")).run(count=2))
+    gc.collect()
+    time.sleep(0.2)                   # the watchdogs see their session gone (50 ms polls)
+    assert _fds() == fds
+    assert not [t for t in threading.enumerate() if t.name == "step-watchdog"]
+
+
 def test_structs_of_the_wrong_type_are_refused_before_the_kernel():
     # KVM_SET_SREGS reads 312 bytes: a 144-byte kvm_regs would hand it the heap next to it
     with Kvm() as kvm, kvm.create_vm() as vm:
