@@ -35,6 +35,10 @@ def _check_width(name: str, fields) -> None:
             raise ValueError(f"{name}: {what} {value} does not fit in {bits} bits unsigned")
 
 
+# the u32 and u64 fields of the dirty-log structs: ctypes would keep their low bits
+_U32, _U64 = 1 << 32, 1 << 64
+
+
 class Vm(_sys.FdOwner):
     """A VM created by Kvm.create_vm(). Owns its vCPUs and the memory it was given."""
 
@@ -136,6 +140,9 @@ class Vm(_sys.FdOwner):
 
     def get_dirty_log(self, slot: int, bitmap_addr: int) -> None:
         """KVM_GET_DIRTY_LOG: copy the slot's dirty bitmap to bitmap_addr (api.rst 4.8)."""
+        if not (0 <= slot < _U32 and 0 <= bitmap_addr < _U64):   # cheap, at every collection
+            _check_width("KVM_GET_DIRTY_LOG", [("slot", slot, 32),
+                                               ("dirty_bitmap", bitmap_addr, 64)])
         arg = abi.kvm_dirty_log(slot=slot, dirty_bitmap=bitmap_addr)
         ioctl(self.fd, abi.KVM_GET_DIRTY_LOG, ctypes.addressof(arg), "KVM_GET_DIRTY_LOG",
               {errno.ENOENT: f"slot {slot} does not exist or does not log dirty pages",
@@ -145,6 +152,11 @@ class Vm(_sys.FdOwner):
     def clear_dirty_log(self, slot: int, first_page: int, num_pages: int,
                         bitmap_addr: int) -> None:
         """KVM_CLEAR_DIRTY_LOG: re-protect the pages whose bits are set (api.rst 4.117)."""
+        if not (0 <= slot < _U32 and 0 <= num_pages < _U32 and 0 <= first_page < _U64
+                and 0 <= bitmap_addr < _U64):
+            _check_width("KVM_CLEAR_DIRTY_LOG",
+                         [("slot", slot, 32), ("num_pages", num_pages, 32),
+                          ("first_page", first_page, 64), ("dirty_bitmap", bitmap_addr, 64)])
         arg = abi.kvm_clear_dirty_log(slot=slot, num_pages=num_pages, first_page=first_page,
                                       dirty_bitmap=bitmap_addr)
         ioctl(self.fd, abi.KVM_CLEAR_DIRTY_LOG, ctypes.addressof(arg), "KVM_CLEAR_DIRTY_LOG",

@@ -68,10 +68,23 @@ class SlotBitmap:
         self.vm, self.slot, self.npages = vm, slot, npages
         self.nwords = bitmap_words(npages)
         self.clear_calls = 0
+        self._mem = getattr(vm, "memory", {}).get(slot)    # the GuestMemory, if add_memory()'s
+
+    def _check_slot(self, mem) -> None:
+        """KVM writes the slot's current bitmap size, whatever buffer it is given: a slot
+        replaced by a bigger one (Vm.remove_memory, add_memory) would overrun this one."""
+        if mem is not None and mem.pages != self.npages:
+            raise ValueError(f"slot {self.slot} now holds {mem.pages} pages, not the "
+                             f"{self.npages} its dirty bitmap was made for: it was replaced "
+                             "since; make a new SlotBitmap (a new session) for it")
+        self._mem = mem                # removed (GET says ENOENT) or the same size: fine
 
     def collect(self, clear: bool) -> tuple:
         """GET into a fresh buffer (the caller keeps it: a ctypes u64 array), count its set
         bits and, with ``clear``, CLEAR exactly those; returns (buffer, set bits)."""
+        mem = self.vm.memory.get(self.slot)
+        if mem is not self._mem:
+            self._check_slot(mem)
         buf = (ctypes.c_uint64 * self.nwords)()
         self.vm.get_dirty_log(self.slot, ctypes.addressof(buf))
         n = popcount(buf)
