@@ -10,7 +10,7 @@ from minivmm import Kvm
 from minivmm._sys import KvmError
 from minivmm.abicheck import docs, report, runner
 from minivmm.abicheck.faults import FAULTS
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
 from tests.kvm.reset_model import cut_resets
 
 SPECS = list(runner.load_checks().values())
@@ -293,6 +293,19 @@ def test_docs_list_every_check():
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     bad = [r for r in rows if len(re.findall(r"(?<!\\)\|", r)) != 6]
     assert len(rows) > len(IDS) and not bad, bad
+
+
+def test_check_numbers_do_not_depend_on_which_module_was_imported_first():
+    # a program (or test_dirty.py) importing checks_entries first renumbered every check:
+    # the KTAP numbers and the docs table changed with it
+    import subprocess
+    import sys
+    code = ("import minivmm.abicheck.checks_entries\n"
+            "from minivmm.abicheck import docs, runner\n"
+            "print(docs.main(['--check']), [s.id for s in runner.select()][:3])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, check=True).stdout
+    assert out.startswith("0 ") and str(IDS[:3]) in out, out
 
 
 def test_a_closed_stdout_is_cannot_run_not_a_traceback():
