@@ -249,6 +249,7 @@ def assemble_source(text: str, name: str = "<payload>") -> Payload:
                  enumerate(text.splitlines(), 1)]
         stmts = [(no, s) for no, s in lines if s.strip()]
         _check_syntax(stmts, name)
+        _ks_decimal(mode)
         code = _assemble_with_watchdog("\n".join(s for _, s in stmts), mode, origin, stmts, name)
         if not code:
             raise PayloadError(f"{name}: the payload has no instructions")
@@ -381,13 +382,42 @@ def _alignment(word: str, args: str, consts: dict, name, no) -> tuple:
     return value, max_skip
 
 
-@functools.lru_cache(maxsize=None)
+_KS: dict = {}
+# Keystones found reading decimals as hex, kept alive for the same reason as _KS's
+_KS_REJECTED: list = []
+_RADIX_PROBE = {"real": ("mov ax, 10", b"\xb8\x0a\x00"),
+                "protected": ("mov eax, 10", b"\xb8\x0a\x00\x00\x00"),
+                "long": ("mov eax, 10", b"\xb8\x0a\x00\x00\x00")}
+
+
 def _ks(mode: str):
     # One per mode, kept: a Ks freed mid-command runs its __del__, and Python discards a
     # Ctrl-C that lands there (the command then ran on as if never interrupted)
-    ks_mode = {"real": keystone.KS_MODE_16, "protected": keystone.KS_MODE_32,
-               "long": keystone.KS_MODE_64}[mode]
-    return keystone.Ks(keystone.KS_ARCH_X86, ks_mode)
+    ks = _KS.get(mode)
+    if ks is None:
+        ks_mode = {"real": keystone.KS_MODE_16, "protected": keystone.KS_MODE_32,
+                   "long": keystone.KS_MODE_64}[mode]
+        ks = _KS[mode] = keystone.Ks(keystone.KS_ARCH_X86, ks_mode)
+    return ks
+
+
+def _ks_decimal(mode: str):
+    """_ks(mode), made anew while it reads `10` as 0x10. keystone 0.9.2 lexes with the
+    radix in its MCAsmInfo, which ks_option() sets to 16 (a sym_resolver does that) and
+    which is otherwise left as the allocation found it (keystone issues #481, #538; PR
+    #608): seen here once in a few test runs, every later payload then assembled wrong
+    (`add rdi, 4096` as 0x4096). Checked before each new payload is assembled: the
+    assembler's child inherits this one."""
+    text, want = _RADIX_PROBE[mode]
+    for _ in range(8):
+        ks = _ks(mode)
+        enc, _ = ks.asm(text)
+        if bytes(enc or b"") == want:
+            return ks
+        _KS_REJECTED.append(_KS.pop(mode))
+    raise PayloadError(f"the assembler (keystone) reads decimal numbers as hex in this "
+                       f"process ({text!r} gives {bytes(enc or b'').hex(' ')}); write "
+                       "numbers with 0x, or run again")
 
 
 def _assemble_child(source: str, mode: str, origin: int, stmts) -> tuple:

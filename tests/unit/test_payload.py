@@ -519,3 +519,22 @@ def test_host_files_and_control_characters_are_refused_on_their_line(line, word)
 def test_tabs_and_crlf_line_ends_are_still_fine():
     p = asm("nop\t; a tab\r\n\tmov al, 1\r\nhlt\r\n")
     assert [i.mnemonic for i in p.listing] == ["nop", "mov", "hlt"]
+
+
+@pytest.mark.parametrize("mode,header", [("long", ""), ("real", ";! mode: real\n"),
+                                         ("protected", ";! mode: protected\n")])
+def test_a_keystone_that_reads_decimals_as_hex_is_replaced(monkeypatch, mode, header):
+    # Seen in a test run: every payload assembled after some point read `4096` as 0x4096
+    # (keystone 0.9.2's radix: set to 16 by ks_option(), else as the allocation left it).
+    # A sym_resolver is one way to get such a keystone.
+    import keystone
+    bad = keystone.Ks(keystone.KS_ARCH_X86, P._ks(mode)._mode)
+    bad.sym_resolver = lambda symbol, value: False
+    text, want = P._RADIX_PROBE[mode]
+    assert bytes(bad.asm(text)[0]) != want                      # the condition itself
+    monkeypatch.setitem(P._KS, mode, bad)
+    monkeypatch.setattr(P, "_cache", {})
+    reg = "ax" if mode == "real" else "eax"
+    p = asm(f"mov {reg}, 4096\nmov cl, 10\n", header=header)
+    assert p.code[1:3] == b"\x00\x10" and p.listing[1].raw == b"\xb1\x0a"
+    assert P._KS[mode] is not bad and bad in P._KS_REJECTED
