@@ -253,7 +253,7 @@ def dirty_count(flags: memoryview, entries: int, fetch: int, guess: int = 0) -> 
     fetch index the DIRTY entries form a prefix. It only grows while the vCPU runs, and
     a DIRTY entry stays DIRTY until we RESET it, so bisection is exact for a paused
     vCPU and safe for a running one (an entry published meanwhile is left for the next
-    harvest). A dozen reads instead of a scan; two when ``guess`` (the last count, as
+    harvest). A dozen reads instead of a scan; three when ``guess`` (the last count, as
     ring-full exits repeat) is right. The flags of every entry taken are read again
     from the copy at collection (PageSets.add_words), so a kernel that broke the
     ordering is caught there. ``flags``: the ring as a u32 memoryview (entry i's flags

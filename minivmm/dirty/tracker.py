@@ -27,7 +27,7 @@ from ..machine import Machine, MachineError, VcpuEnd, check_vcpus
 from ..payload import Payload, load
 from ..x86 import layout as L
 from .bitmap import SlotBitmap, enable_manual_protect, popcount
-from .harvest import PageSets, dirty_count, take
+from .harvest import DIRTY, PageSets, dirty_count, take
 from .pageset import PageSet
 from .ring import (EMPTY_FULL_LIMIT, DirtyRingError, VcpuRing, enable_dirty_ring, finish_reset,
                    overflow_reason, ring_capability)
@@ -45,7 +45,7 @@ class Collection:
     and a count); ``pages`` gives them as sorted unique int64 indices, made on first use.
     """
     sets: dict                           # slot id -> PageSet (slots with >= 1 page)
-    raw: dict | None                     # ring with keep_raw: vCPU -> (slots, offsets) as harvested
+    raw: dict | None                     # ring with keep_raw: vCPU -> (slots, offsets), DIRTY ones
     entries: int = 0                     # ring entries (or set bits) taken
     duplicates: int = 0
     bogus: list = dataclasses.field(default_factory=list)
@@ -249,10 +249,12 @@ class RingTracker(Tracker):
             n = ring.stage.count
             if not n:
                 continue
+            holes = self.page_sets.add_words(*ring.stage.words())
             if raw is not None:
                 c = ring.stage.entries().copy()  # the stage is reused: keep a copy
+                if holes:                        # untrusted: not this vCPU's pages either
+                    c = c[(c["flags"] & 3) == DIRTY]
                 raw[i] = (c["slot"], c["offset"])
-            holes = self.page_sets.add_words(*ring.stage.words())
             if holes:
                 # after a full lap or an overflow, KVM's writes past our index explain the
                 # holes; without one, only out-of-order publishing does

@@ -486,3 +486,26 @@ def test_holes_are_blamed_on_an_overrun_ring_when_there_was_one(overrun):
     assert note.startswith("vCPU 3: 1 entries taken as DIRTY were not DIRTY when copied")
     assert ("overrun" in note) == overrun and ("out of order" in note) != overrun
     stage.close()
+
+
+def test_a_hole_is_not_among_the_vcpus_own_pages_either():
+    # the per-vCPU view (Collection.raw, vcpu_pages) counted the untrusted entry's page
+    # as found in the vCPU's ring while the collection left it out
+    from types import SimpleNamespace
+    from minivmm.dirty.tracker import RingTracker
+    entries, buf = 64, make_ring(64)
+    for i in range(40):
+        publish(buf, entries, i, 1, i)
+    set_flags(buf, entries, 5, 0)                      # the hole
+    stage = Stage(entries)
+    staged_take(buf, entries, 0, stage)
+    tracker = RingTracker(entries)
+    tracker.rings = {3: SimpleNamespace(stage=stage)}
+    tracker.page_sets = PageSets({1: 64})
+    tracker._reset_locked = lambda: None               # no VM: nothing to reset
+    col = tracker._build_locked(None, 0.0)
+    want = [i for i in range(40) if i != 5]
+    assert col.pages[1].tolist() == want
+    assert col.vcpu_pages(3, 1).tolist() == want
+    assert col.raw[3][1].tolist() == want
+    stage.close()
