@@ -105,7 +105,6 @@ def fd_creation():
     _thread.interrupt_main() raises with no signal at all. So the main thread's handler is
     swapped for one that only notes the interrupt, and the old one called as the block ends.
     """
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     handler, held = None, []
 
     def hold(signum, frame):
@@ -116,16 +115,21 @@ def fd_creation():
             signal.signal(signal.SIGINT, hold)
         else:
             handler = None
+    # After the swap: pthread_sigmask() runs a pending handler once the mask is set, and a
+    # KeyboardInterrupt raised there, before the try, left SIGINT blocked for good
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
         # not where the block set its own (fork_child's child ignores SIGINT)
         restore = handler is not None and signal.getsignal(signal.SIGINT) is hold
+        # the mask first, while hold() still takes what it lets in: the program's handler
+        # raising between the two would leave SIGINT blocked
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
         if restore:
             signal.signal(signal.SIGINT, handler)
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-        if restore and held:
-            handler(signal.SIGINT, held[0])
+            if held:
+                handler(signal.SIGINT, held[0])
 
 
 def fork_child() -> int:

@@ -311,7 +311,7 @@ class Machine:
         with self._lock:                # no vCPU thread starts from now on
             self._closing = True
         self.stop("closed")
-        if self._in_vcpu_thread():
+        if self._in_vcpu_thread() or self._kicking():
             return
         if self.vm is not None:
             try:
@@ -460,10 +460,12 @@ class Machine:
         for st, _ in running:
             if not st.done.is_set():
                 self._kick(st, reason)
-        if not wait or any(thread is me for _, thread in running):
+        if not wait or any(thread is me for _, thread in running) or self._kicking():
             # From a callback: another vCPU may be in a callback too, waiting for this
             # one to end (its own stop(), a barrier), so waiting here could never end.
-            # Each kicked vCPU ends when its callback returns.
+            # Each kicked vCPU ends when its callback returns. From a signal handler run
+            # inside this thread's own kick: the vCPU cannot end before that kick lets
+            # go of its kick_lock, and the stop() that kicked waits for it then
             return
         interrupted = False
         for st, thread in running:
@@ -483,6 +485,10 @@ class Machine:
     def _forked(self) -> bool:
         """True in a child of fork() made while the vCPU threads existed (or later)."""
         return self._pid is not None and self._pid != os.getpid()
+
+    def _kicking(self) -> bool:
+        """True inside a signal handler that interrupted this thread's own _kick()."""
+        return any(st.kick_lock._is_owned() for st in self.states)
 
     def _in_vcpu_thread(self) -> bool:
         me = threading.current_thread()

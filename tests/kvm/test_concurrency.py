@@ -119,3 +119,44 @@ def test_a_forked_child_can_close_but_not_wait_for_its_parents_running_machine()
         assert m.states[0].end is None      # the parent's vCPUs ran on meanwhile
         m.stop()
         assert [st.end.reason for st in m.states] == ["stopped", "stopped"]
+
+
+_HANDLER_IN_KICK = """
+import _thread, signal, faulthandler
+from minivmm import machine as mm
+from minivmm.machine import Machine
+from tests.conftest import payload
+faulthandler.dump_traceback_later(20, exit=True)
+real = signal.pthread_kill
+fired = []
+def kill_then_signal(ident, sig):
+    # a SIGALRM taken by another thread (the main one holds it back) while this one
+    # kicks: its Python handler is due at the next check, inside the kick
+    if not fired:
+        fired.append(1)
+        _thread.interrupt_main(signal.SIGALRM)
+    real(ident, sig)
+with Machine(payload("spin")) as m:
+    signal.signal(signal.SIGALRM, lambda *a: getattr(m, {call!r})({args}))
+    m.start()
+    mm.signal.pthread_kill = kill_then_signal
+    m.stop()
+    mm.signal.pthread_kill = real
+    print(fired, [st.end.reason for st in m.states])
+print("closed", m.vm is None)
+"""
+
+
+def test_a_signal_handler_stopping_the_machine_inside_a_kick_does_not_deadlock():
+    # Its stop() waited for the vCPU thread, whose end waited for the kick_lock that the
+    # kick it interrupted held: a hang for ever (close() from the handler too)
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for call, args in (("stop", "'by-handler'"), ("close", "")):
+        proc = subprocess.run([sys.executable, "-c", _HANDLER_IN_KICK.format(call=call,
+                                                                             args=args)],
+                              capture_output=True, text=True, timeout=60, cwd=root)
+        # the kick's own reason, set before the handler ran; then a full close
+        assert proc.stdout.split("\n")[:2] == ["[1] ['stopped']", "closed True"], \
+            proc.stdout + proc.stderr[-2000:]
