@@ -7,7 +7,7 @@ import time
 
 from minivmm import machine as machine_module
 from minivmm.machine import KICK_SIGNAL, Machine
-from tests.conftest import payload
+from tests.conftest import in_child, payload
 
 
 def test_no_kick_reaches_the_id_of_a_vcpu_thread_that_has_ended(monkeypatch):
@@ -79,25 +79,6 @@ def test_many_machines_in_threads_with_their_own_timeouts():
     assert bad == [] and hits == []
 
 
-def _in_child(body) -> str:
-    """Run body() in a forked child; what it printed (one line), or how it hung/died."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            signal.alarm(5)              # a hang ends the child, and the test says so
-            os.write(w, (body() + "\n").encode())
-        except BaseException as e:
-            os.write(w, f"raised {type(e).__name__}: {e}\n".encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r) as f:
-        out = f.read().strip()
-    _, status = os.waitpid(pid, 0)
-    return out or f"no output, wait status {status}"
-
-
 def test_a_forked_child_can_close_but_not_wait_for_its_parents_running_machine():
     # The child has none of the vCPU threads: close() raised OSError EINVAL from
     # pthread_kill (their ids), and wait() without a timeout never returned
@@ -112,10 +93,10 @@ def test_a_forked_child_can_close_but_not_wait_for_its_parents_running_machine()
         def close():
             m.close()
             return "closed"
-        said = _in_child(wait)
+        said = in_child(wait)
         assert said.startswith("raised MachineError: this Machine was started in process"), said
         assert "did not come through the fork" in said
-        assert _in_child(close) == "closed"
+        assert in_child(close) == "closed"
         assert m.states[0].end is None      # the parent's vCPUs ran on meanwhile
         m.stop()
         assert [st.end.reason for st in m.states] == ["stopped", "stopped"]

@@ -7,7 +7,7 @@ import pytest
 
 from minivmm import Kvm, KvmError, abi
 from minivmm.machine import Machine, MachineError
-from tests.conftest import payload
+from tests.conftest import in_child, payload
 from tests.kvm.conftest import small_ring
 
 
@@ -448,21 +448,16 @@ def test_a_forked_child_using_its_parents_vm_is_told_why():
     # KVM_RUN named the fork on EIO; every other VM and vCPU ioctl gave a bare EIO
     with Kvm() as kvm, kvm.create_vm() as vm:
         vcpu = vm.create_vcpu(0)
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            try:
-                for use in (vcpu.get_regs, lambda: vm.add_memory(0, 0, 0x1000)):
-                    try:
-                        use()
-                    except KvmError as e:
-                        os.write(w, f"{e}\n".encode())
-            finally:
-                os._exit(0)
-        os.close(w)
-        with os.fdopen(r) as f:
-            lines = f.read().splitlines()
-        os.waitpid(pid, 0)
+
+        def uses():
+            said = []
+            for use in (vcpu.get_regs, lambda: vm.add_memory(0, 0, 0x1000)):
+                try:
+                    use()
+                except KvmError as e:
+                    said.append(str(e))
+            return " | ".join(said)
+        lines = in_child(uses).split(" | ")
     assert len(lines) == 2
     for line in lines:
         assert "EIO" in line and "belongs to another process (after fork" in line, line
@@ -544,18 +539,12 @@ def test_a_traced_ioctl_interrupted_by_a_signal_is_retried_too(monkeypatch):
 def test_an_unheld_reset_reports_eintr_instead_of_retrying(monkeypatch):
     # abi-check's ring.reset.signal_partial checks that a signal never makes the reset
     # fail with EINTR: with signals let in, an EINTR must reach it
-    import ctypes
     import errno
     from minivmm import _sys
     from minivmm.dirty.ring import enable_dirty_ring
+    from tests.conftest import failing_ioctl
     from tests.kvm.conftest import small_ring
-    real = _sys._ioctl_fast
-
-    def reset_fails(fd, request, arg):
-        if request == abi.KVM_RESET_DIRTY_RINGS:
-            ctypes.set_errno(errno.EINTR)
-            return -1
-        return real(fd, request, arg)
+    reset_fails = failing_ioctl(_sys._ioctl_fast, abi.KVM_RESET_DIRTY_RINGS, errno.EINTR)
     with Kvm() as kvm, kvm.create_vm() as vm:
         enable_dirty_ring(vm, small_ring())
         monkeypatch.setattr(_sys, "_ioctl_fast", reset_fails)

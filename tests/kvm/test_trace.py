@@ -318,15 +318,8 @@ def test_a_kvm_run_failing_under_the_tracer_leaves_its_machine_closable(monkeypa
     # with that frame pinned the page, so leaving `with Machine` raised BufferError in the
     # KvmError's place (`minivmm step hello_long --trace-ioctls` printed a traceback when
     # the mechanism probe's KVM_RUN failed)
-    import ctypes
-    real = _sys._ioctl
-
-    def ioctl(fd, request, arg):
-        if request == abi.KVM_RUN:
-            ctypes.set_errno(errno.EFAULT)
-            return -1
-        return real(fd, request, arg)
-    monkeypatch.setattr(_sys, "_ioctl", ioctl)
+    from tests.conftest import failing_ioctl
+    monkeypatch.setattr(_sys, "_ioctl", failing_ioctl(_sys._ioctl, abi.KVM_RUN, errno.EFAULT))
     out = io.StringIO()
     with trace.tracing(out):
         with pytest.raises(KvmError) as info:

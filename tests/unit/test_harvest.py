@@ -391,15 +391,33 @@ def test_a_guess_never_changes_the_count(seed):
     words.release()
 
 
-def test_a_hole_in_the_run_is_caught_at_collection():
-    # KVM never leaves a non-DIRTY entry inside the run; if a kernel did, the bisection
-    # could step over it, so the copy's flags are checked again when collecting.
+def _staged_with_hole():
+    """A 64-entry ring with 40 DIRTY entries (slot 1, pages 0-39) but entry 5's flags 0,
+    taken into a stage as the bisection takes it: (entries, buf, stage, count)."""
     entries, buf = 64, make_ring(64)
     for i in range(40):
         publish(buf, entries, i, 1, i)
     set_flags(buf, entries, 5, 0)                      # the hole
     stage = Stage(entries)
     count, _ = staged_take(buf, entries, 0, stage)
+    return entries, buf, stage, count
+
+
+def _tracker_over(stage, entries):
+    """A RingTracker with vCPU 3's stage and no VM (nothing to reset)."""
+    from types import SimpleNamespace
+    from minivmm.dirty.tracker import RingTracker
+    tracker = RingTracker(entries)
+    tracker.rings = {3: SimpleNamespace(stage=stage)}
+    tracker.page_sets = PageSets({1: 64})
+    tracker._reset_locked = lambda: None
+    return tracker
+
+
+def test_a_hole_in_the_run_is_caught_at_collection():
+    # KVM never leaves a non-DIRTY entry inside the run; if a kernel did, the bisection
+    # could step over it, so the copy's flags are checked again when collecting.
+    entries, buf, stage, count = _staged_with_hole()
     ps = PageSets({1: 64})
     holes = ps.add_words(*stage.words())
     by_slot, dups, bogus = ps.take()
@@ -466,19 +484,9 @@ def test_add_words_of_mixed_entries_equals_dedupe_of_the_dirty_ones(seed):
 def test_holes_are_blamed_on_an_overrun_ring_when_there_was_one(overrun):
     # after a full lap or an overflow the holes are KVM's overwrites; the note blamed
     # out-of-order publishing whatever had happened to the ring
-    from types import SimpleNamespace
-    from minivmm.dirty.tracker import RingTracker
-    entries, buf = 64, make_ring(64)
-    for i in range(40):
-        publish(buf, entries, i, 1, i)
-    set_flags(buf, entries, 5, 0)                      # the hole
-    stage = Stage(entries)
-    staged_take(buf, entries, 0, stage)
-    tracker = RingTracker(entries)
+    entries, _, stage, _ = _staged_with_hole()
+    tracker = _tracker_over(stage, entries)
     tracker.keep_raw = False
-    tracker.rings = {3: SimpleNamespace(stage=stage)}
-    tracker.page_sets = PageSets({1: 64})
-    tracker._reset_locked = lambda: None               # no VM: nothing to reset
     if overrun:
         tracker._overrun.add(3)
     col = tracker._build_locked(None, 0.0)
@@ -491,18 +499,8 @@ def test_holes_are_blamed_on_an_overrun_ring_when_there_was_one(overrun):
 def test_a_hole_is_not_among_the_vcpus_own_pages_either():
     # the per-vCPU view (Collection.raw, vcpu_pages) counted the untrusted entry's page
     # as found in the vCPU's ring while the collection left it out
-    from types import SimpleNamespace
-    from minivmm.dirty.tracker import RingTracker
-    entries, buf = 64, make_ring(64)
-    for i in range(40):
-        publish(buf, entries, i, 1, i)
-    set_flags(buf, entries, 5, 0)                      # the hole
-    stage = Stage(entries)
-    staged_take(buf, entries, 0, stage)
-    tracker = RingTracker(entries)
-    tracker.rings = {3: SimpleNamespace(stage=stage)}
-    tracker.page_sets = PageSets({1: 64})
-    tracker._reset_locked = lambda: None               # no VM: nothing to reset
+    entries, _, stage, _ = _staged_with_hole()
+    tracker = _tracker_over(stage, entries)
     col = tracker._build_locked(None, 0.0)
     want = [i for i in range(40) if i != 5]
     assert col.pages[1].tolist() == want
