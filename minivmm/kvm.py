@@ -52,10 +52,13 @@ class Kvm(_sys.FdOwner):
         try:
             try:
                 version = self.get_api_version()
-            except KvmError as e:     # ENOTTY: a file that is not the KVM device
-                raise KvmUnavailable("KVM_GET_API_VERSION", e.errno,
-                                     f"{device} does not answer KVM's ioctls: is it the KVM "
-                                     "device? (check MINIVMM_KVM_DEVICE)") from None
+            except KvmError as e:
+                # ENOTTY (EINVAL from some drivers): a file that is not the KVM device;
+                # any other errno is KVM's own answer, given as it came
+                hint = (f"{device} does not answer KVM's ioctls: is it the KVM device? "
+                        "(check MINIVMM_KVM_DEVICE)") \
+                    if e.errno in (errno.ENOTTY, errno.EINVAL) else e.hint
+                raise KvmUnavailable("KVM_GET_API_VERSION", e.errno, hint) from None
             if version != abi.KVM_API_VERSION:
                 raise KvmUnavailable("KVM_GET_API_VERSION", 0,
                                      f"kernel reports API version {version}, minivmm speaks "

@@ -1,11 +1,12 @@
 """File descriptors and mappings are released deterministically."""
+import errno
 import gc
 import os
 import time
 
 import pytest
 
-from minivmm import Kvm, KvmError, abi
+from minivmm import Kvm, KvmError, KvmUnavailable, abi
 from minivmm.machine import Machine, MachineError
 from tests.conftest import in_child, payload
 from tests.kvm.conftest import small_ring
@@ -846,3 +847,19 @@ def test_a_failed_signal_mask_reset_at_the_end_still_ends_the_vcpu(monkeypatch):
         pytest.fail("Machine.run() never returned after the vCPU thread ended")
     m.close()
     assert result[0].vcpus[0].end.reason == "exit-port"
+
+
+@pytest.mark.parametrize("err,not_kvm", [(errno.ENOTTY, True), (errno.EINVAL, True),
+                                         (errno.ENOMEM, False), (errno.EFAULT, False)])
+def test_api_version_errors_blame_the_device_only_when_it_is_not_kvm(monkeypatch, err, not_kvm):
+    # every errno was "does not answer KVM's ioctls: is it the KVM device?", the KVM
+    # device's own ENOMEM included (found by fault injection)
+    from minivmm import _sys
+    from tests.conftest import failing_ioctl
+    for entry in ("_ioctl", "_ioctl_fast"):       # arg 0 takes the fast handle
+        monkeypatch.setattr(_sys, entry, failing_ioctl(getattr(_sys, entry),
+                                                       abi.KVM_GET_API_VERSION, err))
+    with pytest.raises(KvmUnavailable) as info:
+        Kvm()
+    assert info.value.errno == err and info.value.call == "KVM_GET_API_VERSION"
+    assert ("is it the KVM device?" in str(info.value)) == not_kvm
