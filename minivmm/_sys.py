@@ -227,12 +227,8 @@ def ioctl_signals_held(fd: int, request: int, arg=0, name: str = "ioctl",
     (virt/kvm/dirty_ring.c, since commit 49005a2a3d2a, v6.17; abi.md rule 40)."""
     if getattr(_thread_state, "signals_blocked", False):
         return ioctl(fd, request, arg, name, hints)     # held back already (vCPU threads)
-    old = _SIGSET()
-    _sigmask(_SIG_BLOCK, _ALL_SIGNALS, old)
-    try:
+    with signals_held():
         return ioctl(fd, request, arg, name, hints)
-    finally:
-        _sigmask(_SIG_SETMASK, old, None)
 
 
 _thread_state = threading.local()

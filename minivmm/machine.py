@@ -739,12 +739,15 @@ class Machine:
     def decode_at(self, st, address: int, cs_base: int | None = None):
         """The instruction guest memory holds at this code address, decoded there (not
         the listing's: no source line); None outside memory or where nothing decodes."""
+        code = self.guest_bytes(st, address, 16, cs_base)
+        return disassemble_one(code, address, self.payload.mode) if code else None
+
+    def guest_bytes(self, st, address: int, n: int, cs_base: int | None = None) -> bytes:
+        """Up to ``n`` bytes of guest memory at this code address (fewer at a slot's end;
+        none outside memory)."""
         addr = self.linear(st, address, cs_base)
         mem = self.vm.slot_for(addr)
-        if mem is None:
-            return None
-        return disassemble_one(mem.read(addr, min(16, mem.gpa + mem.size - addr)), address,
-                               self.payload.mode)
+        return mem.read(addr, min(n, mem.gpa + mem.size - addr)) if mem is not None else b""
 
     def end_at(self, st, reason, code=None, after=False, registers=False, detail=None,
                io_out=False) -> VcpuEnd:
@@ -1035,9 +1038,7 @@ class Machine:
                                           made_by=made_by)
         if named is None and not trap:
             # a #UD on bytes nothing decodes (data run as code): show them, not nothing
-            lin = self.linear(st, at, cs_base)
-            mem = self.vm.slot_for(lin)
-            raw = mem.read(lin, min(8, mem.gpa + mem.size - lin)) if mem is not None else b""
+            raw = self.guest_bytes(st, at, 8, cs_base)
             if raw and disassemble_one(raw, at, self.payload.mode) is None:
                 detail["bytes"] = raw.hex(" ")
         return VcpuEnd("exception", vector=vector, rip=frame["rip"], instruction=named,

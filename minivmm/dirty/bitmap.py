@@ -68,7 +68,7 @@ class SlotBitmap:
         self.vm, self.slot, self.npages = vm, slot, npages
         self.nwords = bitmap_words(npages)
         self.clear_calls = 0
-        self._mem = getattr(vm, "memory", {}).get(slot)    # the GuestMemory, if add_memory()'s
+        self._mem = vm.memory.get(slot)     # the GuestMemory, if add_memory()'s
 
     def _check_slot(self, mem) -> None:
         """KVM writes the slot's current bitmap size, whatever buffer it is given: a slot

@@ -512,7 +512,6 @@ class DirtySession:
         self.records: list[IterationRecord] = []
         self._cond = threading.Condition()
         self._arrived: dict[int, int] = {}
-        self._running = self.nvcpus
         self._ended: set[int] = set()      # vCPUs over (one may still be in _arrived)
         self._generation = 0
         self._queue: queue.Queue = queue.Queue()
@@ -672,22 +671,21 @@ class DirtySession:
 
     def _on_end(self, st) -> None:
         with self._cond:
-            self._running -= 1
             self._ended.add(st.index)
             try:
                 if self._arrived and self._all_arrived_locked():
                     self._complete_locked(st)
             finally:
-                if self._running == 0:
+                if len(self._ended) == self.nvcpus:
                     self._queue.put(None)
 
     def _all_arrived_locked(self) -> bool:
         # A vCPU stopped while it waited here stays in _arrived (its writes are complete)
-        # but no longer runs: counted against _running, it completed the barrier before a
+        # but no longer runs: counted among the running, it completed the barrier before a
         # vCPU still on its way arrived, whose own collection then found its pages gone
         if not self._ended:             # the common case, at every sync: no set made
-            return len(self._arrived) >= self._running
-        return len(self._arrived.keys() - self._ended) >= self._running
+            return len(self._arrived) >= self.nvcpus
+        return len(self._arrived.keys() - self._ended) >= self.nvcpus - len(self._ended)
 
     def _fail(self, error: BaseException) -> None:
         """A collection failed in a vCPU or reaper thread: hand it to the consumer, which

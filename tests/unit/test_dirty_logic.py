@@ -33,6 +33,7 @@ class FakeVm:
 
     def __init__(self):
         self.calls = []
+        self.memory = {}            # no GuestMemory: slots the test never maps
 
     def clear_dirty_log(self, slot, first, num, addr):
         self.calls.append((slot, first, num))
