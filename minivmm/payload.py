@@ -441,12 +441,19 @@ def _assemble_child(source: str, mode: str, origin: int, stmts) -> tuple:
             ks.asm(source, origin)
         except keystone.KsError:
             pass
+        # keystone asks in its own order: blame the first line that uses any of them
+        found = []
         for symbol in dict.fromkeys(s.decode("ascii", "replace") for s in asked):
             word = re.compile(rf"(?<![\w.$@]){re.escape(symbol)}(?![\w.$@])")
             for no, s in stmts:
                 if word.search(_mask_quotes(s)):
-                    return ("error", no, f"undefined symbol {symbol!r} (no label or "
-                                         "constant of that name)")
+                    found.append((no, symbol))
+                    break
+        if found:
+            no, symbol = min(found)
+            others = ", ".join(repr(sym) for _, sym in sorted(found)[1:])
+            return ("error", no, f"undefined symbol {symbol!r} (no label or constant of "
+                                 "that name)" + (f"; also undefined: {others}" if others else ""))
     for i in range(1, len(stmts) + 1):
         try:
             ks.asm("\n".join(s for _, s in stmts[:i]), origin)

@@ -487,6 +487,17 @@ def test_an_undefined_symbol_is_named_on_its_own_line(line):
                             "of that name)")
 
 
+@pytest.mark.parametrize("first,second,name,other", [("mov rax, [aa]", "jmp bb", "aa", "bb"),
+                                                     (".quad aa", "jmp bb", "aa", "bb"),
+                                                     ("mov rax, bb+1", "jmp aa", "bb", "aa")])
+def test_of_two_undefined_symbols_the_first_line_is_blamed(first, second, name, other):
+    # keystone asks about the second line's symbol first; its line was blamed
+    with pytest.raises(P.PayloadError) as e:
+        asm(f"nop\n{first}\n{second}\nhlt\n")
+    assert str(e.value) == (f"t.asm:3: undefined symbol '{name}' (no label or constant of "
+                            f"that name); also undefined: '{other}'")
+
+
 @pytest.mark.parametrize("line,word", [
     # keystone assembles these to nothing unless first: a later line was blamed
     ("jmp $", "bare '$'"), ("mov eax, $1", "bare '$'"), (".quad $", "bare '$'"),
