@@ -24,7 +24,7 @@ from .payload import Payload, disassemble, disassemble_one, instructions_ending,
 from .x86 import debug
 from .x86 import layout as L
 from .x86.debug import DebugCause
-from .x86.modes import (EXCEPTION_NAMES, STUB_FRAME_LAYOUT,
+from .x86.modes import (ERROR_CODE_VECTORS, EXCEPTION_NAMES, STUB_FRAME_LAYOUT,
                         cpu_pushed_frame, setup_memory, setup_vcpu, stub_end)
 
 TRAP_VECTORS = (1, 3, 4)      # #DB (unless DR6 says otherwise: debug_cause), #BP, #OF
@@ -85,7 +85,9 @@ class VcpuEnd:
                     f"{self.detail.get('value', 0):#x}); no CPU exception happened{where}{ins}")
         if self.reason == "exception":
             name = EXCEPTION_NAMES.get(self.vector, f"vector {self.vector}")
-            extra = f", error code {self.detail.get('error_code', 0):#x}"
+            # only where the CPU pushes one: for #DE, #UD, #BP... the 0 is the stub's own
+            extra = (f", error code {self.detail.get('error_code', 0):#x}"
+                     if self.vector in ERROR_CODE_VECTORS else "")
             if self.vector == 14:
                 extra += f", CR2 {self.detail.get('cr2', 0):#x}"
             if self.detail.get("debug"):

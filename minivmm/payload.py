@@ -36,6 +36,9 @@ _DATA_DIRECTIVES = (".byte", ".word", ".short", ".long", ".int", ".quad", ".asci
 _ALIGN_DIRECTIVES = (".align", ".balign", ".p2align")
 # keystone has no fill-width variants: LLVM aborts the whole process on them
 _WIDE_ALIGN = (".balignw", ".balignl", ".p2alignw", ".p2alignl")
+# Section switches: a payload is one flat image
+_SECTION_DIRECTIVES = (".section", ".text", ".data", ".bss", ".previous", ".pushsection",
+                       ".popsection", ".subsection")
 ALIGN_MAX = 4096           # keystone pads to any alignment, even gigabytes of it
 # `.equ X, 5`, `.set X, 5`, `.equiv X, 5`, `X = 5`: constants, no bytes
 _CONST_DEF = re.compile(r"^(?:\.(?:equ|set|equiv)\s+([A-Za-z_.$@][\w.$@]*)\s*,"
@@ -92,6 +95,7 @@ class Payload:
     origin: int                 # the address the code was assembled for (IP 0 in real mode)
     listing: list               # Instruction per source instruction line
     header: dict
+    labels: dict = dataclasses.field(default_factory=dict)   # name -> address, as listed
 
     @property
     def bits(self) -> int:
@@ -256,12 +260,13 @@ def assemble_source(text: str, name: str = "<payload>") -> Payload:
         if len(code) > L.CODE_MAX:
             raise PayloadError(f"{name}: {len(code)} bytes of code, more than the "
                                f"{L.CODE_MAX} bytes reserved for a payload")
-        listing = _listing(code, mode, origin, stmts, name)
-        _cache[key] = (code, listing)
-    code, listing = _cache[key]
+        listing, labels = _listing(code, mode, origin, stmts, name)
+        _cache[key] = (code, listing, labels)
+    code, listing, labels = _cache[key]
     return Payload(name=Path(name).stem, path=name, mode=mode, cpl=cpl, vcpus=vcpus,
                    description=description, code=code, load_address=L.CODE, origin=origin,
-                   listing=listing, header={k: v for k, (v, _) in header.items()})
+                   listing=listing, header={k: v for k, (v, _) in header.items()},
+                   labels=dict(labels))
 
 
 def _mask_quotes(text: str) -> str:
@@ -324,6 +329,11 @@ def _check_syntax(stmts, name) -> None:
             # keystone would read a file of the host's (or skip a missing one silently)
             raise PayloadError(f"{name}:{no}: {word} is not supported: a payload is one "
                                "self-contained source file (use .byte/.ascii for data)")
+        if word in _SECTION_DIRECTIVES:
+            # keystone prints LLVM's diagnostic on stderr and returns no bytes (or dies)
+            # for most of these; the rest it ignores: the code would not be where it says
+            raise PayloadError(f"{name}:{no}: {word} is not supported: a payload is one "
+                               "flat block of code and data, loaded at 0x10000")
         if word in _WIDE_ALIGN:
             raise PayloadError(f"{name}:{no}: {word} is not supported by the assembler; "
                                "use .balign/.p2align")
@@ -849,7 +859,7 @@ def _listing(code: bytes, mode: str, origin: int, stmts, name) -> list:
         raise PayloadError(f"{name}: assembler output ({len(code)} bytes) does not match the "
                            f"source ({offset} bytes accounted for)")
     _check_branches(branches, labels, _ADDR_MASK[mode], name)
-    return listing
+    return listing, labels
 
 
 def _check_branches(branches, labels: dict, mask: int, name) -> None:

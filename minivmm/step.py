@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import signal
 import struct
 import sys
@@ -116,7 +115,7 @@ class Step:
     line: int                 # source line, 0 when not from the payload's listing
     changed: dict             # register -> value after the instruction (rip left out)
     event: str                # how the host learned of it: debug-exit | db-trap | io-exit | hlt
-    io: dict | None = None    # for an `out`: port and value
+    io: dict | None = None    # for an `out`: port, value and size (bytes)
     dirty: list | None = None  # RingEntry list with --dirty
     note: str = ""            # when the step is not exactly one instruction (stepping lost)
 
@@ -214,9 +213,6 @@ def _check_forced_break(payload: Payload, bp: int, kvm: Kvm | None) -> None:
 
 # -- breakpoints --
 
-_LABEL_RE = re.compile(r"^\s*([A-Za-z_.$@][\w.$@]*)\s*:")
-
-
 def resolve_break(payload: Payload, text: str | int) -> int:
     """An address (an int, or a string in hex or decimal), ``line:N``, or a label of the
     payload, to the address of an instruction in its listing (payload address space: IP in
@@ -253,21 +249,15 @@ def resolve_break(payload: Payload, text: str | int) -> int:
 
 
 def _label_address(payload: Payload, name: str) -> int:
-    try:
-        lines = open(payload.path).read().splitlines()
-    except OSError:
-        lines = []
-    labels = {}
-    for no, line in enumerate(lines, 1):
-        m = _LABEL_RE.match(line)
-        if m:
-            labels.setdefault(m.group(1), no)
+    # the labels the assembler saw, not the file re-read: a Payload from assemble_source()
+    # has none, and a pipe (`minivmm step <(...)`) is empty the second time
+    labels = payload.labels
     if name not in labels:
         shown = ", ".join(sorted(labels)) or "none"
         raise named(StepError(f"breakpoint {name}: not a number, line:N, or a label of "
                               f"{payload.name} (labels: {shown})"), "breakpoint")
     for ins in payload.listing:          # the first instruction at or after the label
-        if ins.line >= labels[name]:
+        if ins.address >= labels[name]:
             return ins.address
     raise named(StepError(f"breakpoint {name}: the label is followed by no instruction "
                           "(data?)"), "breakpoint")
@@ -602,7 +592,7 @@ class StepSession:
             # already past it and its step trap is lost (host-probes 2).
             past = self._past_pending_out(regs)
             note = self._untraced_to(past, self.machine.out_made_by(self.st, regs), "out")
-            step = self._step(past, "io-exit", io={"port": port, "value": value})
+            step = self._step(past, "io-exit", io={"port": port, "value": value, "size": size})
             step.note = note
             if self.end is not None:            # the payload's own write to port 0xe0
                 return step
@@ -975,8 +965,9 @@ def format_step(step: Step) -> str:
     notes = [f"{k}={v:#x}" for k, v in step.changed.items()]
     if step.io is not None:
         port, value = step.io["port"], step.io["value"]
-        named = {L.PORT_CONSOLE: f"console {chr(value & 0xFF)!r}",
-                 L.PORT_DEBUGCON: f"console {chr(value & 0xFF)!r}",
+        # a wider out prints all its bytes, low first (`out dx, ax` with 0x4241: 'AB')
+        text = value.to_bytes(step.io.get("size", 1), "little").decode("latin-1")
+        named = {L.PORT_CONSOLE: f"console {text!r}", L.PORT_DEBUGCON: f"console {text!r}",
                  L.PORT_SYNC: f"sync {value}", L.PORT_EXIT: f"exit {value & 0xFF}"}
         notes.append(named.get(port, f"port {port:#x} <- {value:#x}"))
     if step.note:

@@ -10,7 +10,7 @@ from minivmm import abi
 from minivmm.kvm import vendor_module
 from minivmm.payload import assemble_source, load
 from minivmm.step import (GUEST_DEBUG, IN_GUEST, StepError, StepSession, choose_mechanism,
-                          probe_guest_debug, resolve_break)
+                          format_step, probe_guest_debug, resolve_break)
 from minivmm.x86 import layout as L
 from tests.conftest import payload, run_cli
 from tests.kvm.conftest import kvm_resets_at_shutdown
@@ -113,9 +113,22 @@ def test_hello_long_stepped_to_the_end():
     want = hello_expected_addresses(p, 10 ** 6, HELLO_LONG)
     want += [by_line(p, "xor eax, eax").address, by_line(p, "out 0xf4, al").address]
     assert [st.address for st in steps] == want
-    assert steps[-1].io == {"port": L.PORT_EXIT, "value": 0}
+    assert steps[-1].io == {"port": L.PORT_EXIT, "value": 0, "size": 1}
     # xor eax, eax after the NUL byte: eax is 0 already and ZF/PF stay set: nothing changes
     assert steps[-2].instruction == "xor eax, eax" and steps[-2].changed == {}
+
+
+def test_a_wide_out_to_the_console_shows_all_its_bytes():
+    # the console gets every byte of `out dx, ax` / `out 0xe9, eax`, low first: so does
+    # the step's note (it used to show the low byte only)
+    p = assemble_source("mov dx, 0xe9\nmov ax, 0x4241\nout dx, ax\nmov eax, 0x0a434241\n"
+                        "out 0xe9, eax\nxor eax, eax\nout 0xf4, al", "wide.asm")
+    with StepSession(p) as s:
+        outs = [st for st in s.run() if st.io and st.io["port"] == L.PORT_DEBUGCON]
+        assert s.console.decode() == "ABABC\n"
+    assert [st.io["size"] for st in outs] == [2, 4]
+    assert [format_step(st).split("; line ")[1].split(None, 1)[1] for st in outs] == \
+        ["console 'AB'", "console 'ABC\\n'"]
 
 
 def test_hello_real_is_stepped_by_kvm_guest_debug():

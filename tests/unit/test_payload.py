@@ -506,7 +506,11 @@ def test_of_two_undefined_symbols_the_first_line_is_blamed(first, second, name, 
     # a missing .include was skipped without a word, and a NUL cut keystone's line short
     ('.incbin "/etc/passwd"', ".incbin is not supported"),
     ('.include "missing.s"', ".include is not supported"),
-    ("nop\x00", "control character '\\x00'"), ("mov al, 1\x07", "control character '\\x07'")])
+    ("nop\x00", "control character '\\x00'"), ("mov al, 1\x07", "control character '\\x07'"),
+    # a section switch printed LLVM's three-line diagnostic on stderr, then "the payload
+    # has no instructions" (.text killed the assembler); .data was ignored without a word
+    (".section .data", ".section is not supported"), (".text", ".text is not supported"),
+    (".previous", ".previous is not supported"), (".data", ".data is not supported")])
 def test_lines_keystone_mishandles_are_refused_where_they_are(line, word):
     with pytest.raises(P.PayloadError) as e:
         asm(f"nop\n{line}\nhlt\nnop\n")
@@ -540,3 +544,17 @@ def test_a_keystone_that_reads_decimals_as_hex_is_replaced(monkeypatch, mode, he
     p = asm(f"mov {reg}, 4096\nmov cl, 10\n", header=header)
     assert p.code[1:3] == b"\x00\x10" and p.listing[1].raw == b"\xb1\x0a"
     assert P._KS[mode] is not bad and bad in P._KS_REJECTED
+
+
+def test_a_break_at_a_label_uses_the_assembled_source_not_a_file(tmp_path, monkeypatch):
+    # the labels were read again from payload.path: none for assemble_source() (or a
+    # pipe, read empty the second time), and another file's where one has that name
+    from minivmm.step import resolve_break
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.asm").write_text("other: nop\nnop\nnop\ntarget: hlt\n")
+    p = asm("nop\ntarget:\n    inc eax\nmsg: .ascii \"ab\"\nafter: hlt\n")
+    assert p.labels == {"target": 0x10001, "msg": 0x10003, "after": 0x10005}
+    assert resolve_break(p, "target") == 0x10001
+    assert resolve_break(p, "msg") == 0x10005          # data: the next instruction
+    with pytest.raises(ValueError, match=r"labels: after, msg, target\)"):
+        resolve_break(p, "other")

@@ -21,3 +21,15 @@ def test_fail_entry_names_the_hardware_reason():
 def test_a_host_error_keeps_its_own_text():
     end = VcpuEnd("host-error", detail={"error": "ValueError: boom", "meaning": "x"})
     assert end.summary() == "host-error: ValueError: boom"
+
+
+def test_an_error_code_is_shown_only_where_the_cpu_pushes_one():
+    # the stub pushes a 0 for #DE, #BP, #UD...: "error code 0x0" there was the stub's, not
+    # the CPU's (SDM vol. 3, table 6-1)
+    de = VcpuEnd("exception", vector=0, rip=0x10007, instruction="div ecx  ; line 4",
+                 detail={"error_code": 0, "cr2": 0})
+    assert de.summary() == "CPU exception #DE divide error at 0x10007 (div ecx  ; line 4)"
+    gp = VcpuEnd("exception", vector=13, rip=0x10014, instruction="hlt  ; line 12",
+                 detail={"error_code": 0, "cr2": 0})
+    assert gp.summary() == ("CPU exception #GP general protection, error code 0x0 at 0x10014 "
+                            "(hlt  ; line 12)")
