@@ -219,6 +219,16 @@ def _trace_printer(machine, stream):
     return trace
 
 
+def shown(line: str) -> str:
+    """A guest's console line as the terminal gets it: control characters (ESC, BEL,
+    backspace, C1 codes, bidi overrides...) escaped as in repr(), so that the guest cannot
+    move the cursor, retitle or clear the terminal, or hide or forge minivmm's own lines.
+    A tab stays a tab."""
+    if line.isprintable():
+        return line
+    return "".join(c if c.isprintable() or c == "\t" else ascii(c)[1:-1] for c in line)
+
+
 def cmd_run(args) -> int:
     from .machine import Machine, MachineError, format_registers
     if args.vcpus is not None and args.vcpus < 1:
@@ -241,7 +251,7 @@ def cmd_run(args) -> int:
             text = st.console.decode("utf-8", "replace")
             for line in text.splitlines() or [""]:
                 if line:
-                    print(f"  vCPU {st.index} | {line}")
+                    print(f"  vCPU {st.index} | {shown(line)}")
             if st.console.dropped:
                 print(f"  vCPU {st.index} | ({st.console.note()})")
             exits = ", ".join(f"{n} {k}" for k, n in st.exits_by_name().items() if n)

@@ -51,6 +51,23 @@ def test_run_text_output_and_names():
     assert "vCPU 0 ended: hlt" in proc.stdout
 
 
+def test_run_text_escapes_the_guests_control_characters(tmp_path):
+    # ESC [2J clears the screen, ESC [8m hides what follows (minivmm's own "ended" and
+    # error lines), BEL, backspaces and the C1 CSI (U+009B) act on the terminal too
+    console = b"\x1b[2J\x1b[8m\x07ok\x08\x08\x00\xc2\x9b\tx\n"
+    src = tmp_path / "ctl.asm"
+    src.write_text("    lea rsi, [rip + msg]\n    mov ecx, %d\n    mov dx, 0xe9\n"
+                   "    rep outsb\n    xor eax, eax\n    out 0xf4, al\nmsg:\n    .byte %s\n"
+                   % (len(console), ", ".join(str(b) for b in console)))
+    proc = run_cli("run", src)
+    assert proc.returncode == 0, proc.stderr
+    assert not [c for c in proc.stdout if not c.isprintable() and c not in "\n\t"]
+    assert "vCPU 0 | \\x1b[2J\\x1b[8m\\x07ok\\x08\\x08\\x00\\x9b\tx\n" in proc.stdout
+    # --json keeps the bytes as they were (json.dumps escapes them)
+    proc = run_cli("run", src, "--json")
+    assert json.loads(proc.stdout)["vcpus"][0]["console"] == console.decode()
+
+
 def test_trace_prints_every_exit_with_its_instruction():
     proc = run_cli("run", "hello_long", "--trace")
     assert proc.returncode == 0

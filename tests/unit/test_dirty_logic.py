@@ -192,6 +192,35 @@ def test_the_verdict_names_bogus_entries_and_never_says_ok_for_a_run_that_is_not
         "ring: pages lost (KVM_RESET_DIRTY_RINGS stopped after 3 of 5 entries; 1 more)")
 
 
+def test_the_verdict_says_when_the_content_oracle_saw_no_reported_page_change():
+    # A payload writing past the first 8 bytes of its pages: every reported page was
+    # "extra" (first u64 unchanged), and the verdict still claimed each was checked
+    from minivmm.dirty import report
+    from minivmm.dirty.tracker import Collection, IterationRecord
+
+    class Tracker:
+        name, cap = "ring", 223
+
+    class Result:
+        ok, vcpus = True, []
+    empty, pages = np.empty(0, np.int64), np.arange(4, dtype=np.int64)
+
+    def verdict(changed, expected=None):
+        col = Collection(sets={}, raw=None, entries=4, resets=[(4, 4)])
+        col._pages = {1: pages}
+        extra = np.setdiff1d(pages, changed)
+        rec = IterationRecord(1, "ring", col, pages, expected, changed, empty, extra,
+                              [{"vcpu": 0, "reported": 4, "expected": None, "missed": 0,
+                                "extra": len(extra)}])
+        return report.verdict(report.to_json(
+            {"payload": "mine", "vcpus": 1, "pages": 4, "iterations": 1, "collect": "sync",
+             "ring_entries": 256}, [(Tracker(), [rec], Result())]))
+    blind = verdict(empty)
+    assert blind.startswith("verdict: OK") and "none of them changed its first 8 bytes" in blind
+    assert "first 8 bytes" not in verdict(pages[:1])          # one page seen to change
+    assert "first 8 bytes" not in verdict(empty, pages)       # the plan oracle checked them
+
+
 def test_only_the_shipped_payloads_have_a_plan(tmp_path):
     # plan() is keyed by name: a user's own dirty_seq.asm that writes every other page
     # must not be held to the shipped dirty_seq's plan (its pages would all be "missed")
