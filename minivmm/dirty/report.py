@@ -57,22 +57,24 @@ def _collection_name(iteration) -> str:
 def table(summary: dict) -> str:
     lines = [f"{summary['payload']}: {summary['vcpus']} vCPU(s), {summary['pages']} data pages, "
              f"{summary['iterations']} iteration(s), {summary['collect']} collection"]
-    head = (f"{'iter':>5}  {'tracker':7} {'vCPU':>4} {'reported':>8} {'expected':>8} "
-            f"{'missed':>6} {'extra':>6} {'dups':>5} {'ring-full':>9} {'reset':>5} "
-            f"{'collect':>10}")
-    lines.append(head)
     by_iter: dict = {}
     for run in summary["runs"]:
         keys = collection_keys([it["iteration"] for it in run["iterations"]])
         for key, it in zip(keys, run["iterations"]):
             by_iter.setdefault(key, []).append((run, it))
+    # a tag may be up to 10 digits (and "#2"): the column grows rather than shift the rest
+    w = max([5] + [len(str(k)) for k in by_iter])
+    head = (f"{'iter':>{w}}  {'tracker':7} {'vCPU':>4} {'reported':>8} {'expected':>8} "
+            f"{'missed':>6} {'extra':>6} {'dups':>5} {'ring-full':>9} {'reset':>5} "
+            f"{'collect':>10}")
+    lines.append(head)
     for key in sorted(by_iter, key=lambda k: _order(by_iter[k][0][1]["iteration"], k)):
         for run, it in by_iter[key]:
             for n, row in enumerate(it["vcpus"]):
                 first = n == 0
                 exp = "-" if row["expected"] is None else row["expected"]
                 lines.append(
-                    f"{key if first else '':>5}  {run['tracker'] if first else '':7} "
+                    f"{key if first else '':>{w}}  {run['tracker'] if first else '':7} "
                     f"{row['vcpu']:>4} {row['reported']:>8} {exp:>8} {row['missed']:>6} "
                     f"{row['extra']:>6} {it['duplicates'] if first else '':>5} "
                     f"{it['ring_full_exits'] if first else '':>9} "
@@ -80,12 +82,12 @@ def table(summary: dict) -> str:
                     f"{(format(it['collect_s'] * 1000, '.2f') + ' ms') if first else '':>10}")
             sys_pages = it["pages"].get("system")
             if sys_pages:
-                lines.append(f"{'':>5}  {'':7} system slot pages also reported (stacks, "
+                lines.append(f"{'':>{w}}  {'':7} system slot pages also reported (stacks, "
                              f"tables): {sys_pages[:8]}{' ...' if len(sys_pages) > 8 else ''}")
             for why in it["lost"]:
-                lines.append(f"{'':>5}  LOST: {why}")
+                lines.append(f"{'':>{w}}  LOST: {why}")
             if it["missed"]:
-                lines.append(f"{'':>5}  MISSED pages: {it['missed_pages'][:16]}")
+                lines.append(f"{'':>{w}}  MISSED pages: {it['missed_pages'][:16]}")
     lines.append(verdict(summary))
     return "\n".join(lines)
 
@@ -193,9 +195,11 @@ def verdict(summary: dict) -> str:
             problems.append(f"{r['tracker']}: {bogus} ring entr{'y' if bogus == 1 else 'ies'} "
                             "named no page of a logged slot")
         if not r["vcpus_ok"]:
-            bad = [e for e in r["vcpu_ends"]
+            bad = [(i, e) for i, e in enumerate(r["vcpu_ends"])
                    if not e or e["reason"] not in OK_ENDS or e.get("code")]
-            problems.append(f"{r['tracker']}: a vCPU ended badly ({_end_text(bad[0])})"
+            more = f"; {len(bad) - 1} more vCPU(s) too" if len(bad) > 1 else ""
+            problems.append(f"{r['tracker']}: vCPU {bad[0][0]} ended badly "
+                            f"({_end_text(bad[0][1])}{more})"
                             if bad else f"{r['tracker']}: a vCPU ended badly")
     compared = f" ({summary['compared']})" if "compared" in summary else ""
     if len(runs) == 2 and not summary["agree"]:

@@ -352,7 +352,11 @@ def test_a_nonzero_exit_code_is_named_in_the_verdict():
     end = {"reason": "exit-port", "code": 5, "vector": None}
     summary = {"runs": [{"tracker": "ring", "iterations": [], "vcpus_ok": False,
                          "vcpu_ends": [{"reason": "exit-port", "code": 0}, end]}]}
-    assert report.verdict(summary) == "verdict: FAIL - ring: a vCPU ended badly (exited with code 5)"
+    assert report.verdict(summary) == "verdict: FAIL - ring: vCPU 1 ended badly (exited with code 5)"
+    # which vCPU, and how many more: only the first bad end was told, as "a vCPU"
+    summary["runs"][0]["vcpu_ends"] = [{"reason": "timeout"}, end, end]
+    assert report.verdict(summary) == ("verdict: FAIL - ring: vCPU 0 ended badly (stopped by "
+                                       "--timeout; 2 more vCPU(s) too)")
 
 
 def test_ctrl_c_during_dirty_run():
@@ -790,3 +794,21 @@ def test_a_reaper_failure_after_the_last_vcpu_ended_is_raised(monkeypatch):
         s.run(timeout=30)
     assert failed.is_set()
     assert (info.value.call, info.value.errno) == ("KVM_GET_DIRTY_LOG", errno.EFAULT)
+
+
+def test_a_ten_digit_tag_widens_the_tables_first_column(tmp_path):
+    # `iter` was 5 wide: a tag of 4294967295 pushed its row's columns out of line
+    src = tmp_path / "bigtag.asm"
+    src.write_text(";! mode: long\n    mov qword ptr [rsi], 1\n    mov eax, 0xffffffff\n"
+                   "    out 0xf0, eax\n    xor eax, eax\n    out 0xf4, al\n")
+    proc = run_cli("dirty", "--payload", src, "--tracker", "ring", "--vcpus", "1",
+                   "--pages", "16", "--iterations", "1")
+    lines = proc.stdout.splitlines()
+    head = next(line for line in lines if "tracker" in line and "reported" in line)
+    rows = [line for line in lines if " ring " in line]
+    assert [r.split()[0] for r in rows] == ["4294967295"], proc.stdout
+    for row in rows:      # every column ends where its heading does
+        for word in ("tracker", "reported", "collect"):
+            at = head.index(word) + len(word)
+            assert row[at:at + 1] in (" ", ""), (word, head, row)
+    assert head.index("tracker") == rows[0].index("ring")
