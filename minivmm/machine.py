@@ -247,6 +247,9 @@ class Machine:
         # of a kvm_run page the close releases (BufferError, then EBADF in KVM_RUN).
         # Reentrant: a signal handler may stop() the Machine while start() holds it
         self._lock = threading.RLock()
+        # how deep the calling thread is in _kick(): _kicking() for a signal handler run
+        # there (RLock says who owns it only through its private _is_owned())
+        self._kicks = threading.local()
         self._closing = False
         self._pid = None                  # the process whose start() made the vCPU threads
         nvcpus = vcpus if vcpus is not None else (self.payload.vcpus or 1)
@@ -490,7 +493,7 @@ class Machine:
 
     def _kicking(self) -> bool:
         """True inside a signal handler that interrupted this thread's own _kick()."""
-        return any(st.kick_lock._is_owned() for st in self.states)
+        return getattr(self._kicks, "depth", 0) > 0
 
     def _in_vcpu_thread(self) -> bool:
         me = threading.current_thread()
@@ -503,15 +506,23 @@ class Machine:
         if thread is None:
             return
         # The thread cannot end (its id freed, its VM closed) while the lock is held; no
-        # signal handler runs here meanwhile (its stop() would wait for that end for ever)
-        with _sys.signals_held(), st.kick_lock:
-            if not st.kickable:
-                return
-            st.vcpu.run_struct.immediate_exit = 1    # if it is between two KVM_RUNs
-            try:
-                signal.pthread_kill(thread.ident, KICK_SIGNAL)   # if it is inside KVM_RUN
-            except (ProcessLookupError, TypeError):
-                pass
+        # signal handler runs here meanwhile (its stop() would wait for that end for ever).
+        # Counted from before the lock is taken to after it is let go: a handler that runs
+        # in between (a signal tripped just before, or taken by another thread) must not
+        # wait, and the stop() it interrupted waits instead
+        kicks = self._kicks
+        kicks.depth = getattr(kicks, "depth", 0) + 1
+        try:
+            with _sys.signals_held(), st.kick_lock:
+                if not st.kickable:
+                    return
+                st.vcpu.run_struct.immediate_exit = 1    # if it is between two KVM_RUNs
+                try:
+                    signal.pthread_kill(thread.ident, KICK_SIGNAL)   # if inside KVM_RUN
+                except (ProcessLookupError, TypeError):
+                    pass
+        finally:
+            kicks.depth -= 1
 
     def _vcpu_thread(self, st: VcpuState) -> None:
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import importlib
 import operator
 import os
 import pickle
@@ -25,6 +26,16 @@ from capstone import x86 as cs_x86
 
 from . import _sys
 from .x86 import layout as L
+
+# Every capstone.Cs() tries `from . import ccapstone` (an optional Cython build) and
+# swallows the failure: a full import, under Python's import locks, at each decode. A
+# Ctrl-C landing in that import in the main thread can leave the global import lock
+# held for good (CPython), and every vCPU thread's next decode (its end) then waits on
+# it for ever. Settled once here: None in sys.modules fails that import lock-free.
+try:
+    importlib.import_module("capstone.ccapstone")
+except ImportError:
+    sys.modules.setdefault("capstone.ccapstone", None)
 
 ASSEMBLE_TIMEOUT_S = 5.0
 MODES = ("real", "protected", "long")

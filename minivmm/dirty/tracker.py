@@ -97,6 +97,20 @@ class Tracker:
                            if mem.flags & abi.KVM_MEM_LOG_DIRTY_PAGES}
         self.page_sets = PageSets(self.slot_pages)
 
+    def check_slots(self) -> None:
+        """Refuse a logged slot added (or replaced) since bind(): KVM logs it, but the page
+        maps and bitmaps were made for the slots of then, so its pages would go untracked
+        (dropped by the bitmap, counted as bogus by the ring)."""
+        vm = self.machine.vm
+        for slot, mem in (vm.memory if vm is not None else {}).items():   # closed: said later
+            if mem.flags & abi.KVM_MEM_LOG_DIRTY_PAGES and \
+                    self.slot_pages.get(slot) != mem.pages:
+                raise ValueError(
+                    f"slot {slot} ({mem.name}) logs dirty pages but was added or replaced "
+                    f"after this {self.name} tracker was set up, so it is not tracked: add "
+                    "it before (in the tracker's before_vcpus), or without "
+                    "KVM_MEM_LOG_DIRTY_PAGES")
+
     def poll(self) -> None:
         """Collect while vCPUs run (async mode); kept until the next collect()."""
 
@@ -570,6 +584,7 @@ class DirtySession:
         (break, close()), which stops the vCPUs."""
         if self._started:     # its vCPUs have ended and its barrier counts are spent
             raise MachineError("this DirtySession has already run; make a new one")
+        self.tracker.check_slots()     # here, not in a vCPU thread's first collection
         self._started = True
         self._gated = gated
         self.machine.start(timeout)
@@ -604,6 +619,9 @@ class DirtySession:
                 record = self._record(*item)
                 self.records.append(record)
                 yield record
+                # a slot added meanwhile (the vCPUs wait for _go): here in the caller's
+                # thread, not in the collections, whose time the bench measures
+                self.tracker.check_slots()
                 if self.iterations_asked and not self._syncs_stopped and \
                         len(self.records) > SYNCS_PER_ITERATION * self.iterations_asked + EXTRA_SYNCS:
                     self._stop_syncing()

@@ -5,6 +5,8 @@ import signal
 import threading
 import time
 
+import pytest
+
 from minivmm import machine as machine_module
 from minivmm.machine import KICK_SIGNAL, Machine
 from tests.conftest import in_child, payload
@@ -117,7 +119,20 @@ def kill_then_signal(ident, sig):
         fired.append(1)
         _thread.interrupt_main(signal.SIGALRM)
     real(ident, sig)
+class PublicRLock:      # only the public API of a lock: no _is_owned()
+    def __init__(self):
+        self._lock = _thread.RLock()
+    def acquire(self, *a):
+        return self._lock.acquire(*a)
+    def release(self):
+        self._lock.release()
+    __enter__ = acquire
+    def __exit__(self, *exc):
+        self.release()
 with Machine(payload("spin")) as m:
+    if {public_lock}:
+        for st in m.states:
+            st.kick_lock = PublicRLock()
     signal.signal(signal.SIGALRM, lambda *a: getattr(m, {call!r})({args}))
     m.start()
     mm.signal.pthread_kill = kill_then_signal
@@ -128,15 +143,17 @@ print("closed", m.vm is None)
 """
 
 
-def test_a_signal_handler_stopping_the_machine_inside_a_kick_does_not_deadlock():
+@pytest.mark.parametrize("public_lock", [False, True])
+def test_a_signal_handler_stopping_the_machine_inside_a_kick_does_not_deadlock(public_lock):
     # Its stop() waited for the vCPU thread, whose end waited for the kick_lock that the
-    # kick it interrupted held: a hang for ever (close() from the handler too)
+    # kick it interrupted held: a hang for ever (close() from the handler too).
+    # public_lock: the kick-lock's owner was asked through RLock's private _is_owned()
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     for call, args in (("stop", "'by-handler'"), ("close", "")):
-        proc = subprocess.run([sys.executable, "-c", _HANDLER_IN_KICK.format(call=call,
-                                                                             args=args)],
+        proc = subprocess.run([sys.executable, "-c", _HANDLER_IN_KICK.format(
+                                  call=call, args=args, public_lock=public_lock)],
                               capture_output=True, text=True, timeout=60, cwd=root)
         # the kick's own reason, set before the handler ran; then a full close
         assert proc.stdout.split("\n")[:2] == ["[1] ['stopped']", "closed True"], \

@@ -107,6 +107,37 @@ def test_iterate_pauses_the_guest_between_collections():
         assert seen == [1, 2, 3, 4]
 
 
+_EXTRA = ";! mode: long\n    mov rax, 0x80000000\n    mov qword ptr [rax], 1\n" \
+         "    mov eax, 1\n    out 0xf0, eax\n    out 0xf4, al\n"
+
+
+@pytest.mark.parametrize("tracker", ["ring", "bitmap"])
+def test_a_logged_slot_added_after_the_tracker_is_refused_not_left_untracked(tmp_path,
+                                                                            tracker):
+    # The bitmap dropped its pages without a word, the ring counted them as bogus
+    src = tmp_path / "extra.asm"
+    src.write_text(_EXTRA)
+    log, refused = abi.KVM_MEM_LOG_DIRTY_PAGES, "slot 5 \\(extra\\) logs dirty pages"
+    with DirtySession(str(src), tracker=tracker, pages=4, iterations=1) as s:
+        s.machine.vm.add_memory(5, 2 << 30, 16 * 4096, log, "extra")
+        with pytest.raises(ValueError, match=refused + ".*in the tracker's before_vcpus"):
+            s.run(timeout=30)
+    with session(tracker=tracker, vcpus=1, pages=4) as s:
+        records = s.iterate(timeout=30)
+        next(records)                   # added mid-run: refused before the vCPUs go on
+        s.machine.vm.add_memory(5, 2 << 30, 16 * 4096, log, "extra")
+        with pytest.raises(ValueError, match=refused):
+            list(records)
+
+    class Early(trackermod.make_tracker(tracker).__class__):   # as the error says
+        def before_vcpus(self, machine):
+            super().before_vcpus(machine)
+            machine.vm.add_memory(5, 2 << 30, 16 * 4096, log, "extra")
+    with DirtySession(str(src), tracker=Early(), pages=4, iterations=1) as s:
+        first = s.run(timeout=30)[0]
+    assert first.collection.pages[5].tolist() == [0] and not first.collection.bogus
+
+
 @pytest.mark.parametrize("entries,word", [(3000, "not a power of two"),
                                           (64, "too small"), (1 << 20, "too large")])
 def test_bad_ring_sizes_are_refused_before_the_kernel(entries, word):

@@ -558,3 +558,24 @@ def test_a_break_at_a_label_uses_the_assembled_source_not_a_file(tmp_path, monke
     assert resolve_break(p, "msg") == 0x10005          # data: the next instruction
     with pytest.raises(ValueError, match=r"labels: after, msg, target\)"):
         resolve_break(p, "other")
+
+
+def test_decoding_takes_no_import_lock():
+    """vCPU threads decode at every end: that must not wait on Python's import lock, which
+    a Ctrl-C in the main thread can leave held for good (capstone.Cs() imported its
+    optional ccapstone at every creation, reproduced: its thread then never returned)."""
+    import _imp
+    import threading
+    done = []
+    t = threading.Thread(target=lambda: done.append(
+        P.disassemble_one(b"\x90", 0x1000, "long")), daemon=True)
+    _imp.acquire_lock()         # as a leaked import lock would be
+    try:
+        t.start()
+        t.join(5)
+        blocked = t.is_alive()
+    finally:
+        _imp.release_lock()
+    t.join(5)
+    assert not blocked, "decoding waited on the import lock"
+    assert done and done[0].mnemonic == "nop"
