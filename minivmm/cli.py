@@ -6,6 +6,8 @@ turns every user error into one line on stderr and a non-zero exit status.
 from __future__ import annotations
 
 import argparse
+import codecs
+import errno
 import importlib
 import importlib.util
 import json
@@ -45,6 +47,14 @@ def _seconds(text: str) -> float:
     if value <= 0:      # every such option is a time limit: 0 would stop before starting
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text}")
     return value
+
+
+def _option_error(error: Exception, args) -> str:
+    """as_option(error), but a vCPU count that came from the payload's header (no --vcpus
+    given) is blamed on the header: the message named --vcpus, which nobody typed."""
+    if getattr(error, "argument", None) == "vcpus" and args.vcpus is None:
+        return f"the payload's ';! vcpus:' header: {error}"
+    return as_option(error)
 
 
 # -- caps --
@@ -236,7 +246,7 @@ def cmd_run(args) -> int:
     try:
         machine = Machine(args.payload, vcpus=args.vcpus, pages=args.pages)
     except MachineError as e:
-        raise UsageError(as_option(e)) from None
+        raise UsageError(_option_error(e, args)) from None
     with machine:
         if args.trace:
             machine.trace = _trace_printer(machine, sys.stderr if args.json else sys.stdout)
@@ -285,7 +295,7 @@ def _run_dirty_session(args, tracker: str):
     except (DirtyRingError, MachineError, ValueError) as e:
         if isinstance(e, PayloadError):
             raise
-        raise UsageError(as_option(e)) from None
+        raise UsageError(_option_error(e, args)) from None
     with session:
         records = session.run(timeout=args.timeout)
         return session.tracker, records, session.result, session
@@ -382,29 +392,35 @@ def cmd_dirty(args) -> int:
                               "iterations": args.iterations, "collect": args.collect,
                               "ring_entries": args.ring_entries}, runs)
     ring_records = [recs for t, recs, _ in runs if t.name == "ring"]
-    ring_plot = None
+    ring_plot = plot_error = None
     if args.plot:
-        report.plot(summary, args.plot,
-                    missed={t.name: dict(zip(report.collection_keys([r.iteration
-                                                                    for r in recs]),
-                                             (r.missed.tolist() for r in recs)))
-                            for t, recs, _ in runs})
-        if args.show_ring and ring_records:
-            ring_plot = _plot_paths(args.plot, True)[1]
-            report.plot_rings(ring_records[0], ring_plot)
+        try:
+            report.plot(summary, args.plot,
+                        missed={t.name: dict(zip(report.collection_keys([r.iteration
+                                                                        for r in recs]),
+                                                 (r.missed.tolist() for r in recs)))
+                                for t, recs, _ in runs})
+            if args.show_ring and ring_records:
+                ring_plot = _plot_paths(args.plot, True)[1]
+                report.plot_rings(ring_records[0], ring_plot)
+        except OSError as e:    # the disk filled up since _check_plot_path: keep the results
+            plot_error = (f"--plot: cannot write {ring_plot or args.plot}: "
+                          f"{e.strerror or e}")
     if args.json:
         print(json.dumps(summary))
     else:
         print(report.table(summary))
         if args.show_ring and ring_records:
             print(report.ring_view_text(ring_records[0]))
-        if args.plot:
+        if args.plot and not plot_error:
             print(f"picture: {args.plot}" + (f", rings: {ring_plot}" if ring_plot else ""))
+    if plot_error:      # as when _check_plot_path finds it: status 2
+        print(f"minivmm: {plot_error}", file=sys.stderr)
     if not summary["ok"]:
         if args.json:
             print(f"minivmm: {report.verdict(summary)}", file=sys.stderr)
         return EXIT_GUEST_FAILED
-    return EXIT_OK
+    return EXIT_USAGE if plot_error else EXIT_OK
 
 
 DEFAULT_RING_ENTRIES = 4096
@@ -528,14 +544,54 @@ def _install_ioctl_trace(args) -> None:
         trace.install(sys.stderr if machine_readable else sys.stdout)
 
 
+# errnos of a write to stdout that lost the output: a full disk or /dev/full, a quota, a
+# terminal that went away. Reported in one line, never as a traceback.
+_OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO)
+
+
+def _prepare_streams() -> None:
+    if sys.stderr is None:      # started with 2>&-: the one-line errors go nowhere, as asked
+        sys.stderr = open(os.devnull, "w")
+    # a guest's console bytes that are not UTF-8 print as U+FFFD, a payload's path can hold
+    # any bytes (surrogates in Python): where stdout cannot encode them (an ASCII or
+    # ISO-8859-1 locale; surrogates under en_US.UTF-8, whose errors are strict) print()
+    # raised UnicodeEncodeError. Write such characters as escapes instead.
+    for stream in (sys.stdout, sys.stderr):
+        errors = getattr(stream, "errors", None)
+        utf8 = codecs.lookup(getattr(stream, "encoding", None) or "ascii").name == "utf-8"
+        if (errors == "strict" or errors == "surrogateescape" and not utf8) \
+                and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
+def _discard_stdout() -> None:
+    """Point fd 1 at /dev/null after a failed write, so that the interpreter's last flush
+    of what is still buffered does not fail again ("Exception ignored", status 120)."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+    except (OSError, AttributeError, ValueError):   # no real fd (a test's capture)
+        pass
+
+
 def main(argv=None) -> int:
     try:
+        _prepare_streams()
         parser = build_parser()                    # it loads the commands' modules
         args, extra = parser.parse_known_args(argv)
         if extra:   # argparse would blame "minivmm", not the command that was given
             parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+        if sys.stdout is None and not getattr(args, "report_on_stdout", False):
+            # started with >&-: Python sets sys.stdout to None, print() drops every line
+            # (status 0 and no output) and --trace, --trace-ioctls raised AttributeError;
+            # abi-check, which can write to --output, says so itself
+            raise UsageError("cannot write the output: stdout is closed")
         _install_ioctl_trace(args)
-        return args.func(args)
+        status = args.func(args)
+        if sys.stdout is not None:
+            sys.stdout.flush()          # a full disk shows here, not at the interpreter's exit
+        return status
     except KeyboardInterrupt:
         print("minivmm: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -550,6 +606,12 @@ def main(argv=None) -> int:
         return EXIT_GUEST_FAILED
     except BrokenPipeError:
         return EXIT_OK
+    except OSError as e:
+        if e.errno not in _OUTPUT_ERRNOS or e.filename is not None:
+            raise
+        _discard_stdout()
+        print(f"minivmm: cannot write the output: {e.strerror}", file=sys.stderr)
+        return EXIT_USAGE
     except MemoryError as e:
         # the host refused guest memory (GuestMemory names the slot: the system slot's is
         # no option's fault), or Python itself ran out: a failure of the run, not of input

@@ -17,7 +17,8 @@ from ._sys import KvmError, KvmUnavailable, ioctl
 if TYPE_CHECKING:
     from .vm import Vm
 
-DEFAULT_DEVICE = os.environ.get("MINIVMM_KVM_DEVICE", "/dev/kvm")
+# an empty MINIVMM_KVM_DEVICE is unset, as an empty MINIVMM_PAYLOADS is (it opened "")
+DEFAULT_DEVICE = os.environ.get("MINIVMM_KVM_DEVICE") or "/dev/kvm"
 
 
 def vendor_module() -> str:
@@ -32,7 +33,7 @@ class Kvm(_sys.FdOwner):
     """An open /dev/kvm. Use as a context manager, or call close()."""
 
     def __init__(self, device: str | None = None):
-        device = device or os.environ.get("MINIVMM_KVM_DEVICE", "/dev/kvm")
+        device = device or os.environ.get("MINIVMM_KVM_DEVICE") or "/dev/kvm"
         self.device = device
         try:
             with _sys.fd_creation():

@@ -193,9 +193,11 @@ def _header_values(header: dict, name: str) -> tuple:
     if "vcpus" in header:
         text, line = header["vcpus"]
         # isdigit() is true for '²' and other Unicode digits int() refuses
-        if not (text.isascii() and text.isdigit()) or int(text) < 1:
-            raise PayloadError(f"{name}:{line}: vcpus must be a positive integer, got {text!r}")
-        vcpus = int(text)
+        digits = text.lstrip("0")   # int() raises past 4300 digits; KVM allows far fewer
+        if not (text.isascii() and text.isdigit()) or not 1 <= len(digits) <= 9:
+            raise PayloadError(f"{name}:{line}: vcpus must be a positive integer of at most 9 "
+                               f"digits, got {text!r}")
+        vcpus = int(digits)
     return mode, cpl, vcpus, header.get("description", ("", 0))[0]
 
 
@@ -317,9 +319,13 @@ def _check_syntax(stmts, name) -> None:
             raise PayloadError(f"{name}:{no}: unbalanced brackets in {body!r}")
         if re.search(r"\w{17}", masked):   # keystone blames a later line for these
             for m in _LITERAL.finditer(masked):
-                value = _number(m.group(0))
-                if value is not None and value > _MASK64:
-                    raise PayloadError(f"{name}:{no}: value {value:#x} does not fit in 64 bits")
+                token = m.group(0)
+                huge = _too_long(token)
+                value = None if huge else _number(token)
+                if huge or value is not None and value > _MASK64:
+                    shown = f"{value:#x}" if value is not None else \
+                        f"{token[:12]}...({len(token)} characters)"
+                    raise PayloadError(f"{name}:{no}: value {shown} does not fit in 64 bits")
         if body[-1] in "+-*,[(":
             raise PayloadError(f"{name}:{no}: incomplete operand in {body!r}")
         if body.startswith("!"):
@@ -562,11 +568,19 @@ def _number(token: str) -> int | None:
     if t.startswith("'"):
         return ord(t[1])
     t = t.lower()
+    if _too_long(t):
+        return None
     if t.endswith("h"):
         return int(t[:-1], 16)
     if t.startswith(("0x", "0b")):
         return int(t, 0)
     return int(t, 8) if t.startswith("0") else int(t)
+
+
+def _too_long(token: str) -> bool:
+    """More than 64 digits, in any base: too wide for any operand, and not converted (int()
+    of thousands of decimal digits is slow, quadratic, and refused past 4300)."""
+    return len(re.sub(r"^(0x|0b)?0*|h$", "", token.lower())) > 64
 
 
 def _div(a: int, b: int) -> int | None:

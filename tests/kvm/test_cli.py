@@ -180,3 +180,16 @@ def test_guest_memory_the_host_refuses_is_one_line_with_status_1(monkeypatch, ca
     assert status == 1 and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err
     assert expected in err and "Cannot allocate memory" in err
+
+
+@pytest.mark.parametrize("command", [["run"], ["dirty", "--payload"]])
+def test_a_vcpus_header_over_the_limit_blames_the_header_not_the_option(tmp_path, command):
+    # no --vcpus given: the count KVM refuses came from the payload's header, but the
+    # message said "--vcpus must be between 1 and ..."
+    own = tmp_path / "own.asm"
+    own.write_text(";! vcpus: 999999999\nxor eax, eax\nout 0xf4, al\n")
+    line = one_line_error(run_cli(*command, own))
+    assert line.startswith("minivmm: the payload's ';! vcpus:' header: vcpus must be "
+                           "between 1 and "), line
+    line = one_line_error(run_cli(*command, own, "--vcpus", "999999999"))
+    assert line.startswith("minivmm: --vcpus must be between 1 and "), line

@@ -226,3 +226,88 @@ def test_a_kvm_error_survives_pickling():
         back = pickle.loads(pickle.dumps(err))
         assert type(back) is type(err) and str(back) == str(err)
         assert (back.call, back.errno, back.hint) == (err.call, err.errno, err.hint)
+
+
+@pytest.mark.parametrize("source", [
+    "mov rax, " + "9" * 5000 + "\nout 0xf4, al\n",              # an operand
+    ".equ BIG, " + "9" * 5000 + "\nxor eax, eax\nout 0xf4, al\n",  # a constant
+])
+def test_a_decimal_literal_past_4300_digits_is_refused_in_one_line(tmp_path, source):
+    # int() refuses more than 4300 decimal digits (sys.get_int_max_str_digits()): its
+    # ValueError was a traceback, where a 5000-digit hex literal was a clean refusal
+    big = tmp_path / "big.asm"
+    big.write_text(source)
+    line = one_line_error(run_cli("disasm", big))
+    assert f"{big}:1: value 999999999999...(5000 characters) does not fit in 64 bits" in line
+
+
+def test_a_vcpus_header_past_4300_digits_is_refused_in_one_line(tmp_path):
+    big = tmp_path / "big.asm"
+    big.write_text(";! vcpus: " + "9" * 5000 + "\nxor eax, eax\nout 0xf4, al\n")
+    line = one_line_error(run_cli("disasm", big))
+    assert f"{big}:1: vcpus must be a positive integer of at most 9 digits" in line
+    listed = run_cli("payloads", "--dir", tmp_path)       # the listing says so, too
+    assert listed.returncode == 0 and "(bad header: " in listed.stdout, listed.stderr
+
+
+def _with_stdout(stdout, *args, env=None, close=False):
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "minivmm", *map(str, args)], stdout=stdout,
+                          stderr=subprocess.PIPE, text=True, timeout=60, env=full_env,
+                          preexec_fn=(lambda: os.close(1)) if close else None)
+
+
+@pytest.mark.parametrize("unbuffered", ["1", ""], ids=["unbuffered", "buffered"])
+@pytest.mark.parametrize("args", [("payloads",), ("disasm", "hello_long")])
+def test_output_to_a_full_disk_is_one_line_and_status_2(args, unbuffered):
+    # > /dev/full: a traceback and status 1 (PYTHONUNBUFFERED) or "Exception ignored"
+    # and status 120 at the interpreter's exit, where abi-check says it in one line
+    with open("/dev/full", "w") as full:
+        proc = _with_stdout(full, *args, env={"PYTHONUNBUFFERED": unbuffered})
+    line = one_line_error(proc)
+    assert line == "minivmm: cannot write the output: No space left on device"
+
+
+@pytest.mark.parametrize("args", [("payloads",), ("run", "hello_long", "--trace"),
+                                  ("caps", "--trace-ioctls")])
+def test_a_closed_stdout_is_one_line_and_status_2(args):
+    # >&-: print() dropped every line (status 0, nothing shown), and --trace or
+    # --trace-ioctls raised AttributeError (a host-error end, or a traceback). Refused
+    # before any KVM, as abi-check refuses it
+    proc = _with_stdout(subprocess.DEVNULL, *args, close=True)
+    assert one_line_error(proc) == "minivmm: cannot write the output: stdout is closed"
+
+
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1", "utf-8"])
+def test_text_the_locale_cannot_encode_is_escaped_not_a_traceback(tmp_path, encoding):
+    # a description with a character outside the locale's charset (ASCII, and U+2192 for
+    # ISO-8859-1), and a file name that is not UTF-8 (surrogates, which even a UTF-8 locale
+    # with strict errors, as en_US.UTF-8 has, cannot write): UnicodeEncodeError tracebacks
+    (tmp_path / "arrow.asm").write_text(";! description: a \u2192 b\nxor eax, eax\n"
+                                        "out 0xf4, al\n")
+    odd = os.path.join(os.fsencode(tmp_path), b"\xff.asm")
+    with open(odd, "w") as f:
+        f.write("xor eax, eax\nout 0xf4, al\n")
+    env = {"PYTHONIOENCODING": encoding}
+    listed = run_cli("payloads", "--dir", tmp_path, env=env)
+    assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stderr
+    assert ("a \u2192 b" if encoding == "utf-8" else "a \\u2192 b") in listed.stdout
+    shown = subprocess.run([sys.executable, "-m", "minivmm", "disasm", odd],
+                           capture_output=True, timeout=60, env=dict(os.environ, **env))
+    assert shown.returncode == 0 and b"Traceback" not in shown.stderr, shown.stderr
+    assert b"\\udcff.asm: long mode" in shown.stdout
+
+
+def test_an_empty_kvm_device_variable_means_the_default(monkeypatch):
+    # MINIVMM_KVM_DEVICE= opened "" ("open  failed: ENOENT ... load the kvm module"),
+    # where an empty MINIVMM_PAYLOADS is the default directory
+    opened = []
+
+    def fake_open(path, flags, *a):
+        opened.append(path)
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
+    monkeypatch.setenv("MINIVMM_KVM_DEVICE", "")
+    monkeypatch.setattr(os, "open", fake_open)
+    with pytest.raises(KvmUnavailable):
+        Kvm()
+    assert opened == ["/dev/kvm"]

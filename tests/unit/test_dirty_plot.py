@@ -102,3 +102,34 @@ def test_a_tag_synced_twice_gets_a_column_per_collection(tmp_path, monkeypatch):
     report.plot(summary, str(tmp_path / "p.png"))
     assert [(label, ys) for label, _, ys in drawn] == [("both", list(range(64)))]
     assert report.collection_keys([1, 1, 2, 1, "final"]) == ["1", "1#2", "2", "1#3", "final"]
+
+
+def test_a_picture_the_disk_cannot_hold_is_one_line_after_the_results(tmp_path, monkeypatch,
+                                                                       capsys):
+    # _check_plot_path opens the file before the run, but the disk can fill up by the
+    # time the picture is drawn: PIL's ENOSPC was a traceback, and the table never printed
+    import errno
+
+    def full(summary, path, missed=None):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(report, "plot", full)
+    monkeypatch.setattr(cli, "_check_plot_path", lambda *a: None)
+    monkeypatch.setattr(cli, "_check_payload_params", lambda args: None)
+    monkeypatch.setattr(cli, "load", lambda p: p)
+
+    class T:
+        name = "bitmap"
+
+    class S:
+        nvcpus = 1
+
+        class payload:
+            name = "x"
+    monkeypatch.setattr(cli, "_run_dirty_session", lambda args, kind: (T(), [], None, S()))
+    monkeypatch.setattr(report, "to_json", lambda a, runs: {"ok": True, "runs": []})
+    monkeypatch.setattr(report, "table", lambda s: "the table")
+    png = str(tmp_path / "p.png")
+    assert cli.main(["dirty", "--tracker", "bitmap", "--plot", png]) == cli.EXIT_USAGE
+    out, err = capsys.readouterr()
+    assert out == "the table\n"          # the results, and no "picture:" line
+    assert err == f"minivmm: --plot: cannot write {png}: No space left on device\n"
