@@ -34,6 +34,15 @@ def _integer(text: str) -> int:
     try:
         return int(text, 0)
     except ValueError:
+        digits = text.strip()
+        if digits.isascii() and digits.isdigit():
+            if digits.startswith("0"):    # int(, 0) refuses it: octal or decimal?
+                raise argparse.ArgumentTypeError(f"not an integer: {text!r} (a leading 0 "
+                                                 "is ambiguous: write it without, or 0o "
+                                                 "for octal)") from None
+            # int() refuses past 4300 digits (sys.get_int_max_str_digits())
+            raise argparse.ArgumentTypeError(f"out of range: a number of {len(digits)} "
+                                             "digits") from None
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
 
 

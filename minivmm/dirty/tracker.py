@@ -496,7 +496,10 @@ class DirtySession:
             raise named(MachineError(f"pages {pages} leaves some of the {nvcpus} vCPUs no page "
                                      "of their own to dirty: give at least one page per vCPU"),
                         "pages")
-        writes = writes if writes is not None else max(1, pages // nvcpus // 4)
+        # capped as an asked --writes is: pages past what can be mapped are refused below,
+        # by Machine, not blamed on this derived register
+        writes = writes if writes is not None else min(max(1, pages // nvcpus // 4),
+                                                       MAX_ITERATIONS)
         if isinstance(self.tracker, RingTracker) and not self.tracker.stage_entries:
             # A vCPU's share of the data pages per iteration, and room for its page-table
             # pages, so that a collection does not grow the stage; at most 1 MiB each

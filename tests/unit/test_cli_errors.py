@@ -78,6 +78,16 @@ def test_bad_arguments(args, word):
     assert proc.returncode == 2 and word in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("args,word", [
+    (["--pages", "010"], "a leading 0 is ambiguous"),          # it said "not an integer"
+    (["--pages", "9" * 5000], "out of range: a number of 5000 digits"),
+    # the default --writes (pages / 4) was checked first, as "--regs['r10']"
+    (["--pages", "9" * 26], f"--pages {'9' * 26} is more than this machine can map"),
+])
+def test_bad_page_counts_are_named_as_such(args, word):
+    assert word in one_line_error(run_cli("dirty", *args))
+
+
 @pytest.mark.parametrize("cmd", [["run", "hello_long"], ["dirty"], ["step", "spin"],
                                  ["abi-check"], ["caps"]])
 def test_unknown_option_names_the_command(cmd):
