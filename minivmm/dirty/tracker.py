@@ -531,6 +531,10 @@ class DirtySession:
         self._arrived: dict[int, int] = {}
         self._ended: set[int] = set()      # vCPUs over (one may still be in _arrived)
         self._generation = 0
+        # collections the vCPUs may queue: one past the limit, which makes the consumer
+        # stop them (_stop_syncing); without a cap a slow consumer let them queue more
+        self._queued, self._queue_cap = 0, (
+            SYNCS_PER_ITERATION * iterations + EXTRA_SYNCS + 1 if iterations else None)
         self._queue: queue.Queue = queue.Queue()
         self._gated = self._started = self._closed = self._syncs_stopped = False
         self._go = threading.Event()
@@ -731,11 +735,13 @@ class DirtySession:
         iteration = max(self._arrived.values())
         # A vCPU stopped (timeout, error) before this sync has not written its whole plan
         synced = frozenset(i for i, tag in self._arrived.items() if tag == iteration)
-        try:
-            col = self.tracker.collect()
-            self._queue.put((iteration, col, self._snapshot(), synced))
-        except Exception as e:
-            self._fail(e)
+        if self._queue_cap is None or self._queued < self._queue_cap:
+            try:
+                col = self.tracker.collect()
+                self._queue.put((iteration, col, self._snapshot(), synced))
+                self._queued += 1
+            except Exception as e:
+                self._fail(e)
         self._arrived.clear()
         self._go.clear()
         if self._gated:

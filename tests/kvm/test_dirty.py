@@ -725,7 +725,7 @@ def test_a_guest_that_never_stops_syncing_is_stopped(tracker):
         records = s.run(timeout=5)
     assert time.monotonic() - t0 < 4
     limit = trackermod.SYNCS_PER_ITERATION + trackermod.EXTRA_SYNCS
-    assert limit < len(records) < limit + 8
+    assert limit < len(records) <= limit + 2, len(records)   # the cap, and the final one
     for st in s.result.vcpus:
         assert st.end.reason == "too-many-syncs", st.end.summary()
         # the limit it passed, not a count that was already out of date when printed
