@@ -203,6 +203,9 @@ def _header_values(header: dict, name: str) -> tuple:
 
 def find_payload(name_or_path: str, search_dir: str | None = None) -> Path:
     """A path as given, or a bare name looked up in guest_payloads/."""
+    if not name_or_path.strip():     # Path("") is ".": "is a directory" named no mistake
+        raise PayloadError(f"no payload named (got {name_or_path!r}): give a payload name "
+                           "(minivmm payloads lists them) or a source file")
     p = Path(name_or_path)
     if p.is_file() or p.is_fifo():      # a pipe too: `minivmm run <(generate)`
         return p

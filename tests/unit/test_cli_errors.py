@@ -321,3 +321,9 @@ def test_an_empty_kvm_device_variable_means_the_default(monkeypatch):
     with pytest.raises(KvmUnavailable):
         Kvm()
     assert opened == ["/dev/kvm"]
+
+
+@pytest.mark.parametrize("cmd", ["disasm", "run", "step"])
+def test_an_empty_payload_name_is_said_to_be_empty(cmd):
+    # Path("") is ".": the error was ".: is a directory, not a payload file"
+    assert "no payload named (got '')" in one_line_error(run_cli(cmd, ""))
