@@ -266,6 +266,10 @@ class Machine:
                                      f"(at most {L.MAX_DATA_PAGES} pages, "
                                      f"{L.MAX_DATA_PAGES * 4096 >> 30} GiB)"), "pages")
         self.pages = pages
+        if self.payload.mode == "real":
+            check_number("vcpus", nvcpus, 1, L.REAL_MODE_MAX_VCPUS, error=MachineError,
+                         note=" for a real-mode payload (SS names each vCPU's stack, "
+                              "which must lie below 1 MiB)")
         try:
             if self.kvm is None:
                 self.kvm = Kvm()

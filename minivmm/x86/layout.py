@@ -23,6 +23,9 @@ VCPU_BLOCK = 0x8000
 TSS_OFF = 0x0             # 104-byte 64-bit TSS, then an 8 KiB I/O bitmap and a 0xff byte
 TSS_SIZE = 104
 IOBITMAP_BYTES = 8192
+# Real mode names a vCPU's stack SS = block >> 4, a 16-bit selector: only the blocks
+# below 1 MiB can be named, so a real-mode payload runs at most this many vCPUs (24).
+REAL_MODE_MAX_VCPUS = (0x10_0000 - VCPU_BASE) // VCPU_BLOCK
 EXC_STACK_TOP_OFF = 0x6000   # RSP0: where the CPU switches to for an exception from CPL3
 USER_STACK_TOP_OFF = 0x8000  # the payload's RSP at entry
 

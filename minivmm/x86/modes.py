@@ -190,6 +190,9 @@ def setup_vcpu(vcpu, mode: str, cpl: int, index: int, regs_init: dict) -> None:
     stack_top = block + L.USER_STACK_TOP_OFF
     if mode == "real":
         # CS = DS = ES = 0x1000 (base 0x10000, where the payload is); SS:SP = own stack.
+        if index >= L.REAL_MODE_MAX_VCPUS:      # ctypes would cut SS to 16 bits silently
+            raise ValueError(f"real mode: vCPU {index}'s stack at {block:#x} is beyond "
+                             "what a 16-bit SS selector names")
         code_seg = L.CODE >> 4
         for name in ("cs", "ds", "es", "fs", "gs"):
             seg = getattr(sregs, name)

@@ -508,3 +508,15 @@ def test_a_decodable_fault_has_no_bytes():
     with Machine(assemble_source("nop\nud2\n", "ud.asm")) as m:
         st, = m.run(timeout=20).vcpus
     assert st.end.instruction == "ud2  ; line 2" and "bytes" not in st.end.detail
+
+
+def test_real_mode_stack_is_reachable_through_ss_on_the_last_vcpu():
+    # the stack through SS:SP and through a copy of SS in ES is the same memory, on every
+    # vCPU real mode allows (vCPU 24's SS would have been cut to 16 bits: 0, base 1 MiB)
+    src = (";! mode: real\nmov ax, 0x1234\npush ax\nmov ax, ss\nmov es, ax\n"
+           "mov bx, sp\nmov ax, word ptr es:[bx]\nhlt\n")
+    seen = {}
+    with Machine(assemble_source(src, "ss.asm"), vcpus=L.REAL_MODE_MAX_VCPUS) as m:
+        m.on_end = lambda st: seen.__setitem__(st.index, st.vcpu.get_regs().rax & 0xFFFF)
+        r = m.run(timeout=60)
+    assert r.ok and seen == {i: 0x1234 for i in range(L.REAL_MODE_MAX_VCPUS)}

@@ -88,6 +88,14 @@ def test_bad_page_counts_are_named_as_such(args, word):
     assert word in one_line_error(run_cli("dirty", *args))
 
 
+@pytest.mark.parametrize("cmd", ["run", "step"])
+def test_real_mode_vcpus_beyond_what_ss_names(cmd):
+    # needs no KVM: vCPU 24's stack would be at 1 MiB, past any 16-bit SS
+    line = one_line_error(run_cli(cmd, "hello_real", "--vcpus", "25",
+                                  env={"MINIVMM_KVM_DEVICE": "/nonexistent/kvm"}))
+    assert line.startswith("minivmm: --vcpus must be between 1 and 24 for a real-mode payload")
+
+
 @pytest.mark.parametrize("cmd", [["run", "hello_long"], ["dirty"], ["step", "spin"],
                                  ["abi-check"], ["caps"]])
 def test_unknown_option_names_the_command(cmd):
