@@ -42,8 +42,33 @@ MODES = ("real", "protected", "long")
 _HEADER = re.compile(r"^\s*;!\s*([A-Za-z_-]+)\s*:\s*(.*?)\s*$")
 _LABEL = re.compile(r"^\s*([A-Za-z_.$@][\w.$@]*)\s*:\s*")
 _DATA_DIRECTIVES = (".byte", ".word", ".short", ".long", ".int", ".quad", ".ascii",
-                    ".asciz", ".string", ".fill", ".zero", ".space", ".align", ".balign",
-                    ".p2align")
+                    ".asciz", ".string", ".fill", ".zero", ".space", ".skip", ".align",
+                    ".balign", ".p2align")
+_SIZE_DIRECTIVES = (".space", ".skip", ".zero")   # size[, fill byte]
+# `.code16` etc. say again what the header says; another width would be decoded wrongly
+_CODE_DIRECTIVES = {".code16": "real", ".code32": "protected", ".code64": "long"}
+# Every directive a payload may use; keystone mishandles the others without a word: it
+# ignores many (.foo, .globl, .err, .if, .comm), drops the rest of the file (.end,
+# .stabs), emits bytes the listing cannot account for (.sleb128, .double, .rept), loops
+# (.tfloat, .zero -1) or aborts with LLVM's diagnostic (.cfi_*)
+_SUPPORTED_DIRECTIVES = _DATA_DIRECTIVES + (".equ", ".set", ".equiv", ".intel_syntax") \
+    + tuple(_CODE_DIRECTIVES)
+# what to write instead, for directives a GAS user is likely to reach for
+_DIRECTIVE_HINTS = {
+    ".asciiz": "use .asciz", ".hword": "use .word", ".2byte": "use .word",
+    ".value": "use .word", ".4byte": "use .long", ".8byte": "use .quad",
+    ".octa": "use two .quad", ".eqv": "use .equ",
+    ".org": "use .space or .align to move ahead", ".end": "delete it",
+    ".att_syntax": "payloads are Intel syntax", ".nops": "use .fill N, 1, 0x90",
+    ".float": "write the bits with .long", ".single": "write the bits with .long",
+    ".double": "write the bits with .quad",
+    ".rept": "no macros or repetition: write the lines out",
+    ".irp": "no macros or repetition: write the lines out",
+    ".irpc": "no macros or repetition: write the lines out",
+    ".macro": "no macros or repetition: write the lines out",
+    ".globl": "a payload has no symbol table: delete it",
+    ".global": "a payload has no symbol table: delete it",
+}
 _ALIGN_DIRECTIVES = (".align", ".balign", ".p2align")
 # keystone has no fill-width variants: LLVM aborts the whole process on them
 _WIDE_ALIGN = (".balignw", ".balignl", ".p2alignw", ".p2alignl")
@@ -268,7 +293,7 @@ def assemble_source(text: str, name: str = "<payload>") -> Payload:
         lines = [(no, _strip_comment(line).rstrip()) for no, line in
                  enumerate(text.splitlines(), 1)]
         stmts = [(no, s) for no, s in lines if s.strip()]
-        _check_syntax(stmts, name)
+        _check_syntax(stmts, name, mode)
         _ks_decimal(mode)
         code = _assemble_with_watchdog("\n".join(s for _, s in stmts), mode, origin, stmts, name)
         if not code:
@@ -302,10 +327,12 @@ def _mask_quotes(text: str) -> str:
     return "".join(out)
 
 
-def _check_syntax(stmts, name) -> None:
+def _check_syntax(stmts, name, mode: str) -> None:
     """Catch input keystone mis-handles: truncated operands, unbalanced brackets,
-    non-ASCII text, out-of-range literals and alignments it cannot or should not pad to."""
+    non-ASCII text, out-of-range literals and alignments it cannot or should not pad to,
+    directives outside _SUPPORTED_DIRECTIVES, and prefixes alone on a line."""
     env, changes = _constants(stmts)
+    defined: dict = {}          # constant name -> line of its first definition
     for no, s in stmts:
         odd = next((ch for ch in s if ord(ch) > 127), None)
         if odd:   # keystone's binding takes ASCII only, and dies without a word
@@ -357,19 +384,64 @@ def _check_syntax(stmts, name) -> None:
         if word in _WIDE_ALIGN:
             raise PayloadError(f"{name}:{no}: {word} is not supported by the assembler; "
                                "use .balign/.p2align")
+        if word.startswith(".") and word not in _SUPPORTED_DIRECTIVES \
+                and not _CONST_DEF.match(body):
+            hint = _DIRECTIVE_HINTS.get(word, "payload directives: "
+                                        + " ".join(_SUPPORTED_DIRECTIVES))
+            raise PayloadError(f"{name}:{no}: {word} is not supported; {hint}")
+        if word in _CODE_DIRECTIVES and _CODE_DIRECTIVES[word] != mode:
+            raise PayloadError(f"{name}:{no}: {word} in a {mode}-mode payload: the "
+                               f"header sets the mode (`;! mode: {_CODE_DIRECTIVES[word]}`)")
+        if word == ".intel_syntax" and args.strip().lower() not in ("", "noprefix"):
+            raise PayloadError(f"{name}:{no}: .intel_syntax {args.strip()} is not supported; "
+                               "payloads are Intel syntax without '%' prefixes")
+        if all(w.lower() in _PREFIXES for w in body.split()):
+            # keystone glues it to the next line's bytes: the listing then blamed a later line
+            raise PayloadError(f"{name}:{no}: prefix {body!r} alone on a line: write it "
+                               "before its instruction (`rep movsb`, `lock inc dword ptr [rdi]`)")
+        const = _CONST_DEF.match(body)
+        if word in (".equ", ".set", ".equiv") and not (const and const.group(3).strip()):
+            # keystone defines nothing for `.equ X`, without a word
+            raise PayloadError(f"{name}:{no}: expected `{word} NAME, VALUE`, got {body!r}")
+        if const:
+            key = const.group(1) or const.group(2)
+            if word == ".equiv" and key in defined:
+                # keystone keeps the first value where GAS refuses: the value check
+                # then blamed a later line with "does not fit"
+                raise PayloadError(f"{name}:{no}: .equiv {key}: already defined on line "
+                                   f"{defined[key]} (.equiv never redefines; use .set)")
+            defined.setdefault(key, no)
         _apply_constant(env, changes, no)
         if word in _ALIGN_DIRECTIVES:   # before keystone pads gigabytes
             _alignment(word, args, env, name, no)
         elif word == ".fill":   # keystone keeps the low bytes of the value, without a word
             parts = _split_operands(args)
+            count = _evaluate(parts[0], env, directive=True) if parts else None
+            size = _evaluate(parts[1], env, directive=True) if len(parts) > 1 else None
+            # a huge count takes keystone minutes; a size of 0 fails only when listed alone
+            if count is not None and not 0 <= count <= L.CODE_MAX or \
+                    size is not None and not 1 <= size <= 8:
+                raise PayloadError(f"{name}:{no}: .fill {args.strip()}: expected a count "
+                                   f"of 0 to {L.CODE_MAX:#x} and a size of 1 to 8")
             if len(parts) == 3:
-                size = _evaluate(parts[1], env, directive=True)
                 value = _evaluate(parts[2], env, directive=True)
                 width = min(size, 4) if size is not None and size > 0 else None
                 if width and value is not None and \
                         not -(1 << (8 * width - 1)) <= value < (1 << (8 * width)):
                     raise PayloadError(f"{name}:{no}: .fill value {value:#x} does not fit "
                                        f"in {width} byte(s) (keystone keeps at most 4)")
+        elif word in _SIZE_DIRECTIVES:
+            # keystone loops on `.zero -1`, takes minutes over a huge size, keeps the low
+            # byte of the fill, and fails on a size of 0 when listing it alone
+            parts = _split_operands(args)
+            size = _evaluate(parts[0], env, directive=True) if parts else None
+            if size is not None and not 1 <= size <= L.CODE_MAX:
+                raise PayloadError(f"{name}:{no}: {word} {parts[0]}: the size must be 1 "
+                                   f"to {L.CODE_MAX:#x} bytes")
+            fill = _evaluate(parts[1], env, directive=True) if len(parts) > 1 else None
+            if fill is not None and not -0x80 <= fill <= 0xFF:
+                raise PayloadError(f"{name}:{no}: {word}: the fill must be a byte value, "
+                                   f"got {parts[1]!r}")
         elif word == ".word":   # keystone emits nothing (or hangs) for a too-big .word
             for arg in _split_operands(args):
                 value = _evaluate(arg, env, directive=True)
@@ -484,11 +556,30 @@ def _assemble_child(source: str, mode: str, origin: int, stmts) -> tuple:
             others = ", ".join(repr(sym) for _, sym in sorted(found)[1:])
             return ("error", no, f"undefined symbol {symbol!r} (no label or constant of "
                                  "that name)" + (f"; also undefined: {others}" if others else ""))
+    # A prefix that uses a label defined further down fails as "Invalid fixup" (16-bit
+    # and absolute references, even with the resolver): that line is not the culprit.
+    # The first prefix failing otherwise is.
+    fixup = None
     for i in range(1, len(stmts) + 1):
         try:
             ks.asm("\n".join(s for _, s in stmts[:i]), origin)
         except keystone.KsError as e:
-            return ("error", stmts[i - 1][0], str(e).split(" (KS_ERR")[0])
+            if e.errno not in (keystone.KS_ERR_ASM_FIXUP_INVALID,
+                               keystone.KS_ERR_ASM_SYMBOL_MISSING):
+                return ("error", stmts[i - 1][0], str(e).split(" (KS_ERR")[0])
+            fixup = fixup or (stmts[i - 1][0], str(e).split(" (KS_ERR")[0])
+    if fixup:
+        # only fixups failed: the culprit is the first line whose removal (its labels
+        # kept) lets the whole source assemble
+        for k, (no, _) in enumerate(stmts):
+            kept = " ".join(f"{n}:" for n in _peel_labels(stmts[k][1])[0])
+            try:
+                ks.asm("\n".join(kept if j == k else s for j, (_, s) in enumerate(stmts)),
+                       origin)
+            except keystone.KsError:
+                continue
+            return ("error", no, fixup[1])
+        return ("error",) + fixup
     return ("error", stmts[-1][0] if stmts else 0, message)
 
 
@@ -621,6 +712,8 @@ def _evaluate(text: str, consts: dict, registers_zero: bool = False,
     def primary():
         nonlocal i
         kind, tok = tokens[i]
+        if kind == "end":        # `.set X, 1 +`: nothing left (and nothing to read past)
+            return None
         i += 1
         if tok in ("-", "+", "~"):
             v = primary()
@@ -871,7 +964,11 @@ def _listing(code: bytes, mode: str, origin: int, stmts, name) -> list:
                 pad = (-(origin + offset)) % align
                 offset += 0 if max_skip is not None and pad > max_skip else pad
             elif word in _DATA_DIRECTIVES:
-                offset += _directive_size(ks, body, origin + offset)
+                try:
+                    offset += _directive_size(ks, body, origin + offset)
+                except keystone.KsError as e:   # a case _check_syntax does not know
+                    raise PayloadError(f"{name}:{no}: {word}: "
+                                       f"{str(e).split(' (KS_ERR')[0]}") from None
             continue
         decoded = next(md.disasm(code[offset:offset + 16], origin + offset, 1), None)
         if decoded is None:

@@ -1,5 +1,6 @@
 """Payload headers, assembly errors, the keystone watchdog and the listing (no KVM needed)."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -579,3 +580,90 @@ def test_decoding_takes_no_import_lock():
     t.join(5)
     assert not blocked, "decoding waited on the import lock"
     assert done and done[0].mnemonic == "nop"
+
+
+@pytest.mark.parametrize("line,word", [
+    # refused only later, as "assembler output (7 bytes) does not match the source"
+    (".rept 2", ".rept is not supported; no macros"), (".octa 1", "use two .quad"),
+    (".double 1.5", "write the bits with .quad"), (".uleb128 300", ".uleb128 is not"),
+    # ignored without a word: the user's intent was lost
+    (".foo", ".foo is not supported; payload directives: .byte"), (".err", ".err is not"),
+    ('.error "boom"', ".error is not"), (".globl g", "no symbol table"),
+    (".comm sym, 4", ".comm is not"), (".eqv X, 5", "use .equ"),
+    (".att_syntax", "payloads are Intel syntax"),
+    (".intel_syntax prefix", ".intel_syntax prefix is not supported"),
+    # a wrong listing: `.sleb128 -1` then `hlt` was listed as `jg`
+    (".sleb128 -1", ".sleb128 is not"),
+    # dropped the rest of the file; .stabs all of it ("the payload has no instructions")
+    (".end", ".end is not supported; delete it"), ('.stabs "x",1,2,3,4', ".stabs is not"),
+    # "Invalid mnemonic"
+    ('.asciiz "hi"', ".asciiz is not supported; use .asciz"),
+    # keystone looped until the 5 s watchdog; LLVM aborted the child with stderr noise
+    (".tfloat 1.0", ".tfloat is not"), (".zero -1", ".zero -1: the size must be 1 to"),
+    (".cfi_startproc", ".cfi_startproc is not"),
+    # encoded for another mode: the listing blamed a later line
+    (".code32", ".code32 in a long-mode payload: the header sets the mode"),
+    (".code16", "`;! mode: real`"),
+    # glued to the next line's bytes: the listing blamed a later line
+    ("rep", "prefix 'rep' alone on a line"), ("lock", "prefix 'lock' alone"),
+    ("data16", "prefix 'data16' alone"),
+    # a traceback from the listing; a fill byte cut to its low byte; a 5 s timeout
+    (".space 0", ".space 0: the size must be"), (".space -1", ".space -1: the size"),
+    (".skip 2, 0x1ff", ".skip: the fill must be a byte value"),
+    (".space 100000000", ".space 100000000: the size must be 1 to 0x10000 bytes"),
+    (".fill 2, 0, 1", "a size of 1 to 8"), (".fill 100000000, 1, 0", "a count of 0 to"),
+    (".fill -1, 1, 0", "a count of 0 to"),
+    # defined nothing without a word; a traceback (IndexError) reading the constants
+    (".equ X", "expected `.equ NAME, VALUE`"), (".set X, 1 +", "incomplete operand")])
+def test_unsupported_directives_are_refused_on_their_line(line, word):
+    t0 = time.monotonic()
+    with pytest.raises(P.PayloadError) as e:
+        asm(f"nop\n{line}\nhlt\nnop\n")
+    assert str(e.value).startswith("t.asm:3: ") and word in str(e.value), str(e.value)
+    assert "\n" not in str(e.value) and time.monotonic() - t0 < 3
+
+
+@pytest.mark.parametrize("mode,body,code", [
+    ("long", ".skip 4\nnop\n", "0000000090"),           # was "does not match the source"
+    ("long", ".skip 2, 0x90\n.space 1, -1\n", "9090ff"),
+    ("real", ".code16\nmov ax, 1\n", "b80100"),           # what the header says: fine
+    ("protected", ".code32\nmov ax, 1\n", "66b80100"),
+    ("long", ".intel_syntax noprefix\n.code64\nmov eax, 1\n", "b801000000"),
+    ("long", "rep movsb\nlock add [rax], eax\nrepne scasb\n", "f3a4f00100f2ae"),
+])
+def test_supported_directives_and_prefixes_assemble(mode, body, code):
+    p = asm(body, header=f";! mode: {mode}\n")
+    assert p.code.hex() == code
+    assert sum(i.size for i in p.listing) <= len(p.code)
+
+
+@pytest.mark.parametrize("mode,body,line,match", [
+    # a reference to a label further down failed its prefix as "Invalid fixup": line 2
+    # was blamed for the error on line 4
+    ("real", "mov si, msg\nhlt\nfoo bar\nmsg: .byte 1\n", 4, "Invalid mnemonic"),
+    ("long", "lea rsi, [rip + msg]\nhlt\nfoo bar\nmsg: .byte 1\n", 4, "Invalid mnemonic"),
+    # a fixup that really fails, after a forward jump: its own line, not the jump's
+    ("long", "jmp later\nmov al, msg\nlater: nop\nmsg: nop\n", 3, "Invalid fixup"),
+])
+def test_the_failing_line_is_blamed_past_forward_references(mode, body, line, match):
+    with pytest.raises(P.PayloadError) as e:
+        asm(body, header=f";! mode: {mode}\n")
+    assert str(e.value) == f"t.asm:{line}: {match}"
+
+
+def test_the_tutorial_lists_exactly_the_supported_directives():
+    from tests.conftest import ROOT
+    text = (ROOT / "docs" / "tutorial.md").read_text()
+    m = re.search(r"assembler directives, and no others:\n`([^`]*)`", text)
+    assert m and set(m.group(1).split()) == set(P._SUPPORTED_DIRECTIVES)
+
+
+def test_equiv_does_not_redefine():
+    # keystone kept the first value; the value check then said line 6's `mov bl, X`
+    # "does not fit in the operand (assembled as 0x1)"
+    with pytest.raises(P.PayloadError) as e:
+        asm("nop\n.equiv X, 1\nmov al, X\n.equiv X, 2\nmov bl, X\n")
+    assert str(e.value) == ("t.asm:5: .equiv X: already defined on line 3 (.equiv never "
+                            "redefines; use .set)")
+    assert asm(".equiv X, 1\n.set Y, 2\n.set Y, 3\nmov al, X\nmov bl, Y\n").code.hex() \
+        == "b001b303"
