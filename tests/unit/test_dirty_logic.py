@@ -161,33 +161,37 @@ def test_lcg_pages_equals_a_step_by_step_replay(monkeypatch, chunk):
     V._lcg_steps.cache_clear()
 
 
-def test_the_verdict_names_bogus_entries_and_never_says_ok_for_a_run_that_is_not():
-    # A collection with a bogus ring entry is not ok (IterationRecord.ok, the JSON's "ok",
-    # exit status 1); the verdict said "OK - ... no page missed" all the same.
+def _ring_summary(rec, payload="dirty_seq"):
+    """report.to_json() of one ring run of 4 pages whose vCPUs ended well, made of `rec`."""
     from minivmm.dirty import report
-    from minivmm.dirty.tracker import Collection, IterationRecord
 
     class Tracker:
         name, cap = "ring", 223
 
     class Result:
         ok, vcpus = True, []
+    return report.to_json({"payload": payload, "vcpus": 1, "pages": 4, "iterations": 1,
+                           "collect": "sync", "ring_entries": 256},
+                          [(Tracker(), [rec], Result())])
+
+
+def test_the_verdict_names_bogus_entries_and_never_says_ok_for_a_run_that_is_not():
+    # A collection with a bogus ring entry is not ok (IterationRecord.ok, the JSON's "ok",
+    # exit status 1); the verdict said "OK - ... no page missed" all the same.
+    from minivmm.dirty import report
+    from minivmm.dirty.tracker import Collection, IterationRecord
     empty, pages = np.empty(0, np.int64), np.arange(4, dtype=np.int64)
     col = Collection(sets={}, raw=None, entries=5, bogus=[(1, 4096)], resets=[(5, 5)])
     col._pages = {1: pages}
     rec = IterationRecord(1, "ring", col, pages, pages, pages, empty, empty,
                           [{"vcpu": 0, "reported": 4, "expected": 4, "missed": 0, "extra": 0}])
-    summary = report.to_json({"payload": "dirty_seq", "vcpus": 1, "pages": 4, "iterations": 1,
-                              "collect": "sync", "ring_entries": 256},
-                             [(Tracker(), [rec], Result())])
+    summary = _ring_summary(rec)
     assert not rec.ok and not summary["ok"]
     verdict = report.verdict(summary)
     assert verdict.startswith("verdict: FAIL") and "1 ring entry named no page" in verdict
     # a loss is named by its own note, not always as an overflow
     col.bogus, col.lost = [], ["KVM_RESET_DIRTY_RINGS stopped after 3 of 5 entries", "x"]
-    summary = report.to_json({"payload": "dirty_seq", "vcpus": 1, "pages": 4, "iterations": 1,
-                              "collect": "sync", "ring_entries": 256},
-                             [(Tracker(), [rec], Result())])
+    summary = _ring_summary(rec)
     assert report.verdict(summary).endswith(
         "ring: pages lost (KVM_RESET_DIRTY_RINGS stopped after 3 of 5 entries; 1 more)")
 
@@ -197,12 +201,6 @@ def test_the_verdict_says_when_the_content_oracle_saw_no_reported_page_change():
     # "extra" (first u64 unchanged), and the verdict still claimed each was checked
     from minivmm.dirty import report
     from minivmm.dirty.tracker import Collection, IterationRecord
-
-    class Tracker:
-        name, cap = "ring", 223
-
-    class Result:
-        ok, vcpus = True, []
     empty, pages = np.empty(0, np.int64), np.arange(4, dtype=np.int64)
 
     def verdict(changed, expected=None):
@@ -212,9 +210,7 @@ def test_the_verdict_says_when_the_content_oracle_saw_no_reported_page_change():
         rec = IterationRecord(1, "ring", col, pages, expected, changed, empty, extra,
                               [{"vcpu": 0, "reported": 4, "expected": None, "missed": 0,
                                 "extra": len(extra)}])
-        return report.verdict(report.to_json(
-            {"payload": "mine", "vcpus": 1, "pages": 4, "iterations": 1, "collect": "sync",
-             "ring_entries": 256}, [(Tracker(), [rec], Result())]))
+        return report.verdict(_ring_summary(rec, "mine"))
     blind = verdict(empty)
     assert blind.startswith("verdict: OK") and "none of them changed its first 8 bytes" in blind
     assert "first 8 bytes" not in verdict(pages[:1])          # one page seen to change

@@ -48,15 +48,8 @@ def test_every_miss_is_marked_not_only_the_first_64(tmp_path, monkeypatch):
     assert sorted(marked) == list(range(300))
 
 
-def test_cmd_dirty_hands_the_plot_every_miss(tmp_path, monkeypatch):
-    """cmd_dirty passes the records' full miss lists, not the JSON's first 64."""
-    import numpy as np
-    got = {}
-    monkeypatch.setattr(report, "plot", lambda summary, path, missed=None: got.update(missed))
-
-    class Rec:
-        iteration, ok = 1, False
-        missed = np.arange(300)
+def _fake_bitmap_run(monkeypatch, records, ok):
+    """cmd_dirty over a bitmap run that returns `records`, with no VM and no checks."""
     monkeypatch.setattr(cli, "_check_plot_path", lambda *a: None)
     monkeypatch.setattr(cli, "_check_payload_params", lambda args: None)
     monkeypatch.setattr(cli, "load", lambda p: p)
@@ -69,8 +62,20 @@ def test_cmd_dirty_hands_the_plot_every_miss(tmp_path, monkeypatch):
 
         class payload:
             name = "x"
-    monkeypatch.setattr(cli, "_run_dirty_session", lambda args, kind: (T(), [Rec()], None, S()))
-    monkeypatch.setattr(report, "to_json", lambda a, runs: {"ok": False, "runs": []})
+    monkeypatch.setattr(cli, "_run_dirty_session", lambda args, kind: (T(), records, None, S()))
+    monkeypatch.setattr(report, "to_json", lambda a, runs: {"ok": ok, "runs": []})
+
+
+def test_cmd_dirty_hands_the_plot_every_miss(tmp_path, monkeypatch):
+    """cmd_dirty passes the records' full miss lists, not the JSON's first 64."""
+    import numpy as np
+    got = {}
+    monkeypatch.setattr(report, "plot", lambda summary, path, missed=None: got.update(missed))
+
+    class Rec:
+        iteration, ok = 1, False
+        missed = np.arange(300)
+    _fake_bitmap_run(monkeypatch, [Rec()], ok=False)
     monkeypatch.setattr(report, "table", lambda s: "")
     monkeypatch.setattr(report, "verdict", lambda s: "")
     assert cli.main(["dirty", "--tracker", "bitmap", "--plot", str(tmp_path / "p.png"),
@@ -113,20 +118,7 @@ def test_a_picture_the_disk_cannot_hold_is_one_line_after_the_results(tmp_path, 
     def full(summary, path, missed=None):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(report, "plot", full)
-    monkeypatch.setattr(cli, "_check_plot_path", lambda *a: None)
-    monkeypatch.setattr(cli, "_check_payload_params", lambda args: None)
-    monkeypatch.setattr(cli, "load", lambda p: p)
-
-    class T:
-        name = "bitmap"
-
-    class S:
-        nvcpus = 1
-
-        class payload:
-            name = "x"
-    monkeypatch.setattr(cli, "_run_dirty_session", lambda args, kind: (T(), [], None, S()))
-    monkeypatch.setattr(report, "to_json", lambda a, runs: {"ok": True, "runs": []})
+    _fake_bitmap_run(monkeypatch, [], ok=True)
     monkeypatch.setattr(report, "table", lambda s: "the table")
     png = str(tmp_path / "p.png")
     assert cli.main(["dirty", "--tracker", "bitmap", "--plot", png]) == cli.EXIT_USAGE
