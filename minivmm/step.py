@@ -1083,6 +1083,8 @@ def cmd_step(args) -> int:
                 print(f"{_n(session.steps, 'step')} in {session.elapsed_s * 1000:.1f} ms "
                       f"({rate:.0f} steps/s)", file=out)
     ok = end is None or end.ok
+    if not ok:      # as `minivmm run` says it: --json leaves stdout to the JSON lines
+        print(f"minivmm: vCPU {args.vcpu}: {end.summary()}", file=sys.stderr)
     return EXIT_OK if ok else EXIT_GUEST_FAILED
 
 

@@ -822,3 +822,16 @@ def test_break_in_real_mode_is_reached_in_another_segment():
     assert [(st.address, st.instruction) for st in steps] == \
         [(0x5005, "mov al, 0x41"), (0x5007, "out 0xe9, al"), (0x5009, "hlt")]
     assert s.end.reason == "hlt" and bytes(s.console) == b"A", s.end.summary()
+
+
+@pytest.mark.parametrize("json_out", [False, True])
+def test_a_guest_failure_is_one_line_on_stderr_as_run_says_it(tmp_path, json_out):
+    # with --json nothing said why the status was 1 (run prints this line in both modes)
+    src = tmp_path / "de.asm"
+    src.write_text(";! mode: long\n    xor ecx, ecx\n    div ecx\n")
+    proc = run_cli("step", src, *(["--json"] if json_out else []))
+    assert proc.returncode == 1
+    assert proc.stderr == "minivmm: vCPU 0: CPU exception #DE divide error at 0x10002 " \
+                          "(div ecx  ; line 3)\n"
+    if json_out:
+        assert all(json.loads(line) for line in proc.stdout.splitlines())
