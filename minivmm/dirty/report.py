@@ -224,8 +224,14 @@ def verdict(summary: dict) -> str:
         "; but none of them changed its first 8 bytes, the only ones the content oracle "
         "reads: the payload writes elsewhere in its pages or the same value again, so a "
         "page a tracker missed would not be seen")
+    # a payload of the user's that syncs less than asked (or never: one final collection)
+    asked = summary.get("iterations") or 0
+    tags = {it["iteration"] for it in runs[0]["iterations"] if it["iteration"] != "final"}
+    fewer = (f"; the payload synced for {len(tags)} of the {asked} iteration(s) asked"
+             + ("" if tags else ", so only the final collection was made")
+             if runs and len(tags) < asked else "")
     return (f"verdict: OK - {names}{agree} no page missed ({checked} reported pages checked "
-            f"against {oracles}{blind})")
+            f"against {oracles}{blind}){fewer}")
 
 
 def collection_keys(iterations: list) -> list:

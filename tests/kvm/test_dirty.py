@@ -843,3 +843,13 @@ def test_a_ten_digit_tag_widens_the_tables_first_column(tmp_path):
             at = head.index(word) + len(word)
             assert row[at:at + 1] in (" ", ""), (word, head, row)
     assert head.index("tracker") == rows[0].index("ring")
+
+
+def test_a_payload_that_syncs_less_than_asked_is_said_to():
+    # hello_long never syncs: "agree on every iteration" with 3 asked and none made
+    proc = run_cli("dirty", "--payload", "hello_long", "--iterations", "3", "--pages", "64")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.rstrip().endswith("; the payload synced for 0 of the 3 iteration(s) "
+                                         "asked, so only the final collection was made")
+    full = run_cli("dirty", "--pages", "64", "--iterations", "3")       # dirty_seq: all 3
+    assert full.returncode == 0 and "synced for" not in full.stdout
