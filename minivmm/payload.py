@@ -341,7 +341,7 @@ def _check_syntax(stmts, name, mode: str) -> None:
         if odd:   # a NUL ends keystone's line: the error would blame bytes it never saw
             raise PayloadError(f"{name}:{no}: control character {odd!r} in the source "
                                "(is this a text file?)")
-        body = _LABEL.sub("", s).strip()
+        body = _peel_labels(s)[1]   # all of them: `start: .Lloop: nop` is no directive
         if not body:
             continue
         masked = _mask_quotes(body)
@@ -431,12 +431,12 @@ def _check_syntax(stmts, name, mode: str) -> None:
                     raise PayloadError(f"{name}:{no}: .fill value {value:#x} does not fit "
                                        f"in {width} byte(s) (keystone keeps at most 4)")
         elif word in _SIZE_DIRECTIVES:
-            # keystone loops on `.zero -1`, takes minutes over a huge size, keeps the low
-            # byte of the fill, and fails on a size of 0 when listing it alone
+            # keystone loops on `.zero -1`, takes minutes over a huge size and keeps the
+            # low byte of the fill. A size of 0 is GAS's no bytes (`.zero PAD`, PAD 0)
             parts = _split_operands(args)
             size = _evaluate(parts[0], env, directive=True) if parts else None
-            if size is not None and not 1 <= size <= L.CODE_MAX:
-                raise PayloadError(f"{name}:{no}: {word} {parts[0]}: the size must be 1 "
+            if size is not None and not 0 <= size <= L.CODE_MAX:
+                raise PayloadError(f"{name}:{no}: {word} {parts[0]}: the size must be 0 "
                                    f"to {L.CODE_MAX:#x} bytes")
             fill = _evaluate(parts[1], env, directive=True) if len(parts) > 1 else None
             if fill is not None and not -0x80 <= fill <= 0xFF:
@@ -922,15 +922,36 @@ def _peel_labels(s: str) -> tuple:
     return names, body
 
 
+def _sized(word: str, args: str, consts: dict):
+    """The bytes of a .space/.skip/.zero/.fill whose size names a constant, from its value:
+    keystone, asked about it alone, loops for ever on `.space P, 0x90` (P unknown there),
+    in this process, with no watchdog. None for other lines (keystone sizes them), -1 for
+    a size that names a label (keystone's own bytes for it were wrong: none at all)."""
+    if word not in _SIZE_DIRECTIVES + (".fill",) or \
+            not re.search(r"[A-Za-z_.$@]", re.sub(r"\b(0x[0-9a-f]+|[0-9][0-9a-f]*h)\b", "",
+                                                 _mask_quotes(args), flags=re.I)):
+        return None
+    parts = _split_operands(args)
+    n = _evaluate(parts[0], consts, directive=True) if parts else None
+    if word == ".fill":
+        size = _evaluate(parts[1], consts, directive=True) if len(parts) > 1 else 1
+        n = None if n is None or size is None else n * size
+    return -1 if n is None else n
+
+
 def _directive_size(ks, body: str, address: int) -> int:
+    # keystone refuses `.space 0` and `.skip 0` as a source's last statement: a nop after
+    # them (one byte in every mode), taken off again
+    nop = "\nnop" if body.split(None, 1)[0].lower() in _SIZE_DIRECTIVES else ""
     try:
-        enc, _ = ks.asm(body, address)
+        enc, _ = ks.asm(body + nop, address)
     except keystone.KsError:
         word, _, args = body.partition(" ")
         if '"' in args:
             raise
-        enc, _ = ks.asm(f"{word} " + re.sub(r"[A-Za-z_.$@][\w.$@]*", "0", args), address)
-    return len(enc or b"")
+        enc, _ = ks.asm(f"{word} " + re.sub(r"[A-Za-z_.$@][\w.$@]*", "0", args) + nop,
+                        address)
+    return len(enc or b"") - (1 if nop else 0)
 
 
 def _listing(code: bytes, mode: str, origin: int, stmts, name) -> list:
@@ -964,8 +985,14 @@ def _listing(code: bytes, mode: str, origin: int, stmts, name) -> list:
                 pad = (-(origin + offset)) % align
                 offset += 0 if max_skip is not None and pad > max_skip else pad
             elif word in _DATA_DIRECTIVES:
+                size = _sized(word, args, consts)
+                if size == -1:
+                    raise PayloadError(f"{name}:{no}: {word} {args.strip()}: the size must "
+                                       "be a number or a constant (the assembler cannot "
+                                       "size it from labels)")
                 try:
-                    offset += _directive_size(ks, body, origin + offset)
+                    offset += size if size is not None else \
+                        _directive_size(ks, body, origin + offset)
                 except keystone.KsError as e:   # a case _check_syntax does not know
                     raise PayloadError(f"{name}:{no}: {word}: "
                                        f"{str(e).split(' (KS_ERR')[0]}") from None
