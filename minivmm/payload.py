@@ -295,14 +295,8 @@ def assemble_source(text: str, name: str = "<payload>") -> Payload:
         stmts = [(no, s) for no, s in lines if s.strip()]
         _check_syntax(stmts, name, mode)
         _ks_decimal(mode)
-        code = _assemble_with_watchdog("\n".join(s for _, s in stmts), mode, origin, stmts, name)
-        if not code:
-            raise PayloadError(f"{name}: the payload has no instructions")
-        if len(code) > L.CODE_MAX:
-            raise PayloadError(f"{name}: {len(code)} bytes of code, more than the "
-                               f"{L.CODE_MAX} bytes reserved for a payload")
-        listing, labels = _listing(code, mode, origin, stmts, name)
-        _cache[key] = (code, listing, labels)
+        _cache[key] = _assemble_with_watchdog("\n".join(s for _, s in stmts), mode, origin,
+                                              stmts, name)
     code, listing, labels = _cache[key]
     return Payload(name=Path(name).stem, path=name, mode=mode, cpl=cpl, vcpus=vcpus,
                    description=description, code=code, load_address=L.CODE, origin=origin,
@@ -522,14 +516,30 @@ def _ks_decimal(mode: str):
                        "numbers with 0x, or run again")
 
 
-def _assemble_child(source: str, mode: str, origin: int, stmts) -> tuple:
-    """Runs in the child: ('ok', bytes) or ('error', line, message)."""
+def _assemble_child(source: str, mode: str, origin: int, stmts, name) -> tuple:
+    """Runs in the child: ('ok', code, listing, labels), ('error', line, message) or
+    ('refused', message). The listing is made here too: it asks keystone again, line by
+    line, and keystone can loop for ever on a line that the whole source assembled."""
     try:
         enc, _ = _ks(mode).asm(source, origin)
-        return ("ok", bytes(enc or b""))
+        code = bytes(enc or b"")
     except keystone.KsError as e:
         message = str(e).split(" (KS_ERR")[0]
         missing = e.errno == keystone.KS_ERR_ASM_SYMBOL_MISSING
+        code = None
+    if code is not None:
+        try:
+            if not code:
+                raise PayloadError(f"{name}: the payload has no instructions")
+            if len(code) > L.CODE_MAX:
+                raise PayloadError(f"{name}: {len(code)} bytes of code, more than the "
+                                   f"{L.CODE_MAX} bytes reserved for a payload")
+            return ("ok", code) + _listing(code, mode, origin, stmts, name)
+        except PayloadError as e:
+            return ("refused", str(e))
+        except Exception:       # a bug of ours: shown as one, not as a crashed assembler
+            import traceback
+            return ("bug", traceback.format_exc())
     # Find the failing line: assemble growing prefixes with unknown symbols resolved to 0
     # (safe only here, in the short-lived child: a resolver changes keystone's radix).
     ks = _ks(mode)
@@ -583,13 +593,14 @@ def _assemble_child(source: str, mode: str, origin: int, stmts) -> tuple:
     return ("error", stmts[-1][0] if stmts else 0, message)
 
 
-def _assemble_with_watchdog(source, mode, origin, stmts, name) -> bytes:
+def _assemble_with_watchdog(source, mode, origin, stmts, name) -> tuple:
+    """(code, listing, labels), made in a child process under ASSEMBLE_TIMEOUT_S."""
     rfd, wfd = os.pipe()
     pid = _sys.fork_child()
     if pid == 0:  # child
         try:
             os.close(rfd)
-            data = pickle.dumps(_assemble_child(source, mode, origin, stmts))
+            data = pickle.dumps(_assemble_child(source, mode, origin, stmts, name))
             with os.fdopen(wfd, "wb") as f:
                 f.write(data)
         finally:
@@ -619,7 +630,11 @@ def _assemble_with_watchdog(source, mode, origin, stmts, name) -> bytes:
     result = pickle.loads(b"".join(chunks))
     if result[0] == "error":
         raise PayloadError(f"{name}:{result[1]}: {result[2]}")
-    return result[1]
+    if result[0] == "refused":
+        raise PayloadError(result[1])
+    if result[0] == "bug":
+        raise RuntimeError(f"listing {name} failed in the assembler's process:\n{result[1]}")
+    return result[1:]
 
 
 def _cs(mode: str):
@@ -954,7 +969,7 @@ def _directive_size(ks, body: str, address: int) -> int:
     return len(enc or b"") - (1 if nop else 0)
 
 
-def _listing(code: bytes, mode: str, origin: int, stmts, name) -> list:
+def _listing(code: bytes, mode: str, origin: int, stmts, name) -> tuple:
     """Tie each source instruction line to exactly one decoded instruction.
 
     Data directives are sized by assembling them alone; everything must add up

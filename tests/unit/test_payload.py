@@ -691,3 +691,29 @@ def test_equiv_does_not_redefine():
                             "redefines; use .set)")
     assert asm(".equiv X, 1\n.set Y, 2\n.set Y, 3\nmov al, X\nmov bl, Y\n").code.hex() \
         == "b001b303"
+
+
+def test_the_listing_is_made_under_the_watchdog_too():
+    # The listing asks keystone again, line by line, and keystone can loop on a line the
+    # whole source assembled (`.space P, 0x90` alone, P unknown there): that ran in this
+    # process, with no watchdog. Here the constant sizing that avoids it is turned off;
+    # in a process of its own, so that a hang fails the test instead of stopping it.
+    code = ("from minivmm import payload as P\n"
+            "P.ASSEMBLE_TIMEOUT_S = 1.0\n"
+            "P._sized = lambda *a: None\n"
+            "try:\n"
+            "    P.assemble_source(';! mode: long\\nnop\\n.equ P, 1\\n.space P, 0x90\\n"
+            "hlt\\n', 't.asm')\n"
+            "except P.PayloadError as e:\n"
+            "    print(e)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=30)
+    assert "t.asm: the assembler did not finish within 1 s" in proc.stdout, proc.stderr
+
+
+def test_a_bug_in_the_listing_is_shown_as_one(monkeypatch):
+    def broken(*a):
+        raise ZeroDivisionError("a bug of ours")
+    monkeypatch.setattr(P, "_listing", broken)
+    with pytest.raises(RuntimeError, match="(?s)listing t.asm failed.*ZeroDivisionError: a bug"):
+        asm("nop\nnop\nnop\nhlt\n")
