@@ -671,7 +671,10 @@ int main(int argc, char **argv)
 		}
 		printf("}}\n");
 	}
-	fflush(stdout);
+	/* A result that never got written (stdout on a full disk) must not exit 0 as if
+	 * it had. */
+	if (fflush(stdout) == EOF || ferror(stdout))
+		die_sys("writing the result to stdout");
 
 	for (uint32_t i = 0; i < nvcpus; i++) {
 		if (vcpus[i].exit_code) {

@@ -37,6 +37,7 @@ def native(tmp_path_factory):
                               timeout=120)
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout)
+    run.exe = exe
     return run
 
 
@@ -102,3 +103,13 @@ def test_native_still_reads_version_1_images(native, tmp_path):
                     str(tmp_path)], check=True, capture_output=True)
     n = native("exits", tmp_path / "long-exits.img")
     assert (n["exits"], n["sync"]) == (1001, 1000)
+
+
+def test_native_fails_when_its_result_cannot_be_written(native, tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "benchmarks/native/make_test_image.py"),
+                    str(tmp_path)], check=True, capture_output=True)
+    with open("/dev/full", "w") as full:          # every write fails with ENOSPC
+        proc = subprocess.run([str(native.exe), "exits", str(tmp_path / "long-exits.img")],
+                              stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "stdout" in proc.stderr and "No space left on device" in proc.stderr
