@@ -26,8 +26,11 @@ OUT = ROOT / "benchmarks" / "out"
 
 
 def native(*args) -> dict:
-    proc = subprocess.run([str(NATIVE), *map(str, args)], capture_output=True, text=True,
-                          timeout=600)
+    try:
+        proc = subprocess.run([str(NATIVE), *map(str, args)], capture_output=True, text=True,
+                              timeout=600)
+    except subprocess.TimeoutExpired:       # it has no timeout of its own
+        raise SystemExit(f"native baseline did not finish within 600 s: {args}") from None
     if proc.returncode != 0:
         raise SystemExit(f"native baseline failed: {proc.stderr.strip()}")
     return json.loads(proc.stdout)
@@ -51,17 +54,25 @@ def bench_exits(reps: int, scale: float) -> list:
     for label, payload, n in (("real mode", "bench_out_real", 150_000),
                               ("long mode CPL3", "bench_out", 30_000)):
         n = max(1000, int(n * scale))
-        py, nat = [], []
+        py, nat, counts = [], [], set()
         with tempfile.TemporaryDirectory() as tmp:
             image = os.path.join(tmp, f"{payload}.img")
             python_exits(payload, 1000, None)            # warm-up (imports, assembly cache)
             for rep in range(reps):
-                py.append(python_exits(payload, n, image if rep == 0 else None)["exits_per_s"])
-                nat.append(native("exits", image)["exits_per_s"])
+                mine = python_exits(payload, n, image if rep == 0 else None)
+                theirs = native("exits", image)
+                py.append(mine["exits_per_s"])
+                nat.append(theirs["exits_per_s"])
+                counts.add((mine["exits"], theirs["exits"]))
         p, c = statistics.median(py), statistics.median(nat)
-        rows.append({"bench": f"KVM_RUN round trips, {label}", "n": n, "python": p,
-                     "native": c, "ratio": p / c, "target": 0.75, "unit": "exits/s",
-                     "python_all": py, "native_all": nat})
+        row = {"bench": f"KVM_RUN round trips, {label}", "n": n, "python": p,
+               "native": c, "ratio": p / c, "target": 0.75, "unit": "exits/s",
+               "python_all": py, "native_all": nat}
+        # the same work on both sides, or the ratio means nothing (as the dirty rows check)
+        wrong = sorted((a, b) for a, b in counts if a != b)
+        if wrong:
+            row["error"] = f"exit counts differ (python, native): {wrong}"
+        rows.append(row)
     return rows
 
 
@@ -107,7 +118,8 @@ def main(argv=None) -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "results.json").write_text(json.dumps({"host": header, "rows": rows}, indent=2))
     print(f"raw figures: {OUT / 'results.json'}")
-    return 0
+    # a target missed is a figure to read; an error is a comparison that did not hold
+    return 1 if any(r.get("error") for r in rows) else 0
 
 
 if __name__ == "__main__":

@@ -113,3 +113,26 @@ def test_native_fails_when_its_result_cannot_be_written(native, tmp_path):
                               stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "stdout" in proc.stderr and "No space left on device" in proc.stderr
+
+
+@pytest.mark.parametrize("off_by", [0, 1])
+def test_bench_exit_rows_check_the_native_count(native, monkeypatch, off_by):
+    # the KVM_RUN round-trip rows compared rates only: a baseline doing other work would
+    # have given a ratio all the same (the dirty rows check their counts)
+    from benchmarks import run
+    monkeypatch.setattr(run, "NATIVE", native.exe)
+    real = run.native
+
+    def miscounting(*args):
+        out = real(*args)
+        out["exits"] += off_by
+        return out
+    monkeypatch.setattr(run, "native", miscounting)
+    rows = run.bench_exits(reps=1, scale=0.001)
+    assert [r["bench"] for r in rows] == ["KVM_RUN round trips, real mode",
+                                          "KVM_RUN round trips, long mode CPL3"]
+    for r in rows:
+        if off_by:
+            assert r["error"] == "exit counts differ (python, native): [(1001, 1002)]"
+        else:
+            assert "error" not in r and r["ratio"] > 0
