@@ -1,5 +1,8 @@
 """Dirty-tracking benchmarks (issue 3, speed): minivmm's DirtySession against the native baseline.
 
+Not a kernel ABI mirror: it times the layers that are (minivmm.dirty, and the C baseline's
+own use of <linux/kvm.h>).
+
 Same guest bytes on both sides: DirtySession builds the machine, Machine.dump_image writes
 it before the run, and benchmarks/native/minivmm-native runs that image with the same
 tracker. Two figures per configuration:

@@ -3,7 +3,7 @@
 The Python side builds each Machine and writes it as an image (Machine.dump_image);
 benchmarks/native/minivmm-native runs that image. Ratios are printed, and the raw
 figures saved to benchmarks/out/results.json. Targets come from the issues; a ratio
-below target is printed as BELOW, never hidden.
+below target is printed as BELOW, never hidden. Not a kernel ABI mirror.
 """
 from __future__ import annotations
 

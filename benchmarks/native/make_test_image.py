@@ -11,7 +11,9 @@ Real mode (emulated by KVM on a PVM host):
   long-exits.img, long-dirty.img   the same two guests as exits/dirty.img
 
 With NVCPUS > 1 every vCPU runs the same code (and so dirties the same pages).
-Plain python3 standard library only.
+Plain python3 standard library only. Not a kernel ABI mirror: the image format is
+minivmm's own (IMAGE_FORMAT.md); the register blocks in it are raw struct kvm_regs /
+kvm_sregs bytes (arch/x86/include/uapi/asm/kvm.h).
 """
 import fcntl
 import os

@@ -5,6 +5,10 @@
  * runs exactly the same guest bytes on /dev/kvm and reports one JSON object,
  * so Python and C numbers can be compared like for like.
  *
+ * Mirrors no ABI itself: it uses the kernel's own <linux/kvm.h> (Documentation/
+ * virt/kvm/api.rst sections 4 and 5, 7.18 KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 and
+ * 7.36 KVM_CAP_DIRTY_LOG_RING, 6.15+ numbering).
+ *
  *   minivmm-native exits IMAGE
  *   minivmm-native dirty IMAGE --tracker ring|bitmap [--ring-entries E]
  *                              [--clear|--no-clear]

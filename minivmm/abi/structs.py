@@ -122,7 +122,8 @@ class kvm_debugregs(_S):
 
 
 class kvm_cpuid_entry2(_S):
-    """api.rst 4.46 KVM_SET_CPUID2 entry."""
+    """One CPUID entry of KVM_GET_SUPPORTED_CPUID and KVM_SET_CPUID2, as api.rst 4.46
+    (KVM_GET_SUPPORTED_CPUID) lays it out; KVM_SET_CPUID2 has no section of its own."""
     _c_name_ = "struct kvm_cpuid_entry2"
     _fields_ = [("function", u32), ("index", u32), ("flags", u32), ("eax", u32),
                 ("ebx", u32), ("ecx", u32), ("edx", u32), ("padding", u32 * 3)]

@@ -1,4 +1,9 @@
-"""Checks: capabilities and system ioctls (abi.md rules 1-6)."""
+"""Checks: capabilities and system ioctls (abi.md rules 1-6).
+
+Mirrors Documentation/virt/kvm/api.rst 4.1 KVM_GET_API_VERSION, 4.2 KVM_CREATE_VM, 4.4
+KVM_CHECK_EXTENSION, 4.5 KVM_GET_VCPU_MMAP_SIZE and the capability numbers of 7.18 and 7.36,
+as ``kvm_dev_ioctl()`` and ``kvm_vm_ioctl_check_extension_generic()`` (virt/kvm/kvm_main.c)
+answer them."""
 from __future__ import annotations
 
 import os

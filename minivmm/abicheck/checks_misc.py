@@ -1,5 +1,8 @@
 """Checks: vCPU creation, VM setup ioctls that only work before vCPUs, immediate_exit, and
-the arm64-only ring-with-bitmap mode (abi.md rules 64-67)."""
+the arm64-only ring-with-bitmap mode (abi.md rules 64-67).
+
+Mirrors Documentation/virt/kvm/api.rst 4.7 KVM_CREATE_VCPU, 4.40 KVM_SET_IDENTITY_MAP_ADDR,
+section 5 (``kvm_run.immediate_exit``) and 7.36 (KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP)."""
 from __future__ import annotations
 
 import os
