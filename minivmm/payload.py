@@ -254,12 +254,24 @@ def payload_dir() -> Path:
     env = os.environ.get("MINIVMM_PAYLOADS")
     if env:
         return Path(env)
-    here = Path(__file__).resolve().parent
-    for cand in (here.parent / "guest_payloads",                       # a source checkout
-                 Path(sys.prefix) / "share" / "minivmm" / "guest_payloads"):   # an install
+    return _shipped_payload_dir(Path(__file__).resolve().parent)
+
+
+def _shipped_payload_dir(package: Path) -> Path:
+    """guest_payloads/ beside the package in a source checkout; in an install, where pip put
+    the wheel's data files (pyproject.toml): the prefix that holds
+    lib/pythonX.Y/site-packages/minivmm, which is not sys.prefix for `pip install --user`,
+    `--prefix` or Debian's /usr/local; beside the package for `--target`."""
+    site = package.parent
+    shipped = Path("share", "minivmm", "guest_payloads")
+    cands = [site / "guest_payloads"]                           # a source checkout
+    if len(site.parents) >= 3:
+        cands.append(site.parents[2] / shipped)                 # PREFIX/lib/pythonX.Y/site-packages
+    cands += [site / shipped, Path(sys.prefix) / shipped]       # --target DIR; sys.prefix
+    for cand in cands:
         if cand.is_dir():
             return cand
-    return here.parent / "guest_payloads"
+    return cands[0]
 
 
 def load(name_or_path: "str | os.PathLike") -> Payload:

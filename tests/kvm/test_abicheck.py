@@ -450,3 +450,62 @@ def test_immediate_exit_does_not_judge_exit_reason_after_eintr(kvm, monkeypatch)
     res = runner.run_one(runner.REGISTRY["misc.immediate_exit"], kvm)
     assert res.status == "pass", (res.reason, res.diagnostics)
     assert any("exit_reason after the EINTR: 0xa" in d for d in res.diagnostics), res.diagnostics
+
+
+def _cap_answers(values: dict):
+    """KVM_CHECK_EXTENSION answers ``values[cap]`` for the listed capabilities (a kernel
+    that lost them), on /dev/kvm and on VM fds alike."""
+    from minivmm.abicheck.faults import _ioctl_hook
+    return _ioctl_hook(lambda name, q, a, ret, err: (values[a], 0)
+                       if name == "KVM_CHECK_EXTENSION" and a in values else (ret, err))
+
+
+def test_a_lost_dirty_ring_capability_fails_on_x86(kvm, monkeypatch):
+    # KVM_CAP_DIRTY_LOG_RING = 0 passed caps.ring.size (0 on both fds is "the same") and
+    # every other ring check skipped: a 6.18 x86 kernel without its ring exited 0
+    import os
+    from minivmm import abi
+    from minivmm.abicheck import checks_caps
+    from minivmm.dirty.ringsize import ring_limits
+    ring_limits(kvm)         # measured before the fault, as a run would have
+    spec = runner.REGISTRY["caps.ring.size"]
+    real = os.uname()
+    for release, status in ((real.release, "fail"), ("5.10.200", "pass")):
+        fake = os.uname_result((real.sysname, real.nodename, release, real.version,
+                                real.machine))
+        monkeypatch.setattr(checks_caps.os, "uname", lambda: fake)
+        with _cap_answers({abi.KVM_CAP_DIRTY_LOG_RING: 0,
+                           abi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL: 0}):
+            res = runner.run_one(spec, kvm)
+        assert res.status == status, (release, res.status, res.reason)
+
+
+@pytest.mark.parametrize("value", [0, 1])
+def test_manual_protect2_on_x86_is_both_bits(kvm, value):
+    # 0 was a SKIP (and took every manual-protect bitmap check with it), 1 a pass (and
+    # INITIALLY_SET's checks skipped): x86 has answered 3 since before the dirty ring
+    from minivmm import abi
+    spec = runner.REGISTRY["caps.manual_protect2.value"]
+    with _cap_answers({abi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: value}):
+        res = runner.run_one(spec, kvm)
+    assert res.status == "fail" and "observed " + str(value) in res.reason, res.reason
+
+
+def test_readonly_bitmap_check_sees_an_applied_write(kvm, monkeypatch):
+    # its diagnostic said "the write was not applied" without looking: a kernel that
+    # exited MMIO but stored the value anyway passed
+    from minivmm import abi
+    from minivmm.abicheck import ctx as ctxmod
+    real = ctxmod.Ctx.run_to_port
+
+    def run_to_port(self, m, index=0, timeout=10.0):
+        ev = real(self, m, index, timeout)
+        info = ev.info or {}
+        if ev.kind == "other" and ev.value == abi.KVM_EXIT_MMIO and info.get("is_write"):
+            m.data.write(info["phys_addr"], info["data"].to_bytes(info["len"], "little"))
+        return ev
+    spec = runner.REGISTRY["bitmap.readonly.not_logged"]
+    assert runner.run_one(spec, kvm).status == "pass"
+    monkeypatch.setattr(ctxmod.Ctx, "run_to_port", run_to_port)
+    res = runner.run_one(spec, kvm)
+    assert res.status == "fail" and "not applied" in res.reason, (res.status, res.reason)
