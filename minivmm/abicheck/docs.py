@@ -25,7 +25,12 @@ def render(text: str) -> str:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    text = DOC.read_text()
+    try:
+        text = DOC.read_text()
+    except OSError as e:        # an installed wheel has no docs/: this is a checkout's tool
+        print(f"{DOC}: cannot read it ({e.strerror}): run this in a source checkout of "
+              "minivmm", file=sys.stderr)
+        return 2
     new = render(text)
     if "--check" in argv:
         if new != text:

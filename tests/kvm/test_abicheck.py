@@ -295,6 +295,15 @@ def test_docs_list_every_check():
     assert len(rows) > len(IDS) and not bad, bad
 
 
+def test_the_docs_tool_outside_a_checkout_is_one_line(monkeypatch, tmp_path, capsys):
+    # an installed wheel ships this module but not docs/: it was a FileNotFoundError traceback
+    monkeypatch.setattr(docs, "DOC", tmp_path / "docs" / "abi-check.md")
+    assert docs.main(["--check"]) == 2
+    assert capsys.readouterr().err == (f"{tmp_path}/docs/abi-check.md: cannot read it (No such "
+                                       "file or directory): run this in a source checkout of "
+                                       "minivmm\n")
+
+
 def test_check_numbers_do_not_depend_on_which_module_was_imported_first():
     # a program (or test_dirty.py) importing checks_entries first renumbered every check:
     # the KTAP numbers and the docs table changed with it
