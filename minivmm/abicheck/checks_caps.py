@@ -117,8 +117,11 @@ def manual_protect2(ctx):
        " (no case for 166: default) -> arch/x86/kvm/x86.c kvm_vm_ioctl_enable_cap() (default: "
        "-EINVAL); api.rst 7.18", fault="fake_success")
 def manual_protect_obsolete(ctx):
-    """The obsolete KVM_CAP_MANUAL_DIRTY_LOG_PROTECT (166) cannot be enabled"""
+    """The obsolete KVM_CAP_MANUAL_DIRTY_LOG_PROTECT (166) is not offered, cannot be enabled"""
     vm = ctx.vm()
+    # rule 4's other half: no case for 166 in kvm_vm_ioctl_check_extension_generic()
+    expect_eq(vm.check_extension(abi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT), 0,
+              "KVM_CHECK_EXTENSION(166) on a VM fd")
     expect_errno(lambda: vm.enable_cap(abi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT, 1), "EINVAL",
                  "KVM_ENABLE_CAP(166)")
 

@@ -489,6 +489,16 @@ def test_a_lost_dirty_ring_capability_fails_on_x86(kvm, monkeypatch):
         assert res.status == status, (release, res.status, res.reason)
 
 
+def test_the_obsolete_manual_protect_cap_must_read_0(kvm):
+    # rule 4 says CHECK_EXTENSION(166) is 0; the check only tried to enable it
+    from minivmm import abi
+    spec = runner.REGISTRY["caps.manual_protect.obsolete"]
+    assert runner.run_one(spec, kvm).status == "pass"
+    with _cap_answers({abi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT: 1}):
+        res = runner.run_one(spec, kvm)
+    assert res.status == "fail" and "KVM_CHECK_EXTENSION(166)" in res.reason, res.reason
+
+
 @pytest.mark.parametrize("value", [0, 1])
 def test_manual_protect2_on_x86_is_both_bits(kvm, value):
     # 0 was a SKIP (and took every manual-protect bitmap check with it), 1 a pass (and
