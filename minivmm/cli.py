@@ -588,7 +588,14 @@ def main(argv=None) -> int:
     try:
         _prepare_streams()
         parser = build_parser()                    # it loads the commands' modules
-        args, extra = parser.parse_known_args(argv)
+        try:
+            args, extra = parser.parse_known_args(argv)
+        except SystemExit as done:      # --help, --version, or a usage error (status 2)
+            if done.code in (0, None) and sys.stdout is not None:
+                # argparse ignores a failed write of the help; what is still buffered
+                # fails here, and is said in one line (a full disk: status 2)
+                sys.stdout.flush()
+            raise
         if extra:   # argparse would blame "minivmm", not the command that was given
             parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
         if sys.stdout is None and not getattr(args, "report_on_stdout", False):

@@ -286,6 +286,17 @@ def test_output_to_a_full_disk_is_one_line_and_status_2(args, unbuffered):
     assert line == "minivmm: cannot write the output: No space left on device"
 
 
+@pytest.mark.parametrize("args", [("--help",), ("dirty", "--help"), ("--version",)])
+def test_help_into_a_full_disk_is_one_line_and_status_2(args):
+    # argparse ignores a failed write of its help: "Exception ignored" and status 120 at
+    # the interpreter's exit. (Unbuffered, the write fails inside argparse, which says
+    # nothing: status 0, as for any argparse program.)
+    with open("/dev/full", "w") as full:
+        proc = _with_stdout(full, *args, env={"PYTHONUNBUFFERED": ""})
+    line = one_line_error(proc)
+    assert line == "minivmm: cannot write the output: No space left on device"
+
+
 @pytest.mark.parametrize("args", [("payloads",), ("run", "hello_long", "--trace"),
                                   ("caps", "--trace-ioctls")])
 def test_a_closed_stdout_is_one_line_and_status_2(args):
