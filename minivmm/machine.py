@@ -25,7 +25,7 @@ from .x86 import debug
 from .x86 import layout as L
 from .x86.debug import DebugCause
 from .x86.modes import (ERROR_CODE_VECTORS, EXCEPTION_NAMES, STUB_FRAME_LAYOUT,
-                        cpu_pushed_frame, setup_memory, setup_vcpu, stub_end)
+                        cpu_pushed_frame, pushes_error_code, setup_memory, setup_vcpu, stub_end)
 
 TRAP_VECTORS = (1, 3, 4)      # #DB (unless DR6 says otherwise: debug_cause), #BP, #OF
 VEC_DB = 1
@@ -86,8 +86,9 @@ class VcpuEnd:
         if self.reason == "exception":
             name = EXCEPTION_NAMES.get(self.vector, f"vector {self.vector}")
             # only where the CPU pushes one: for #DE, #UD, #BP... the 0 is the stub's own
-            extra = (f", error code {self.detail.get('error_code', 0):#x}"
-                     if self.vector in ERROR_CODE_VECTORS else "")
+            code = self.detail.get("error_code", 0)
+            extra = (f", error code {code:#x}"
+                     if self.vector in ERROR_CODE_VECTORS and code is not None else "")
             if self.vector == 14:
                 extra += f", CR2 {self.detail.get('cr2', 0):#x}"
             if self.detail.get("debug"):
@@ -1030,7 +1031,10 @@ class Machine:
         # real mode: the pushed IP is an offset in the pushed CS's segment (executed finds
         # the listing by linear address, whatever CS a far jump left)
         at, cs_base = frame["rip"], self._frame_cs_base(frame)
-        detail = {"error_code": frame["error_code"], "cr2": cr2,
+        # None where the CPU pushed none (#UD, #BP, anything in real mode): the 0 in the
+        # frame is the stub's own, and --json said "error_code": 0 as if #GP(0)
+        detail = {"error_code": frame["error_code"]
+                  if pushes_error_code(vector, self.payload.mode) else None, "cr2": cr2,
                   "name": EXCEPTION_NAMES.get(vector, "?"),
                   "cs": frame["cs"], "rsp": frame["rsp"], "rflags": frame["rflags"]}
         if vector == VEC_DB:

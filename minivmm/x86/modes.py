@@ -36,6 +36,14 @@ EXCEPTION_NAMES = {
     19: "#XM SIMD exception", 20: "#VE virtualization", 21: "#CP control protection",
 }
 
+
+def pushes_error_code(vector: int, mode: str) -> bool:
+    """Whether the CPU pushes an error code for ``vector`` in ``mode``: never in real mode,
+    where an interrupt pushes only FLAGS, CS and IP; elsewhere the stub pushes a 0
+    of its own for the vectors without one."""
+    return vector in ERROR_CODE_VECTORS and mode != "real"
+
+
 # The shared part of the exception stubs, the same code at each mode's word size W
 # (8, 4 or 2 bytes; CPL0). On entry the stack holds vector, error code, then the CPU's
 # frame. It reports the vector on port 0xe0; the host reads the frame at the stack
@@ -98,7 +106,7 @@ def stub_end(mode: str) -> int:
 
 
 def _stub(vector: int, mode: str = "long") -> bytes:
-    no_error = vector not in ERROR_CODE_VECTORS or mode == "real"    # real mode pushes none
+    no_error = not pushes_error_code(vector, mode)
     code = b"\x6a\x00" if no_error else b""                          # push 0
     code += bytes((0x6A, vector))                                   # push vector
     rel = "<h" if mode == "real" else "<i"                          # jmp rel16 / rel32
