@@ -226,10 +226,12 @@ def verdict(summary: dict) -> str:
         "page a tracker missed would not be seen")
     # a payload of the user's that syncs less than asked (or never: one final collection)
     asked = summary.get("iterations") or 0
-    tags = {it["iteration"] for it in runs[0]["iterations"] if it["iteration"] != "final"}
-    fewer = (f"; the payload synced for {len(tags)} of the {asked} iteration(s) asked"
-             + ("" if tags else ", so only the final collection was made")
-             if runs and len(tags) < asked else "")
+    # its syncs, not its distinct tags: a tag is the payload's own, and one synced each
+    # iteration (`xor eax, eax`) is as many iterations
+    syncs = sum(1 for it in runs[0]["iterations"] if it["iteration"] != "final") if runs else 0
+    fewer = (f"; the payload synced for {syncs} of the {asked} iteration(s) asked"
+             + ("" if syncs else ", so only the final collection was made")
+             if runs and syncs < asked else "")
     return (f"verdict: OK - {names}{agree} no page missed ({checked} reported pages checked "
             f"against {oracles}{blind}){fewer}")
 

@@ -853,3 +853,15 @@ def test_a_payload_that_syncs_less_than_asked_is_said_to():
                                          "asked, so only the final collection was made")
     full = run_cli("dirty", "--pages", "64", "--iterations", "3")       # dirty_seq: all 3
     assert full.returncode == 0 and "synced for" not in full.stdout
+
+
+def test_a_payload_that_tags_every_sync_alike_synced_all_it_was_asked(tmp_path):
+    # a tag is the payload's own: dirty_seq tagging each sync 0 synced 3 times (0, 0#2,
+    # 0#3), and the verdict said it "synced for 1 of the 3 iteration(s) asked"
+    src = (ROOT / "guest_payloads" / "dirty_seq.asm").read_text()
+    assert "    mov eax, r15d\n" in src
+    asm = tmp_path / "tag0.asm"
+    asm.write_text(src.replace("    mov eax, r15d\n", "    xor eax, eax\n"))
+    proc = run_cli("dirty", "--payload", str(asm), "--iterations", "3", "--pages", "64")
+    assert proc.returncode == 0, proc.stderr
+    assert "0#3" in proc.stdout and "synced for" not in proc.stdout, proc.stdout

@@ -711,6 +711,15 @@ def test_the_listing_is_made_under_the_watchdog_too():
     assert "t.asm: the assembler did not finish within 1 s" in proc.stdout, proc.stderr
 
 
+def test_the_watchdog_gives_a_long_listing_its_time(monkeypatch):
+    # the listing moved under the assembler's watchdog: 32000 jmps (64 KB, within
+    # CODE_MAX) took 4-6 s there and were refused as a looping keystone after 5 s
+    monkeypatch.setattr(P, "ASSEMBLE_TIMEOUT_S", 0.2)
+    body = "".join(f"l{i}: jmp l{i + 1}\n" for i in range(4000)) + "l4000: hlt\n"
+    p = asm(body)
+    assert len(p.code) == 8001 and len(p.listing) == 4001
+
+
 def test_a_bug_in_the_listing_is_shown_as_one(monkeypatch):
     def broken(*a):
         raise ZeroDivisionError("a bug of ours")
