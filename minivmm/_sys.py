@@ -136,12 +136,22 @@ def fork_child() -> int:
     """``os.fork()`` whose child ignores SIGINT. A Ctrl-C at the terminal reaches the whole
     process group; the parent alone reports it (and kills and reaps the child), so the user
     sees one line. SIGINT is held back across the fork: a child could otherwise take one
-    before it starts ignoring it."""
+    before it starts ignoring it. The child is killed when the parent dies."""
+    parent = os.getpid()
     with fd_creation():
         pid = os.fork()
         if pid == 0:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+            # The parent is the child's watchdog: killed outright (SIGTERM, SIGHUP, SIGKILL)
+            # it reaps nothing, and a child looping in keystone spun on for ever. Die with
+            # it (prctl(2) PR_SET_PDEATHSIG; the forking thread waits for the child)
+            if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0 \
+                    and os.getppid() != parent:     # it was gone before the prctl
+                os._exit(1)
     return pid
+
+
+_PR_SET_PDEATHSIG = 1       # include/uapi/linux/prctl.h
 
 
 def reap(pid: int, kill: bool) -> int:

@@ -10,6 +10,7 @@ import codecs
 import errno
 import importlib
 import importlib.util
+import io
 import json
 import math
 import os
@@ -248,6 +249,14 @@ def shown(line: str) -> str:
     return "".join(c if c.isprintable() or c == "\t" else ascii(c)[1:-1] for c in line)
 
 
+def _output_closed(result) -> bool:
+    """True when a vCPU ended because --trace or --trace-ioctls, which write from its
+    thread, found the reader gone (`minivmm run ... --trace | head`): no guest failed."""
+    return any(st.end is not None and st.end.reason == "host-error"
+               and st.end.detail.get("error", "").startswith("BrokenPipeError")
+               for st in result.vcpus)
+
+
 def cmd_run(args) -> int:
     from .machine import Machine, MachineError, format_registers
     if args.vcpus is not None and args.vcpus < 1:
@@ -260,6 +269,8 @@ def cmd_run(args) -> int:
         if args.trace:
             machine.trace = _trace_printer(machine, sys.stderr if args.json else sys.stdout)
         result = machine.run(timeout=args.timeout)
+    if _output_closed(result):
+        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
@@ -561,6 +572,19 @@ _OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO)
 def _prepare_streams() -> None:
     if sys.stderr is None:      # started with 2>&-: the one-line errors go nowhere, as asked
         sys.stderr = open(os.devnull, "w")
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is getattr(sys, f"__{name}__") and isinstance(stream, io.TextIOWrapper) \
+                and isinstance(stream.buffer, io.RawIOBase):
+            # python -u, PYTHONUNBUFFERED: the text layer writes straight to the fd and drops
+            # what a short write left (CPython gh-85393); a signal makes one on a full pipe
+            # (Ctrl-Z then fg), and a --json object was cut at 64 KiB, status 0. A buffered
+            # writer writes it all; flushed at each line, as unbuffered output would be.
+            # Over a raw stream of its own that leaves the fd open when it goes
+            raw = io.FileIO(stream.fileno(), "w", closefd=False)
+            setattr(sys, name, io.TextIOWrapper(io.BufferedWriter(raw),
+                                                encoding=stream.encoding,
+                                                errors=stream.errors, line_buffering=True))
     # a guest's console bytes that are not UTF-8 print as U+FFFD, a payload's path can hold
     # any bytes (surrogates in Python): where stdout cannot encode them (an ASCII or
     # ISO-8859-1 locale; surrogates under en_US.UTF-8, whose errors are strict) print()
@@ -621,6 +645,9 @@ def main(argv=None) -> int:
         print(f"minivmm: {e}", file=sys.stderr)
         return EXIT_GUEST_FAILED
     except BrokenPipeError:
+        # the reader is gone (`| head`): what is still buffered must not fail again at the
+        # interpreter's exit ("Exception ignored", status 120)
+        _discard_stdout()
         return EXIT_OK
     except OSError as e:
         if e.errno not in _OUTPUT_ERRNOS or e.filename is not None:

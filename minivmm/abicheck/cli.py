@@ -117,5 +117,8 @@ def _write(out, text: str, name: str | None) -> int | None:
     except OSError as e:
         print(f"minivmm abi-check: cannot write the report to {name or 'stdout'}: "
               f"{e.strerror}", file=sys.stderr)
+        if out is sys.stdout:     # else the interpreter's last flush fails again (status 120)
+            from ..cli import _discard_stdout
+            _discard_stdout()
         return EXIT_CANNOT_RUN
     return None

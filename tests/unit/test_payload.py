@@ -1,4 +1,5 @@
 """Payload headers, assembly errors, the keystone watchdog and the listing (no KVM needed)."""
+import contextlib
 import os
 import re
 import signal
@@ -137,6 +138,52 @@ def test_ctrl_c_during_a_hung_assembly_kills_the_assembler(tmp_path):
     assert proc.returncode == 130 and err == "interrupted\n", err
     with pytest.raises(ProcessLookupError):  # no assembler left behind in the group
         os.killpg(proc.pid, 0)
+
+
+def test_a_killed_parent_takes_the_hung_assembler_with_it(tmp_path):
+    # The parent is the assembler's watchdog: SIGTERM or SIGHUP (kill PID, a closed
+    # terminal) ends it at once, and the keystone child, reparented, looped for ever
+    script = tmp_path / "hang.py"
+    script.write_text(
+        "from minivmm import payload as P\n"
+        "P.ASSEMBLE_TIMEOUT_S = 60.0\n"
+        "print('ready', flush=True)\n"
+        "P._assemble_with_watchdog('! mode: long', 'long', 0x10000,\n"
+        "                          [(1, '! mode: long')], 'h.asm')\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        deadline = time.monotonic() + 10
+        while not (children := _children(proc.pid)):
+            assert time.monotonic() < deadline, "no assembler child"
+            time.sleep(0.05)
+        time.sleep(0.5)                    # the child is now looping inside keystone
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == -signal.SIGTERM
+        deadline = time.monotonic() + 10
+        while any(_running(pid) for pid in children):
+            assert time.monotonic() < deadline, "the assembler outlived its parent"
+            time.sleep(0.05)
+    finally:
+        with contextlib.suppress(ProcessLookupError):   # the child stays in this group
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+
+
+def _children(pid: int) -> list:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a dead child that init has not reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_empty_payload():
