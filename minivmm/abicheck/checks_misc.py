@@ -58,8 +58,7 @@ def vcpu_id_limit(ctx):
        fault="errno_swap")
 def identity_map_after_vcpu(ctx):
     """KVM_SET_IDENTITY_MAP_ADDR is EINVAL once a vCPU exists (and works before)"""
-    if not ctx.cap(abi.KVM_CAP_SET_IDENTITY_MAP_ADDR):
-        raise Skip("KVM_CAP_SET_IDENTITY_MAP_ADDR is 0")
+    ctx.require_x86_always(abi.KVM_CAP_SET_IDENTITY_MAP_ADDR)
     vm = ctx.vm()
     expect_ok(lambda: vm.set_identity_map_addr(IDENTITY_MAP_ADDR),
               f"KVM_SET_IDENTITY_MAP_ADDR({IDENTITY_MAP_ADDR:#x}) before any vCPU (control)")
@@ -82,7 +81,7 @@ def identity_map_after_vcpu(ctx):
        fault="errno_swap")
 def immediate_exit(ctx):
     """immediate_exit = 1: KVM_RUN returns -1/EINTR at once, the guest does not run"""
-    ctx.require(abi.KVM_CAP_IMMEDIATE_EXIT)
+    ctx.require_x86_always(abi.KVM_CAP_IMMEDIATE_EXIT)
     m = ctx.guest("    xor eax, eax\n    out 0xf4, al", pages=1)
     vcpu = m.states[0].vcpu
     run = vcpu.run_struct

@@ -489,6 +489,21 @@ def test_a_lost_dirty_ring_capability_fails_on_x86(kvm, monkeypatch):
         assert res.status == status, (release, res.status, res.reason)
 
 
+@pytest.mark.parametrize("check,cap", [("misc.immediate_exit", "KVM_CAP_IMMEDIATE_EXIT"),
+                                       ("misc.identity_map.after_vcpu",
+                                        "KVM_CAP_SET_IDENTITY_MAP_ADDR")])
+def test_an_x86_wide_capability_reading_0_fails_not_skips(kvm, check, cap):
+    # x86 answers these 1 unconditionally; a 0 skipped the very check they guard
+    import os
+    from minivmm import abi
+    if os.uname().machine != "x86_64":
+        pytest.skip("x86 answers these unconditionally; other architectures may not")
+    spec = runner.REGISTRY[check]
+    with _cap_answers({getattr(abi, cap): 0}):
+        res = runner.run_one(spec, kvm)
+    assert res.status == "fail" and "expected 1, observed 0" in res.reason, res.reason
+
+
 def test_the_obsolete_manual_protect_cap_must_read_0(kvm):
     # rule 4 says CHECK_EXTENSION(166) is 0; the check only tried to enable it
     from minivmm import abi
