@@ -1031,7 +1031,8 @@ def cmd_step(args) -> int:
         rate = session.steps / session.elapsed_s if session.elapsed_s else 0.0
         # wall time: the free run to --break (which a --timeout may have ended) included
         total_s = session.setup_s + session.elapsed_s
-        summary = {"end": end.to_dict() if end else stopped or {"reason": "count",
+        summary = {"ok": end is None or end.ok,       # as run's and dirty's: the exit status
+                   "end": end.to_dict() if end else stopped or {"reason": "count",
                                                                 "count": args.count},
                    "steps": session.steps, "mechanism": session.mechanism,
                    "why": session.why, "payload": p.name, "vcpu": args.vcpu,

@@ -834,4 +834,7 @@ def test_a_guest_failure_is_one_line_on_stderr_as_run_says_it(tmp_path, json_out
     assert proc.stderr == "minivmm: vCPU 0: CPU exception #DE divide error at 0x10002 " \
                           "(div ecx  ; line 3)\n"
     if json_out:
-        assert all(json.loads(line) for line in proc.stdout.splitlines())
+        lines = [json.loads(line) for line in proc.stdout.splitlines()]
+        assert lines[-1]["ok"] is False         # the summary says it, as run's and dirty's do
+    ok = run_cli("step", "hello_long", "--json")
+    assert ok.returncode == 0 and json.loads(ok.stdout.splitlines()[-1])["ok"] is True
