@@ -269,7 +269,8 @@ def cmd_run(args) -> int:
         if args.trace:
             machine.trace = _trace_printer(machine, sys.stderr if args.json else sys.stdout)
         result = machine.run(timeout=args.timeout)
-    if _output_closed(result):
+    # only stdout's reader: with --json the trace is on stderr, and the object still due
+    if not args.json and _output_closed(result):
         raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
     if args.json:
         print(json.dumps(result.to_dict()))
@@ -597,15 +598,26 @@ def _prepare_streams() -> None:
             stream.reconfigure(errors="backslashreplace")
 
 
-def _discard_stdout() -> None:
-    """Point fd 1 at /dev/null after a failed write, so that the interpreter's last flush
-    of what is still buffered does not fail again ("Exception ignored", status 120)."""
+def _discard_stdout(stream=None) -> None:
+    """Point fd 1 (or ``stream``'s) at /dev/null after a failed write, so that the
+    interpreter's last flush of what is still buffered does not fail again ("Exception
+    ignored", status 120)."""
     try:
         fd = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(fd, sys.stdout.fileno())
+        os.dup2(fd, (stream or sys.stdout).fileno())
         os.close(fd)
     except (OSError, AttributeError, ValueError):   # no real fd (a test's capture)
         pass
+
+
+def _discard_broken() -> None:
+    """After a BrokenPipeError: discard each of stdout and stderr whose reader is gone. It
+    may be stderr's alone (--json --trace 2>&1 >out | head): stdout's output is still due."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, AttributeError, ValueError):
+            _discard_stdout(stream)
 
 
 def main(argv=None) -> int:
@@ -647,7 +659,7 @@ def main(argv=None) -> int:
     except BrokenPipeError:
         # the reader is gone (`| head`): what is still buffered must not fail again at the
         # interpreter's exit ("Exception ignored", status 120)
-        _discard_stdout()
+        _discard_broken()
         return EXIT_OK
     except OSError as e:
         if e.errno not in _OUTPUT_ERRNOS or e.filename is not None:

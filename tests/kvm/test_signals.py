@@ -46,6 +46,28 @@ def test_a_reader_that_went_away_ends_the_run_quietly(args):
     assert (status, err) == (0, ""), err
 
 
+@pytest.mark.parametrize("unbuffered", ["1", None])
+def test_json_survives_a_trace_reader_that_went_away(unbuffered, tmp_path):
+    # --json --trace: the trace is on stderr (2>&1 >out.json | head). Its reader gone is
+    # not stdout's: the object was never written (status 120), or written and then
+    # discarded when the vCPU's error line met the closed stderr
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = unbuffered
+    out = tmp_path / "out.json"
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        with open(out, "w") as f:
+            proc = subprocess.run([sys.executable, "-m", "minivmm", "run",
+                                   payload("multi_vcpu"), "--json", "--trace"], stdout=f,
+                                  stderr=w, timeout=60, cwd=ROOT, env=env)
+    finally:
+        os.close(w)
+    summary = json.loads(out.read_text())
+    assert len(summary["vcpus"]) == 4 and proc.returncode != 120
+
+
 def test_abi_check_to_a_closed_pipe_says_so_once():
     status, err = _to_closed_pipe("abi-check", "-k", "ring.mmap")
     assert (status, err) == (2, "minivmm abi-check: cannot write the report to stdout: "
