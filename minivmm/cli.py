@@ -583,14 +583,13 @@ def _prepare_streams() -> None:
             # writer writes it all; flushed at each line, as unbuffered output would be.
             # Over a raw stream of its own that leaves the fd open when it goes
             raw = io.FileIO(stream.fileno(), "w", closefd=False)
-            setattr(sys, name, io.TextIOWrapper(io.BufferedWriter(raw),
-                                                encoding=stream.encoding,
-                                                errors=stream.errors, line_buffering=True))
-    # a guest's console bytes that are not UTF-8 print as U+FFFD, a payload's path can hold
-    # any bytes (surrogates in Python): where stdout cannot encode them (an ASCII or
-    # ISO-8859-1 locale; surrogates under en_US.UTF-8, whose errors are strict) print()
-    # raised UnicodeEncodeError. Write such characters as escapes instead.
-    for stream in (sys.stdout, sys.stderr):
+            stream = io.TextIOWrapper(io.BufferedWriter(raw), encoding=stream.encoding,
+                                      errors=stream.errors, line_buffering=True)
+            setattr(sys, name, stream)
+        # a guest's console bytes that are not UTF-8 print as U+FFFD, a payload's path can
+        # hold any bytes (surrogates in Python): where the stream cannot encode them (an
+        # ASCII or ISO-8859-1 locale; surrogates under en_US.UTF-8, whose errors are
+        # strict) print() raised UnicodeEncodeError. Write such characters as escapes.
         errors = getattr(stream, "errors", None)
         utf8 = codecs.lookup(getattr(stream, "encoding", None) or "ascii").name == "utf-8"
         if (errors == "strict" or errors == "surrogateescape" and not utf8) \

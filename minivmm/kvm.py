@@ -17,9 +17,6 @@ from ._sys import KvmError, KvmUnavailable, ioctl
 if TYPE_CHECKING:
     from .vm import Vm
 
-# an empty MINIVMM_KVM_DEVICE is unset, as an empty MINIVMM_PAYLOADS is (it opened "")
-DEFAULT_DEVICE = os.environ.get("MINIVMM_KVM_DEVICE") or "/dev/kvm"
-
 
 def vendor_module() -> str:
     """Which KVM vendor module is loaded: kvm_intel, kvm_amd, kvm_pvm, or 'unknown'."""
@@ -33,6 +30,7 @@ class Kvm(_sys.FdOwner):
     """An open /dev/kvm. Use as a context manager, or call close()."""
 
     def __init__(self, device: str | None = None):
+        # an empty MINIVMM_KVM_DEVICE is unset, as an empty MINIVMM_PAYLOADS is (it opened "")
         device = device or os.environ.get("MINIVMM_KVM_DEVICE") or "/dev/kvm"
         self.device = device
         try:

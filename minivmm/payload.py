@@ -393,8 +393,8 @@ def _check_syntax(stmts, name, mode: str) -> None:
         if word in _WIDE_ALIGN:
             raise PayloadError(f"{name}:{no}: {word} is not supported by the assembler; "
                                "use .balign/.p2align")
-        if word.startswith(".") and word not in _SUPPORTED_DIRECTIVES \
-                and not _CONST_DEF.match(body):
+        const = _CONST_DEF.match(body)
+        if word.startswith(".") and word not in _SUPPORTED_DIRECTIVES and not const:
             hint = _DIRECTIVE_HINTS.get(word, "payload directives: "
                                         + " ".join(_SUPPORTED_DIRECTIVES))
             raise PayloadError(f"{name}:{no}: {word} is not supported; {hint}")
@@ -408,7 +408,6 @@ def _check_syntax(stmts, name, mode: str) -> None:
             # keystone glues it to the next line's bytes: the listing then blamed a later line
             raise PayloadError(f"{name}:{no}: prefix {body!r} alone on a line: write it "
                                "before its instruction (`rep movsb`, `lock inc dword ptr [rdi]`)")
-        const = _CONST_DEF.match(body)
         if word in (".equ", ".set", ".equiv") and not (const and const.group(3).strip()):
             # keystone defines nothing for `.equ X`, without a word
             raise PayloadError(f"{name}:{no}: expected `{word} NAME, VALUE`, got {body!r}")
@@ -531,6 +530,11 @@ def _ks_decimal(mode: str):
                        "numbers with 0x, or run again")
 
 
+def _ks_message(error) -> str:
+    """keystone's message without its " (KS_ERR_...)" code."""
+    return str(error).split(" (KS_ERR")[0]
+
+
 def _assemble_child(source: str, mode: str, origin: int, stmts, name) -> tuple:
     """Runs in the child: ('ok', code, listing, labels), ('error', line, message) or
     ('refused', message). The listing is made here too: it asks keystone again, line by
@@ -539,7 +543,7 @@ def _assemble_child(source: str, mode: str, origin: int, stmts, name) -> tuple:
         enc, _ = _ks(mode).asm(source, origin)
         code = bytes(enc or b"")
     except keystone.KsError as e:
-        message = str(e).split(" (KS_ERR")[0]
+        message = _ks_message(e)
         missing = e.errno == keystone.KS_ERR_ASM_SYMBOL_MISSING
         code = None
     if code is not None:
@@ -591,8 +595,8 @@ def _assemble_child(source: str, mode: str, origin: int, stmts, name) -> tuple:
         except keystone.KsError as e:
             if e.errno not in (keystone.KS_ERR_ASM_FIXUP_INVALID,
                                keystone.KS_ERR_ASM_SYMBOL_MISSING):
-                return ("error", stmts[i - 1][0], str(e).split(" (KS_ERR")[0])
-            fixup = fixup or (stmts[i - 1][0], str(e).split(" (KS_ERR")[0])
+                return ("error", stmts[i - 1][0], _ks_message(e))
+            fixup = fixup or (stmts[i - 1][0], _ks_message(e))
     if fixup:
         # only fixups failed: the culprit is the first line whose removal (its labels
         # kept) lets the whole source assemble
@@ -1026,7 +1030,7 @@ def _listing(code: bytes, mode: str, origin: int, stmts, name) -> tuple:
                         _directive_size(ks, body, origin + offset)
                 except keystone.KsError as e:   # a case _check_syntax does not know
                     raise PayloadError(f"{name}:{no}: {word}: "
-                                       f"{str(e).split(' (KS_ERR')[0]}") from None
+                                       f"{_ks_message(e)}") from None
             continue
         decoded = next(md.disasm(code[offset:offset + 16], origin + offset, 1), None)
         if decoded is None:

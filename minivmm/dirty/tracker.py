@@ -531,10 +531,12 @@ class DirtySession:
         self._arrived: dict[int, int] = {}
         self._ended: set[int] = set()      # vCPUs over (one may still be in _arrived)
         self._generation = 0
-        # collections the vCPUs may queue: one past the limit, which makes the consumer
-        # stop them (_stop_syncing); without a cap a slow consumer let them queue more
-        self._queued, self._queue_cap = 0, (
-            SYNCS_PER_ITERATION * iterations + EXTRA_SYNCS + 1 if iterations else None)
+        # collections a run may make (None: iterations=0 runs until stopped). The vCPUs
+        # queue at most one past it, which makes the consumer stop them (_stop_syncing);
+        # without that cap a slow consumer let them queue more
+        self._sync_limit = (SYNCS_PER_ITERATION * iterations + EXTRA_SYNCS
+                            if iterations else None)
+        self._queued = 0
         self._queue: queue.Queue = queue.Queue()
         self._gated = self._started = self._closed = self._syncs_stopped = False
         self._go = threading.Event()
@@ -629,8 +631,8 @@ class DirtySession:
                 # a slot added meanwhile (the vCPUs wait for _go): here in the caller's
                 # thread, not in the collections, whose time the bench measures
                 self.tracker.check_slots()
-                if self.iterations_asked and not self._syncs_stopped and \
-                        len(self.records) > SYNCS_PER_ITERATION * self.iterations_asked + EXTRA_SYNCS:
+                if self._sync_limit is not None and not self._syncs_stopped and \
+                        len(self.records) > self._sync_limit:
                     self._stop_syncing()
                 self._check_open()
                 self._go.set()
@@ -666,7 +668,7 @@ class DirtySession:
         self.machine.stop("too-many-syncs")
         # the limit, not len(self.records): vCPUs that do not wait for the consumer
         # (run(), the CLI) have queued more by the time it is read
-        limit = SYNCS_PER_ITERATION * self.iterations_asked + EXTRA_SYNCS
+        limit = self._sync_limit
         why = (f"more than {limit} collections for {self.iterations_asked} iteration(s) "
                f"asked (the limit: {SYNCS_PER_ITERATION} per iteration and {EXTRA_SYNCS} "
                "more): the payload syncs more than it should")
@@ -735,7 +737,7 @@ class DirtySession:
         iteration = max(self._arrived.values())
         # A vCPU stopped (timeout, error) before this sync has not written its whole plan
         synced = frozenset(i for i, tag in self._arrived.items() if tag == iteration)
-        if self._queue_cap is None or self._queued < self._queue_cap:
+        if self._sync_limit is None or self._queued <= self._sync_limit:
             try:
                 col = self.tracker.collect()
                 self._queue.put((iteration, col, self._snapshot(), synced))
