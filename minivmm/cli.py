@@ -482,7 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_caps)
 
     p = sub.add_parser("payloads", parents=[common], help="list the shipped guest payloads")
-    p.add_argument("--dir", help="directory to list (default: guest_payloads/)")
+    p.add_argument("--dir", help="directory to list (default: guest_payloads/, or "
+                   "$MINIVMM_PAYLOADS when set)")
     p.set_defaults(func=cmd_payloads)
 
     p = sub.add_parser("disasm", parents=[common], help="assemble a payload and show its listing")

@@ -26,7 +26,8 @@ def register(sub, common) -> None:
                    help="only checks whose id matches PATTERN anywhere, as with pytest -k: "
                    "a substring, or a glob with * ? [...] (reset and reset* select the same), "
                    "case-insensitive")
-    p.add_argument("--format", choices=["ktap", "json", "junit"], default="ktap")
+    p.add_argument("--format", choices=["ktap", "json", "junit"], default="ktap",
+                   help="report format: KTAP (default), one JSON object, or JUnit XML")
     p.add_argument("--unsafe", action="store_true",
                    help="also run checks that may WARN or taint the kernel")
     p.add_argument("--output", metavar="FILE", help="write the report here instead of stdout")

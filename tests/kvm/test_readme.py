@@ -1,6 +1,7 @@
 """The README's Python examples run as written (so the README cannot rot)."""
 import contextlib
 import io
+import json
 import re
 
 from tests.conftest import ROOT, run_cli
@@ -39,3 +40,16 @@ def test_readme_trace_ioctls_sample_is_real_output():
         found = [i for i in range(at, len(out)) if re.fullmatch(pattern, out[i])]
         assert found, f"README sample line not in the output (in order): {line}"
         at = found[0] + 1
+
+
+def test_readme_caps_json_keys_are_the_output_keys():
+    """The README's list of `minivmm caps --json` keys (and of its `ring` object's) is the
+    object the command prints, no more and no less."""
+    text = " ".join((ROOT / "README.md").read_text().split())
+    para = re.search(r"`minivmm caps --json` prints one object: (.*?) `min_entries` is", text)
+    assert para, "README no longer lists the caps --json keys"
+    ring_part = re.search(r"`ring` \((.*?)\)", para.group(1)).group(1)
+    top = set(re.findall(r"`(\w+)`", re.sub(r"\(.*?\)", "", para.group(1))))
+    rep = json.loads(run_cli("caps", "--json").stdout)
+    assert set(rep) == top
+    assert set(rep["ring"]) == set(re.findall(r"`(\w+)`", ring_part))

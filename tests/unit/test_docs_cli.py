@@ -1,0 +1,82 @@
+"""What the README says of the command line is what the parser does (so the docs cannot
+drift): the option list under "## Commands", the defaults it states, the shipped payloads,
+and a `--help` line for every option. Needs no KVM."""
+import ast
+import re
+
+import pytest
+
+from minivmm.cli import build_parser
+from tests.conftest import ROOT
+
+README = (ROOT / "README.md").read_text()
+PARSER = build_parser()
+
+
+def _options(sub) -> set:
+    return {o for a in sub._actions for o in a.option_strings} - {"-h", "--help"}
+
+
+def _synopsis() -> dict:
+    """command -> the options its lines in the README's "## Commands" block name."""
+    block = re.search(r"## Commands\n\n```\n(.*?)```", README, re.S)
+    assert block, "README has no ## Commands block"
+    found, command = {}, None
+    for line in block.group(1).splitlines():
+        m = re.match(r"minivmm (\S+)", line)
+        if m:
+            command = m.group(1)
+            found.setdefault(command, set())
+        if command:
+            found[command] |= set(re.findall(r"(?<![\w-])(--?[a-z][\w-]*)", line.split("#")[0]))
+    return found
+
+
+def test_readme_synopsis_lists_every_command_and_option():
+    synopsis = _synopsis()
+    assert set(PARSER.commands) <= set(synopsis), "a command missing from README ## Commands"
+    for name, sub in PARSER.commands.items():
+        # --trace-ioctls: "every command takes --trace-ioctls", said once below the block
+        assert synopsis[name] == _options(sub) - {"--trace-ioctls"}, name
+    assert "every command takes `--trace-ioctls`" in README
+
+
+def test_every_option_has_help_text():
+    """--help is where a user looks for an option's values and default (abi-check's
+    --format once showed none)."""
+    for name, sub in PARSER.commands.items():
+        for action in sub._actions:
+            if action.option_strings:
+                assert action.help, f"minivmm {name} {action.option_strings[0]}: no help text"
+
+
+def _default(command, option):
+    sub = PARSER.commands[command]
+    return next(a.default for a in sub._actions if option in a.option_strings)
+
+
+@pytest.mark.parametrize("text, command, option, value", [
+    ("default 120 s for `dirty`", "dirty", "--timeout", 120),
+    ("10 s for `run`", "run", "--timeout", 10),
+    ("`--timeout` (default 10 s) bounds each step", "step", "--timeout", 10),
+    ("(default 60 s) bounds the whole session", "step", "--max-time", 60),
+    ("`dirty --tracker auto` (the default)", "dirty", "--tracker", "auto"),
+])
+def test_readme_defaults_are_the_parsers(text, command, option, value):
+    assert text in " ".join(README.split()), f"README no longer says: {text}"
+    assert _default(command, option) == value
+
+
+def test_readme_lists_the_shipped_payloads():
+    para = re.search(r"Shipped payloads: (.*?)\n\n", README, re.S).group(1)
+    named = set(re.findall(r"`(\w+)`", para))
+    shipped = {p.stem for p in (ROOT / "guest_payloads").glob("*.asm")}
+    assert named == shipped
+
+
+def test_no_module_docstring_cites_a_path_outside_the_checkout():
+    """The ABI notes are cited as docs/abi.md (a copy kept in the repository): a clone has
+    no ../shared/abi.md."""
+    for path in (ROOT / "minivmm").rglob("*.py"):
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        assert "../shared/" not in doc, path
