@@ -87,6 +87,8 @@ _CONST_DEF = re.compile(r"^(?:\.(?:equ|set|equiv)\s+([A-Za-z_.$@][\w.$@]*)\s*,"
 _NUMBER = (r"[0-9][0-9a-f]*h|0x[0-9a-f]+|0b[01]+|0[0-7]*|[1-9][0-9]*|'[^'\\]'")
 _TOKEN = re.compile(rf"\s*(?:(?P<num>{_NUMBER})(?![\w.$@'])|(?P<name>[A-Za-z_.$@][\w.$@]*)"
                     r"|(?P<op><<|>>|[-+*/%&|^~()]))", re.IGNORECASE)
+# a name in an expression (not the x of 0x10 nor the h of 10h)
+_NAME = re.compile(r"(?<![\w.$@'])[A-Za-z_.$@][\w.$@]*")
 _LITERAL = re.compile(rf"(?<![\w.$@])(?:{_NUMBER})(?![\w.$@'])", re.IGNORECASE)
 # `ds:0x1234` without brackets is a memory operand too
 _SEG_ABS = re.compile(r"^(?:\w+\s+ptr\s+)?[c-gs]s\s*:\s*([^\[\]]+)$", re.IGNORECASE)
@@ -170,18 +172,34 @@ class Payload:
 
 # -- reading --
 
-def _strip_comment(line: str) -> str:
-    """Remove a `;` comment outside quotes (keystone reads `;` as a statement separator)."""
-    quote = None
-    for i, ch in enumerate(line):
+def _quotes(text: str) -> tuple:
+    """(``text`` with what is inside quotes blanked out, same length; the index of a `;`
+    outside quotes or None; the quote left open at the end or None). In a "string" a
+    backslash escapes the next character, as keystone and GAS read it: `"a\\";b"` is one
+    string (cut at its `;`, the rest looped keystone until the watchdog)."""
+    out, quote, escaped = [], None, False
+    for i, ch in enumerate(text):
         if quote:
-            if ch == quote:
+            if escaped:
+                escaped = False
+            elif ch == "\\" and quote == '"':
+                escaped = True
+            elif ch == quote:
                 quote = None
+            if quote:
+                ch = "_"
         elif ch in "\"'":
             quote = ch
         elif ch == ";":
-            return line[:i]
-    return line
+            return "".join(out) + text[i:], i, None
+        out.append(ch)
+    return "".join(out), None, quote
+
+
+def _strip_comment(line: str) -> str:
+    """Remove a `;` comment outside quotes (keystone reads `;` as a statement separator)."""
+    cut = _quotes(line)[1]
+    return line if cut is None else line[:cut]
 
 
 HEADER_KEYS = ("mode", "cpl", "vcpus", "description")
@@ -323,17 +341,9 @@ def _mask_quotes(text: str) -> str:
     """``text`` with what is inside quotes blanked out (same length): `'['` is no bracket."""
     if "'" not in text and '"' not in text:
         return text
-    out, quote = [], None
-    for ch in text:
-        if quote:
-            if ch == quote:
-                quote = None
-            else:
-                ch = "_"
-        elif ch in "'\"":
-            quote = ch
-        out.append(ch)
-    return "".join(out)
+    masked, cut, _ = _quotes(text)
+    # past a `;` (a line not stripped of its comment) the rest is masked on its own
+    return masked if cut is None else masked[:cut] + ";" + _mask_quotes(text[cut + 1:])
 
 
 def _check_syntax(stmts, name, mode: str) -> None:
@@ -342,6 +352,11 @@ def _check_syntax(stmts, name, mode: str) -> None:
     directives outside _SUPPORTED_DIRECTIVES, and prefixes alone on a line."""
     env, changes = _constants(stmts)
     defined: dict = {}          # constant name -> line of its first definition
+    first_def: dict = {}        # the same, over the whole source
+    for no, s in stmts:
+        m = _CONST_DEF.match(_peel_labels(s)[1])
+        if m:
+            first_def.setdefault(m.group(1) or m.group(2), no)
     for no, s in stmts:
         odd = next((ch for ch in s if ord(ch) > 127), None)
         if odd:   # keystone's binding takes ASCII only, and dies without a word
@@ -354,6 +369,9 @@ def _check_syntax(stmts, name, mode: str) -> None:
         if not body:
             continue
         masked = _mask_quotes(body)
+        if _quotes(body)[2] == '"':    # keystone looped on it until the watchdog
+            raise PayloadError(f"{name}:{no}: unterminated string in {body!r} (a \" inside "
+                               "a string is written \\\")")
         if masked.count("[") != masked.count("]"):
             raise PayloadError(f"{name}:{no}: unbalanced brackets in {body!r}")
         if re.search(r"\w{17}", masked):   # keystone blames a later line for these
@@ -394,6 +412,14 @@ def _check_syntax(stmts, name, mode: str) -> None:
             raise PayloadError(f"{name}:{no}: {word} is not supported by the assembler; "
                                "use .balign/.p2align")
         const = _CONST_DEF.match(body)
+        glued = re.match(r"\.[\w.$@]*", word)
+        if glued and glued.end() < len(word) and not const:
+            # `.ascii"ab"`, `.byte(1)`: GAS refuses some, keystone takes them all; the
+            # directive was named as the whole word, `.ascii"ab" is not supported`
+            word, rest = glued.group(0), body[glued.end():].strip()
+            if word in _SUPPORTED_DIRECTIVES:
+                raise PayloadError(f"{name}:{no}: {word} needs a space before its operands "
+                                   f"(write `{word} {rest}`)")
         if word.startswith(".") and word not in _SUPPORTED_DIRECTIVES and not const:
             hint = _DIRECTIVE_HINTS.get(word, "payload directives: "
                                         + " ".join(_SUPPORTED_DIRECTIVES))
@@ -420,12 +446,23 @@ def _check_syntax(stmts, name, mode: str) -> None:
                                    f"{defined[key]} (.equiv never redefines; use .set)")
             defined.setdefault(key, no)
         _apply_constant(env, changes, no)
+        if word in _ALIGN_DIRECTIVES + _SIZE_DIRECTIVES + (".fill",):
+            # keystone takes these arguments' values where it meets them: a constant defined
+            # further down loops it (`.space 2*P, 0x90`) or sizes nothing, and the listing
+            # then blamed a later line ("does not decode as an instruction for 'hlt'")
+            late = next((n for n in _NAME.findall(_mask_quotes(args))
+                         if n in first_def and n not in defined), None)
+            if late:
+                raise PayloadError(f"{name}:{no}: {word}: {late} is defined on line "
+                                   f"{first_def[late]}, after this line: define it first "
+                                   "(the assembler cannot use a later definition here)")
         if word in _ALIGN_DIRECTIVES:   # before keystone pads gigabytes
             _alignment(word, args, env, name, no)
         elif word == ".fill":   # keystone keeps the low bytes of the value, without a word
             parts = _split_operands(args)
             count = _evaluate(parts[0], env, directive=True) if parts else None
             size = _evaluate(parts[1], env, directive=True) if len(parts) > 1 else None
+            _known(word, args, parts, env, name, no)
             # a huge count takes keystone minutes; a size of 0 fails only when listed alone
             if count is not None and not 0 <= count <= L.CODE_MAX or \
                     size is not None and not 1 <= size <= 8:
@@ -443,6 +480,7 @@ def _check_syntax(stmts, name, mode: str) -> None:
             # low byte of the fill. A size of 0 is GAS's no bytes (`.zero PAD`, PAD 0)
             parts = _split_operands(args)
             size = _evaluate(parts[0], env, directive=True) if parts else None
+            _known(word, args, parts, env, name, no)
             if size is not None and not 0 <= size <= L.CODE_MAX:
                 raise PayloadError(f"{name}:{no}: {word} {parts[0]}: the size must be 0 "
                                    f"to {L.CODE_MAX:#x} bytes")
@@ -456,6 +494,36 @@ def _check_syntax(stmts, name, mode: str) -> None:
                 if value is not None and not -0x8000 <= value <= 0xFFFF:
                     raise PayloadError(f"{name}:{no}: .word value {value:#x} does not fit "
                                        "in 16 bits")
+
+
+def _known(word: str, args: str, parts: list, env: dict, name, no) -> None:
+    """Refuse a size, count or fill whose value is not known here: one naming a label or an
+    unknown name (keystone loops on `.space L, 0x90`: the watchdog, no line named; emits
+    nothing for `.space 2, L`: the listing then blamed a later line), or a bad literal."""
+    for part in parts:
+        if _evaluate(part, env, directive=True) is not None:
+            continue
+        if _NAME.search(_mask_quotes(part)):
+            raise PayloadError(f"{name}:{no}: {word} {args.strip()}: {part!r} must be a "
+                               "number or a constant of known value (the assembler cannot "
+                               "size or fill from labels)")
+        if _lexes(part):     # an expression keystone may still read (`8 | 1 / 3`)
+            continue
+        # `08`, `'ab'`: keystone looped until the watchdog, which named no line
+        raise PayloadError(f"{name}:{no}: {word} {args.strip()}: {part!r} is not a value "
+                           "the assembler can size or fill from (numbers: 10, 0x10, 10h, "
+                           "0b10, 010, 'a'; + - * / % << >> & | ^ ~ and parentheses)")
+
+
+def _lexes(text: str) -> bool:
+    """Whether ``text`` is made of literals keystone reads, names and operators only."""
+    pos, text = 0, text.rstrip()
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if not m:
+            return False
+        pos = m.end()
+    return True
 
 
 def _alignment(word: str, args: str, consts: dict, name, no) -> tuple:
@@ -935,6 +1003,15 @@ def _constants(stmts) -> tuple:
             current[key] = value
         if seen[key] > 1:
             changes[no] = (key, value)
+    # `.set Q, P + 1` above `.equ P, 4`: keystone gives Q its value at the end (5), as GAS
+    # does; it was unknown here, and `.space Q` "cannot size it from labels"
+    late = [(key, text) for _, key, text in defs if seen[key] == 1 and key not in current]
+    while late:
+        once = {k: v for k, v in current.items() if seen[k] == 1}
+        known = [(k, _evaluate(t, once, directive=True)) for k, t in late]
+        current.update((k, v) for k, v in known if v is not None)
+        if len(late) == len(late := [(k, t) for k, t in late if k not in current]):
+            break
     return current, changes
 
 

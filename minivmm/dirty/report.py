@@ -68,7 +68,7 @@ def table(summary: dict) -> str:
             f"{'missed':>6} {'extra':>6} {'dups':>5} {'ring-full':>9} {'reset':>5} "
             f"{'collect':>10}")
     lines.append(head)
-    for key in sorted(by_iter, key=lambda k: _order(by_iter[k][0][1]["iteration"], k)):
+    for key in collection_order(summary["runs"]):
         for run, it in by_iter[key]:
             for n, row in enumerate(it["vcpus"]):
                 first = n == 0
@@ -246,11 +246,15 @@ def collection_keys(iterations: list) -> list:
     return out
 
 
-def _order(iteration, key: str) -> tuple:
-    """Numbered iterations in order, each tag's collections in order, "final" last."""
-    n = int(key.rpartition("#")[2]) if "#" in key else 1
-    numbered = isinstance(iteration, int)
-    return (not numbered, iteration if numbered else 0, n)
+def collection_order(runs: list) -> list:
+    """The runs' collection keys in the order they were collected, "final" last. Not by
+    tag: a payload's tags are its own (3, 1, 1, 2 is a valid sequence of syncs), and
+    sorted by tag the rows no longer said what happened when."""
+    order: dict = {}
+    for run in runs:      # a run cut short has fewer: the other's further ones follow
+        order.update(dict.fromkeys(collection_keys([it["iteration"]
+                                                    for it in run["iterations"]])))
+    return sorted(order, key=lambda k: k == "final")
 
 
 def plot(summary: dict, path: str, missed: dict | None = None) -> None:
@@ -265,13 +269,12 @@ def plot(summary: dict, path: str, missed: dict | None = None) -> None:
     fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
     # one column per collection: a payload may sync twice with one tag, and a column per
     # tag drew only the last of them (an empty picture for pages reported before it)
-    order, sets, its = {}, {}, {}
+    sets, its = {}, {}
     for r in runs:
         keys = collection_keys([it["iteration"] for it in r["iterations"]])
         its[r["tracker"]] = list(zip(keys, r["iterations"]))
         sets[r["tracker"]] = {k: set(it["pages"].get("data", [])) for k, it in its[r["tracker"]]}
-        order.update(zip(keys, (_order(it["iteration"], k) for k, it in its[r["tracker"]])))
-    iters = sorted(order, key=order.get)
+    iters = collection_order(runs)
     xpos = {k: i for i, k in enumerate(iters)}
     names = list(sets)
     colours = {"both": "tab:green", names[0]: "tab:blue"}

@@ -813,9 +813,9 @@ def compare_runs(a: list, b: list, completed_only: bool = False,
     if completed_only:
         keys = {k for k in (set(amap) & set(bmap)) - {(it, 0) for it in skip}
                 if isinstance(k[0], int) and amap[k].complete and bmap[k].complete}
-    numbered = (lambda k: (not isinstance(k[0], int),
-                           k[0] if isinstance(k[0], int) else 0, k[1]))
-    for key in sorted(keys, key=numbered):
+    # in the order collected (a payload may tag 3, 1, 1, 2), "final" last
+    collected = {k: n for n, k in enumerate(dict.fromkeys(list(amap) + list(bmap)))}
+    for key in sorted(keys, key=lambda k: (k[0] == "final", collected[k])):
         ra, rb = amap.get(key), bmap.get(key)
         pa = ra.data_pages if ra is not None else _EMPTY
         pb = rb.data_pages if rb is not None else _EMPTY

@@ -266,3 +266,44 @@ def test_two_collections_with_one_tag_are_each_compared():
     # the same guest writes, reported differently: the trackers', not the guests'
     c = [R(iteration=1, data_pages=np.array([3, 4]), changed=np.array([3]), complete=True)]
     assert not compare_runs(c, a[:1])[0]["guests_differ"]
+
+
+def _collection(tag, pages):
+    row = {"vcpu": 0, "reported": len(pages), "expected": None, "missed": 0, "extra": 0}
+    return {"iteration": tag, "pages": {"data": list(pages)}, "reported": len(pages),
+            "expected": None,
+            "missed": 0, "extra": 0, "missed_pages": [], "duplicates": 0,
+            "ring_full_exits": 0, "reset_count_ok": True, "collect_s": 0.001, "lost": [],
+            "bogus": 0, "vcpus": [row]}
+
+
+def test_the_table_follows_collection_order_not_tag_order():
+    # A payload's tags are its own: synced 3, 1, 1, 2, the rows came out 1, 1#2, 2, 3
+    from minivmm.dirty import report
+    tags = [3, 1, 1, 2, "final"]
+    summary = {"payload": "mine", "vcpus": 1, "pages": 8, "iterations": 4, "collect": "sync",
+               "agree": True, "differences": [], "runs": [
+                   {"tracker": t, "vcpus_ok": True, "vcpu_ends": [None],
+                    "iterations": [_collection(tag, [n]) for n, tag in enumerate(tags)]}
+                   for t in ("ring", "bitmap")]}
+    rows = [line.split()[:2] for line in report.table(summary).splitlines()[2:-1]]
+    assert rows == [[k, t] for k in ("3", "1", "1#2", "2", "final")
+                    for t in ("ring", "bitmap")]
+    # a run cut short: the other run's further collections follow, "final" still last
+    summary["runs"][0]["iterations"] = [_collection(3, [0]), _collection("final", [])]
+    rows = [line.split()[:2] for line in report.table(summary).splitlines()[2:-1]]
+    assert [k for k, _ in rows] == \
+        ["3", "3", "1", "1#2", "2", "final", "final"]
+
+
+def test_differences_are_listed_in_collection_order():
+    from types import SimpleNamespace as R
+    from minivmm.dirty.tracker import compare_runs
+
+    def rec(it, pages):
+        p = np.array(pages, np.int64)
+        return R(iteration=it, data_pages=p, changed=p, complete=True)
+    a = [rec(3, [0]), rec(1, [1]), rec(1, [2]), rec(2, [3]), rec("final", [4])]
+    b = [rec(3, [9]), rec(1, [9]), rec(1, [9]), rec(2, [9]), rec("final", [9])]
+    assert [(d["iteration"], d.get("repeat", 0)) for d in compare_runs(a, b)] == \
+        [(3, 0), (1, 0), (1, 1), (2, 0), ("final", 0)]

@@ -125,3 +125,17 @@ def test_a_picture_the_disk_cannot_hold_is_one_line_after_the_results(tmp_path, 
     out, err = capsys.readouterr()
     assert out == "the table\n"          # the results, and no "picture:" line
     assert err == f"minivmm: --plot: cannot write {png}: No space left on device\n"
+
+
+def test_columns_follow_collection_order_not_tag_order(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+    ticks = []
+    real = Axes.set_xticks
+    monkeypatch.setattr(Axes, "set_xticks",
+                        lambda self, pos, labels=None, **kw: ticks.append(list(labels))
+                        or real(self, pos, labels, **kw))
+    summary = {"payload": "mine", "collect": "sync", "runs": [
+        {"tracker": "ring", "iterations": [_iteration(t, [n]) for n, t in
+                                           enumerate([3, 1, 1, 2, "final"])]}]}
+    report.plot(summary, str(tmp_path / "p.png"))
+    assert ticks == [["3", "1", "1#2", "2", "final"]]

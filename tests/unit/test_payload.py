@@ -773,3 +773,81 @@ def test_a_bug_in_the_listing_is_shown_as_one(monkeypatch):
     monkeypatch.setattr(P, "_listing", broken)
     with pytest.raises(RuntimeError, match="(?s)listing t.asm failed.*ZeroDivisionError: a bug"):
         asm("nop\nnop\nnop\nhlt\n")
+
+
+@pytest.mark.parametrize("line,message", [
+    # GAS refuses it, keystone takes it; the message named `.ascii"ab"` as a directive
+    ('.ascii"ab"', '.ascii needs a space before its operands (write `.ascii "ab"`)'),
+    (".byte(1)", ".byte needs a space before its operands (write `.byte (1)`)"),
+    ('.foo"x"', ".foo is not supported; payload directives: .byte"),
+])
+def test_a_directive_glued_to_its_operands_is_named_as_itself(line, message):
+    with pytest.raises(P.PayloadError) as e:
+        asm(f"nop\n{line}\nhlt\n")
+    assert str(e.value).startswith(f"t.asm:3: {message}"), str(e.value)
+
+
+@pytest.mark.parametrize("line", [
+    # keystone looped until the 5 s watchdog, which named no line
+    ".space 2*P, 0x90", ".fill P, 1, 0x90",
+    # keystone emitted nothing: "t.asm:5: ... does not decode as an instruction for 'hlt'"
+    ".space P", ".zero P", ".balign P", ".fill 2, P", ".fill 2, 1, P", ".space 2, P",
+])
+def test_a_size_or_fill_from_a_later_constant_is_refused_on_its_line(line):
+    t0 = time.monotonic()
+    with pytest.raises(P.PayloadError) as e:
+        asm(f"nop\n{line}\n.equ P, 4\nhlt\n")
+    assert str(e.value).startswith(f"t.asm:3: {line.split()[0]}: P is defined on line 4, "
+                                   "after this line: define it first"), str(e.value)
+    assert time.monotonic() - t0 < 3
+    # defined first, it assembles
+    assert asm(f"nop\n.equ P, 4\n{line}\nhlt\n").code
+
+
+@pytest.mark.parametrize("line,what", [
+    # keystone looped until the watchdog (no line named)
+    (".space L, 0x90", "'L' must be a number or a constant of known value"),
+    (".fill L, 1, 0x90", "'L' must be a number or a constant"),
+    (".space X, 0x90", "'X' must be a number or a constant"),
+    (".space Q, 0x90", "'Q' must be a number or a constant"),
+    (".space 08, 0x90", "'08' is not a value the assembler can size or fill from"),
+    (".space 'ab', 0x90", "\"'ab'\" is not a value"),
+    # keystone emitted nothing, and a later line was blamed
+    (".space 2, L", "'L' must be a number"), (".fill 2, 1, X", "'X' must be a number"),
+])
+def test_a_size_or_fill_that_is_no_known_value_is_refused_on_its_line(line, what):
+    t0 = time.monotonic()
+    with pytest.raises(P.PayloadError) as e:
+        asm(f"a: nop\nb: nop\n.equ Q, b - a\n{line}\nL: hlt\n")
+    assert str(e.value).startswith(f"t.asm:5: {line}: {what}"), str(e.value)
+    assert "\n" not in str(e.value) and time.monotonic() - t0 < 3
+
+
+def test_a_constant_from_a_later_one_has_its_value():
+    # keystone (and GAS) resolve Q at the end; it was unknown here, and `.space Q`
+    # was refused as sized "from labels"
+    p = asm("nop\n.set Q, P + 1\n.equ P, 4\n.space Q, 0x90\nmov al, Q\n")
+    assert p.code.hex() == "90" + "90" * 5 + "b005"
+
+
+@pytest.mark.parametrize("body,code", [
+    # the `;` after an escaped quote was taken for a comment: keystone, given the cut
+    # string, looped until the watchdog (no line named)
+    ('.ascii "a\\";b"\n', '61223b62'),
+    ('.ascii "q\\" ; x" ; a comment\n', '7122203b2078'),
+    # `[` in a string after an escaped quote: "unbalanced brackets"
+    ('.ascii "\\"[", "x"\n', '225b78'),
+    ('.ascii "a\\\\"\nnop\n', '615c90'),
+])
+def test_an_escaped_quote_keeps_the_string_open(body, code):
+    assert asm(body).code.hex() == code
+
+
+def test_an_unterminated_string_is_refused_on_its_line():
+    # keystone looped until the 5 s watchdog, which named no line
+    t0 = time.monotonic()
+    for line in ('.ascii "ab', '.asciz "ab\\"'):
+        with pytest.raises(P.PayloadError) as e:
+            asm(f"nop\n{line}\nhlt\n")
+        assert str(e.value).startswith("t.asm:3: unterminated string in "), str(e.value)
+    assert time.monotonic() - t0 < 3
