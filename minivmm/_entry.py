@@ -28,4 +28,18 @@ def main() -> int:
             raise
         print("minivmm: interrupted", file=sys.stderr)
         return 130
-    return cli_main()
+    try:
+        return cli_main()
+    finally:
+        _ignore_kicks()
+
+
+def _ignore_kicks() -> None:
+    """The process is done with its VMs: ignore the kick signal (SIGUSR1) from now on.
+    Python's finalization puts every signal it has a handler for back to SIG_DFL
+    (signalmodule.c, _PySignal_Fini), so a SIGUSR1 sent from outside, a no-op all run
+    long, killed the process at its exit, after its output (status -10). SIG_IGN it leaves."""
+    import signal
+    from ._kick import KICK_SIGNAL, _no_op
+    if signal.getsignal(KICK_SIGNAL) is _no_op:
+        signal.signal(KICK_SIGNAL, signal.SIG_IGN)

@@ -31,20 +31,25 @@ class UsageError(Exception):
     """Bad input from the user: reported as one line, exit status 2."""
 
 
+# What --help and the README show: decimal, or hex after 0x, in ASCII digits. int(text, 0)
+# also took 0o and 0b, underscores (1_0), spaces around, and any script's digits (an
+# Arabic-Indic ١٠ was 10), none of which any of them says
+_INTEGER = re.compile(r"-?(?:0[xX][0-9a-fA-F]+|[0-9]+)")
+
+
 def _integer(text: str) -> int:
+    if not _INTEGER.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r} (decimal, or hex "
+                                         "after 0x)")
+    digits = text.lstrip("-")
+    if len(digits) > 1 and digits[0] == "0" and digits[1] not in "xX":
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r} (a leading 0 is "
+                                         "ambiguous: octal or decimal? write it without)")
     try:
         return int(text, 0)
-    except ValueError:
-        digits = text.strip()
-        if digits.isascii() and digits.isdigit():
-            if digits.startswith("0"):    # int(, 0) refuses it: octal or decimal?
-                raise argparse.ArgumentTypeError(f"not an integer: {text!r} (a leading 0 "
-                                                 "is ambiguous: write it without, or 0o "
-                                                 "for octal)") from None
-            # int() refuses past 4300 digits (sys.get_int_max_str_digits())
-            raise argparse.ArgumentTypeError(f"out of range: a number of {len(digits)} "
-                                             "digits") from None
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    except ValueError:  # int() refuses past 4300 digits (sys.get_int_max_str_digits())
+        raise argparse.ArgumentTypeError(f"out of range: a number of {len(digits)} "
+                                         "digits") from None
 
 
 def _seconds(text: str) -> float:
@@ -57,6 +62,38 @@ def _seconds(text: str) -> float:
     if value <= 0:      # every such option is a time limit: 0 would stop before starting
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text}")
     return value
+
+
+def _utf8(text: str) -> str:
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:        # the bytes held as lone surrogates (surrogateescape), each written as \xNN
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _no_surrogates(value):
+    if isinstance(value, str):
+        return _utf8(value)
+    if isinstance(value, dict):
+        return {_no_surrogates(k): _no_surrogates(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_no_surrogates(v) for v in value]
+    return value
+
+
+def json_text(obj, **kw) -> str:
+    """json.dumps(obj), valid to a strict parser: a payload file's name that is not UTF-8
+    holds bytes Python keeps as lone surrogates, which json.dumps wrote as "\\udcff" (no
+    character: RFC 8259 8.2, and parsers such as serde_json refuse it). Such bytes are
+    written as backslash escapes, "x\\\\xff"."""
+    text = json.dumps(obj, **kw)
+    # a character past U+FFFF is written as a pair of \udXXX, and kept: _utf8 leaves it
+    return json.dumps(_no_surrogates(obj), **kw) if "\\ud" in text else text
 
 
 def _option_error(error: Exception, args) -> str:
@@ -164,7 +201,7 @@ def cmd_caps(args) -> int:
     with Kvm() as kvm:
         rep = host_report(kvm)
     if args.json:
-        print(json.dumps(rep, indent=2))
+        print(json_text(rep, indent=2))
         return EXIT_OK
     print(f"KVM on {rep['kernel']} ({rep['device']}), API version {rep['api_version']}, "
           f"vendor module {rep['vendor_module']}")
@@ -273,7 +310,7 @@ def cmd_run(args) -> int:
     if not args.json and _output_closed(result):
         raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
     if args.json:
-        print(json.dumps(result.to_dict()))
+        print(json_text(result.to_dict()))
     else:
         p = result.payload
         print(f"{p.name}: {p.mode} mode" + (f", CPL{p.cpl}" if p.mode == "long" else "")
@@ -294,7 +331,7 @@ def cmd_run(args) -> int:
         bad = [st for st in result.vcpus if not (st.end and st.end.ok)]
         st = bad[0]
         more = f" (and {len(bad) - 1} more vCPU(s))" if len(bad) > 1 else ""
-        print(f"minivmm: vCPU {st.index}: {st.end.summary()}{more}", file=sys.stderr)
+        _say(f"minivmm: vCPU {st.index}: {st.end.summary()}{more}")
         return EXIT_GUEST_FAILED
     return EXIT_OK
 
@@ -428,7 +465,7 @@ def cmd_dirty(args) -> int:
             plot_error = (f"--plot: cannot write {ring_plot or args.plot}: "
                           f"{e.strerror or e}")
     if args.json:
-        print(json.dumps(summary))
+        print(json_text(summary))
     else:
         print(report.table(summary))
         if args.show_ring and ring_records:
@@ -436,10 +473,10 @@ def cmd_dirty(args) -> int:
         if args.plot and not plot_error:
             print(f"picture: {args.plot}" + (f", rings: {ring_plot}" if ring_plot else ""))
     if plot_error:      # as when _check_plot_path finds it: status 2
-        print(f"minivmm: {plot_error}", file=sys.stderr)
+        _say(f"minivmm: {plot_error}")
     if not summary["ok"]:
         if args.json:
-            print(f"minivmm: {report.verdict(summary)}", file=sys.stderr)
+            _say(f"minivmm: {report.verdict(summary)}")
         return EXIT_GUEST_FAILED
     return EXIT_USAGE if plot_error else EXIT_OK
 
@@ -552,6 +589,10 @@ def build_parser() -> argparse.ArgumentParser:
                 raise   # a real import error inside an existing command module
             continue
         mod.register(sub, common)
+    for command in sub.choices.values():   # what _integer takes, where a count is asked for
+        if command.epilog is None and any(a.type in (_integer, _power_of_two_entries)
+                                          for a in command._actions):
+            command.epilog = "A count is decimal, or hex after 0x."
     return parser
 
 
@@ -567,8 +608,9 @@ def _install_ioctl_trace(args) -> None:
 
 
 # errnos of a write to stdout that lost the output: a full disk or /dev/full, a quota, a
-# terminal that went away. Reported in one line, never as a traceback.
-_OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO)
+# terminal that went away, a stdout opened read-only (1</dev/null). Reported in one line,
+# never as a traceback.
+_OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EBADF)
 
 
 def _prepare_streams() -> None:
@@ -610,17 +652,64 @@ def _discard_stdout(stream=None) -> None:
         pass
 
 
-def _discard_broken() -> None:
-    """After a BrokenPipeError: discard each of stdout and stderr whose reader is gone. It
-    may be stderr's alone (--json --trace 2>&1 >out | head): stdout's output is still due."""
+def _discard_failed() -> bool:
+    """After a failed write: discard each of stdout and stderr that cannot be written (the
+    failed write stays in its buffer, so its flush fails again). It may be stderr's alone
+    (--json --trace 2>&1 >out | head, or 2>/dev/full): stdout's output is still due.
+    True when stdout was one."""
+    failed = False
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, AttributeError, ValueError):
             _discard_stdout(stream)
+            failed = failed or stream is sys.stdout
+    return failed
+
+
+def _say(line: str) -> None:
+    """One line on stderr, if it can be written: with 2>/dev/full or a stderr opened
+    read-only there is nowhere to say it, and the status alone must (it was a traceback
+    nobody saw, or status 120 at the interpreter's last flush)."""
+    try:
+        print(line, file=sys.stderr)
+        sys.stderr.flush()
+    except (OSError, AttributeError, ValueError):
+        _discard_stdout(sys.stderr)
+
+
+def _restore_streams(saved: dict) -> None:
+    """Put back the sys.stdout and sys.stderr main() found (and their error handlers): a
+    program that calls main() keeps its own streams, not ours (under python -u, a
+    line-buffered one, where its print(end="") waited for a newline)."""
+    for name, (stream, errors) in saved.items():
+        mine = getattr(sys, name)
+        if mine is not stream:
+            try:
+                mine.close()        # flushes; our wrappers leave the fd open (closefd=False)
+            except (OSError, AttributeError, ValueError):
+                pass                # said already, or nowhere to say it
+            setattr(sys, name, stream)
+        if errors is not None and getattr(stream, "errors", errors) != errors:
+            try:
+                stream.reconfigure(errors=errors)
+            except (OSError, AttributeError, ValueError):
+                pass
 
 
 def main(argv=None) -> int:
+    from . import _sys
+    saved = {name: (getattr(sys, name), getattr(getattr(sys, name), "errors", None))
+             for name in ("stdout", "stderr")}
+    tracer = _sys.tracer
+    try:
+        return _main(argv)
+    finally:
+        _sys.tracer = tracer        # --trace-ioctls traced into a stream that is going away
+        _restore_streams(saved)
+
+
+def _main(argv) -> int:
     try:
         _prepare_streams()
         parser = build_parser()                    # it loads the commands' modules
@@ -645,43 +734,45 @@ def main(argv=None) -> int:
             sys.stdout.flush()          # a full disk shows here, not at the interpreter's exit
         return status
     except KeyboardInterrupt:
-        print("minivmm: interrupted", file=sys.stderr)
+        _say("minivmm: interrupted")
         return EXIT_INTERRUPTED
     except KvmUnavailable as e:
-        print(f"minivmm: {e}", file=sys.stderr)
+        _say(f"minivmm: {e}")
         return EXIT_USAGE
     except (UsageError, PayloadError) as e:
-        print(f"minivmm: {e}", file=sys.stderr)
+        _say(f"minivmm: {e}")
         return EXIT_USAGE
     except KvmError as e:
-        print(f"minivmm: {e}", file=sys.stderr)
+        _say(f"minivmm: {e}")
         return EXIT_GUEST_FAILED
     except BrokenPipeError:
         # the reader is gone (`| head`): what is still buffered must not fail again at the
         # interpreter's exit ("Exception ignored", status 120)
-        _discard_broken()
+        _discard_failed()
         return EXIT_OK
     except OSError as e:
         if e.errno not in _OUTPUT_ERRNOS or e.filename is not None:
             raise
-        _discard_stdout()
-        print(f"minivmm: cannot write the output: {e.strerror}", file=sys.stderr)
+        # stdout's, or stderr's alone (2>/dev/full): the other stream's output is still due
+        if not _discard_failed() and e.errno == errno.EBADF and sys.stdout is not None:
+            raise       # neither stream failed: a bad fd of ours, not the output's
+        _say(f"minivmm: cannot write the output: {e.strerror}")
         return EXIT_USAGE
     except MemoryError as e:
         # the host refused guest memory (GuestMemory names the slot: the system slot's is
         # no option's fault), or Python itself ran out: a failure of the run, not of input
-        print(f"minivmm: {e or 'out of memory'}", file=sys.stderr)
+        _say(f"minivmm: {e or 'out of memory'}")
         return EXIT_GUEST_FAILED
     except RuntimeError as e:
         if interrupted(e):                 # a Ctrl-C while a module loaded (Python 3.11)
-            print("minivmm: interrupted", file=sys.stderr)
+            _say("minivmm: interrupted")
             return EXIT_INTERRUPTED
         from .dirty.tracker import CollectionError   # a bug of ours, in a vCPU thread
         if not isinstance(e, CollectionError):
             raise
-        print(f"minivmm: {e} (set MINIVMM_DEBUG=1 for where)", file=sys.stderr)
+        _say(f"minivmm: {e} (set MINIVMM_DEBUG=1 for where)")
         if os.environ.get("MINIVMM_DEBUG") == "1":
-            print(e.thread_traceback, file=sys.stderr)
+            _say(e.thread_traceback)
         return EXIT_GUEST_FAILED
 
 

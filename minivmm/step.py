@@ -33,7 +33,6 @@ KVM_EXIT_DEBUG in the payload (on kvm_pvm the #DB lands in the guest's stub inst
 from __future__ import annotations
 
 import dataclasses
-import json
 import signal
 import struct
 import sys
@@ -992,7 +991,7 @@ def _n(count: int, word: str) -> str:
 
 
 def cmd_step(args) -> int:
-    from .cli import EXIT_GUEST_FAILED, EXIT_OK, UsageError
+    from .cli import EXIT_GUEST_FAILED, EXIT_OK, UsageError, _say, json_text
     if args.count < 0:
         raise UsageError(f"--count must not be negative (got {args.count})")
     if not 0 <= args.iterations < 1 << 64:     # it is RCX
@@ -1019,7 +1018,7 @@ def cmd_step(args) -> int:
         shown_stub = 0
         for step in session.run(args.count or None):
             if args.json:
-                print(json.dumps(step.to_dict(session.mechanism)), file=out)
+                print(json_text(step.to_dict(session.mechanism)), file=out)
                 continue
             print(format_step(step), file=out)
             for e in step.dirty or ():
@@ -1047,7 +1046,7 @@ def cmd_step(args) -> int:
             summary.update(stub_entries=session.stub_entries,
                            entries_before_breakpoint=session.pre_break_entries)
         if args.json:
-            print(json.dumps(summary), file=out)
+            print(json_text(summary), file=out)
         else:
             if stopped is not None:
                 bp = stopped.get("breakpoint")
@@ -1085,7 +1084,7 @@ def cmd_step(args) -> int:
                       f"({rate:.0f} steps/s)", file=out)
     ok = end is None or end.ok
     if not ok:      # as `minivmm run` says it: --json leaves stdout to the JSON lines
-        print(f"minivmm: vCPU {args.vcpu}: {end.summary()}", file=sys.stderr)
+        _say(f"minivmm: vCPU {args.vcpu}: {end.summary()}")
     return EXIT_OK if ok else EXIT_GUEST_FAILED
 
 

@@ -1,5 +1,6 @@
 """The minivmm command on the real /dev/kvm: output, JSON and exit statuses."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -193,3 +194,37 @@ def test_a_vcpus_header_over_the_limit_blames_the_header_not_the_option(tmp_path
                            "between 1 and "), line
     line = one_line_error(run_cli(*command, own, "--vcpus", "999999999"))
     assert line.startswith("minivmm: --vcpus must be between 1 and "), line
+
+
+@pytest.mark.parametrize("args", [("run",), ("step", "--count", "2"), ("dirty-payload",)])
+def test_json_of_a_payload_whose_name_is_not_utf8_is_strict_json(tmp_path, args):
+    # the name b"x\xff" was written as "x\udcff", a lone surrogate a strict parser refuses
+    # (serde_json; Python's json takes it, so the test encodes what it parsed)
+    source = payload("dirty_seq" if args[0] == "dirty-payload" else "hello_long")
+    odd = os.path.join(os.fsencode(tmp_path), b"x\xff.asm")
+    with open(source, "rb") as f, open(odd, "wb") as out:
+        out.write(f.read())
+    argv = (["dirty", "--payload", odd, "--pages", "64", "--iterations", "1"]
+            if args[0] == "dirty-payload" else [args[0], odd, *args[1:]])
+    proc = subprocess.run([sys.executable, "-m", "minivmm", *argv, "--json"],
+                          capture_output=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    for line in proc.stdout.decode("utf-8").splitlines():
+        obj = json.loads(line)
+        if "payload" in obj:
+            assert obj["payload"].encode("utf-8") == b"x\\xff"
+
+
+@pytest.mark.parametrize("unbuffered", ["1", ""], ids=["unbuffered", "buffered"])
+@pytest.mark.parametrize("cmd", ["run", "step"])
+def test_a_failed_guest_with_stderr_full_keeps_its_json_and_status(tmp_path, cmd, unbuffered):
+    # 2>/dev/full: the vCPU's one line on stderr failed, and main() took it for stdout's
+    # failure: fd 1 pointed at /dev/null before the buffered object was out (an empty
+    # file), and status 120 (the error line's own failure at exit) or 2
+    out = tmp_path / "out.json"
+    with open(out, "w") as f, open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "minivmm", cmd, payload("triple_fault"),
+                               "--json"], stdout=f, stderr=full, timeout=120, cwd=ROOT,
+                              env=dict(os.environ, PYTHONUNBUFFERED=unbuffered))
+    assert proc.returncode == 1
+    assert not json.loads(out.read_text().splitlines()[-1])["ok"]

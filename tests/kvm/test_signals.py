@@ -116,3 +116,23 @@ def test_stop_and_continue_while_writing_loses_no_output(unbuffered):
         proc.stderr.close()
     summary = json.loads(out)           # the whole object, not its first 64 KiB
     assert summary["ok"] and len(summary["runs"]) == 2
+
+
+@pytest.mark.parametrize("args", [("step", "hello_long"), ("run", "hello_long")])
+def test_a_storm_of_sigusr1_after_the_output_does_not_kill_at_exit(args):
+    # SIGUSR1, minivmm's kick, has a no-op handler while minivmm runs; Python's
+    # finalization put it back to SIG_DFL, and one more SIGUSR1 (`while kill -USR1 $pid`)
+    # killed the process after its output: status -10
+    proc = subprocess.Popen([sys.executable, "-m", "minivmm", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=ROOT)
+    first = proc.stdout.readline()          # minivmm is loaded: its handler is in place
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            os.kill(proc.pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            break
+    out, err = proc.stdout.read(), proc.stderr.read()   # not communicate(): it reads the
+    proc.wait(timeout=60)                   # fd, past what readline() buffered
+    assert proc.returncode == 0, (proc.returncode, err)
+    assert first and b"exited with code 0" in first + out

@@ -286,13 +286,14 @@ def test_output_to_a_full_disk_is_one_line_and_status_2(args, unbuffered):
     assert line == "minivmm: cannot write the output: No space left on device"
 
 
+@pytest.mark.parametrize("unbuffered", ["1", ""], ids=["unbuffered", "buffered"])
 @pytest.mark.parametrize("args", [("--help",), ("dirty", "--help"), ("--version",)])
-def test_help_into_a_full_disk_is_one_line_and_status_2(args):
+def test_help_into_a_full_disk_is_one_line_and_status_2(args, unbuffered):
     # argparse ignores a failed write of its help: "Exception ignored" and status 120 at
-    # the interpreter's exit. (Unbuffered, the write fails inside argparse, which says
-    # nothing: status 0, as for any argparse program.)
+    # the interpreter's exit; unbuffered, nothing and status 0. (_prepare_streams puts a
+    # buffer under an unbuffered stdout, which keeps the failed write for main's flush.)
     with open("/dev/full", "w") as full:
-        proc = _with_stdout(full, *args, env={"PYTHONUNBUFFERED": ""})
+        proc = _with_stdout(full, *args, env={"PYTHONUNBUFFERED": unbuffered})
     line = one_line_error(proc)
     assert line == "minivmm: cannot write the output: No space left on device"
 
@@ -346,3 +347,76 @@ def test_an_empty_kvm_device_variable_means_the_default(monkeypatch):
 def test_an_empty_payload_name_is_said_to_be_empty(cmd):
     # Path("") is ".": the error was ".: is a directory, not a payload file"
     assert "no payload named (got '')" in one_line_error(run_cli(cmd, ""))
+
+
+@pytest.mark.parametrize("text", ["0o10", "0b11", "1_0", "0x_10", "\u0661\u0660", "\u00b2",
+                                  " 10", "10 ", "+5", "0x", "1e3", "010"])
+def test_a_count_is_decimal_or_hex_in_ascii_digits_and_nothing_else(text):
+    # int(text, 0) took octal, binary, underscores, spaces and any script's digits (an
+    # Arabic-Indic "10" ran 10 pages), none of which --help or the README shows
+    line = one_line_error(run_cli("dirty", "--pages", text))
+    assert line.startswith(f"minivmm dirty: argument --pages: not an integer: {text!r} ("), line
+
+
+@pytest.mark.parametrize("text,value", [("10", 10), ("0x10", 16), ("0XfF", 255), ("0", 0),
+                                        ("-3", -3)])
+def test_a_count_in_decimal_or_hex_is_taken(text, value):
+    args = cli.build_parser().parse_args(["dirty", "--pages", text])
+    assert args.pages == value            # a negative one is refused later, by its range
+    assert "A count is decimal, or hex after 0x." in \
+        cli.build_parser().commands["dirty"].format_help()
+
+
+def test_json_escapes_the_bytes_of_a_name_that_is_not_utf8():
+    # a lone surrogate (a payload file named b"x\xff") was written as "\udcff", which no
+    # strict JSON parser takes; a character past U+FFFF is still its pair of escapes
+    text = cli.json_text({"payload": "x\udcff", "console": "\U0001f600", "k": ["\udcfe"]})
+    assert text == '{"payload": "x\\\\xff", "console": "\\ud83d\\ude00", "k": ["\\\\xfe"]}'
+    assert json.loads(text)["payload"].encode("utf-8") == b"x\\xff"
+
+
+def _with_fds(*args, env=None, stdout_read_only=False, stderr_full=False):
+    def child():
+        if stdout_read_only:     # 1</dev/null: open, but not for writing (EBADF)
+            os.dup2(os.open(os.devnull, os.O_RDONLY), 1)
+        if stderr_full:
+            os.dup2(os.open("/dev/full", os.O_WRONLY), 2)
+    return subprocess.run([sys.executable, "-m", "minivmm", *map(str, args)],
+                          capture_output=True, text=True, timeout=60, preexec_fn=child,
+                          env=dict(os.environ, **(env or {})))
+
+
+@pytest.mark.parametrize("unbuffered", ["1", ""], ids=["unbuffered", "buffered"])
+@pytest.mark.parametrize("args", [("payloads",), ("--help",)])
+def test_a_stdout_opened_read_only_is_one_line_and_status_2(args, unbuffered):
+    # 1</dev/null: a traceback ending in "OSError: [Errno 9] Bad file descriptor", then
+    # "Exception ignored" and status 120 (--help: status 120 alone)
+    proc = _with_fds(*args, stdout_read_only=True, env={"PYTHONUNBUFFERED": unbuffered})
+    assert one_line_error(proc) == "minivmm: cannot write the output: Bad file descriptor"
+
+
+@pytest.mark.parametrize("unbuffered", ["1", ""], ids=["unbuffered", "buffered"])
+@pytest.mark.parametrize("read_only_stdout", [False, True])
+def test_an_error_with_nowhere_to_say_it_is_still_status_2(read_only_stdout, unbuffered):
+    # 2>/dev/full: the one line could not be written, and its OSError (a traceback that
+    # could not be written either) ended in status 120
+    proc = _with_fds("run", "/nonexistent/x.asm", stderr_full=True,
+                     stdout_read_only=read_only_stdout, env={"PYTHONUNBUFFERED": unbuffered})
+    assert proc.returncode == 2 and proc.stdout == ""
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", ""])
+def test_main_in_process_gives_back_the_callers_streams_and_trace(encoding):
+    # under python -u, main() put its own line-buffered stdout in sys.stdout and left it
+    # there: the caller's print(end="") waited for a newline; --trace-ioctls stayed on, into
+    # that stream; a strict stdout stayed reconfigured to backslashreplace
+    code = ("import sys\nfrom minivmm import cli, _sys\n"
+            "before = sys.stdout, sys.stderr, sys.stdout.errors\n"
+            "cli.main(['payloads', '--trace-ioctls'])\n"
+            "after = sys.stdout, sys.stderr, sys.stdout.errors\n"
+            "print('SAME' if after == before and _sys.tracer is None else after, end='')\n"
+            "import os; os._exit(0)\n")      # no final flush: a partial line must be out
+    proc = subprocess.run([sys.executable, "-u", "-c", code], capture_output=True, text=True,
+                          timeout=60, env=dict(os.environ, PYTHONIOENCODING=encoding))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.endswith("SAME"), proc.stdout[-300:]
