@@ -253,6 +253,7 @@ class Machine:
         self._kicks = threading.local()
         self._closing = False
         self._pid = None                  # the process whose start() made the vCPU threads
+        self._watchdog: threading.Thread | None = None    # start(timeout)'s, see _watch()
         nvcpus = vcpus if vcpus is not None else (self.payload.vcpus or 1)
         for name, value in (regs or {}).items():
             if name not in _REG_NAMES:    # setattr on the ctypes struct would just add it
@@ -323,6 +324,9 @@ class Machine:
         self.stop("closed")
         if self._in_vcpu_thread() or self._kicking():
             return
+        watchdog = self._watchdog
+        if watchdog is not None and watchdog is not threading.current_thread():
+            watchdog.join()     # its vCPUs are over: it returns at once
         if self.vm is not None:
             try:
                 self.vm.close()
@@ -388,7 +392,8 @@ class Machine:
         return self.wait()
 
     def start(self, timeout: float | None = None) -> None:
-        """Start the vCPU threads and return at once; wait() collects the result."""
+        """Start the vCPU threads and return at once; wait() collects the result. The
+        timeout stops the vCPUs whether or not wait() is called by then."""
         if timeout is not None:
             check_number("timeout", timeout, seconds=True)
             if not timeout >= 0:      # NaN too: it never expires
@@ -418,6 +423,20 @@ class Machine:
                                                  name=f"vcpu{st.index}", daemon=True)
                     st.kickable = True
                     st.thread.start()
+                # The timeout holds without a wait(): a start() whose caller does something
+                # else (or drops the Machine) must not leave a looping guest running past it
+                if self._deadline is not None:
+                    watchdog = threading.Thread(target=self._watch, name="vcpu-watchdog",
+                                                daemon=True)
+                    watchdog.start()
+                    self._watchdog = watchdog     # close() joins it: a started one only
+
+    def _watch(self) -> None:
+        """The timeout's thread: stops the vCPUs at the deadline, unless all end before."""
+        for st in self.states:
+            if not st.done.wait(max(self._deadline - time.monotonic(), 0)):
+                self.stop("timeout", wait=False)    # wait() or close() waits for them
+                return
 
     def expired(self) -> bool:
         """True once the timeout given to start() has passed; stops the vCPUs then."""
@@ -695,7 +714,7 @@ class Machine:
         lin = self.linear(st, rip, cs_base)
         cs_base = lin - rip                               # read once (real mode: an ioctl)
         shift = p.origin - p.load_address + cs_base       # rip + shift: a listing address
-        mem = self.vm.slot_for(lin - 1 if after else lin)
+        mem = self._vm().slot_for(lin - 1 if after else lin)
         if mem is None:
             return None, ""
         if not after:
@@ -723,7 +742,7 @@ class Machine:
         """Every instruction in guest memory that ends at rip and satisfies made_by,
         shortest first (addresses as rip's)."""
         lin = self.linear(st, rip) if lin is None else lin
-        mem = self.vm.slot_for(lin - 1)
+        mem = self._vm().slot_for(lin - 1)
         if mem is None:
             return []
         # no further back than the slot's start or (real mode) IP 0
@@ -738,7 +757,7 @@ class Machine:
         if ins is None:
             return ""                   # code the guest made elsewhere, or data
         lin = ins.address - p.origin + p.load_address
-        mem = self.vm.slot_for(lin)
+        mem = self._vm().slot_for(lin)
         if mem is None or not mem.contains(lin, ins.size) or mem.read(lin, ins.size) != ins.raw:
             return f"rewritten by the guest (line {ins.line}: {ins.text})"
         into = one.address + shift - ins.address
@@ -764,7 +783,7 @@ class Machine:
         """Up to ``n`` bytes of guest memory at this code address (fewer at a slot's end;
         none outside memory)."""
         addr = self.linear(st, address, cs_base)
-        mem = self.vm.slot_for(addr)
+        mem = self._vm().slot_for(addr)
         return mem.read(addr, min(n, mem.gpa + mem.size - addr)) if mem is not None else b""
 
     def end_at(self, st, reason, code=None, after=False, registers=False, detail=None,
@@ -912,14 +931,14 @@ class Machine:
             words = []
             for i in range(len(fields)):
                 addr = ss_base + ((regs.rsp + 2 * i) & mask)
-                mem = self.vm.slot_for(addr)
+                mem = self._vm().slot_for(addr)
                 if mem is None or not mem.contains(addr, 2):
                     return None
                 words.append(struct.unpack("<H", mem.read(addr, 2))[0])
             frame, at = dict(zip(fields, words)), ss_base + (regs.rsp & mask)
         else:
             at = regs.rsp & mask
-            mem = self.vm.slot_for(at)
+            mem = self._vm().slot_for(at)
             if mem is None or not mem.contains(at, size):
                 return None
             frame = dict(zip(fields, struct.unpack(fmt, mem.read(at, size))))

@@ -15,6 +15,7 @@ import os
 
 from . import _sys, abi
 from ._sys import KvmError, ioctl
+from .vm import _check_width
 
 _EINTR = errno.EINTR
 
@@ -166,6 +167,9 @@ class Vcpu(_sys.FdOwner):
         dbg = abi.kvm_guest_debug(control=control)
         if len(debugreg or ()) > len(dbg.arch.debugreg):
             raise ValueError(f"at most {len(dbg.arch.debugreg)} debug registers (DR0-DR7)")
+        # u64s: ctypes would keep the low bits (a breakpoint at 2**64 + a would be at a)
+        _check_width("KVM_SET_GUEST_DEBUG", [(f"debugreg[{i}]", value, 64)
+                                             for i, value in enumerate(debugreg or ())])
         for i, value in enumerate(debugreg or ()):
             dbg.arch.debugreg[i] = value
         ioctl(self.fd, abi.KVM_SET_GUEST_DEBUG, ctypes.addressof(dbg), "KVM_SET_GUEST_DEBUG")

@@ -185,6 +185,7 @@ class Vm(_sys.FdOwner):
 
     def set_identity_map_addr(self, addr: int) -> None:
         """KVM_SET_IDENTITY_MAP_ADDR: one page VMX needs (api.rst 4.40); a pointer to a u64."""
+        _check_width("KVM_SET_IDENTITY_MAP_ADDR", [("addr", addr, 64)])
         value = ctypes.c_uint64(addr)
         ioctl(self.fd, abi.KVM_SET_IDENTITY_MAP_ADDR, ctypes.addressof(value),
               "KVM_SET_IDENTITY_MAP_ADDR",

@@ -140,6 +140,8 @@ def ring_limits(kvm) -> dict:
 
 def validate_entries(entries: int, limits: dict) -> None:
     """Raise ValueError with the reason when ``entries`` is not a usable ring size."""
+    if isinstance(entries, bool) or not isinstance(entries, int):   # not a '<=' TypeError
+        raise TypeError(f"ring size must be an int, not {type(entries).__name__}")
     if entries <= 0 or entries & (entries - 1):
         raise ValueError(f"ring size {entries} is not a power of two")
     if limits["max_entries"] == 0:

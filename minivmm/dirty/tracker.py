@@ -20,7 +20,7 @@ import traceback
 import numpy as np
 
 from .. import _sys, abi
-from .._args import check_number, named
+from .._args import check_number, check_type, named
 from .._sys import KvmError
 from ..kvm import Kvm
 from ..machine import Machine, MachineError, VcpuEnd, check_vcpus
@@ -468,6 +468,10 @@ class DirtySession:
         if not isinstance(poll_interval_s, (int, float)) or not 0 < poll_interval_s < 1e9:
             raise ValueError("poll_interval_s must be a number of seconds above 0 "
                              f"(got {poll_interval_s!r})")
+        # here, not as Python's own errors from deep inside ("'<=' not supported", an
+        # AttributeError); the ring size's range is the host's (ringsize.validate_entries)
+        check_type("kvm", kvm, (Kvm, type(None)), "a minivmm Kvm or None")
+        check_number("ring_entries", ring_entries)
         # RCX = iterations, 0 looping until stopped (README, entry state); the sync tag is
         # 32 bits (EAX), so more would repeat tags
         for name, value, low, high in (("iterations", iterations, 0, MAX_ITERATIONS),
@@ -591,12 +595,14 @@ class DirtySession:
         at the barrier until the next record is asked for (step by step from Python).
         With iterations=0 records come until the timeout, or until the loop is left
         (break, close()), which stops the vCPUs."""
+        self._check_open()
         if self._started:     # its vCPUs have ended and its barrier counts are spent
             raise MachineError("this DirtySession has already run; make a new one")
         self.tracker.check_slots()     # here, not in a vCPU thread's first collection
-        self._started = True
         self._gated = gated
+        # spent only once the vCPUs run: a timeout start() refuses leaves it unused
         self.machine.start(timeout)
+        self._started = True
         reaper = None
         try:
             if self.collect_mode == "async":
