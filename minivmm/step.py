@@ -66,6 +66,11 @@ TF = 0x100                  # RFLAGS.TF, trap flag (SDM vol. 1, 3.4.3.3)
 FLAGS_SHOWN = 0x1 | 0x4 | 0x10 | 0x40 | 0x80 | 0x400 | 0x800   # CF PF AF ZF SF DF OF
 GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
         "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+# What else an instruction may change, from KVM_GET_SREGS: the segment selectors (`mov ds,
+# ax`, a far jump) and the control registers and EFER (`mov cr0, eax` entering protected
+# mode, `mov cr3`, `wrmsr`). CR2 is left out: only a fault writes it, and a fault ends.
+SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss")
+CONTROL = ("cr0", "cr3", "cr4", "efer")
 VEC_DB, VEC_BP = 1, 3
 INT3 = 0xCC
 RING_ENTRIES = 4096
@@ -460,7 +465,7 @@ class StepSession:
             self._watchdog.start()
         regs = self.vcpu.get_regs()
         self.pc = regs.rip
-        self.regs = _regs_dict(regs)
+        self.regs = self._state(regs)
         if self.bp is not None and self.bp != self.pc:
             t0 = time.perf_counter()
             self._deadline = self._step_deadline()
@@ -558,7 +563,7 @@ class StepSession:
                 regs.rax, regs.rip, regs.rsp = frame["rax"], frame["rip"], frame["rsp"]
                 regs.rflags = frame["rflags"] & ~TF
                 self._stub_answer = 1    # resume: iretq restores RFLAGS with TF set
-                return self._step(regs, "db-trap", stub_rsp=frame["_at"])
+                return self._step(regs, "db-trap", stub_rsp=frame["_at"], frame=frame)
             step = self._common_exit(reason)
             if step is not False:
                 return step
@@ -672,7 +677,8 @@ class StepSession:
         ins = found[0]
         was = self.pc
         self.pc = ins.address
-        return (f"stepping lost after {was:#x}: the guest ran untraced up to this {what} "
+        # `was` never trapped: the guest's last step (its popf, say) was the one before it
+        return (f"stepping lost from {was:#x} on: the guest ran untraced up to this {what} "
                 "(it cleared RFLAGS.TF itself?); the registers changed over all of it")
 
     def _keep_tf(self, regs) -> None:
@@ -697,18 +703,33 @@ class StepSession:
             mem.write(frame["_at"] + 8 * STUB_FRAME_FIELDS.index(name), struct.pack("<Q", value))
 
     # -- a step's record --
-    def _step(self, regs, event: str, io=None, stub_rsp=None) -> Step:
-        """The instruction at self.pc has completed; regs is the state after it."""
+    def _state(self, regs, frame: dict | None = None) -> dict:
+        """The registers a step compares: regs' general registers and RFLAGS, and the
+        vCPU's segment selectors and control registers. ``frame``: the #DB stub's, whose
+        CS and SS are the payload's (the vCPU's own are the stub's; the others it keeps)."""
+        out = _regs_dict(regs)
+        sregs = self.vcpu.get_sregs()
+        out.update({name: getattr(sregs, name).selector for name in SEGMENTS})
+        out.update({name: getattr(sregs, name) for name in CONTROL})
+        if frame is not None:
+            out["cs"], out["ss"] = frame["cs"], frame["ss"]
+        return out
+
+    def _step(self, regs, event: str, io=None, stub_rsp=None, frame=None) -> Step:
+        """The instruction at self.pc has completed; regs is the state after it (frame:
+        the #DB stub's that reported it, for in-guest stepping)."""
         addr = self.pc
-        now = _regs_dict(regs)
+        now = self._state(regs, frame)
         changed = {k: v for k, v in now.items() if self.regs.get(k) != v and k != "rflags"}
         if (now["rflags"] ^ self.regs["rflags"]) & FLAGS_SHOWN:
             changed["rflags"] = now["rflags"]
-        self.regs, self.pc = now, regs.rip
+        before, self.regs, self.pc = self.regs, now, regs.rip
         self.steps += 1
         ins, _ = self._instruction(addr)
         raw, text, line = (ins.raw, ins.text, ins.line) if ins else (b"", "(undecodable)", 0)
         step = Step(self.steps, addr, regs.rip, raw, text, line, changed, event, io)
+        if ins is not None:
+            step.note = _empty_rep(ins, before["rcx"], self.payload.mode, changed)
         if self.ring is not None:
             step.dirty, self._pending_dirty = self._pending_dirty + self._harvest(stub_rsp), []
         return step
@@ -782,6 +803,7 @@ class StepSession:
                                       debugreg)
         else:
             code.write(lin, bytes((INT3,)))
+        frame = None                     # the #BP stub's, in-guest
         while True:
             reason = self._enter()
             vcpu = self.vcpu
@@ -859,7 +881,8 @@ class StepSession:
             else:
                 self.end.detail["breakpoint"] = f"{bp:#x} never reached"
             return
-        self.pc, self.regs = regs.rip, _regs_dict(regs)   # bp, or its IP in another segment
+        # bp, or its IP in another segment; in-guest, the #BP stub's frame has CS and SS
+        self.pc, self.regs = regs.rip, self._state(regs, frame)
         if self.ring is not None:
             self.pre_break_entries += len(self._harvest())
 
@@ -938,6 +961,31 @@ def _regs_dict(regs) -> dict:
     out = {name: getattr(regs, name) for name in GPRS}
     out["rflags"] = regs.rflags & ~TF
     return out
+
+
+_PREFIXES = frozenset((0xF0, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0x66, 0x67))
+_STRING_OPS = ("movs", "stos", "lods", "outs", "ins", "cmps", "scas")
+
+
+def _empty_rep(ins, rcx: int, mode: str, changed: dict) -> str:
+    """The note for a rep-prefixed string instruction that started with its count at 0:
+    it repeats nothing and only moves RIP (SDM vol. 2, REP/REPE/REPNE), which a step
+    showing no change would otherwise leave unexplained. "" for any other."""
+    words = ins.mnemonic.split()
+    if len(words) < 2 or not words[0].startswith("rep") or not words[-1].startswith(_STRING_OPS):
+        return ""
+    # the count is CX, ECX or RCX by address size, which an 0x67 prefix changes
+    override = False
+    for b in ins.raw:
+        if b == 0x67:
+            override = True
+        elif b not in _PREFIXES and not (mode == "long" and 0x40 <= b <= 0x4F):
+            break
+    size = {"real": (16, 32), "protected": (32, 16), "long": (64, 32)}[mode][override]
+    if rcx & ((1 << size) - 1):
+        return ""
+    reg = {16: "CX", 32: "ECX", 64: "RCX"}[size]
+    return f"{reg} = 0: no repetition" + ("" if changed else ", no change")
 
 
 def _strip(info: dict) -> dict:

@@ -9,8 +9,8 @@ import pytest
 from minivmm import abi
 from minivmm.kvm import vendor_module
 from minivmm.payload import assemble_source, load
-from minivmm.step import (GUEST_DEBUG, IN_GUEST, StepError, StepSession, choose_mechanism,
-                          format_step, probe_guest_debug, resolve_break)
+from minivmm.step import (GPRS, GUEST_DEBUG, IN_GUEST, StepError, StepSession,
+                          choose_mechanism, format_step, probe_guest_debug, resolve_break)
 from minivmm.x86 import layout as L
 from tests.conftest import payload, run_cli
 from tests.kvm.conftest import kvm_resets_at_shutdown
@@ -732,6 +732,11 @@ def test_a_guest_that_clears_tf_gets_its_out_named_not_the_last_stepped_instruct
         last = steps[-1]
         assert last.event == "io-exit" and last.address == out.address
         assert last.instruction == "out 0xf4, al" and "stepping lost" in last.note
+        # from the first instruction after the popfq, which ran untraced (it said "after"
+        # that address, as if it had been stepped)
+        popf, nop = steps[-2], [i for i in p.listing if i.source == "nop"][0]
+        assert popf.instruction == "popfq" and popf.next == nop.address
+        assert last.note.startswith(f"stepping lost from {nop.address:#x} on:")
         assert s.end.reason == "exit-port" and s.end.instruction == "out 0xf4, al  ; line 10"
 
 
@@ -838,3 +843,45 @@ def test_a_guest_failure_is_one_line_on_stderr_as_run_says_it(tmp_path, json_out
         assert lines[-1]["ok"] is False         # the summary says it, as run's and dirty's do
     ok = run_cli("step", "hello_long", "--json")
     assert ok.returncode == 0 and json.loads(ok.stdout.splitlines()[-1])["ok"] is True
+
+
+def test_segment_and_control_register_changes_are_shown():
+    # `mov ds, ax`, a far jump and `mov cr0` showed no change at all: only the general
+    # registers and RFLAGS were compared
+    real = assemble_source(";! mode: real\n    mov ax, 0x2000\n    mov ds, ax\n"
+                           "    .byte 0xea\n    .word there - 0x10\n    .word 0x1001\n"
+                           "there:\n    hlt\n", "seg.asm")
+    with StepSession(real) as s:
+        steps = list(s.run())
+    assert [st.changed for st in steps[:3]] == [{"rax": 0x2000}, {"ds": 0x2000},
+                                                {"cs": 0x1001}]
+    assert "cs=0x1001" in format_step(steps[2])
+    cr = assemble_source(";! mode: long\n;! cpl: 0\n    mov rax, cr0\n    or eax, 0x40000\n"
+                         "    mov cr0, rax\n    hlt\n", "cr0.asm")
+    with StepSession(cr) as s:
+        steps = list(s.run())
+    assert steps[2].instruction == "mov cr0, rax" and steps[2].changed == {"cr0": 0x80050033}
+    # in-guest: at a step's report the vCPU is in the #DB stub, whose CS and SS are not
+    # the payload's (the frame's are); at an out's IO exit they are the payload's own
+    with StepSession("hello_long", mechanism=IN_GUEST) as s:
+        steps = list(s.run())
+    assert s.end.reason == "exit-port"
+    assert not [st for st in steps if set(st.changed) - set(GPRS) - {"rflags"}]
+
+
+@pytest.mark.parametrize("mode,count", [("real", "cx"), ("long", "rcx")])
+def test_a_rep_string_instruction_with_count_0_says_it_did_nothing(mode, count):
+    # A step at `rep outsb` that changed nothing (RCX = 0 at the start: no repetition,
+    # RIP moves past) said nothing either; steps that did repeat carry no such note
+    p = assemble_source(f";! mode: {mode}\n    mov dx, 0xe9\n    xor ecx, ecx\n"
+                        f"    rep outsb\n    mov {count}, 2\n    rep outsb\n    hlt\n", "rep0.asm")
+    with StepSession(p) as s:
+        steps = list(s.run())
+    assert s.end.reason in ("hlt", "exception") and len(bytes(s.console)) == 2
+    reps = [st for st in steps if st.instruction.startswith("rep outsb")]
+    reg = count.upper()
+    assert reps[0].changed == {} and reps[0].note == f"{reg} = 0: no repetition, no change"
+    assert f"({reg} = 0: no repetition, no change)" in format_step(reps[0])
+    for st in reps[1:]:        # each repetition; then, where RIP stayed at the rep, one more
+        assert (st.note != "") == (st.changed == {} and st.io is None), st
+    assert [st.io["size"] for st in reps if st.io] == [1, 1]
