@@ -206,6 +206,21 @@ def test_formats_json_and_junit():
     assert case.get("name") == "caps.api_version"
 
 
+def test_the_json_report_has_one_documented_shape():
+    # "skipped" was in the no-KVM document only: doc["skipped"] on a run that had KVM was a
+    # KeyError, so a consumer could not test one key to tell the two apart
+    ran = json.loads(run_cli("abi-check", "-k", "caps.api", "--format", "json").stdout)
+    skipped = json.loads(run_cli("abi-check", "--format", "json",
+                                 env={"MINIVMM_KVM_DEVICE": "/nonexistent/kvm"}).stdout)
+    assert list(ran) == list(skipped) and ran["skipped"] is None
+    doc = docs.DOC.read_text()
+    result_keys = list(ran["results"][0])
+    assert result_keys == ["n", "id", "status", "reason", "rules", "cite", "summary",
+                           "diagnostics", "seconds"]
+    assert all(f"`{k}`" in doc for k in list(ran) + result_keys + list(ran["header"])), \
+        "docs/abi-check.md must name every key of the JSON report"
+
+
 def test_list_and_unknown_pattern():
     proc = run_cli("abi-check", "--list")
     assert proc.returncode == 0 and all(i in proc.stdout for i in IDS)
