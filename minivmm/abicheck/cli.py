@@ -4,6 +4,7 @@ Not a kernel ABI mirror: the command line only; what is checked is in the checks
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 
 from . import report
@@ -50,8 +51,15 @@ def cmd_abi_check(args) -> int:
     if args.output == "":      # it would be taken as "no --output": stdout
         print("minivmm abi-check: --output needs a file name", file=sys.stderr)
         return EXIT_CANNOT_RUN
+    # KTAP goes out a check at a time, as kselftest.h line-buffers its output: a check
+    # that hangs, or a runner's timeout, leaves the plan and the results before it
+    stream = args.format == "ktap" and not args.list
+    created = args.output is not None and not os.path.lexists(args.output)
     try:   # opened before any check runs: a bad path costs nothing and is no failure
-        out = open(args.output, "w") if args.output is not None else sys.stdout
+        # a JSON or JUnit document is whole or absent: its file is emptied only when the
+        # document is ready (a Ctrl-C left an empty file over the last report)
+        out = open(args.output, "w" if stream else "a") if args.output is not None \
+            else sys.stdout
     except OSError as e:
         print(f"minivmm abi-check: cannot write --output {args.output}: {e.strerror}",
               file=sys.stderr)
@@ -77,9 +85,6 @@ def cmd_abi_check(args) -> int:
             print(f"minivmm abi-check: skipped: {e}", file=sys.stderr)
             return _write(out, report.skipped_all(args.format, str(e)), args.output) \
                 or report.KSFT_SKIP
-        # KTAP goes out a check at a time, as kselftest.h line-buffers its output: a check
-        # that hangs, or a runner's timeout, leaves the plan and the results before it
-        stream = args.format == "ktap"
         results = []
         with kvm:
             header = host_header(kvm)
@@ -100,6 +105,9 @@ def cmd_abi_check(args) -> int:
                 if stream:
                     _write(out, f"Bail out! interrupted (SIGINT) after {len(results)} of "
                            f"{len(specs)} checks\n", args.output)
+                elif created:     # no document: no file either
+                    with contextlib.suppress(OSError):
+                        os.unlink(args.output)
                 raise
         text = report.ktap_totals(results) if stream else \
             {"json": report.to_json, "junit": report.junit}[args.format](results, header)
@@ -113,6 +121,8 @@ def cmd_abi_check(args) -> int:
 def _write(out, text: str, name: str | None) -> int | None:
     """Write the report; EXIT_CANNOT_RUN (not 1, a failed check) if it cannot be."""
     try:
+        if getattr(out, "mode", "") == "a" and out.seekable():    # the whole document, over the last one
+            out.truncate(0)
         out.write(text)
         out.flush()
     except OSError as e:

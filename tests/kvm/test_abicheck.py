@@ -558,3 +558,35 @@ def test_readonly_bitmap_check_sees_an_applied_write(kvm, monkeypatch):
     monkeypatch.setattr(ctxmod.Ctx, "run_to_port", run_to_port)
     res = runner.run_one(spec, kvm)
     assert res.status == "fail" and "not applied" in res.reason, (res.status, res.reason)
+
+
+@pytest.mark.parametrize("fmt", ["json", "junit"])
+def test_ctrl_c_leaves_no_half_document(tmp_path, fmt):
+    # a JSON or JUnit report is written whole at the end: a Ctrl-C before then left an empty
+    # --output file, over the report a CI had from the last run
+    import signal
+    import subprocess
+    import sys
+    from tests.conftest import ROOT
+    kept, fresh = tmp_path / f"last.{fmt}", tmp_path / f"new.{fmt}"
+    kept.write_text("the last report\n")
+    for path in (kept, fresh):
+        proc = subprocess.Popen([sys.executable, "-m", "minivmm", "abi-check", "--format", fmt,
+                                 "--output", str(path), "--trace-ioctls"], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        vms = 0
+        for line in proc.stderr:      # interrupt once a few checks have made their VMs
+            vms += "KVM_CREATE_VM" in line
+            if vms == 5:
+                proc.send_signal(signal.SIGINT)
+                break
+        proc.stderr.read()
+        assert proc.wait(timeout=30) == 130
+        proc.stderr.close()
+    assert kept.read_text() == "the last report\n"
+    assert not fresh.exists()
+    # and a finished run still replaces the old report with the whole new one
+    assert run_cli("abi-check", "-k", "caps.api", "--format", fmt,
+                   "--output", str(kept)).returncode == 0
+    text = kept.read_text()
+    assert "the last report" not in text and "caps.api_version" in text
