@@ -611,6 +611,10 @@ def _install_ioctl_trace(args) -> None:
 # terminal that went away, a stdout opened read-only (1</dev/null). Reported in one line,
 # never as a traceback.
 _OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EBADF)
+# errnos of the host running out: processes or threads (EAGAIN: ulimit -u, -v), open files
+# (ulimit -n: a module imported mid-run, a file opened), memory. A failure of the run, said
+# in one line, as MemoryError is
+_LIMIT_ERRNOS = (errno.EAGAIN, errno.EMFILE, errno.ENFILE, errno.ENOMEM)
 
 
 def _prepare_streams() -> None:
@@ -751,6 +755,10 @@ def _main(argv) -> int:
         _discard_failed()
         return EXIT_OK
     except OSError as e:
+        if e.errno in _LIMIT_ERRNOS:
+            where = f": {e.filename}" if e.filename is not None else ""
+            _say(f"minivmm: {e.strerror}{where}")
+            return EXIT_GUEST_FAILED
         if e.errno not in _OUTPUT_ERRNOS or e.filename is not None:
             raise
         # stdout's, or stderr's alone (2>/dev/full): the other stream's output is still due
@@ -761,7 +769,8 @@ def _main(argv) -> int:
     except MemoryError as e:
         # the host refused guest memory (GuestMemory names the slot: the system slot's is
         # no option's fault), or Python itself ran out: a failure of the run, not of input
-        _say(f"minivmm: {e or 'out of memory'}")
+        # (an exception is true even when its text is empty: numpy raises MemoryError())
+        _say(f"minivmm: {str(e) or 'out of memory'}")
         return EXIT_GUEST_FAILED
     except RuntimeError as e:
         if interrupted(e):                 # a Ctrl-C while a module loaded (Python 3.11)

@@ -9,6 +9,7 @@ members, and ``immediate_exit`` plus a signal to kick a vCPU out of KVM_RUN
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import signal
 import struct
@@ -417,19 +418,38 @@ class Machine:
             # program's SIGUSR1 handler instead of stopping KVM_RUN. Ctrl-C is held back
             # until every thread runs: a thread made but not started never ends, and
             # stop() (close()) would wait for it for ever
+            failed = None
             with _sys.fd_creation(), _sys.signals_held():
                 for st in self.states:
                     st.thread = threading.Thread(target=self._vcpu_thread, args=(st,),
                                                  name=f"vcpu{st.index}", daemon=True)
                     st.kickable = True
-                    st.thread.start()
-                # The timeout holds without a wait(): a start() whose caller does something
-                # else (or drops the Machine) must not leave a looping guest running past it
-                if self._deadline is not None:
+                    try:
+                        st.thread.start()
+                    except RuntimeError as e:
+                        failed, at = thread_error(f"the thread of vCPU {st.index}", e), st.index
+                        break
+                if failed is not None:
+                    # No thread will ever end this vCPU or the ones after it: stop() and
+                    # wait() waited for them for ever. They end here, unrun
+                    for st in self.states[at:]:
+                        st.thread, st.kickable = None, False
+                        st.end = VcpuEnd("host-error", detail={"error": str(failed)})
+                        st.done.set()
+                elif self._deadline is not None:
+                    # The timeout holds without a wait(): a start() whose caller does
+                    # something else (or drops the Machine) must not leave a looping guest
+                    # running past it
                     watchdog = threading.Thread(target=self._watch, name="vcpu-watchdog",
                                                 daemon=True)
-                    watchdog.start()
-                    self._watchdog = watchdog     # close() joins it: a started one only
+                    try:
+                        watchdog.start()
+                        self._watchdog = watchdog     # close() joins it: a started one only
+                    except RuntimeError as e:
+                        failed = thread_error("the vCPUs' timeout thread", e)
+        if failed is not None:
+            self.stop("stopped")    # the vCPUs already running (outside the lock: a
+            raise failed            # callback's own stop() takes it)
 
     def _watch(self) -> None:
         """The timeout's thread: stops the vCPUs at the deadline, unless all end before."""
@@ -1171,6 +1191,14 @@ def _int_operand(op_str: str) -> int | None:
         return int(op_str, 0)
     except ValueError:
         return None
+
+
+def thread_error(what: str, error: RuntimeError) -> OSError:
+    """The error for a thread that could not be started: threading says only "can't start
+    new thread" (a RuntimeError) where pthread_create() failed with EAGAIN."""
+    return OSError(errno.EAGAIN, f"cannot start {what} ({error}): the host refused a new "
+                   "thread (too many processes for RLIMIT_NPROC, ulimit -u, or no memory "
+                   "for its stack, ulimit -v)")
 
 
 def _forward_to_main_thread(sig: int) -> None:

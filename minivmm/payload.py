@@ -685,7 +685,14 @@ def _assemble_with_watchdog(source, mode, origin, stmts, name) -> tuple:
     LISTING_S_PER_LINE for each statement)."""
     limit = ASSEMBLE_TIMEOUT_S + LISTING_S_PER_LINE * len(stmts)
     rfd, wfd = os.pipe()
-    pid = _sys.fork_child()
+    try:
+        pid = _sys.fork_child()
+    except OSError as e:    # EAGAIN: RLIMIT_NPROC; ENOMEM
+        os.close(rfd)
+        os.close(wfd)
+        raise OSError(e.errno, f"{name}: cannot fork the assembler's process: {e.strerror} "
+                      "(too many processes for RLIMIT_NPROC, ulimit -u, or no memory)"
+                      ) from None
     if pid == 0:  # child
         try:
             os.close(rfd)

@@ -4,6 +4,7 @@ Not a kernel ABI mirror: the command line only; what is checked is in the checks
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 
@@ -11,6 +12,9 @@ from . import report
 from .runner import host_header, load_checks, pattern_error, run_one, select
 
 EXIT_CANNOT_RUN = 2
+# open(/dev/kvm) errnos that mean this machine has no KVM for us: no node (ENOENT), no
+# permission, or a node with no driver behind it (ENXIO, ENODEV: the module not loaded)
+_NO_KVM_ERRNOS = (errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENXIO, errno.ENODEV)
 
 
 def register(sub, common) -> None:
@@ -76,7 +80,9 @@ def cmd_abi_check(args) -> int:
         try:
             kvm = Kvm()
         except KvmUnavailable as e:
-            if not e.call.startswith("open "):   # a device that is not KVM's: misconfigured
+            # a device that is not KVM's (a directory, a symlink loop...), or no fd left:
+            # misconfigured, not a machine without KVM
+            if not e.call.startswith("open ") or e.errno not in _NO_KVM_ERRNOS:
                 print(f"minivmm abi-check: cannot run: {e}", file=sys.stderr)
                 return EXIT_CANNOT_RUN
             # No KVM here (no device, no permission): the kernel's KVM selftests skip then

@@ -23,7 +23,7 @@ from .. import _sys, abi
 from .._args import check_number, check_type, named
 from .._sys import KvmError
 from ..kvm import Kvm
-from ..machine import Machine, MachineError, VcpuEnd, check_vcpus
+from ..machine import Machine, MachineError, VcpuEnd, check_vcpus, thread_error
 from ..payload import Payload, load
 from ..x86 import layout as L
 from .bitmap import SlotBitmap, enable_manual_protect, popcount
@@ -609,9 +609,12 @@ class DirtySession:
                 # Ctrl-C held back until it runs: close() joins it, and a thread made but
                 # not started cannot be joined (RuntimeError in the interrupt's place)
                 with _sys.fd_creation():
-                    reaper = self._reaper = threading.Thread(target=self._reap,
-                                                             name="reaper", daemon=True)
-                    reaper.start()
+                    thread = threading.Thread(target=self._reap, name="reaper", daemon=True)
+                    try:
+                        thread.start()
+                    except RuntimeError as e:   # kept: joining it raised in this one's place
+                        raise thread_error("the dirty-ring reaper thread", e) from None
+                    reaper = self._reaper = thread
             while True:
                 try:
                     item = self._queue.get(timeout=0.1)

@@ -255,6 +255,21 @@ def test_a_device_that_is_not_kvm_cannot_run():
     assert "KVM_GET_API_VERSION" in line and "ENOTTY" in line and "/dev/null" in line
 
 
+@pytest.mark.parametrize("kind", ["directory", "symlink loop"])
+def test_a_device_path_that_is_no_device_cannot_run(tmp_path, kind):
+    # open() failing with EISDIR or ELOOP was "skipped" (status 4), as on a machine with no
+    # KVM: a fleet runner counted a misconfigured MINIVMM_KVM_DEVICE as a skip
+    path = tmp_path / "kvm"
+    if kind == "directory":
+        path.mkdir()
+    else:
+        path.symlink_to(path)
+    proc = run_cli("abi-check", "-k", "caps.api", env={"MINIVMM_KVM_DEVICE": str(path)})
+    assert proc.returncode == 2 and proc.stdout == ""
+    line, = proc.stderr.strip().splitlines()
+    assert line.startswith(f"minivmm abi-check: cannot run: open {path} failed: "), line
+
+
 def test_an_unwritable_output_is_refused_before_any_check(tmp_path):
     bad = tmp_path / "no-such-dir" / "report.xml"
     proc = run_cli("abi-check", "--output", str(bad), "--trace-ioctls")

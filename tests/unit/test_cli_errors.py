@@ -420,3 +420,35 @@ def test_main_in_process_gives_back_the_callers_streams_and_trace(encoding):
                           timeout=60, env=dict(os.environ, PYTHONIOENCODING=encoding))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.endswith("SAME"), proc.stdout[-300:]
+
+
+def test_a_memory_error_without_a_message_still_says_what_ran_out(monkeypatch, capsys):
+    # numpy raises a bare MemoryError() (np.unique under `ulimit -v`, found with
+    # `minivmm dirty --pages 131072 --tracker bitmap`): the line was "minivmm: " and nothing
+    from minivmm import payload as P
+
+    def exhausted(*args, **kwargs):
+        raise MemoryError()
+    monkeypatch.setattr(P, "list_payloads", exhausted)
+    assert cli.main(["payloads"]) == 1
+    assert capsys.readouterr().err == "minivmm: out of memory\n"
+
+
+@pytest.mark.parametrize("err, filename, expected", [
+    # `ulimit -n 30; minivmm dirty --vcpus 8`: the VM's fds left none for numpy's lazy
+    # import of numpy.ma inside np.unique, and the OSError was a traceback
+    (errno.EMFILE, "/venv/numpy/ma/__init__.py",
+     "minivmm: Too many open files: /venv/numpy/ma/__init__.py"),
+    (errno.EAGAIN, None, "minivmm: cannot start what was asked"),
+])
+def test_the_host_running_out_is_one_line_with_status_1(monkeypatch, capsys, err, filename,
+                                                        expected):
+    from minivmm import payload as P
+
+    def exhausted(*args, **kwargs):
+        if filename is None:
+            raise OSError(err, "cannot start what was asked")
+        raise OSError(err, os.strerror(err), filename)
+    monkeypatch.setattr(P, "list_payloads", exhausted)
+    assert cli.main(["payloads"]) == 1
+    assert capsys.readouterr().err == expected + "\n"

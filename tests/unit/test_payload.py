@@ -1,5 +1,6 @@
 """Payload headers, assembly errors, the keystone watchdog and the listing (no KVM needed)."""
 import contextlib
+import errno
 import os
 import re
 import signal
@@ -851,3 +852,28 @@ def test_an_unterminated_string_is_refused_on_its_line():
             asm(f"nop\n{line}\nhlt\n")
         assert str(e.value).startswith("t.asm:3: unterminated string in "), str(e.value)
     assert time.monotonic() - t0 < 3
+
+
+def test_an_assembler_the_host_cannot_fork_is_a_clear_error_and_leaks_no_pipe(monkeypatch,
+                                                                              tmp_path, capsys):
+    # os.fork() refused (RLIMIT_NPROC, as a non-root user under `prlimit --nproc=1`): a
+    # BlockingIOError traceback, and the two ends of the pipe to the child were left open
+    from minivmm import cli
+
+    def refused():
+        raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+    monkeypatch.setattr(os, "fork", refused)
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError) as e:
+        asm("mov eax, 12345\nhlt\n")        # a source no earlier test put in the cache
+    assert e.value.errno == errno.EAGAIN
+    assert "t.asm: cannot fork the assembler's process" in str(e.value)
+    assert "RLIMIT_NPROC" in str(e.value)
+    assert len(os.listdir("/proc/self/fd")) == fds
+    src = tmp_path / "fresh.asm"
+    src.write_text(";! mode: long\nmov eax, 54321\nhlt\n")
+    assert cli.main(["disasm", str(src)]) == 1
+    out = capsys.readouterr()
+    line, = out.err.strip().splitlines()
+    assert line.startswith(f"minivmm: {src}: cannot fork the assembler's process: "), line
+    assert out.out == ""
