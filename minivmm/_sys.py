@@ -222,7 +222,8 @@ _ARG_LIMIT = 2 ** 64
 
 def _check_arg(arg, name: str) -> None:
     """Raise the TypeError or ValueError for an ioctl argument that is not a u64."""
-    if not isinstance(arg, int):
+    # a bool too: a cap, a vCPU id or an address given True is a mistake, not a 1 (README)
+    if isinstance(arg, bool) or not isinstance(arg, int):
         raise TypeError(f"{name}: the argument must be an int, not {type(arg).__name__}")
     if not 0 <= arg < _ARG_LIMIT:
         raise ValueError(f"{name}: the argument {arg} does not fit in 64 bits unsigned")

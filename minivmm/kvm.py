@@ -12,6 +12,7 @@ import os
 from typing import TYPE_CHECKING
 
 from . import _sys, abi
+from ._args import check_number, named
 from ._sys import KvmError, KvmUnavailable, ioctl
 
 if TYPE_CHECKING:
@@ -100,6 +101,8 @@ class Kvm(_sys.FdOwner):
 
     def get_supported_cpuid(self, max_entries: int = 256) -> ctypes.Structure:
         """KVM_GET_SUPPORTED_CPUID: the CPUID leaves KVM can offer (api.rst 4.46). Cached."""
+        # a u32 (nent); -1 was ctypes' "Array length must be >= 0", 0 KVM's E2BIG
+        check_number("max_entries", max_entries, 1, 2 ** 32 - 1)
         if self._cpuid is None:
             buf = abi.cpuid2_type(max_entries)()
             buf.nent = max_entries
@@ -122,6 +125,19 @@ class Kvm(_sys.FdOwner):
 
     # -- conveniences built on the above --
     def caps(self, names=None) -> dict:
-        """A {name: value} table of capabilities."""
-        names = names or sorted(abi.CAP_NAMES.values())
+        """A {name: value} table of capabilities: ``names`` (KVM_CAP_* names, e.g.
+        ["KVM_CAP_DIRTY_LOG_RING"]), or every one minivmm knows (None)."""
+        if names is None:
+            names = sorted(abi.CAP_NAMES.values())
+        elif isinstance(names, str) or not hasattr(names, "__iter__"):
+            # a str was taken letter by letter ("no attribute 'K'")
+            raise named(TypeError("names must be a list of KVM_CAP_* names, not "
+                                  f"{type(names).__name__}"), "names")
+        names = list(names)
+        for n in names:
+            # not an AttributeError from abi, nor another constant (KVM_RUN) asked as a cap
+            if not (isinstance(n, str) and n.startswith("KVM_CAP_")
+                    and isinstance(getattr(abi, n, None), int)):
+                raise named(ValueError(f"names: no capability named {n!r} (one of "
+                                       "minivmm.abi.CAP_NAMES)"), "names")
         return {n: self.check_extension(getattr(abi, n)) for n in names}

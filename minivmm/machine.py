@@ -161,6 +161,7 @@ class VcpuState:
         # Set when the thread's loop is over. Waiting on it, not on Thread.join, because
         # on Python 3.11 a Ctrl-C inside join() can mark a live thread as stopped.
         self.done = threading.Event()
+        self.ended_at: float | None = None    # time.monotonic() as the thread was over
         self.stop_reason: str | None = None   # set by the host to kick the vCPU out
         # True while `thread` may be signalled: cleared under kick_lock as the thread ends,
         # so that no kick reaches its id once it is gone (pthread_kill on an exited thread
@@ -180,7 +181,8 @@ class VcpuState:
 @dataclasses.dataclass
 class RunResult:
     """What a Machine run left: the payload, each vCPU's VcpuState (console, exit counts,
-    end) and the wall time. It holds the live vCPUs, so it cannot be pickled: to pass a
+    end) and the wall time from start() until the last vCPU ended (``elapsed_s``, not
+    until wait() was called). It holds the live vCPUs, so it cannot be pickled: to pass a
     result to another process (multiprocessing, a file), send ``to_dict()``, plain values
     that json and pickle both take."""
     payload: Payload
@@ -256,6 +258,13 @@ class Machine:
         self._pid = None                  # the process whose start() made the vCPU threads
         self._watchdog: threading.Thread | None = None    # start(timeout)'s, see _watch()
         nvcpus = vcpus if vcpus is not None else (self.payload.vcpus or 1)
+        # not an AttributeError on .items(), nor "'int' object is not callable" once the VM
+        # is half made
+        check_type("regs", regs, (dict, type(None)), "a dict of register values or None")
+        for name, hook in (("before_vcpus", before_vcpus), ("on_vcpu", on_vcpu)):
+            if hook is not None and not callable(hook):
+                raise named(TypeError(f"{name} must be callable or None, not "
+                                      f"{type(hook).__name__}"), name)
         for name, value in (regs or {}).items():
             if name not in _REG_NAMES:    # setattr on the ctypes struct would just add it
                 raise MachineError(f"no register named {name!r} (one of "
@@ -367,6 +376,9 @@ class Machine:
         The format is documented in benchmarks/native/IMAGE_FORMAT.md; it lets a small
         C program run exactly the guest bytes and entry state this Machine would run.
         """
+        # open() takes an int as a file descriptor: dump_image(5) wrote into the vCPU's fd
+        # and closed it (KVM_RUN then failed with EBADF), True wrote to stdout and closed it
+        check_type("path", path, (str, bytes, os.PathLike), "a file path (str or PathLike)")
         vm = self._vm()
         out = [b"MVMMIMG1", struct.pack("<IQQI", 2, *self.vmx_pages, len(vm.memory))]
         for slot, mem in sorted(self.vm.memory.items()):
@@ -454,9 +466,15 @@ class Machine:
     def _watch(self) -> None:
         """The timeout's thread: stops the vCPUs at the deadline, unless all end before."""
         for st in self.states:
-            if not st.done.wait(max(self._deadline - time.monotonic(), 0)):
-                self.stop("timeout", wait=False)    # wait() or close() waits for them
-                return
+            while True:
+                left = self._deadline - time.monotonic()
+                if left <= 0:
+                    self.stop("timeout", wait=False)    # wait() or close() waits for them
+                    return
+                # in slices: a timeout of inf or 1e300 (accepted: a number of seconds) made
+                # Event.wait() raise OverflowError and the thread die with a traceback
+                if st.done.wait(min(left, 3600)):
+                    break
 
     def expired(self) -> bool:
         """True once the timeout given to start() has passed; stops the vCPUs then."""
@@ -487,7 +505,11 @@ class Machine:
             raise
         finally:
             self.stop("stopped")
-        return RunResult(self.payload, self.states, time.monotonic() - self._start)
+        # until the last vCPU ended, not until this call: a wait() made late (start(),
+        # other work, then wait()) would count the time the caller spent elsewhere
+        ends = [st.ended_at for st in self.states if st.ended_at is not None]
+        end = max(ends) if len(ends) == len(self.states) else time.monotonic()
+        return RunResult(self.payload, self.states, end - self._start)
 
     def stop(self, reason: str = "stopped", wait: bool = True) -> None:
         """Kick every running vCPU out of KVM_RUN and (``wait``) wait until its thread is
@@ -597,6 +619,7 @@ class Machine:
             finally:
                 with st.kick_lock:      # no kick for this thread's id from now on
                     st.kickable = False
+                st.ended_at = time.monotonic()
                 st.done.set()
 
     def _vcpu_loop(self, st: VcpuState) -> None:

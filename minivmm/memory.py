@@ -9,10 +9,23 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import operator
 
 from . import _sys
+from ._args import check_number, named
 
 PAGE_SIZE = 4096
+
+
+def _index(name: str, value) -> int:
+    """An int, or an integer numpy scalar (a page of a DirtyRecord's data_pages): not a
+    str or float, which failed as Python's own comparison or slice errors, nor a bool,
+    which read at address 1."""
+    if value.__class__ is int:
+        return value
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        check_number(name, value)       # raises the TypeError naming the argument
+    return operator.index(value)
 
 
 class GuestMemory:
@@ -48,6 +61,7 @@ class GuestMemory:
         return self.size // PAGE_SIZE
 
     def contains(self, gpa: int, length: int = 1) -> bool:
+        gpa, length = _index("gpa", gpa), _index("length", length)
         if self.map is None:
             # not only a VM's close(): close() itself and Vm.remove_memory() unmap too
             raise ValueError(f"{self.name} is closed: its mapping was released (close(), "
@@ -55,13 +69,20 @@ class GuestMemory:
         return length >= 0 and self.gpa <= gpa and gpa + length <= self.gpa + self.size
 
     def write(self, gpa: int, data: bytes) -> None:
-        data = memoryview(data).cast("B")    # a byte count, whatever the item size
+        gpa = _index("gpa", gpa)
+        try:
+            view = memoryview(data)
+        except TypeError:
+            raise named(TypeError(f"data must be a bytes-like object, not "
+                                  f"{type(data).__name__}"), "data") from None
+        data = view.cast("B")    # a byte count, whatever the item size
         off = gpa - self.gpa
         if not self.contains(gpa, len(data)):
             raise ValueError(f"write of {len(data)} bytes at {gpa:#x} outside {self.name}")
         self.map[off:off + len(data)] = data
 
     def read(self, gpa: int, length: int) -> bytes:
+        gpa, length = _index("gpa", gpa), _index("length", length)
         if not self.contains(gpa, length):
             raise ValueError(f"read of {length} bytes at {gpa:#x} outside {self.name}")
         off = gpa - self.gpa

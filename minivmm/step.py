@@ -33,6 +33,7 @@ KVM_EXIT_DEBUG in the payload (on kvm_pvm the #DB lands in the guest's stub inst
 from __future__ import annotations
 
 import dataclasses
+import re
 import signal
 import struct
 import sys
@@ -218,10 +219,17 @@ def _check_forced_break(payload: Payload, bp: int, kvm: Kvm | None) -> None:
 
 # -- breakpoints --
 
+# What --break takes, as the CLI's counts do (cli._integer): an address in decimal, or hex
+# after 0x, and a line number in decimal, ASCII digits only. int(text, 0) also took 0o, 0b,
+# 1_0 and any script's digits (an Arabic-Indic line:١٢ was line 12), none of which is said
+_ADDRESS = re.compile(r"-?(?:0[xX][0-9a-fA-F]+|[0-9]+)")
+_LINE_NUMBER = re.compile(r"[0-9]+")
+
+
 def resolve_break(payload: Payload, text: str | int) -> int:
-    """An address (an int, or a string in hex or decimal), ``line:N``, or a label of the
-    payload, to the address of an instruction in its listing (payload address space: IP in
-    real mode)."""
+    """An address (an int, or a string in decimal, or hex after 0x), ``line:N`` (N in
+    decimal), or a label of the payload, to the address of an instruction in its listing
+    (payload address space: IP in real mode)."""
     if isinstance(text, bool) or not isinstance(text, (str, int)):
         raise named(TypeError("breakpoint must be an address (int or str), line:N or a "
                               f"label, not {type(text).__name__}"), "breakpoint")
@@ -231,18 +239,24 @@ def resolve_break(payload: Payload, text: str | int) -> int:
     starts = {ins.address: ins for ins in payload.listing}
     if text.lower().startswith("line:"):
         try:
+            if not _LINE_NUMBER.fullmatch(text[5:]):
+                raise ValueError
             no = int(text[5:], 10)
-        except ValueError:
-            raise named(StepError(f"breakpoint {text}: expected line:N with N a line number"),
-                        "breakpoint") from None
+        except ValueError:      # past int()'s 4300 digits too
+            raise named(StepError(f"breakpoint {text}: expected line:N with N a line number "
+                                  "(decimal)"), "breakpoint") from None
         for ins in payload.listing:
             if ins.line == no:
                 return ins.address
         raise named(StepError(f"breakpoint {text}: line {no} of {payload.path} holds no "
                               "instruction"), "breakpoint")
-    try:
-        addr = int(text, 0)
-    except ValueError:
+    if _ADDRESS.fullmatch(text):
+        try:
+            addr = int(text, 0)
+        except ValueError:      # a leading 0 (octal or decimal?), or past 4300 digits
+            raise named(StepError(f"breakpoint {text}: not an address: decimal without a "
+                                  "leading 0, or hex after 0x"), "breakpoint") from None
+    else:
         addr = _label_address(payload, text)
     if addr not in starts:
         first, last = payload.listing[0], payload.listing[-1]
@@ -259,8 +273,9 @@ def _label_address(payload: Payload, name: str) -> int:
     labels = payload.labels
     if name not in labels:
         shown = ", ".join(sorted(labels)) or "none"
-        raise named(StepError(f"breakpoint {name}: not a number, line:N, or a label of "
-                              f"{payload.name} (labels: {shown})"), "breakpoint")
+        raise named(StepError(f"breakpoint {name}: not a number (decimal, or hex after 0x), "
+                              f"line:N, or a label of {payload.name} (labels: {shown})"),
+                    "breakpoint")
     for ins in payload.listing:          # the first instruction at or after the label
         if ins.address >= labels[name]:
             return ins.address
@@ -1155,7 +1170,7 @@ def register(subparsers, common) -> None:
                    "guest ends)")
     p.add_argument("--break", dest="breakpoint", metavar="ADDR",
                    help="run freely up to this instruction, then step from it: an address "
-                   "(0x10014), line:N, or a label")
+                   "(decimal, or hex after 0x: 0x10014), line:N, or a label")
     p.add_argument("--mechanism", choices=MECHANISMS, default="auto",
                    help="how to step (default auto: probe whether KVM guest debug can step "
                    "this code on this host, else step inside the guest)")

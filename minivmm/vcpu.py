@@ -14,6 +14,7 @@ import errno
 import os
 
 from . import _sys, abi
+from ._args import named
 from ._sys import KvmError, ioctl
 from .vm import _check_width
 
@@ -150,8 +151,15 @@ class Vcpu(_sys.FdOwner):
         if signals is None:
             ioctl(self.fd, abi.KVM_SET_SIGNAL_MASK, 0, "KVM_SET_SIGNAL_MASK")
             return
+        if isinstance(signals, (str, bytes)) or not hasattr(signals, "__iter__"):
+            raise named(TypeError("signals must be a list of signal numbers or None, not "
+                                  f"{type(signals).__name__}"), "signals")
         blocked = (1 << 64) - 1
         for sig in signals:
+            # int() took 1.5 as signal 1 and '10' as 10, and True is no signal number
+            if isinstance(sig, bool) or not isinstance(sig, int):
+                raise named(TypeError("signals must hold signal numbers (ints, or "
+                                      f"signal.Signals), not {type(sig).__name__}"), "signals")
             if not 1 <= int(sig) <= 64:        # a larger one was silently dropped
                 raise ValueError(f"KVM_SET_SIGNAL_MASK: no signal {sig} (1-64)")
             blocked &= ~(1 << (int(sig) - 1))
@@ -161,9 +169,7 @@ class Vcpu(_sys.FdOwner):
 
     def set_guest_debug(self, control: int, debugreg=None) -> None:
         """KVM_SET_GUEST_DEBUG: single-step and breakpoints (api.rst 4.87)."""
-        if not isinstance(control, int) or not 0 <= control < 1 << 32:   # a u32 field
-            raise ValueError(f"KVM_SET_GUEST_DEBUG: control {control!r} does not fit in 32 "
-                             "bits unsigned")
+        _check_width("KVM_SET_GUEST_DEBUG", [("control", control, 32)])   # a u32 field
         dbg = abi.kvm_guest_debug(control=control)
         if len(debugreg or ()) > len(dbg.arch.debugreg):
             raise ValueError(f"at most {len(dbg.arch.debugreg)} debug registers (DR0-DR7)")

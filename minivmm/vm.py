@@ -14,7 +14,7 @@ import errno
 from . import _sys, abi
 from ._args import check_number
 from ._sys import ioctl
-from .memory import GuestMemory
+from .memory import GuestMemory, _index
 
 # Made once: the reset runs at every ring-full exit
 _RESET_HINTS = {errno.EINVAL: "the dirty ring is not enabled on this VM"}
@@ -29,7 +29,9 @@ def _check_width(name: str, fields) -> None:
     """Each (what, value, bits) an int that fits its C field: ctypes would keep the low
     bits without a word (a slot 2**32 becomes slot 0)."""
     for what, value, bits in fields:
-        if not isinstance(value, int):
+        # a bool too: Python counts True as 1, but a slot, a cap or an address given
+        # True is a mistake (README: a bool is refused where an id or a number is asked)
+        if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name}: {what} must be an int, not {type(value).__name__}")
         if not 0 <= value < 1 << bits:
             raise ValueError(f"{name}: {what} {value} does not fit in {bits} bits unsigned")
@@ -140,7 +142,10 @@ class Vm(_sys.FdOwner):
 
     def get_dirty_log(self, slot: int, bitmap_addr: int) -> None:
         """KVM_GET_DIRTY_LOG: copy the slot's dirty bitmap to bitmap_addr (api.rst 4.8)."""
-        if not (0 <= slot < _U32 and 0 <= bitmap_addr < _U64):   # cheap, at every collection
+        # cheap, at every collection; the class test first: a str failed the comparison
+        # as Python's own TypeError, a float passed it and failed inside ctypes
+        if not (slot.__class__ is int and bitmap_addr.__class__ is int
+                and 0 <= slot < _U32 and 0 <= bitmap_addr < _U64):
             _check_width("KVM_GET_DIRTY_LOG", [("slot", slot, 32),
                                                ("dirty_bitmap", bitmap_addr, 64)])
         arg = abi.kvm_dirty_log(slot=slot, dirty_bitmap=bitmap_addr)
@@ -152,7 +157,9 @@ class Vm(_sys.FdOwner):
     def clear_dirty_log(self, slot: int, first_page: int, num_pages: int,
                         bitmap_addr: int) -> None:
         """KVM_CLEAR_DIRTY_LOG: re-protect the pages whose bits are set (api.rst 4.117)."""
-        if not (0 <= slot < _U32 and 0 <= num_pages < _U32 and 0 <= first_page < _U64
+        if not (slot.__class__ is int and num_pages.__class__ is int
+                and first_page.__class__ is int and bitmap_addr.__class__ is int
+                and 0 <= slot < _U32 and 0 <= num_pages < _U32 and 0 <= first_page < _U64
                 and 0 <= bitmap_addr < _U64):
             _check_width("KVM_CLEAR_DIRTY_LOG",
                          [("slot", slot, 32), ("num_pages", num_pages, 32),
@@ -195,6 +202,7 @@ class Vm(_sys.FdOwner):
     def add_memory(self, slot: int, gpa: int, size: int, flags: int = 0,
                    name: str = "") -> GuestMemory:
         """Map anonymous memory and register it as a slot. The VM owns and frees it."""
+        check_number("slot", slot)      # not a '<=' TypeError, nor a slot True
         if not 0 <= slot < 1 << 16:     # the u32 slot's low half; the high half is as_id
             raise ValueError(f"slot {slot} is out of range (0..65535, at most "
                              "KVM_CAP_NR_MEMSLOTS of them)")
@@ -213,6 +221,7 @@ class Vm(_sys.FdOwner):
     def remove_memory(self, slot: int) -> None:
         """Delete a slot add_memory() made (KVM_SET_USER_MEMORY_REGION, size 0) and free
         its memory; its id may then be given to add_memory() again."""
+        check_number("slot", slot)      # a str '0' was "slot 0 holds no memory"
         mem = self.memory.get(slot)
         if mem is None:
             raise ValueError(f"slot {slot} holds no memory of add_memory()")
@@ -221,6 +230,8 @@ class Vm(_sys.FdOwner):
         mem.close()
 
     def slot_for(self, gpa: int) -> GuestMemory | None:
+        """The slot add_memory() made that holds guest-physical address ``gpa``, or None."""
+        gpa = _index("gpa", gpa)        # a float fell inside a slot, a str failed '<='
         for mem in self.memory.values():
             if mem.contains(gpa):
                 return mem

@@ -465,12 +465,20 @@ class DirtySession:
         if isinstance(tracker, Tracker) and tracker.used:
             raise ValueError(f"this {tracker.name} tracker served another DirtySession "
                              "already; make a new one")
-        if not isinstance(poll_interval_s, (int, float)) or not 0 < poll_interval_s < 1e9:
-            raise ValueError("poll_interval_s must be a number of seconds above 0 "
-                             f"(got {poll_interval_s!r})")
+        # a TypeError for a str, and True refused, as every other number of seconds is
+        check_number("poll_interval_s", poll_interval_s, seconds=True)
+        if not 0 < poll_interval_s < 1e9:
+            raise named(ValueError("poll_interval_s must be a number of seconds above 0 "
+                                   f"and below 1e9 (got {poll_interval_s!r})"),
+                        "poll_interval_s")
         # here, not as Python's own errors from deep inside ("'<=' not supported", an
         # AttributeError); the ring size's range is the host's (ringsize.validate_entries)
         check_type("kvm", kvm, (Kvm, type(None)), "a minivmm Kvm or None")
+        # as StepSession's dirty: a verify="no" was true, and verified
+        for name, flag in (("manual_protect", manual_protect), ("initially_set", initially_set),
+                           ("force_no_ring", force_no_ring), ("show_ring", show_ring),
+                           ("verify", verify)):
+            check_type(name, flag, bool, "True or False")
         check_number("ring_entries", ring_entries)
         # RCX = iterations, 0 looping until stopped (README, entry state); the sync tag is
         # 32 bits (EAX), so more would repeat tags

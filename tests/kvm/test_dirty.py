@@ -642,8 +642,9 @@ def test_a_tracker_serves_one_session_and_the_poll_interval_is_checked():
     # its rings are the closed VM's: a CollectionError about a released memoryview before
     with pytest.raises(ValueError, match="served another DirtySession"):
         DirtySession(payload("dirty_seq"), tracker=tracker, vcpus=1, pages=8)
-    for bad in ("0.01", None, 0, float("nan")):      # killed or stalled the reaper thread
-        with pytest.raises(ValueError, match="poll_interval_s"):
+    for bad, error in (("0.01", TypeError), (None, TypeError), (0, ValueError),
+                       (float("nan"), ValueError)):   # killed or stalled the reaper thread
+        with pytest.raises(error, match="poll_interval_s"):
             DirtySession(payload("dirty_seq"), vcpus=1, pages=8, collect="async",
                          poll_interval_s=bad)
 

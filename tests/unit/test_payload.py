@@ -877,3 +877,34 @@ def test_an_assembler_the_host_cannot_fork_is_a_clear_error_and_leaks_no_pipe(mo
     line, = out.err.strip().splitlines()
     assert line.startswith(f"minivmm: {src}: cannot fork the assembler's process: "), line
     assert out.out == ""
+
+
+@pytest.mark.parametrize("text", [
+    # int(text, 0) took each: octal, binary, underscores, other scripts' digits
+    "0o200000", "0b10000000000000000", "6_5536", "0x1_0000", "\u0666\u0665\u0665\u0663\u0666",
+])
+def test_a_break_address_is_decimal_or_hex_as_the_cli_counts_are(text):
+    from minivmm.step import resolve_break
+    p = asm("nop\nnop\n")
+    assert resolve_break(p, "0x10000") == resolve_break(p, "65536") == 0x10000
+    assert resolve_break(p, "0X10001") == 0x10001
+    with pytest.raises(ValueError, match=r": not a number \(decimal, or hex after 0x\), "
+                                         r"line:N, or a label of"):
+        resolve_break(p, text)
+
+
+@pytest.mark.parametrize("text", ["line:\u0661\u0662", "line:+1", "line:1_0", "line: 1",
+                                  "line:0x1"])
+def test_a_break_line_is_ascii_decimal(text):
+    from minivmm.step import resolve_break
+    p = asm("nop\nnop\n")
+    assert resolve_break(p, "line:2") == 0x10000     # line 1 is the header
+    with pytest.raises(ValueError, match=r"expected line:N with N a line number \(decimal\)$"):
+        resolve_break(p, text)
+
+
+def test_a_break_address_with_a_leading_zero_is_not_called_a_label():
+    from minivmm.step import resolve_break
+    with pytest.raises(ValueError, match=r"^breakpoint 065536: not an address: decimal "
+                                         r"without a leading 0, or hex after 0x$"):
+        resolve_break(asm("nop\n"), "065536")
