@@ -439,6 +439,14 @@ def cmd_dirty(args) -> int:
         if not has_ring:
             print("minivmm: note: this kernel offers no dirty ring; using the bitmap only",
                   file=sys.stderr)
+    if args.initially_set:     # before the ring's run, not after it
+        from . import abi
+        from .dirty.tracker import initially_set_missing
+        with Kvm() as kvm:
+            why = initially_set_missing(kvm.check_extension(
+                abi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2))
+        if why:
+            raise UsageError(why)
     runs = []
     nvcpus = None
     for kind in trackers:

@@ -294,6 +294,16 @@ class RingTracker(Tracker):
         return col
 
 
+def initially_set_missing(offered: int) -> str:
+    """Why --initially-set cannot be had, given KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2's value;
+    "" when it can."""
+    if offered & abi.KVM_DIRTY_LOG_INITIALLY_SET:
+        return ""
+    return ("this kernel does not offer KVM_DIRTY_LOG_INITIALLY_SET "
+            f"(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 is {offered}, api.rst 7.18): drop "
+            "--initially-set")
+
+
 class BitmapTracker(Tracker):
     """KVM_GET_DIRTY_LOG per logged slot; with manual protect, KVM_CLEAR_DIRTY_LOG after."""
     name = "bitmap"
@@ -312,6 +322,9 @@ class BitmapTracker(Tracker):
 
     def before_vcpus(self, machine) -> None:
         offered = machine.kvm.check_extension(abi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)
+        if self.initially_set and (why := initially_set_missing(offered)):
+            # asked for, so not dropped without a word (the run would not be what was asked)
+            raise ValueError(why)
         if self.want_manual and offered & abi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
             # the first GET then reports every page of each logged slot (api.rst 7.18)
             self.all_set_first = self.initially_set \

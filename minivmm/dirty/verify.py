@@ -105,8 +105,8 @@ def plan(payload: str, vcpus: int, pages: int, iteration: int, params: dict) -> 
         elif payload == "dirty_stride":
             rel = np.arange(0, share, max(1, params.get("stride", 1)))
         elif payload == "dirty_random":
-            rel = np.unique(lcg_pages(params.get("seed", 0) + i, share,
-                                      params.get("writes", 0), iteration))
+            rel = lcg_page_set(params.get("seed", 0) + i, share, params.get("writes", 0),
+                               iteration)
         else:
             return None
         out[i] = (rel + base).astype(np.int64)
@@ -134,6 +134,26 @@ def lcg_pages(seed: int, share: int, writes: int, iteration: int) -> np.ndarray:
 
 
 _LCG_CHUNK = 1 << 20      # steps kept: 16 MiB
+
+
+def lcg_page_set(seed: int, share: int, writes: int, iteration: int) -> np.ndarray:
+    """np.unique(lcg_pages(...)) in memory of the share and a chunk, not of ``writes``:
+    --writes may be 2**32-1 (32 GiB of page numbers, which the guest writes in seconds).
+    Stops once every page of the share was hit: later writes change nothing."""
+    if share == 0 or writes == 0:
+        return np.empty(0, np.int64)
+    a, c = _lcg_power((iteration - 1) * writes)
+    x = (a * (seed & MASK64) + c) & MASK64
+    steps_a, steps_c = _lcg_steps(min(writes, _LCG_CHUNK))
+    seen = np.zeros(share, bool)
+    for start in range(0, writes, _LCG_CHUNK):
+        n = min(_LCG_CHUNK, writes - start)
+        xs = steps_a[:n] * np.uint64(x) + steps_c[:n]
+        seen[((xs >> np.uint64(33)) % np.uint64(share)).astype(np.int64)] = True
+        x = int(xs[-1])
+        if seen.all():
+            break
+    return np.flatnonzero(seen).astype(np.int64)
 
 
 @functools.lru_cache(maxsize=2)

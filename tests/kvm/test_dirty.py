@@ -321,6 +321,34 @@ def test_initially_set_needs_manual_protect():
         session(tracker=trackermod.BitmapTracker(manual_protect=False, initially_set=True))
 
 
+@pytest.mark.parametrize("offered", [0, abi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE])
+def test_initially_set_is_refused_where_the_kernel_lacks_it(monkeypatch, capsys, offered):
+    # a kernel without INITIALLY_SET (or without manual protect at all): the option used
+    # to be dropped without a word, the first collection then not what was asked
+    real = Kvm.check_extension
+    monkeypatch.setattr(Kvm, "check_extension", lambda self, cap: offered
+                        if cap == abi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 else real(self, cap))
+    with pytest.raises(ValueError, match="does not offer KVM_DIRTY_LOG_INITIALLY_SET"):
+        session(tracker=trackermod.BitmapTracker(initially_set=True))
+    from minivmm import cli
+    assert cli.main(["dirty", "--tracker", "bitmap", "--initially-set", "--pages", "64",
+                     "--iterations", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "drop --initially-set" in err
+    # with --tracker both, refused before the ring's run, not after it
+    monkeypatch.setattr(cli, "_run_dirty_session", lambda *a: pytest.fail("a run was made"))
+    assert cli.main(["dirty", "--tracker", "both", "--initially-set", "--pages", "64",
+                     "--iterations", "1"]) == 2
+    assert "drop --initially-set" in capsys.readouterr().err
+    monkeypatch.undo()
+    monkeypatch.setattr(Kvm, "check_extension", lambda self, cap: offered
+                        if cap == abi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 else real(self, cap))
+    # without the option the bitmap falls back to GET-and-clear (--json: manual_protect)
+    tracker = trackermod.BitmapTracker()
+    recs = run(tracker=tracker, pages=64, iterations=2)
+    assert all(r.ok for r in recs) and tracker.manual == bool(offered)
+
+
 def test_timeout_stops_a_guest_that_keeps_syncing():
     # The deadline used to be checked only when no collection came for 0.1 s
     start = time.monotonic()

@@ -1,4 +1,8 @@
 """Bitmap decoding, CLEAR pieces, ring-size rules and the oracles, without KVM."""
+
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -159,6 +163,30 @@ def test_lcg_pages_equals_a_step_by_step_replay(monkeypatch, chunk):
     for args in [(1, 100, 1, 1), (5, 512, 100, 3), (2 ** 64 - 1, 7, 1000, 2), (123, 4096, 777, 4)]:
         assert V.lcg_pages(*args).tolist() == replay(*args), args
     V._lcg_steps.cache_clear()
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 20])
+def test_the_random_plan_is_the_set_of_pages_the_generator_hits(monkeypatch, chunk):
+    from minivmm.dirty import verify as V
+    monkeypatch.setattr(V, "_LCG_CHUNK", chunk)
+    V._lcg_steps.cache_clear()
+    for args in [(1, 100, 1, 1), (5, 512, 100, 3), (2 ** 64 - 1, 7, 1000, 2), (9, 3, 50, 5),
+                 (123, 4096, 777, 4), (1, 10, 0, 1)]:
+        assert V.lcg_page_set(*args).tolist() == sorted(set(V.lcg_pages(*args).tolist())), args
+    V._lcg_steps.cache_clear()
+
+
+def test_the_random_plan_of_the_largest_writes_needs_no_memory_per_write():
+    # --writes 2**32-1 over a small share: the guest writes it in seconds, and the plan
+    # once asked for all 32 GiB of its page numbers ("Unable to allocate 32.0 GiB")
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))\n"
+            "from minivmm.dirty.verify import plan\n"
+            "p = plan('dirty_random', 2, 128, 3, {'seed': 1, 'writes': 2 ** 32 - 1})\n"
+            "print(sorted(len(v) for v in p.values()))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-500:]
+    assert proc.stdout.strip() == "[64, 64]"
 
 
 def _ring_summary(rec, payload="dirty_seq"):
