@@ -427,6 +427,9 @@ def cmd_dirty(args) -> int:
     if args.tracker == "bitmap" and (args.show_ring or args.ring_entries is not None):
         raise UsageError("--show-ring and --ring-entries are ring options; use them with "
                          "--tracker ring or both")
+    ring_options = [name for name, given in (("--show-ring", args.show_ring),
+                                             ("--ring-entries", args.ring_entries is not None))
+                    if given]
     if args.ring_entries is None:
         args.ring_entries = DEFAULT_RING_ENTRIES
     args.payload = load(args.payload)
@@ -436,6 +439,9 @@ def cmd_dirty(args) -> int:
         with Kvm() as kvm:
             has_ring = ring_capability(kvm, disabled=os.environ.get("MINIVMM_FORCE_NO_RING") == "1")
         trackers = ["ring", "bitmap"] if has_ring else ["bitmap"]
+        if not has_ring and ring_options:     # as --tracker bitmap refuses them
+            raise UsageError(f"this kernel offers no dirty ring, so {' and '.join(ring_options)} "
+                             "cannot apply (--tracker auto falls back to the bitmap)")
         if not has_ring:
             print("minivmm: note: this kernel offers no dirty ring; using the bitmap only",
                   file=sys.stderr)

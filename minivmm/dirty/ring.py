@@ -140,5 +140,8 @@ class VcpuRing:
         return result
 
     def flags(self):
-        """A copy of every entry's flags, for the ring view (index = position in the ring)."""
-        return np.frombuffer(self.map, dtype="<u4", count=self.entries * 4)[0::4].copy()
+        """Every entry's DIRTY and RESET bits (flags & 3, the only ones defined), a byte
+        each, for the ring view (index = position in the ring): the view keeps three per
+        vCPU per collection, and as u32 copies 100 iterations of 8 vCPUs took 600 MB."""
+        return (np.frombuffer(self.map, dtype="<u4", count=self.entries * 4)[0::4]
+                & 3).astype(np.uint8)

@@ -200,6 +200,11 @@ def test_no_ring_capability_refuses_ring_and_auto_falls_back():
     proc = run_cli("dirty", "--pages", "256", "--iterations", "2", "--json", env=env)
     assert proc.returncode == 0 and "using the bitmap only" in proc.stderr
     assert '"tracker": "bitmap"' in proc.stdout and '"tracker": "ring"' not in proc.stdout
+    # ring options with no ring to apply to are refused, as --tracker bitmap refuses them
+    # (an invalid --ring-entries 128 was taken without a word)
+    for opts in (["--show-ring"], ["--ring-entries", "128"]):
+        line = one_line_error(run_cli("dirty", "--pages", "256", *opts, env=env))
+        assert "offers no dirty ring" in line and opts[0] in line
 
 
 def test_reset_count_mismatch_is_reported(monkeypatch):
