@@ -235,11 +235,23 @@ def cmd_payloads(args) -> int:
 def cmd_disasm(args) -> int:
     from .payload import load
     p = load(args.payload)
+    where = " (addresses are IP, CS = 0x1000)" if p.mode == "real" else ""
     print(f"; {p.path}: {p.mode} mode, cpl {p.cpl}, {len(p.code)} bytes loaded at "
-          f"{p.load_address:#x}")
+          f"{p.load_address:#x}{where}")
+
+    def data(start: int, end: int) -> None:
+        # the bytes of .byte/.ascii/.space... and of alignment padding: loaded too, and
+        # left out, the listing accounted for fewer bytes than it said were loaded
+        for at in range(start, end, 8):
+            raw = p.code[at - p.origin:min(at + 8, end) - p.origin]
+            print(f"{at:#08x}  {raw.hex(' '):24} (data)")
+    at = p.origin
     for ins in p.listing:
+        data(at, ins.address)
         print(f"{ins.address:#08x}  {ins.raw.hex(' '):24} {ins.text:36} ; {ins.line}: "
               f"{ins.source}")
+        at = ins.address + ins.size
+    data(at, p.origin + len(p.code))
     return EXIT_OK
 
 

@@ -174,9 +174,10 @@ class Payload:
 
 def _quotes(text: str) -> tuple:
     """(``text`` with what is inside quotes blanked out, same length; the index of a `;`
-    outside quotes or None; the quote left open at the end or None). In a "string" a
-    backslash escapes the next character, as keystone and GAS read it: `"a\\";b"` is one
-    string (cut at its `;`, the rest looped keystone until the watchdog)."""
+    or `#` (keystone's comment character, as GAS's) outside quotes or None; the quote left
+    open at the end or None). In a "string" a backslash escapes the next character, as
+    keystone and GAS read it: `"a\\";b"` is one string (cut at its `;`, the rest looped
+    keystone until the watchdog)."""
     out, quote, escaped = [], None, False
     for i, ch in enumerate(text):
         if quote:
@@ -190,14 +191,16 @@ def _quotes(text: str) -> tuple:
                 ch = "_"
         elif ch in "\"'":
             quote = ch
-        elif ch == ";":
+        elif ch in ";#":
             return "".join(out) + text[i:], i, None
         out.append(ch)
     return "".join(out), None, quote
 
 
 def _strip_comment(line: str) -> str:
-    """Remove a `;` comment outside quotes (keystone reads `;` as a statement separator)."""
+    """Remove a `;` comment outside quotes (keystone reads `;` as a statement separator),
+    and a `#` one: keystone skips it, but a line left with one was listed as an instruction
+    (the next bytes), and `mov al, 0x1234 # c` escaped the value check."""
     cut = _quotes(line)[1]
     return line if cut is None else line[:cut]
 
@@ -1117,6 +1120,15 @@ def _listing(code: bytes, mode: str, origin: int, stmts, name) -> tuple:
                                        f"{_ks_message(e)}") from None
             continue
         decoded = next(md.disasm(code[offset:offset + 16], origin + offset, 1), None)
+        after = next(md.disasm(code[offset + 1:offset + 17], origin + offset + 1, 1), None) \
+            if decoded is not None and decoded.mnemonic == "wait" else None
+        if after is not None and after.mnemonic == "fn" + word[1:]:
+            # `fstsw ax`, `finit`...: keystone emits `wait` and then `fnstsw ax`, two
+            # instructions the CPU runs (and a step stops at) one by one: both listed
+            listing.append(Instruction(decoded.address, decoded.size, bytes(decoded.bytes),
+                                       decoded.mnemonic, decoded.op_str, no, body))
+            offset += decoded.size
+            decoded = after
         if decoded is None:
             raise PayloadError(f"{name}:{no}: assembler output does not decode as an "
                                f"instruction for {body!r}")
