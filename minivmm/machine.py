@@ -469,7 +469,12 @@ class Machine:
             while True:
                 left = self._deadline - time.monotonic()
                 if left <= 0:
-                    self.stop("timeout", wait=False)    # wait() or close() waits for them
+                    # stop(wait=False), but without its self._lock (every vCPU thread exists
+                    # by now): a fork() while this thread held it left the child's close()
+                    # waiting for it for ever. wait() or close() waits for the vCPUs
+                    for one in self.states:
+                        if not one.done.is_set():
+                            self._kick(one, "timeout")
                     return
                 # in slices: a timeout of inf or 1e300 (accepted: a number of seconds) made
                 # Event.wait() raise OverflowError and the thread die with a traceback

@@ -177,13 +177,14 @@ def _quotes(text: str) -> tuple:
     or `#` (keystone's comment character, as GAS's) outside quotes or None; the quote left
     open at the end or None). In a "string" a backslash escapes the next character, as
     keystone and GAS read it: `"a\\";b"` is one string (cut at its `;`, the rest looped
-    keystone until the watchdog)."""
+    keystone until the watchdog). So it does in a 'c' character: `'\\''` is a quote (its
+    comment was kept, "Invalid mnemonic")."""
     out, quote, escaped = [], None, False
     for i, ch in enumerate(text):
         if quote:
             if escaped:
                 escaped = False
-            elif ch == "\\" and quote == '"':
+            elif ch == "\\":
                 escaped = True
             elif ch == quote:
                 quote = None
@@ -518,11 +519,16 @@ def _known(word: str, args: str, parts: list, env: dict, name, no) -> None:
                            "0b10, 010, 'a'; + - * / % << >> & | ^ ~ and parentheses)")
 
 
+# a character escaped by a backslash ('\n', '\t', '\'', '\\'): keystone reads it as one
+# byte (a `.space 2, '\n'` that assembled before _known refused it)
+_ESCAPED_CHAR = re.compile(r"\s*'\\.'(?![\w.$@'])")
+
+
 def _lexes(text: str) -> bool:
     """Whether ``text`` is made of literals keystone reads, names and operators only."""
     pos, text = 0, text.rstrip()
     while pos < len(text):
-        m = _TOKEN.match(text, pos)
+        m = _TOKEN.match(text, pos) or _ESCAPED_CHAR.match(text, pos)
         if not m:
             return False
         pos = m.end()

@@ -615,7 +615,8 @@ class DirtySession:
         """Yield an IterationRecord per collection; with gated=True the vCPUs stay paused
         at the barrier until the next record is asked for (step by step from Python).
         With iterations=0 records come until the timeout, or until the loop is left
-        (break, close()), which stops the vCPUs."""
+        (break, close()), which stops the vCPUs. The timeout runs while a record is
+        looked at: at it the paused vCPUs end (Machine.start's watchdog), not run on."""
         self._check_open()
         if self._started:     # its vCPUs have ended and its barrier counts are spent
             raise MachineError("this DirtySession has already run; make a new one")

@@ -244,3 +244,18 @@ def test_an_image_path_is_a_path_not_a_file_descriptor():
                                                 rf"PathLike\), not {type(bad).__name__}$"):
                 m.dump_image(bad)
         assert os.fstat(fd) and m.run(timeout=10).ok
+
+
+def test_a_record_held_past_the_timeout_ends_the_session_there():
+    # what the README says of iterate(): the timeout runs while a record is looked at;
+    # the paused vCPUs end as `timeout` at it (start()'s watchdog), and run no further
+    with DirtySession(payload("dirty_seq"), vcpus=2, pages=64, iterations=5,
+                      ring_entries=small_ring()) as s:
+        numbered = []
+        for rec in s.iterate(timeout=0.5):
+            if rec.iteration != "final":
+                numbered.append(rec.iteration)
+            if len(numbered) == 1:
+                assert s.machine.states[0].done.wait(10), "the vCPUs ran past the timeout"
+        assert numbered == [1]
+        assert [st.end.reason for st in s.machine.states] == ["timeout", "timeout"]

@@ -158,3 +158,31 @@ def test_a_signal_handler_stopping_the_machine_inside_a_kick_does_not_deadlock(p
         # the kick's own reason, set before the handler ran; then a full close
         assert proc.stdout.split("\n")[:2] == ["[1] ['stopped']", "closed True"], \
             proc.stdout + proc.stderr[-2000:]
+
+
+def test_a_child_forked_as_the_timeout_fires_can_close():
+    # start(timeout)'s watchdog stopped the vCPUs through stop(), which takes the
+    # Machine's lock: a fork() while it held it left the child's close() waiting for it
+    # for ever (start(timeout=0) then fork(): 44 children in 100 hung)
+    held = threading.Event()
+    with Machine(payload("spin")) as m:
+        real = m._lock
+
+        class SlowLock:         # the watchdog, if it takes the lock, holds it a while
+            def __enter__(self):
+                real.acquire()
+                if threading.current_thread().name == "vcpu-watchdog":
+                    held.set()
+                    time.sleep(1)
+
+            def __exit__(self, *exc):
+                real.release()
+        m._lock = SlowLock()
+        m.start(timeout=0)
+        held.wait(1)            # fork while the watchdog holds it (if it ever does)
+
+        def close():
+            m.close()
+            return "closed"
+        assert in_child(close) == "closed"
+        assert m.wait().vcpus[0].end.reason == "timeout"
