@@ -630,7 +630,10 @@ def _install_ioctl_trace(args) -> None:
     if getattr(args, "trace_ioctls", False):
         from . import trace
         machine_readable = getattr(args, "json", False) or getattr(args, "report_on_stdout", False)
-        trace.install(sys.stderr if machine_readable else sys.stdout)
+        if machine_readable:    # a trace reader gone is not the output's (Tracer)
+            trace.install(sys.stderr, reader_gone=lambda: _discard_stdout(sys.stderr))
+        else:
+            trace.install(sys.stdout)
 
 
 # errnos of a write to stdout that lost the output: a full disk or /dev/full, a quota, a

@@ -355,8 +355,13 @@ def write_line(stream, text: str) -> None:
 class Tracer:
     """The callable ``_sys.tracer``: issue one ioctl, print it decoded, one line."""
 
-    def __init__(self, stream):
+    def __init__(self, stream, reader_gone=None):
         self.stream = stream
+        # Where the trace runs beside a command's own output (on stderr for --json and
+        # abi-check): its reader gone (`2>&1 >out.json | head`) ends the trace, not the
+        # command, whose output is still due; reader_gone() is called once, to discard
+        # what the stream still holds. None: the BrokenPipeError is the caller's (`| head`)
+        self.reader_gone = reader_gone
         # A forked child inherits the tracer: its lines say so, as strace -f does, or a
         # child's EIO would read as the VM failing its owner (api.rst 2, Restrictions)
         self._pid = os.getpid()
@@ -406,11 +411,31 @@ class Tracer:
             elif request in _NEW_FD:
                 self._kinds.pop(ret, None)
         label = i.IOCTL_NAMES.get(request) or name
-        write_line(self.stream, f"{self._who()}ioctl({self.fd_kind(fd)} {fd}, {label}, "
-                                f"{argtext}) = {result}  <{seconds * 1e6:.1f} us>")
+        try:
+            self._write(f"{self._who()}ioctl({self.fd_kind(fd)} {fd}, {label}, "
+                        f"{argtext}) = {result}  <{seconds * 1e6:.1f} us>")
+        except BaseException:
+            # the caller gets the write's error, never the new fd: closed here, or a VM
+            # (and its memory) stayed open until the process ended
+            if ret >= 0 and request in _NEW_FD:
+                os.close(ret)
+            raise
         if ret < 0:
             raise _sys.failure(fd, name, err, hints)
         return ret
+
+    def _write(self, text: str) -> None:
+        stream = self.stream
+        if stream is None:          # its reader went away
+            return
+        try:
+            write_line(stream, text)
+        except BrokenPipeError:
+            if self.reader_gone is None:
+                raise
+            if self.stream is not None:
+                self.stream = None
+                self.reader_gone()
 
     def _who(self) -> str:
         pid = os.getpid()
@@ -452,7 +477,7 @@ class Tracer:
 
     def _map_line(self, text, what, seconds):
         label = f"  [{what}]" if what else ""
-        write_line(self.stream, f"{self._who()}{text}{label}  <{seconds * 1e6:.1f} us>")
+        self._write(f"{self._who()}{text}{label}  <{seconds * 1e6:.1f} us>")
 
 
 def _safe_decode(request, arg) -> str:
@@ -463,9 +488,9 @@ def _safe_decode(request, arg) -> str:
         return _hex(_addr(arg))
 
 
-def install(stream) -> Tracer:
+def install(stream, reader_gone=None) -> Tracer:
     """Trace every ioctl from now on to ``stream``; returns the tracer."""
-    tracer = Tracer(stream)
+    tracer = Tracer(stream, reader_gone)
     _sys.tracer = tracer
     return tracer
 

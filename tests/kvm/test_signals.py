@@ -68,6 +68,34 @@ def test_json_survives_a_trace_reader_that_went_away(unbuffered, tmp_path):
     assert len(summary["vcpus"]) == 4 and proc.returncode != 120
 
 
+def _json_ok(text):
+    return json.loads(text)["ok"] is True
+
+
+def _ktap_passed(text):
+    return text.splitlines()[-1] == "# Totals: pass:1 fail:0 xfail:0 xpass:0 skip:0 error:0"
+
+
+@pytest.mark.parametrize("args, complete", [
+    (("run", payload("hello_long"), "--json"), _json_ok),
+    (("dirty", "--iterations", "1", "--pages", "64", "--json"), _json_ok),
+    (("abi-check", "-k", "caps.api_version"), _ktap_passed),
+])
+def test_output_survives_an_ioctl_trace_reader_that_went_away(args, complete, tmp_path):
+    # --trace-ioctls beside a machine's output is on stderr (2>&1 >out | head): its reader
+    # gone ended the command at its next ioctl, status 0 and the JSON or KTAP never written
+    out = tmp_path / "out"
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        with open(out, "w") as f:
+            proc = subprocess.run([sys.executable, "-m", "minivmm", *args, "--trace-ioctls"],
+                                  stdout=f, stderr=w, timeout=60, cwd=ROOT)
+    finally:
+        os.close(w)
+    assert proc.returncode == 0 and complete(out.read_text())
+
+
 def test_abi_check_to_a_closed_pipe_says_so_once():
     status, err = _to_closed_pipe("abi-check", "-k", "ring.mmap")
     assert (status, err) == (2, "minivmm abi-check: cannot write the report to stdout: "

@@ -3,6 +3,7 @@ import errno
 import io
 import json
 import mmap
+import os
 import re
 
 import pytest
@@ -328,3 +329,22 @@ def test_a_kvm_run_failing_under_the_tracer_leaves_its_machine_closable(monkeypa
     assert (info.value.call, info.value.errno) == ("KVM_RUN", errno.EFAULT)
     assert m.vm is None                      # closed: the kvm_run page was released
     assert "KVM_RUN, 0) = -1 EFAULT" in out.getvalue()
+
+
+def test_a_trace_line_that_cannot_be_written_leaks_no_new_fd():
+    # The tracer writes its line after the call: a stream that failed there (a closed
+    # file, a reader gone) raised with KVM_CREATE_VM's fd made but handed to nobody, and
+    # the VM stayed open until the process ended
+    class Failing(io.StringIO):
+        def write(self, text):
+            if "KVM_CREATE_VM" in text:
+                raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+            return super().write(text)
+
+    with Kvm() as kvm:
+        kvm.get_vcpu_mmap_size()            # asked (and traced) before the fd count below
+        before = os.listdir("/proc/self/fd")
+        with trace.tracing(Failing()):
+            with pytest.raises(BrokenPipeError):
+                kvm.create_vm()
+        assert len(os.listdir("/proc/self/fd")) == len(before)
