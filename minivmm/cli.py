@@ -16,6 +16,7 @@ import math
 import os
 import re
 import sys
+import threading
 from pathlib import Path
 
 from . import abi, __version__
@@ -257,11 +258,17 @@ def cmd_disasm(args) -> int:
 
 # -- run --
 
-def _trace_printer(machine, stream):
+def _trace_printer(machine, stream, reader_gone=None):
+    """The --trace callback. ``reader_gone``: beside --json (the trace on stderr), a trace
+    reader that went away ends the trace, not the vCPU: it ended as host-error
+    (BrokenPipeError), and the JSON said the guest failed."""
     from . import trace as trace_module
     from .machine import is_hlt, writes_memory
+    gone = threading.Event()
 
     def trace(st, reason):
+        if gone.is_set():
+            return
         info = st.vcpu.describe_exit(reason)
         regs = st.vcpu.get_regs()
         io_out = reason == abi.KVM_EXIT_IO and info.get("direction") == "out"
@@ -282,9 +289,16 @@ def _trace_printer(machine, stream):
                           else f"{k}={v}" for k, v in info.items()
                           if k not in ("reason", "exit_reason"))
         # whole lines under the ioctl trace's lock: --trace-ioctls may write to this stream
-        trace_module.write_line(stream, f"[vcpu{st.index} #{sum(st.exit_counts.values())}] "
-                                f"{info['reason']:<14} {fields:44} rip={rip:#x}  "
-                                f"{'by' if after else 'at'} {ins}")
+        try:
+            trace_module.write_line(stream, f"[vcpu{st.index} #{sum(st.exit_counts.values())}] "
+                                    f"{info['reason']:<14} {fields:44} rip={rip:#x}  "
+                                    f"{'by' if after else 'at'} {ins}")
+        except BrokenPipeError:
+            if reader_gone is None:
+                raise
+            if not gone.is_set():
+                gone.set()
+                reader_gone()
     return trace
 
 
@@ -316,7 +330,8 @@ def cmd_run(args) -> int:
         raise UsageError(_option_error(e, args)) from None
     with machine:
         if args.trace:
-            machine.trace = _trace_printer(machine, sys.stderr if args.json else sys.stdout)
+            machine.trace = _trace_printer(machine, sys.stdout) if not args.json else \
+                _trace_printer(machine, sys.stderr, lambda: _discard_stdout(sys.stderr))
         result = machine.run(timeout=args.timeout)
     # only stdout's reader: with --json the trace is on stderr, and the object still due
     if not args.json and _output_closed(result):
