@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import sys
 
 from . import report
@@ -60,10 +61,7 @@ def cmd_abi_check(args) -> int:
     stream = args.format == "ktap" and not args.list
     created = args.output is not None and not os.path.lexists(args.output)
     try:   # opened before any check runs: a bad path costs nothing and is no failure
-        # a JSON or JUnit document is whole or absent: its file is emptied only when the
-        # document is ready (a Ctrl-C left an empty file over the last report)
-        out = open(args.output, "w" if stream else "a") if args.output is not None \
-            else sys.stdout
+        out = _open_output(args.output, stream) if args.output is not None else sys.stdout
     except OSError as e:
         print(f"minivmm abi-check: cannot write --output {args.output}: {e.strerror}",
               file=sys.stderr)
@@ -124,10 +122,28 @@ def cmd_abi_check(args) -> int:
                 out.close()
 
 
+def _open_output(path: str, stream: bool):
+    """--output, opened for writing before any check runs. A JSON or JUnit document is
+    whole or absent: a regular file is emptied only when the document is ready (a Ctrl-C
+    left an empty file over the last report), so it is opened without O_TRUNC, and without
+    O_APPEND, which an append-only file (chattr +a) would allow until the truncate at the
+    end. Anything else (/dev/null, a fifo, a terminal) is opened as before: there is no
+    report to keep, and ftruncate() on it is EINVAL."""
+    try:
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:         # none yet (made here), or open() says why not
+        regular = True
+    if stream or not regular:
+        return open(path, "w")
+    out = open(path, "w", opener=lambda p, flags: os.open(p, flags & ~os.O_TRUNC, 0o666))
+    out.empty_first = True
+    return out
+
+
 def _write(out, text: str, name: str | None) -> int | None:
     """Write the report; EXIT_CANNOT_RUN (not 1, a failed check) if it cannot be."""
     try:
-        if getattr(out, "mode", "") == "a" and out.seekable():    # the whole document, over the last one
+        if getattr(out, "empty_first", False):    # the whole document, over the last one
             out.truncate(0)
         out.write(text)
         out.flush()

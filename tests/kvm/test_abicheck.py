@@ -605,3 +605,35 @@ def test_ctrl_c_leaves_no_half_document(tmp_path, fmt):
                    "--output", str(kept)).returncode == 0
     text = kept.read_text()
     assert "the last report" not in text and "caps.api_version" in text
+
+
+@pytest.mark.parametrize("fmt, args", [("json", ["--list"]), ("json", ["-k", "caps.api"]),
+                                       ("junit", ["-k", "caps.api"])])
+def test_a_json_or_junit_report_to_dev_null(fmt, args):
+    # the "a"-mode file was truncated before the document: ftruncate(/dev/null) is EINVAL,
+    # and `--output /dev/null` (a runner that only wants the status) was status 2
+    proc = run_cli("abi-check", *args, "--format", fmt, "--output", "/dev/null")
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    proc = run_cli("abi-check", "--format", fmt, "--output", "/dev/null",
+                   env={"MINIVMM_KVM_DEVICE": "/nonexistent/kvm"})
+    assert proc.returncode == 4, proc.stderr     # skipped, not "cannot write the report"
+
+
+def test_an_append_only_output_is_refused_before_any_check(tmp_path):
+    # "w" failed at open() on a file under chattr +a; the "a" mode that keeps the last report
+    # ran every check first and failed only at the end (the promise: opened before any check)
+    import shutil
+    import subprocess
+    path = tmp_path / "report.json"
+    path.write_text("the last report\n")
+    if shutil.which("chattr") is None or subprocess.run(
+            ["chattr", "+a", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("no chattr +a here (not root, or a filesystem without inode flags)")
+    try:
+        proc = run_cli("abi-check", "--format", "json", "--output", str(path),
+                       "--trace-ioctls")
+    finally:
+        subprocess.run(["chattr", "-a", str(path)], check=True)
+    assert proc.returncode == 2 and path.read_text() == "the last report\n"
+    line, = proc.stderr.strip().splitlines()     # no ioctl traced: nothing ran
+    assert line == f"minivmm abi-check: cannot write --output {path}: Operation not permitted"
