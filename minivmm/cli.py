@@ -799,14 +799,18 @@ def _main(argv) -> int:
         _discard_failed()
         return EXIT_OK
     except OSError as e:
-        if e.errno in _LIMIT_ERRNOS:
+        # EAGAIN is also a write to a full non-blocking pipe (a parent's O_NONBLOCK): the
+        # output's failure (status 2), not the host running out (status 1)
+        output = e.errno == errno.EAGAIN and e.filename is None and _discard_failed()
+        if e.errno in _LIMIT_ERRNOS and not output:
             where = f": {e.filename}" if e.filename is not None else ""
             _say(f"minivmm: {e.strerror}{where}")
             return EXIT_GUEST_FAILED
-        if e.errno not in _OUTPUT_ERRNOS or e.filename is not None:
+        if not output and (e.errno not in _OUTPUT_ERRNOS or e.filename is not None):
             raise
         # stdout's, or stderr's alone (2>/dev/full): the other stream's output is still due
-        if not _discard_failed() and e.errno == errno.EBADF and sys.stdout is not None:
+        if not output and not _discard_failed() and e.errno == errno.EBADF \
+                and sys.stdout is not None:
             raise       # neither stream failed: a bad fd of ours, not the output's
         _say(f"minivmm: cannot write the output: {e.strerror}")
         return EXIT_USAGE

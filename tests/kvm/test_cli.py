@@ -228,3 +228,22 @@ def test_a_failed_guest_with_stderr_full_keeps_its_json_and_status(tmp_path, cmd
                               env=dict(os.environ, PYTHONUNBUFFERED=unbuffered))
     assert proc.returncode == 1
     assert not json.loads(out.read_text().splitlines()[-1])["ok"]
+
+
+def test_a_full_non_blocking_stdout_is_an_output_failure():
+    # a parent that set O_NONBLOCK on the pipe and reads nothing yet: the write's EAGAIN
+    # was taken for the host running out ("write could not complete", status 1)
+    import fcntl
+    r, w = os.pipe()
+    fcntl.fcntl(w, fcntl.F_SETFL, fcntl.fcntl(w, fcntl.F_GETFL) | os.O_NONBLOCK)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "minivmm", "dirty", "--tracker",
+                                 "bitmap", "--pages", "65536", "--iterations", "2", "--json"],
+                                stdout=w, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        os.close(w)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        os.close(r)
+    assert proc.returncode == 2, err
+    assert err.splitlines() == ["minivmm: cannot write the output: write could not "
+                                "complete without blocking"]
