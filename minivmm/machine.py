@@ -277,6 +277,13 @@ class Machine:
             raise named(MachineError(f"pages {pages} is more than this machine can map "
                                      f"(at most {L.MAX_DATA_PAGES} pages, "
                                      f"{L.MAX_DATA_PAGES * 4096 >> 30} GiB)"), "pages")
+        if self.payload.mode == "protected" and pages > L.PROTECTED_MAX_DATA_PAGES:
+            # ESI would hold the low 32 bits of a share's base: a vCPU whose share starts
+            # at 4 GiB or more would write another vCPU's share without a word
+            raise named(MachineError(
+                f"pages {pages} is more than a protected-mode payload can reach (its 32-bit "
+                f"addresses end at 4 GiB: at most {L.PROTECTED_MAX_DATA_PAGES} pages from "
+                "the data slot at 1 GiB)"), "pages")
         self.pages = pages
         if self.payload.mode == "real":
             check_number("vcpus", nvcpus, 1, L.REAL_MODE_MAX_VCPUS, error=MachineError,

@@ -72,3 +72,6 @@ def mapped_gib(data_pages: int) -> int:
 
 
 MAX_DATA_PAGES = (PD_MAX * GIB - DATA_GPA) // PAGE
+# Protected mode runs without paging, on flat 32-bit segments: its addresses (ESI, the
+# share's base) end at 4 GiB, so a data slot past that is partly out of its reach.
+PROTECTED_MAX_DATA_PAGES = ((1 << 32) - DATA_GPA) // PAGE
