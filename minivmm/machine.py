@@ -96,7 +96,8 @@ class VcpuEnd:
                 extra = f": {debug.describe(self.detail['debug'])},"
             if not ins and self.detail.get("bytes"):
                 ins = f" (no instruction decodes from bytes {self.detail['bytes']})"
-            return f"CPU exception {name}{extra}{where}{ins}"
+            note = f"; {self.detail['host_note']}" if self.detail.get("host_note") else ""
+            return f"CPU exception {name}{extra}{where}{ins}{note}"
         if self.reason == "unhandled-io":
             d = self.detail
             return (f"unhandled port I/O: {d['direction']} port {d['port']:#x}, "
@@ -714,11 +715,14 @@ class Machine:
         return out
 
     def linear(self, st: VcpuState, rip: int, cs_base: int | None = None) -> int:
-        """RIP to a guest-physical address (identity paging; real mode adds the CS base,
-        the vCPU's unless ``cs_base`` is given)."""
-        if self.payload.mode == "real":
-            return (st.vcpu.get_sregs().cs.base if cs_base is None else cs_base) + rip
-        return rip
+        """RIP to a guest-physical address (identity paging; real and protected mode add
+        the CS base, the vCPU's unless ``cs_base`` is given: a protected-mode payload may
+        load its own GDT with a code segment whose base is not 0)."""
+        mode = self.payload.mode
+        if mode == "long":
+            return rip
+        base = st.vcpu.get_sregs().cs.base if cs_base is None else cs_base
+        return (base + rip) & _ADDRESS_MASK["protected"]
 
     def describe_instruction(self, st: VcpuState, rip: int, after: bool = False,
                              io_out: bool = False, cs_base: int | None = None,
@@ -767,7 +771,7 @@ class Machine:
         Real mode: the listing is found by linear address, whatever CS the code ran in."""
         p = self.payload
         lin = self.linear(st, rip, cs_base)
-        cs_base = lin - rip                               # read once (real mode: an ioctl)
+        cs_base = lin - rip               # read once (real, protected mode: an ioctl)
         shift = p.origin - p.load_address + cs_base       # rip + shift: a listing address
         mem = self._vm().slot_for(lin - 1 if after else lin)
         if mem is None:
@@ -819,12 +823,12 @@ class Machine:
         return f"run from byte {into} of line {ins.line} ({ins.text})"
 
     def in_stubs(self, st, rip: int, cs_base: int | None = None) -> bool:
-        """Whether rip is in minivmm's exception stubs' code. Real mode: they run at CS 0,
-        so an IP in their range in another segment (cs_base, else the vCPU's) is the
-        payload's own code."""
+        """Whether rip is in minivmm's exception stubs' code. Real and protected mode: they
+        run in a segment based at 0, so an IP in their range in another segment (cs_base,
+        else the vCPU's) is the payload's own code."""
         if not L.STUBS <= rip <= stub_end(self.payload.mode):
             return False
-        if self.payload.mode != "real":
+        if self.payload.mode == "long":
             return True
         return (st.vcpu.get_sregs().cs.base if cs_base is None else cs_base) == 0
 
@@ -992,15 +996,39 @@ class Machine:
                 words.append(struct.unpack("<H", mem.read(addr, 2))[0])
             frame, at = dict(zip(fields, words)), ss_base + (regs.rsp & mask)
         else:
-            at = regs.rsp & mask
+            # protected mode: at SS:ESP, whose base a payload's own GDT may make non-zero
+            # (the stub's frame was read at ESP, giving another vector); 64-bit mode
+            # ignores SS's base
+            ss_base = st.vcpu.get_sregs().ss.base if mode == "protected" else 0
+            at = (ss_base + (regs.rsp & mask)) & mask
             mem = self._vm().slot_for(at)
             if mem is None or not mem.contains(at, size):
                 return None
             frame = dict(zip(fields, struct.unpack(fmt, mem.read(at, size))))
+            if ss_base and not cpu_pushed_frame(mode, frame):
+                self._cpu_part_without_ss_base(frame, regs.rsp, ss_base)
         if mode != "long":
             frame["rsp"] = (regs.rsp + size) & mask
         frame["_at"] = at
         return frame
+
+    def _cpu_part_without_ss_base(self, frame: dict, esp: int, ss_base: int) -> None:
+        """A host may push the CPU's part of a protected-mode frame (error code, EIP, CS,
+        EFLAGS) at ESP as if SS's base were 0 (kvm_pvm, measured), where the SDM says SS's
+        base + ESP, which the stub's own pushes (EAX, vector, its 0 error code) did use.
+        Take that part from there when it is one the CPU could have pushed, and say so."""
+        fields = ("error_code", "rip", "cs", "rflags")
+        if not pushes_error_code(frame["vector"], "protected"):
+            fields = fields[1:]                     # the stub's 0 is where it should be
+        at = (esp + 4 * (6 - len(fields))) & 0xFFFFFFFF
+        mem = self._vm().slot_for(at)
+        if mem is None or not mem.contains(at, 4 * len(fields)):
+            return
+        values = struct.unpack(f"<{len(fields)}I", mem.read(at, 4 * len(fields)))
+        moved = dict(frame, **dict(zip(fields, values)))
+        if cpu_pushed_frame("protected", moved):
+            frame.update(moved, _host_note=f"this host pushed the CPU's frame at {at:#x}, "
+                         f"as if SS's base were 0, not {ss_base:#x} (SDM vol. 3, 6.12.1)")
 
     def _exception_end(self, st) -> VcpuEnd:
         frame, end = self.stub_report(st, st.vcpu.get_regs())
@@ -1052,7 +1080,7 @@ class Machine:
         code in memory at RIP says which (Machine.executed: the guest may have written
         the icebp over its listing, or elsewhere), else a probe of this host decides; no
         icebp either way: `int 1` ending at RIP, or the cause is unknown."""
-        at, cs_base = frame["rip"], self._frame_cs_base(frame)
+        at, cs_base = frame["rip"], self._frame_cs_base(st, frame)
         before, _ = self.executed(st, at, after=True, cs_base=cs_base, made_by=is_icebp)
         here, _ = self.executed(st, at, cs_base=cs_base)
         here = here is not None and is_icebp(here)
@@ -1075,10 +1103,26 @@ class Machine:
             cause.note = ("DR6 names no cause and no icebp is at or before RIP: named as a "
                           "trap")
 
-    def _frame_cs_base(self, frame: dict) -> int | None:
+    def _frame_cs_base(self, st, frame: dict) -> int | None:
         """The cs_base (Machine.executed) of a stub frame's pushed RIP: real mode's pushed
-        IP is an offset in the pushed CS's segment."""
-        return frame["cs"] << 4 if self.payload.mode == "real" else None
+        IP is an offset in the pushed CS's segment, and so is protected mode's EIP: the
+        base of the pushed selector's descriptor (the stub runs in another CS, so the
+        vCPU's says nothing). None in long mode, or where the descriptor is unreadable."""
+        mode = self.payload.mode
+        if mode == "real":
+            return frame["cs"] << 4
+        if mode != "protected":
+            return None
+        sregs = st.vcpu.get_sregs()
+        table = sregs.ldt if frame["cs"] & 4 else sregs.gdt     # TI: GDT or LDT
+        index = frame["cs"] & ~7
+        if index + 7 > table.limit:
+            return None
+        mem = self._vm().slot_for(table.base + index)
+        if mem is None or not mem.contains(table.base + index, 8):
+            return None
+        d = mem.read(table.base + index, 8)
+        return d[2] | d[3] << 8 | d[4] << 16 | d[7] << 24          # SDM vol. 3, 3.4.5
 
     def reset_dr6(self, st, frame: dict | None = None) -> None:
         """Clear the guest's DR6 status bits (KVM_SET_DEBUGREGS) before its #DB stub
@@ -1104,13 +1148,15 @@ class Machine:
         trap, made_by = vector in TRAP_VECTORS, raises(vector)
         # real mode: the pushed IP is an offset in the pushed CS's segment (executed finds
         # the listing by linear address, whatever CS a far jump left)
-        at, cs_base = frame["rip"], self._frame_cs_base(frame)
+        at, cs_base = frame["rip"], self._frame_cs_base(st, frame)
         # None where the CPU pushed none (#UD, #BP, anything in real mode): the 0 in the
         # frame is the stub's own, and --json said "error_code": 0 as if #GP(0)
         detail = {"error_code": frame["error_code"]
                   if pushes_error_code(vector, self.payload.mode) else None, "cr2": cr2,
                   "name": EXCEPTION_NAMES.get(vector, "?"),
                   "cs": frame["cs"], "rsp": frame["rsp"], "rflags": frame["rflags"]}
+        if "_host_note" in frame:
+            detail["host_note"] = frame["_host_note"]
         if vector == VEC_DB:
             # a code breakpoint or general detect is a fault; icebp is where it was found
             cause = self.debug_cause(st, frame)

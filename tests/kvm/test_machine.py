@@ -422,6 +422,12 @@ _FAR_TO_0FFF = "    .byte 0xea\n    .word there + 0x10\n    .word 0x0fff\nthere:
      "    xor ecx, ecx\n    div ecx\n    hlt\ngdtr:\n    .word 4*8-1\n    .long gdt\ngdt:\n"
      "    .quad 0\n    .quad 0x00cf9a000000ffff\n    .quad 0x00cf92000000ffff\n"
      "    .quad 0x00cf9a000000ffff\n", 0, L.CODE + 0x11, 0x18, "div ecx"),
+    # ... whose base is not 0: EIP is an offset in it (it was read as an address, and the
+    # zeroes there named as `add byte ptr [eax], al`)
+    ("protected", "    lgdt [gdtr]\n    .byte 0xea\n    .long there - 0x10000\n    .word 0x18\n"
+     "there:\n    xor ecx, ecx\n    div ecx\n    hlt\ngdtr:\n    .word 4*8-1\n    .long gdt\n"
+     "gdt:\n    .quad 0\n    .quad 0x00cf9a000000ffff\n    .quad 0x00cf92000000ffff\n"
+     "    .quad 0x00cf9a010000ffff\n", 0, 0x11, 0x18, "div ecx  ; line 8"),
 ])
 def test_every_frame_the_cpu_pushed_outside_long_mode_is_an_exception(mode, body, vector, at,
                                                                      cs, ins):
@@ -430,6 +436,39 @@ def test_every_frame_the_cpu_pushed_outside_long_mode_is_an_exception(mode, body
     assert (end.reason, end.vector, end.rip, end.detail["cs"]) == ("exception", vector, at, cs), \
         end.summary()
     assert end.instruction.startswith(ins), end.summary()
+
+
+def test_an_end_in_a_protected_mode_segment_not_based_at_0_names_its_instruction():
+    # EIP is an offset in CS, whose base came from the payload's own GDT
+    src = (";! mode: protected\n    lgdt [gdtr]\n    .byte 0xea\n    .long there - 0x10000\n"
+           "    .word 0x18\nthere:\n    nop\n    hlt\ngdtr:\n    .word 4*8-1\n    .long gdt\n"
+           "gdt:\n    .quad 0\n    .quad 0x00cf9a000000ffff\n    .quad 0x00cf92000000ffff\n"
+           "    .quad 0x00cf9a010000ffff\n")
+    with Machine(assemble_source(src, "seg.asm")) as m:
+        end = m.run(timeout=20).vcpus[0].end
+    assert (end.reason, end.rip, end.instruction) == ("hlt", 0x11, "hlt  ; line 8"), \
+        end.summary()
+
+
+_SS_BASED_AT_BLOCK = (
+    "    lgdt [gdtr]\n    mov ax, 0x18\n    mov ss, ax\n    mov esp, 0x8000\n{body}    hlt\n"
+    "gdtr:\n    .word 4*8-1\n    .long gdt\ngdt:\n    .quad 0\n    .quad 0x00cf9a000000ffff\n"
+    "    .quad 0x00cf92000000ffff\n    .quad 0x00cf92040000ffff\n")    # SS base 0x40000
+
+
+@pytest.mark.parametrize("body,vector,error,at,ins", [
+    ("    ud2\n", 6, None, L.CODE + 0x14, "ud2  ; line 6"),
+    ("    mov ax, 0x1234\n    mov ds, ax\n", 13, 0x1234, L.CODE + 0x18, "mov ds, ax  ; line 7"),
+])
+def test_a_protected_mode_exception_on_a_stack_not_based_at_0_is_reported(body, vector, error,
+                                                                          at, ins):
+    # the stub's frame is at SS's base + ESP: it was read at ESP, and a #UD or a #GP was
+    # reported as whatever that held (#DE, vector 0, with this stack's zeroes)
+    src = ";! mode: protected\n" + _SS_BASED_AT_BLOCK.format(body=body)
+    with Machine(assemble_source(src, "ss.asm")) as m:
+        end = m.run(timeout=20).vcpus[0].end
+    assert (end.reason, end.vector, end.rip) == ("exception", vector, at), end.summary()
+    assert (end.detail["error_code"], end.instruction) == (error, ins), end.summary()
 
 
 @pytest.mark.parametrize("mode,body,out", [
