@@ -122,3 +122,47 @@ def test_order_failure_names_the_known_pml_ordering_before_6_14(monkeypatch, rel
     assert clean.status == "pass", clean.reason     # not skipped or weakened on PML hosts
     assert res.status == "fail"
     assert any("37c3ddfe5238" in d for d in res.diagnostics) == named, res.diagnostics
+
+
+def _pml_batches_reversed(monkeypatch, release):
+    """Host: Intel PML on ``release``; the shuffled rewrites of ring.entries.order (one PML
+    batch, flushed at the guest's exit) come out newest-first, as vmx_flush_pml_buffer()
+    pushed them before 37c3ddfe5238 (6.14). The first writes fault, so stay in order."""
+    from minivmm.abicheck import checks_entries, ctx as ctxmod
+    real = checks_entries.os.uname()
+    monkeypatch.setattr(checks_entries, "pml_enabled", lambda: True)
+    monkeypatch.setattr(checks_entries.os, "uname", lambda: type(real)(
+        (real.sysname, real.nodename, release, real.version, real.machine)))
+    real_harvest, calls = ctxmod.Ctx.harvest, []
+
+    def harvest(self, ring):
+        slots, offsets = real_harvest(self, ring)
+        calls.append(1)
+        return (slots[::-1], offsets[::-1]) if len(calls) == 2 else (slots, offsets)
+    monkeypatch.setattr(ctxmod.Ctx, "harvest", harvest)
+    return calls
+
+
+@pytest.mark.parametrize("release, status", [("6.12.40", "pass"), ("6.14.0", "fail")])
+def test_order_takes_newest_first_pml_batches_before_6_14(monkeypatch, release, status):
+    # api.rst promises no order and 37c3ddfe5238 says the old order "usually doesn't
+    # matter": a 6.12 LTS kvm_intel host with PML failed ring.entries.order for it
+    calls = _pml_batches_reversed(monkeypatch, release)
+    with Kvm() as kvm:
+        res = runner.run_one(runner.REGISTRY["ring.entries.order"], kvm)
+    assert len(calls) == 2
+    assert res.status == status, res.reason
+    if status == "pass":
+        assert any("newest-first" in d for d in res.diagnostics), res.diagnostics
+
+
+def test_reversed_batches_only_accepts_whole_batches_reversed():
+    from minivmm.abicheck.checks_entries import _reversed_batches
+    want = [3, 7, 1, 9, 0]
+    assert _reversed_batches([0, 9, 1, 7, 3], want)            # one batch
+    assert _reversed_batches([7, 3, 0, 9, 1], want)            # two batches
+    assert _reversed_batches(want, want)                       # batches of one
+    assert _reversed_batches([3, 1, 7, 9, 0], want)            # batches [3], [7, 1], ...
+    assert not _reversed_batches([1, 3, 7, 9, 0], want)        # not a batch reversed
+    assert not _reversed_batches([0, 9, 1, 7], want)           # a page missing
+    assert not _reversed_batches([0, 9, 1, 7, 3, 4], want)     # a page extra
