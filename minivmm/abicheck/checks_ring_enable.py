@@ -48,10 +48,11 @@ def _enable_each(ctx, cap: int, sizes, errno_name: str, what: str) -> None:
 def _expected_min_bytes() -> tuple:
     """The smallest ring sizes (bytes) this host's kernel may accept, and why: one page,
     or 16 KiB where a 512-entry hardware log (PML) is reserved too. Only kvm_intel and
-    kvm_amd can have one; a kvm_amd without a ``pml`` parameter is taken either way."""
+    kvm_amd can have one; a kvm_amd without a ``pml`` parameter, or a vendor module sysfs
+    does not show (kvm_intel with PML included), is taken either way."""
     vendor = vendor_module()
     pml = module_param(vendor, "pml") if vendor in ("kvm_intel", "kvm_amd") else None
-    if vendor in ("kvm_intel", "kvm_amd") and pml is None:
+    if vendor in ("kvm_intel", "kvm_amd", "unknown") and pml is None:
         return {PAGE, min_entries_for(RSVD + PML_ENTRIES) * 16}, \
             f"{vendor} without a pml parameter: with or without a PML reserve"
     if param_on(pml):
