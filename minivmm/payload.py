@@ -376,6 +376,12 @@ def _check_syntax(stmts, name, mode: str) -> None:
         if _quotes(body)[2] == '"':    # keystone looped on it until the watchdog
             raise PayloadError(f"{name}:{no}: unterminated string in {body!r} (a \" inside "
                                "a string is written \\\")")
+        for m in _MISREAD_ESCAPE.finditer(body):
+            if masked[m.start()] == "'":    # a 'c' character, not text in a "string"
+                raise PayloadError(
+                    f"{name}:{no}: {m.group(0)} is read by the assembler as "
+                    f"{m.group(1)!r} ({ord(m.group(1)):#x}), not as the escape it is in C "
+                    "or GAS (only \\n, \\t and \\b are read so): write the number")
         if masked.count("[") != masked.count("]"):
             raise PayloadError(f"{name}:{no}: unbalanced brackets in {body!r}")
         if re.search(r"\w{17}", masked):   # keystone blames a later line for these
@@ -522,6 +528,9 @@ def _known(word: str, args: str, parts: list, env: dict, name, no) -> None:
 # a character escaped by a backslash ('\n', '\t', '\'', '\\'): keystone reads it as one
 # byte (a `.space 2, '\n'` that assembled before _known refused it)
 _ESCAPED_CHAR = re.compile(r"\s*'\\.'(?![\w.$@'])")
+# keystone (LLVM's lexer) knows only \n, \t and \b in a 'c' character: the other escapes
+# of C and GAS are the character itself ('\0' is 0x30, '\r' is 0x72), without a word
+_MISREAD_ESCAPE = re.compile(r"'\\([0-9afrvex])'")
 
 
 def _lexes(text: str) -> bool:

@@ -928,3 +928,18 @@ def test_a_fill_of_an_escaped_character_assembles(line, code):
 ])
 def test_an_escaped_quote_in_a_character_ends_no_comment(body, code):
     assert asm(body + "hlt\n").code.hex() == code + "f4"
+
+
+@pytest.mark.parametrize("body", ["mov al, '\\0'", ".space 2, '\\0'", ".fill 1, 1, '\\r'",
+                                  ".byte '\\e'", "x = '\\x'\nmov al, x"])
+def test_an_escape_keystone_reads_as_its_letter_is_refused(body):
+    # '\0' assembled as 0x30 ('0') and '\r' as 0x72 ('r'), without a word: LLVM's lexer
+    # knows only \n, \t and \b in a character
+    with pytest.raises(P.PayloadError, match=r"is read by the assembler as '.' \(0x"):
+        asm(body + "\nhlt\n")
+
+
+def test_an_escape_in_a_string_is_no_character():
+    # in a "string" keystone reads the escapes as GAS does ("\0" is a zero byte)
+    assert asm(".ascii \"'\\0'\"\n.byte '\\n', '\\t', '\\b'\nhlt\n").code.hex() == \
+        "270027" + "0a0908" + "f4"
