@@ -6,11 +6,16 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test bench lint native clean
 
-# Idempotent: re-installs only when pyproject.toml changed.
-$(STAMP): pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+# Idempotent: re-installs only when pyproject.toml changed or the venv is broken. A venv
+# without a working pip (Ctrl-C during `venv`, no ensurepip) or whose python is gone is
+# made again: it failed every later make with 'No module named pip' or 'No such file'.
+$(STAMP): pyproject.toml $(PY)
+	@$(PY) -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv --clear $(VENV)
 	@$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,plot]'
 	@touch $(STAMP)
+
+# No recipe: a missing (or dangling) .venv/bin/python only puts the stamp out of date.
+$(PY): ;
 
 demo: $(STAMP)
 	@$(VENV)/bin/minivmm caps

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import grp
 import os
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,26 @@ def vendor_module() -> str:
     return "unknown"
 
 
+def _permission_hint(device: str) -> str:
+    """What to do about an EACCES from opening ``device``, from its owner and mode."""
+    try:
+        st = os.stat(device)
+    except OSError:
+        return (f"no permission: add your user to the group owning {device} "
+                "(usually 'kvm') or run as root")
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    if st.st_mode & 0o060 != 0o060:
+        # joining the group would not help (a 0600 root:root /dev/kvm said to join 'root')
+        return (f"no permission: {device} is mode {st.st_mode & 0o777:04o}, so members of "
+                f"its group '{group}' may not open it either: run as root, or have it made "
+                "0660 (a udev rule)")
+    return (f"no permission: add your user to group '{group}', which owns {device}, then "
+            "log in again; or run as root")
+
+
 class Kvm(_sys.FdOwner):
     """An open /dev/kvm. Use as a context manager, or call close()."""
 
@@ -43,9 +64,7 @@ class Kvm(_sys.FdOwner):
                                  "no KVM device: load the kvm module (modprobe kvm_intel or "
                                  "kvm_amd) or enable virtualization for this machine") from None
         except PermissionError as e:
-            raise KvmUnavailable(f"open {device}", e.errno,
-                                 f"no permission: add your user to the group owning {device} "
-                                 "(usually 'kvm') or run as root") from None
+            raise KvmUnavailable(f"open {device}", e.errno, _permission_hint(device)) from None
         except OSError as e:
             raise KvmUnavailable(f"open {device}", e.errno or 0) from None
         self._cpuid = None

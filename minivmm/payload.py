@@ -31,11 +31,14 @@ from .x86 import layout as L
 # swallows the failure: a full import, under Python's import locks, at each decode. A
 # Ctrl-C landing in that import in the main thread can leave the global import lock
 # held for good (CPython), and every vCPU thread's next decode (its end) then waits on
-# it for ever. Settled once here: None in sys.modules fails that import lock-free.
+# it for ever. Settled once here: with the package attribute set, `from . import` looks
+# no further (None in sys.modules alone still took the module lock on Python 3.10).
 try:
     importlib.import_module("capstone.ccapstone")
 except ImportError:
     sys.modules.setdefault("capstone.ccapstone", None)
+    if not hasattr(capstone, "ccapstone"):
+        capstone.ccapstone = None
 
 ASSEMBLE_TIMEOUT_S = 5.0
 # the listing, made under the same watchdog, checks every line again: about 0.1 ms a

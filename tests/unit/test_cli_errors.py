@@ -452,3 +452,21 @@ def test_the_host_running_out_is_one_line_with_status_1(monkeypatch, capsys, err
     monkeypatch.setattr(P, "list_payloads", exhausted)
     assert cli.main(["payloads"]) == 1
     assert capsys.readouterr().err == expected + "\n"
+
+
+@pytest.mark.parametrize("mode, says", [
+    (0o600, "is mode 0600, so members of its group"),
+    (0o660, "add your user to group"),
+], ids=["0600", "0660"])
+def test_permission_denied_says_whether_the_group_would_help(monkeypatch, tmp_path, mode, says):
+    # a 0600 root:root /dev/kvm told the user to join the group owning it, which changes
+    # nothing: only a device whose group may read and write it is opened by joining
+    dev = tmp_path / "kvm"
+    dev.touch()
+    dev.chmod(mode)
+    def deny(path, flags, *a):
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+    monkeypatch.setattr(os, "open", deny)
+    with pytest.raises(KvmUnavailable) as info:
+        Kvm(str(dev))
+    assert says in str(info.value) and "run as root" in str(info.value)

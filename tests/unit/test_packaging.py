@@ -1,6 +1,8 @@
 """minivmm as a user gets it: a wheel, installed without make (no KVM needed)."""
 import email
+import importlib.metadata
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -34,6 +36,29 @@ def test_a_checkout_finds_its_own_payloads():
     assert P._shipped_payload_dir(ROOT / "minivmm") == ROOT / "guest_payloads"
 
 
+BACKEND = "setuptools>=77"      # pyproject.toml's [build-system] requires
+
+
+def _offline_build() -> list:
+    """Build with this venv's setuptools (the `test` extra installs it) and no index: an
+    isolated build fetched setuptools from PyPI on every run, so `make test` failed offline
+    after a complete set-up. Without it here, the isolated build (and the network) it is."""
+    try:
+        major = int(importlib.metadata.version("setuptools").split(".")[0])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return []
+    return ["--no-build-isolation", "--no-index"] if major >= 77 else []
+
+
+def test_the_test_extra_carries_the_build_backend():
+    text = (ROOT / "pyproject.toml").read_text()
+    requires = re.search(r'^\[build-system\]\nrequires = \[(.*?)\]', text, re.M)
+    test_extra = re.search(r'^test = \[(.*?)\]', text, re.M)
+    assert requires and test_extra
+    assert f'"{BACKEND}"' == requires.group(1).strip()
+    assert f'"{BACKEND}"' in test_extra.group(1)
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
     """The wheel pip builds from a copy of the sources (the checkout is left untouched)."""
@@ -45,7 +70,8 @@ def wheel(tmp_path_factory):
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     out = tmp_path_factory.mktemp("wheel")
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                           "--disable-pip-version-check", "-w", str(out), str(src)],
+                           "--disable-pip-version-check", *_offline_build(),
+                           "-w", str(out), str(src)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     [whl] = out.glob("minivmm-*.whl")
