@@ -886,7 +886,8 @@ class Machine:
         if width is None or not regs.rcx & mask:
             return True                     # the last repetition: RIP is past it
         step = -width if regs.rflags & 0x400 else width     # RFLAGS.DF
-        base = st.vcpu.get_sregs().es.base if self.payload.mode == "real" else 0
+        # ES:EDI: a protected-mode payload's own GDT may give ES a base, as real mode's
+        base = st.vcpu.get_sregs().es.base if self.payload.mode != "long" else 0
         return base + ((regs.rdi - step) & mask) != phys
 
     def out_exit_rip(self, st, regs) -> tuple:

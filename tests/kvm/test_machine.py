@@ -561,3 +561,16 @@ def test_real_mode_stack_is_reachable_through_ss_on_the_last_vcpu():
         m.on_end = lambda st: seen.__setitem__(st.index, st.vcpu.get_regs().rax & 0xFFFF)
         r = m.run(timeout=60)
     assert r.ok and seen == {i: 0x1234 for i in range(L.REAL_MODE_MAX_VCPUS)}
+
+
+def test_a_repeating_store_to_mmio_through_a_protected_mode_es_with_a_base_is_named():
+    # ES:EDI with ES based at 0x10000 (the payload's GDT): the write's address was compared
+    # with EDI alone, so RIP at the `rep stosb` was taken as past it and bytes were misnamed
+    src = (";! mode: protected\n    lgdt [gdtr]\n    mov ax, 0x18\n    mov es, ax\n"
+           "    mov edi, 0x7fff0000\n    mov ecx, 4\n    rep stosb\n    hlt\ngdtr:\n"
+           "    .word 4*8-1\n    .long gdt\ngdt:\n    .quad 0\n    .quad 0x00cf9a000000ffff\n"
+           "    .quad 0x00cf92000000ffff\n    .quad 0x00cf92010000ffff\n")
+    with Machine(assemble_source(src, "es.asm")) as m:
+        end = m.run(timeout=20).vcpus[0].end
+    assert end.reason == "unhandled-mmio" and end.instruction.startswith("rep stosb"), \
+        end.summary()
