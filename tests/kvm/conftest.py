@@ -66,3 +66,22 @@ def shutdown_like_svm(monkeypatch) -> None:
             reset_like_svm(self)
         return reason
     monkeypatch.setattr(Vcpu, "run", run)
+
+
+def start_thread_named(thread: str, vcpus: int = 2) -> None:
+    """Run what starts the thread named ``thread`` ("vcpu1", "reaper", "step-watchdog"):
+    a Machine of ``vcpus`` spinning vCPUs, an async DirtySession, or a StepSession."""
+    from minivmm import DirtySession
+    from minivmm.machine import Machine
+    from minivmm.step import StepSession
+    from tests.conftest import payload
+    if thread == "vcpu1":
+        with Machine(payload("spin"), vcpus=vcpus) as m:
+            m.run(timeout=10)
+    elif thread == "reaper":
+        with DirtySession(payload("dirty_seq"), tracker="bitmap", vcpus=2, pages=64,
+                          iterations=0, collect="async") as s:
+            s.run(timeout=10)
+    else:
+        with StepSession(payload("hello_long")) as s:
+            list(s.run(count=3))

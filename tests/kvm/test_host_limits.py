@@ -10,6 +10,7 @@ import threading
 import pytest
 
 from tests.conftest import ROOT, in_child, payload
+from tests.kvm.conftest import start_thread_named
 
 
 def _fds():
@@ -35,22 +36,10 @@ def test_a_thread_the_host_refuses_is_a_clear_error_and_leaves_nothing(thread):
     # user under `prlimit --nproc=3`). DirtySession's and StepSession's close() raised
     # "cannot join thread before it is started" in the refusal's place
     def body():
-        from minivmm import DirtySession
-        from minivmm.machine import Machine
-        from minivmm.step import StepSession
         fds = _fds()
         _refuse_thread(thread)
         try:
-            if thread == "vcpu1":
-                with Machine(payload("spin"), vcpus=3) as m:
-                    m.run(timeout=10)
-            elif thread == "reaper":
-                with DirtySession(payload("dirty_seq"), tracker="bitmap", vcpus=2, pages=64,
-                                  iterations=0, collect="async") as s:
-                    s.run(timeout=10)
-            else:
-                with StepSession(payload("hello_long")) as s:
-                    list(s.run(count=3))
+            start_thread_named(thread, vcpus=3)     # vCPU 2 comes after the refused one
         except OSError as e:
             error = f"OSError {errno.errorcode.get(e.errno)} {e.strerror}"
         else:

@@ -323,8 +323,7 @@ def test_ctrl_c_as_a_thread_starts_is_one_keyboard_interrupt(monkeypatch, thread
     # close() raised RuntimeError (cannot join thread before it is started) in its place
     import _thread
     import threading
-    from minivmm import DirtySession
-    from minivmm.step import StepSession
+    from tests.kvm.conftest import start_thread_named
     real = threading.Thread.start
 
     def start(self):
@@ -334,16 +333,7 @@ def test_ctrl_c_as_a_thread_starts_is_one_keyboard_interrupt(monkeypatch, thread
     monkeypatch.setattr(threading.Thread, "start", start)
     fds, t0 = _fds(), time.monotonic()
     with pytest.raises(KeyboardInterrupt):
-        if thread == "vcpu1":
-            with Machine(payload("spin"), vcpus=2) as m:
-                m.run(timeout=10)
-        elif thread == "reaper":
-            with DirtySession(payload("dirty_seq"), tracker="bitmap", vcpus=2, pages=64,
-                              iterations=0, collect="async") as s:
-                s.run(timeout=10)
-        else:
-            with StepSession(payload("hello_long")) as s:
-                list(s.run(count=3))
+        start_thread_named(thread)
     assert time.monotonic() - t0 < 5
     assert not [t for t in threading.enumerate() if t.name == thread]
     gc.collect()

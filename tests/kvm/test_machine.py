@@ -438,12 +438,19 @@ def test_every_frame_the_cpu_pushed_outside_long_mode_is_an_exception(mode, body
     assert end.instruction.startswith(ins), end.summary()
 
 
+def _own_gdt(body: str, code: bool) -> str:
+    """A protected-mode payload that loads its own GDT, whose selector 0x18 is a flat
+    code (``code``) or data segment based at 0x10000, then runs ``body``."""
+    return (";! mode: protected\n    lgdt [gdtr]\n" + body + "gdtr:\n    .word 4*8-1\n"
+            "    .long gdt\ngdt:\n    .quad 0\n    .quad 0x00cf9a000000ffff\n"
+            "    .quad 0x00cf92000000ffff\n"
+            f"    .quad {0x00cf9a010000ffff if code else 0x00cf92010000ffff:#018x}\n")
+
+
 def test_an_end_in_a_protected_mode_segment_not_based_at_0_names_its_instruction():
     # EIP is an offset in CS, whose base came from the payload's own GDT
-    src = (";! mode: protected\n    lgdt [gdtr]\n    .byte 0xea\n    .long there - 0x10000\n"
-           "    .word 0x18\nthere:\n    nop\n    hlt\ngdtr:\n    .word 4*8-1\n    .long gdt\n"
-           "gdt:\n    .quad 0\n    .quad 0x00cf9a000000ffff\n    .quad 0x00cf92000000ffff\n"
-           "    .quad 0x00cf9a010000ffff\n")
+    src = _own_gdt("    .byte 0xea\n    .long there - 0x10000\n    .word 0x18\nthere:\n"
+                   "    nop\n    hlt\n", code=True)
     with Machine(assemble_source(src, "seg.asm")) as m:
         end = m.run(timeout=20).vcpus[0].end
     assert (end.reason, end.rip, end.instruction) == ("hlt", 0x11, "hlt  ; line 8"), \
@@ -566,10 +573,8 @@ def test_real_mode_stack_is_reachable_through_ss_on_the_last_vcpu():
 def test_a_repeating_store_to_mmio_through_a_protected_mode_es_with_a_base_is_named():
     # ES:EDI with ES based at 0x10000 (the payload's GDT): the write's address was compared
     # with EDI alone, so RIP at the `rep stosb` was taken as past it and bytes were misnamed
-    src = (";! mode: protected\n    lgdt [gdtr]\n    mov ax, 0x18\n    mov es, ax\n"
-           "    mov edi, 0x7fff0000\n    mov ecx, 4\n    rep stosb\n    hlt\ngdtr:\n"
-           "    .word 4*8-1\n    .long gdt\ngdt:\n    .quad 0\n    .quad 0x00cf9a000000ffff\n"
-           "    .quad 0x00cf92000000ffff\n    .quad 0x00cf92010000ffff\n")
+    src = _own_gdt("    mov ax, 0x18\n    mov es, ax\n    mov edi, 0x7fff0000\n"
+                   "    mov ecx, 4\n    rep stosb\n    hlt\n", code=False)
     with Machine(assemble_source(src, "es.asm")) as m:
         end = m.run(timeout=20).vcpus[0].end
     assert end.reason == "unhandled-mmio" and end.instruction.startswith("rep stosb"), \
