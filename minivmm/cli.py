@@ -542,7 +542,9 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="minivmm", description="A tiny virtual machine monitor that drives /dev/kvm "
-        "directly, one ioctl at a time.")
+        "directly, one ioctl at a time.",
+        epilog="Exit status: 0 ok; 1 a guest, an ioctl or the host failed; 2 bad input, or "
+        "output that cannot be written; 130 Ctrl-C (abi-check: see its --help).")
     parser.add_argument("--version", action="version", version=f"minivmm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
@@ -553,7 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print every ioctl minivmm issues, decoded (name, fd, the struct's "
                         "fields, result or errno, duration), and its mmaps and munmaps of guest "
                         "memory, kvm_run and dirty rings, on stdout; on stderr with --json "
-                        "and for abi-check, whose output is for machines")
+                        "and for abi-check, whose output is for machines (there, a trace reader that "
+                        "goes away ends the trace only)")
 
     p = sub.add_parser("caps", parents=[common], help="show the KVM capabilities that matter to minivmm")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -606,7 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bitmap: do not enable KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2")
     p.add_argument("--initially-set", action="store_true",
                    help="bitmap: KVM_DIRTY_LOG_INITIALLY_SET (the first collection reports "
-                   "every page)")
+                   "every page; refused where the kernel lacks it)")
     p.add_argument("--stride", type=_integer, default=None,
                    help="dirty_stride: k (R8; default 4)")
     p.add_argument("--seed", type=_integer, default=None,

@@ -25,7 +25,7 @@ def register(sub, common) -> None:
                        "bitmap ABI against the running kernel, each in a fresh VM, and report "
                        "in KTAP. Exit status: 0 all passed or skipped, 1 a failure or an "
                        "error, 4 all skipped (also: no /dev/kvm, or no permission), 2 cannot run "
-                       "(a device that is not KVM's, a report that cannot be written).")
+                       "(a device that is not KVM's, a report that cannot be written), 130 interrupted.")
     p.add_argument("--list", action="store_true", help="list the checks (id, rules, citation; "
                    "as text, or JSON with --format json), needs no KVM")
     p.add_argument("-k", metavar="PATTERN", dest="pattern",
