@@ -186,10 +186,21 @@ class RingTracker(Tracker):
             first = got
             got, calls = finish_reset(self.machine.vm, got, want)
             self._reset_retries += calls
-            self._lost.append(f"KVM_RESET_DIRTY_RINGS stopped after {first} of {want} entries "
-                              "(a pending signal or task work): the kernel drops the batch it "
-                              "was on, so up to 64 of those pages stay write-enabled and their "
-                              "next writes are not logged (virt/kvm/dirty_ring.c, v6.17+)")
+            if self._overrun:
+                # KVM's reset index is its own: once it pushed past ours it stops at an
+                # entry it wrote over, not RESET: the overrun, not a signal, cut it short
+                rings = ", ".join(str(i) for i in sorted(self._overrun))
+                self._lost.append(f"KVM_RESET_DIRTY_RINGS stopped after {first} of {want} "
+                                  f"entries: the ring of vCPU {rings} was overrun (noted), so "
+                                  "KVM's indices no longer match the VMM's; the pages of the "
+                                  "entries not reset stay write-enabled and their next writes "
+                                  "are not logged")
+            else:
+                self._lost.append(f"KVM_RESET_DIRTY_RINGS stopped after {first} of {want} "
+                                  "entries (a pending signal or task work): the kernel drops "
+                                  "the batch it was on, so up to 64 of those pages stay "
+                                  "write-enabled and their next writes are not logged "
+                                  "(virt/kvm/dirty_ring.c, v6.17+)")
         self._resets.append((got, want))
         self._since_reset = 0
 

@@ -335,3 +335,22 @@ def test_differences_are_listed_in_collection_order():
     b = [rec(3, [9]), rec(1, [9]), rec(1, [9]), rec(2, [9]), rec("final", [9])]
     assert [(d["iteration"], d.get("repeat", 0)) for d in compare_runs(a, b)] == \
         [(3, 0), (1, 0), (1, 1), (2, 0), ("final", 0)]
+
+
+@pytest.mark.parametrize("overrun", [set(), {1}])
+def test_a_short_reset_after_an_overrun_blames_the_overrun(overrun):
+    # Seen on kvm_pvm (emulated CPL0 writes, 256-entry ring, sync collection with signals
+    # held): once a ring is overrun every reset falls short, and the note blamed a signal.
+    from types import SimpleNamespace
+    from minivmm.dirty.tracker import RingTracker
+    tracker = RingTracker(256)
+    tracker.machine = SimpleNamespace(vm=_Resets([74, 0]))
+    tracker._since_reset, tracker._overrun = 256, overrun
+    tracker._reset_locked()
+    (note,) = tracker._lost
+    assert note.startswith("KVM_RESET_DIRTY_RINGS stopped after 74 of 256 entries")
+    assert tracker._resets == [(74, 256)] and tracker._reset_retries == 1
+    if overrun:
+        assert "ring of vCPU 1 was overrun" in note and "signal" not in note
+    else:
+        assert "a pending signal" in note
