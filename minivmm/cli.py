@@ -312,6 +312,19 @@ def shown(line: str) -> str:
     return "".join(c if c.isprintable() or c == "\t" else ascii(c)[1:-1] for c in line)
 
 
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+def console_lines(text: str) -> list:
+    """A console's lines: broken at CR, LF or CR LF only. str.splitlines() also broke at
+    VT, FF, FS..RS, NEL and U+2028, which then showed as line breaks the guest never
+    printed instead of escaped (shown()); and blank lines the guest did print are kept."""
+    lines = _LINE_BREAK.split(text)
+    if lines[-1] == "":            # the end of the last line, or no output at all
+        lines.pop()
+    return lines
+
+
 def _output_closed(result) -> bool:
     """True when a vCPU ended because --trace or --trace-ioctls, which write from its
     thread, found the reader gone (`minivmm run ... --trace | head`): no guest failed."""
@@ -343,10 +356,8 @@ def cmd_run(args) -> int:
         print(f"{p.name}: {p.mode} mode" + (f", CPL{p.cpl}" if p.mode == "long" else "")
               + f", {len(result.vcpus)} vCPU(s), {result.elapsed_s * 1000:.1f} ms")
         for st in result.vcpus:
-            text = st.console.decode("utf-8", "replace")
-            for line in text.splitlines() or [""]:
-                if line:
-                    print(f"  vCPU {st.index} | {shown(line)}")
+            for line in console_lines(st.console.decode("utf-8", "replace")):
+                print(f"  vCPU {st.index} |" + (f" {shown(line)}" if line else ""))
             if st.console.dropped:
                 print(f"  vCPU {st.index} | ({st.console.note()})")
             exits = ", ".join(f"{n} {k}" for k, n in st.exits_by_name().items() if n)

@@ -69,6 +69,21 @@ def test_run_text_escapes_the_guests_control_characters(tmp_path):
     assert json.loads(proc.stdout)["vcpus"][0]["console"] == console.decode()
 
 
+def test_run_text_breaks_lines_only_where_the_guest_did(tmp_path):
+    # VT, FF, FS, NEL and U+2028 are no line breaks on a console: str.splitlines() made
+    # them ones (shown as nothing), and the guest's blank lines were left out
+    console = b"a\x0bb\x0cc\x1cd\xc2\x85e\xe2\x80\xa8f\r\ng\rh\n\n\ni\n"
+    src = tmp_path / "lines.asm"
+    src.write_text("    lea rsi, [rip + msg]\n    mov ecx, %d\n    mov dx, 0xe9\n"
+                   "    rep outsb\n    xor eax, eax\n    out 0xf4, al\nmsg:\n    .byte %s\n"
+                   % (len(console), ", ".join(str(b) for b in console)))
+    proc = run_cli("run", src)
+    assert proc.returncode == 0, proc.stderr
+    shown = [l for l in proc.stdout.splitlines() if l.startswith("  vCPU 0 |")]
+    assert shown == ["  vCPU 0 | a\\x0bb\\x0cc\\x1cd\\x85e\\u2028f", "  vCPU 0 | g",
+                     "  vCPU 0 | h", "  vCPU 0 |", "  vCPU 0 |", "  vCPU 0 | i"], shown
+
+
 def test_trace_prints_every_exit_with_its_instruction():
     proc = run_cli("run", "hello_long", "--trace")
     assert proc.returncode == 0
