@@ -52,14 +52,19 @@ def test_run_text_output_and_names():
     assert "vCPU 0 ended: hlt" in proc.stdout
 
 
+def _printing(path, console: bytes):
+    """A long-mode payload at ``path`` that sends ``console`` to port 0xe9 and exits 0."""
+    path.write_text("    lea rsi, [rip + msg]\n    mov ecx, %d\n    mov dx, 0xe9\n"
+                    "    rep outsb\n    xor eax, eax\n    out 0xf4, al\nmsg:\n    .byte %s\n"
+                    % (len(console), ", ".join(str(b) for b in console)))
+    return path
+
+
 def test_run_text_escapes_the_guests_control_characters(tmp_path):
     # ESC [2J clears the screen, ESC [8m hides what follows (minivmm's own "ended" and
     # error lines), BEL, backspaces and the C1 CSI (U+009B) act on the terminal too
     console = b"\x1b[2J\x1b[8m\x07ok\x08\x08\x00\xc2\x9b\tx\n"
-    src = tmp_path / "ctl.asm"
-    src.write_text("    lea rsi, [rip + msg]\n    mov ecx, %d\n    mov dx, 0xe9\n"
-                   "    rep outsb\n    xor eax, eax\n    out 0xf4, al\nmsg:\n    .byte %s\n"
-                   % (len(console), ", ".join(str(b) for b in console)))
+    src = _printing(tmp_path / "ctl.asm", console)
     proc = run_cli("run", src)
     assert proc.returncode == 0, proc.stderr
     assert not [c for c in proc.stdout if not c.isprintable() and c not in "\n\t"]
@@ -73,10 +78,7 @@ def test_run_text_breaks_lines_only_where_the_guest_did(tmp_path):
     # VT, FF, FS, NEL and U+2028 are no line breaks on a console: str.splitlines() made
     # them ones (shown as nothing), and the guest's blank lines were left out
     console = b"a\x0bb\x0cc\x1cd\xc2\x85e\xe2\x80\xa8f\r\ng\rh\n\n\ni\n"
-    src = tmp_path / "lines.asm"
-    src.write_text("    lea rsi, [rip + msg]\n    mov ecx, %d\n    mov dx, 0xe9\n"
-                   "    rep outsb\n    xor eax, eax\n    out 0xf4, al\nmsg:\n    .byte %s\n"
-                   % (len(console), ", ".join(str(b) for b in console)))
+    src = _printing(tmp_path / "lines.asm", console)
     proc = run_cli("run", src)
     assert proc.returncode == 0, proc.stderr
     shown = [l for l in proc.stdout.splitlines() if l.startswith("  vCPU 0 |")]
