@@ -236,6 +236,7 @@ def resolve_break(payload: Payload, text: str | int) -> int:
     # an int is held to the listing too: an int3 (or DR0) inside an instruction would
     # change what the guest runs
     text = f"{text:#x}" if isinstance(text, int) else text.strip()
+    said = _cut(text)      # as the messages name it: a 5000-digit value was echoed whole
     starts = {ins.address: ins for ins in payload.listing}
     if text.lower().startswith("line:"):
         try:
@@ -243,28 +244,33 @@ def resolve_break(payload: Payload, text: str | int) -> int:
                 raise ValueError
             no = int(text[5:], 10)
         except ValueError:      # past int()'s 4300 digits too
-            raise named(StepError(f"breakpoint {text}: expected line:N with N a line number "
+            raise named(StepError(f"breakpoint {said}: expected line:N with N a line number "
                                   "(decimal)"), "breakpoint") from None
         for ins in payload.listing:
             if ins.line == no:
                 return ins.address
-        raise named(StepError(f"breakpoint {text}: line {no} of {payload.path} holds no "
+        raise named(StepError(f"breakpoint {said}: line {no} of {payload.path} holds no "
                               "instruction"), "breakpoint")
     if _ADDRESS.fullmatch(text):
         try:
             addr = int(text, 0)
         except ValueError:      # a leading 0 (octal or decimal?), or past 4300 digits
-            raise named(StepError(f"breakpoint {text}: not an address: decimal without a "
+            raise named(StepError(f"breakpoint {said}: not an address: decimal without a "
                                   "leading 0, or hex after 0x"), "breakpoint") from None
     else:
         addr = _label_address(payload, text)
     if addr not in starts:
         first, last = payload.listing[0], payload.listing[-1]
-        raise named(StepError(f"breakpoint {text}: {addr:#x} is not the start of an "
+        raise named(StepError(f"breakpoint {said}: {_cut(f'{addr:#x}')} is not the start of an "
                               f"instruction of {payload.name} (its instructions span "
                               f"{first.address:#x}..{last.address + last.size - 1:#x}; see "
                               "`minivmm disasm`)"), "breakpoint")
     return addr
+
+
+def _cut(text: str, limit: int = 40) -> str:
+    """``text`` as a message names it: at most ``limit`` characters."""
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
 
 
 def _label_address(payload: Payload, name: str) -> int:
@@ -273,7 +279,7 @@ def _label_address(payload: Payload, name: str) -> int:
     labels = payload.labels
     if name not in labels:
         shown = ", ".join(sorted(labels)) or "none"
-        raise named(StepError(f"breakpoint {name}: not a number (decimal, or hex after 0x), "
+        raise named(StepError(f"breakpoint {_cut(name)}: not a number (decimal, or hex after 0x), "
                               f"line:N, or a label of {payload.name} (labels: {shown})"),
                     "breakpoint")
     for ins in payload.listing:          # the first instruction at or after the label

@@ -484,6 +484,9 @@ class DirtySession:
                  writes: int | None = None, force_no_ring: bool = False, kvm=None,
                  poll_interval_s: float = 0.001, show_ring: bool = False,
                  verify: bool = True):
+        # a wrong type is a TypeError naming the argument, as everywhere else (README)
+        check_type("collect", collect, str, '"sync" or "async"')
+        check_type("tracker", tracker, (str, Tracker), '"ring", "bitmap" or a Tracker')
         if collect not in ("sync", "async"):
             raise ValueError(f"collect must be sync or async, not {collect!r}")
         if isinstance(tracker, Tracker) and tracker.used:

@@ -221,6 +221,11 @@ def test_an_unbounded_timeout_leaves_no_traceback(timeout, monkeypatch):
      "poll_interval_s must be a number of seconds, not bool"),
     (lambda: DirtySession(payload("dirty_seq"), poll_interval_s="0.01"),
      "poll_interval_s must be a number of seconds, not str"),
+    # a ValueError ("collect must be sync or async, not None") for a wrong type
+    (lambda: DirtySession(payload("dirty_seq"), collect=None),
+     'collect must be "sync" or "async", not NoneType'),
+    (lambda: DirtySession(payload("dirty_seq"), tracker=5),
+     'tracker must be "ring", "bitmap" or a Tracker, not int'),
     (lambda: Machine(payload("hello_long"), regs=[("rax", 1)]),
      "regs must be a dict of register values or None, not list"),
     (lambda: Machine(payload("hello_long"), before_vcpus=5),

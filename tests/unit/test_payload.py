@@ -903,6 +903,16 @@ def test_a_break_line_is_ascii_decimal(text):
         resolve_break(p, text)
 
 
+@pytest.mark.parametrize("text", ["9" * 5000, "0x" + "f" * 5000, "line:" + "1" * 5000,
+                                  "L" * 5000])
+def test_a_huge_break_is_named_in_a_short_message(text):
+    # a 5000-digit value was echoed whole, twice for a hex one (the text and the address)
+    from minivmm.step import resolve_break
+    with pytest.raises(ValueError) as info:
+        resolve_break(asm("nop\n"), text)
+    assert len(str(info.value)) < 300, str(info.value)[:200]
+
+
 def test_a_break_address_with_a_leading_zero_is_not_called_a_label():
     from minivmm.step import resolve_break
     with pytest.raises(ValueError, match=r"^breakpoint 065536: not an address: decimal "
