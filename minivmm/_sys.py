@@ -222,11 +222,19 @@ _ARG_LIMIT = 2 ** 64
 
 def _check_arg(arg, name: str) -> None:
     """Raise the TypeError or ValueError for an ioctl argument that is not a u64."""
-    # a bool too: a cap, a vCPU id or an address given True is a mistake, not a 1 (README)
-    if isinstance(arg, bool) or not isinstance(arg, int):
-        raise TypeError(f"{name}: the argument must be an int, not {type(arg).__name__}")
-    if not 0 <= arg < _ARG_LIMIT:
-        raise ValueError(f"{name}: the argument {arg} does not fit in 64 bits unsigned")
+    check_width(name, [("the argument", arg, 64)])
+
+
+def check_width(name: str, fields) -> None:
+    """Each (what, value, bits) an int that fits its C field: ctypes would keep the low
+    bits without a word (a slot 2**32 becomes slot 0)."""
+    for what, value, bits in fields:
+        # a bool too: Python counts True as 1, but a slot, a cap or an address given
+        # True is a mistake (README: a bool is refused where an id or a number is asked)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name}: {what} must be an int, not {type(value).__name__}")
+        if not 0 <= value < 1 << bits:
+            raise ValueError(f"{name}: {what} {value} does not fit in {bits} bits unsigned")
 
 
 def ioctl_signals_held(fd: int, request: int, arg=0, name: str = "ioctl",

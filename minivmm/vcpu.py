@@ -16,7 +16,6 @@ import os
 from . import _sys, abi
 from ._args import named
 from ._sys import KvmError, ioctl
-from .vm import _check_width
 
 _EINTR = errno.EINTR
 
@@ -169,12 +168,12 @@ class Vcpu(_sys.FdOwner):
 
     def set_guest_debug(self, control: int, debugreg=None) -> None:
         """KVM_SET_GUEST_DEBUG: single-step and breakpoints (api.rst 4.87)."""
-        _check_width("KVM_SET_GUEST_DEBUG", [("control", control, 32)])   # a u32 field
+        _sys.check_width("KVM_SET_GUEST_DEBUG", [("control", control, 32)])   # a u32 field
         dbg = abi.kvm_guest_debug(control=control)
         if len(debugreg or ()) > len(dbg.arch.debugreg):
             raise ValueError(f"at most {len(dbg.arch.debugreg)} debug registers (DR0-DR7)")
         # u64s: ctypes would keep the low bits (a breakpoint at 2**64 + a would be at a)
-        _check_width("KVM_SET_GUEST_DEBUG", [(f"debugreg[{i}]", value, 64)
+        _sys.check_width("KVM_SET_GUEST_DEBUG", [(f"debugreg[{i}]", value, 64)
                                              for i, value in enumerate(debugreg or ())])
         for i, value in enumerate(debugreg or ()):
             dbg.arch.debugreg[i] = value

@@ -13,7 +13,7 @@ import errno
 
 from . import _sys, abi
 from ._args import check_number
-from ._sys import ioctl
+from ._sys import check_width, ioctl
 from .memory import GuestMemory, _index
 
 # Made once: the reset runs at every ring-full exit
@@ -23,18 +23,6 @@ _RING_HINTS = {
     errno.EINVAL: "enable the dirty ring once, before the first KVM_CREATE_VCPU, with a "
                   "power-of-two size of at least one page (api.rst 7.36)",
     errno.E2BIG: "the ring is larger than KVM_CHECK_EXTENSION(KVM_CAP_DIRTY_LOG_RING) allows"}
-
-
-def _check_width(name: str, fields) -> None:
-    """Each (what, value, bits) an int that fits its C field: ctypes would keep the low
-    bits without a word (a slot 2**32 becomes slot 0)."""
-    for what, value, bits in fields:
-        # a bool too: Python counts True as 1, but a slot, a cap or an address given
-        # True is a mistake (README: a bool is refused where an id or a number is asked)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name}: {what} must be an int, not {type(value).__name__}")
-        if not 0 <= value < 1 << bits:
-            raise ValueError(f"{name}: {what} {value} does not fit in {bits} bits unsigned")
 
 
 # the u32 and u64 fields of the dirty-log structs: ctypes would keep their low bits
@@ -94,7 +82,7 @@ class Vm(_sys.FdOwner):
     def set_user_memory_region(self, slot: int, flags: int, gpa: int, size: int,
                                host_addr: int) -> None:
         """KVM_SET_USER_MEMORY_REGION: create, move, change or (size 0) delete a slot."""
-        _check_width("KVM_SET_USER_MEMORY_REGION",
+        check_width("KVM_SET_USER_MEMORY_REGION",
                      [("slot", slot, 32), ("flags", flags, 32), ("gpa", gpa, 64),
                       ("size", size, 64), ("host_addr", host_addr, 64)])
         region = abi.kvm_userspace_memory_region(slot, flags, gpa, size, host_addr)
@@ -123,7 +111,7 @@ class Vm(_sys.FdOwner):
     def enable_cap(self, cap: int, *args: int, flags: int = 0, hints: dict | None = None) -> int:
         """KVM_ENABLE_CAP on the VM fd (api.rst 4.37)."""
         arg = abi.kvm_enable_cap()
-        _check_width("KVM_ENABLE_CAP", [("cap", cap, 32), ("flags", flags, 32)]
+        check_width("KVM_ENABLE_CAP", [("cap", cap, 32), ("flags", flags, 32)]
                      + [(f"args[{i}]", v, 64) for i, v in enumerate(args)])
         if len(args) > len(arg.args):
             raise ValueError(f"KVM_ENABLE_CAP takes at most {len(arg.args)} arguments, "
@@ -146,7 +134,7 @@ class Vm(_sys.FdOwner):
         # as Python's own TypeError, a float passed it and failed inside ctypes
         if not (slot.__class__ is int and bitmap_addr.__class__ is int
                 and 0 <= slot < _U32 and 0 <= bitmap_addr < _U64):
-            _check_width("KVM_GET_DIRTY_LOG", [("slot", slot, 32),
+            check_width("KVM_GET_DIRTY_LOG", [("slot", slot, 32),
                                                ("dirty_bitmap", bitmap_addr, 64)])
         arg = abi.kvm_dirty_log(slot=slot, dirty_bitmap=bitmap_addr)
         ioctl(self.fd, abi.KVM_GET_DIRTY_LOG, ctypes.addressof(arg), "KVM_GET_DIRTY_LOG",
@@ -161,7 +149,7 @@ class Vm(_sys.FdOwner):
                 and first_page.__class__ is int and bitmap_addr.__class__ is int
                 and 0 <= slot < _U32 and 0 <= num_pages < _U32 and 0 <= first_page < _U64
                 and 0 <= bitmap_addr < _U64):
-            _check_width("KVM_CLEAR_DIRTY_LOG",
+            check_width("KVM_CLEAR_DIRTY_LOG",
                          [("slot", slot, 32), ("num_pages", num_pages, 32),
                           ("first_page", first_page, 64), ("dirty_bitmap", bitmap_addr, 64)])
         arg = abi.kvm_clear_dirty_log(slot=slot, num_pages=num_pages, first_page=first_page,
@@ -192,7 +180,7 @@ class Vm(_sys.FdOwner):
 
     def set_identity_map_addr(self, addr: int) -> None:
         """KVM_SET_IDENTITY_MAP_ADDR: one page VMX needs (api.rst 4.40); a pointer to a u64."""
-        _check_width("KVM_SET_IDENTITY_MAP_ADDR", [("addr", addr, 64)])
+        check_width("KVM_SET_IDENTITY_MAP_ADDR", [("addr", addr, 64)])
         value = ctypes.c_uint64(addr)
         ioctl(self.fd, abi.KVM_SET_IDENTITY_MAP_ADDR, ctypes.addressof(value),
               "KVM_SET_IDENTITY_MAP_ADDR",
