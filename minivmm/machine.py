@@ -445,9 +445,9 @@ class Machine:
                                                  name=f"vcpu{st.index}", daemon=True)
                     st.kickable = True
                     try:
-                        st.thread.start()
-                    except RuntimeError as e:
-                        failed, at = thread_error(f"the thread of vCPU {st.index}", e), st.index
+                        start_thread(st.thread, f"the thread of vCPU {st.index}")
+                    except OSError as e:
+                        failed, at = e, st.index
                         break
                 if failed is not None:
                     # No thread will ever end this vCPU or the ones after it: stop() and
@@ -463,10 +463,10 @@ class Machine:
                     watchdog = threading.Thread(target=self._watch, name="vcpu-watchdog",
                                                 daemon=True)
                     try:
-                        watchdog.start()
+                        start_thread(watchdog, "the vCPUs' timeout thread")
                         self._watchdog = watchdog     # close() joins it: a started one only
-                    except RuntimeError as e:
-                        failed = thread_error("the vCPUs' timeout thread", e)
+                    except OSError as e:
+                        failed = e
         if failed is not None:
             self.stop("stopped")    # the vCPUs already running (outside the lock: a
             raise failed            # callback's own stop() takes it)
@@ -1275,12 +1275,16 @@ def _int_operand(op_str: str) -> int | None:
         return None
 
 
-def thread_error(what: str, error: RuntimeError) -> OSError:
-    """The error for a thread that could not be started: threading says only "can't start
-    new thread" (a RuntimeError) where pthread_create() failed with EAGAIN."""
-    return OSError(errno.EAGAIN, f"cannot start {what} ({error}): the host refused a new "
-                   "thread (too many processes for RLIMIT_NPROC, ulimit -u, or no memory "
-                   "for its stack, ulimit -v)")
+def start_thread(thread: threading.Thread, what: str) -> None:
+    """thread.start(), or an OSError (EAGAIN) naming ``what`` and the likely limit:
+    threading says only "can't start new thread" (a RuntimeError) where pthread_create()
+    failed with EAGAIN."""
+    try:
+        thread.start()
+    except RuntimeError as e:
+        raise OSError(errno.EAGAIN, f"cannot start {what} ({e}): the host refused a new "
+                      "thread (too many processes for RLIMIT_NPROC, ulimit -u, or no "
+                      "memory for its stack, ulimit -v)") from None
 
 
 def _forward_to_main_thread(sig: int) -> None:

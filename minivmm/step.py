@@ -47,7 +47,7 @@ from ._args import as_option, check_number, check_type, named
 from .kvm import Kvm, vendor_module
 from .machine import (KICK_SIGNAL, Console, Machine, MachineError, VcpuEnd,
                       format_registers, install_kick_handler, instruction_name, is_hlt,
-                      thread_error)
+                      start_thread)
 from .payload import Payload, load
 from .x86 import layout as L
 from .x86.modes import STUB_FRAME_FIELDS
@@ -484,11 +484,8 @@ class StepSession:
         with _sys.fd_creation():   # Ctrl-C held back: close() joins a started thread only
             dog = threading.Thread(target=_watch, args=(weakref.ref(self),),
                                    name="step-watchdog", daemon=True)
-            try:
-                dog.start()
-            except RuntimeError as e:   # kept: close() joining it raised in this one's place
-                raise thread_error("the stepper's watchdog thread", e) from None
-            self._watchdog = dog
+            start_thread(dog, "the stepper's watchdog thread")
+            self._watchdog = dog    # a started one only: close() joining it raised in place
         regs = self.vcpu.get_regs()
         self.pc = regs.rip
         self.regs = self._state(regs)

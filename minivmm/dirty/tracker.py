@@ -23,7 +23,7 @@ from .. import _sys, abi
 from .._args import check_number, check_type, named
 from .._sys import KvmError
 from ..kvm import Kvm
-from ..machine import Machine, MachineError, VcpuEnd, check_vcpus, thread_error
+from ..machine import Machine, MachineError, VcpuEnd, check_vcpus, start_thread
 from ..payload import Payload, load
 from ..x86 import layout as L
 from .bitmap import SlotBitmap, enable_manual_protect, popcount
@@ -646,11 +646,8 @@ class DirtySession:
                 # not started cannot be joined (RuntimeError in the interrupt's place)
                 with _sys.fd_creation():
                     thread = threading.Thread(target=self._reap, name="reaper", daemon=True)
-                    try:
-                        thread.start()
-                    except RuntimeError as e:   # kept: joining it raised in this one's place
-                        raise thread_error("the dirty-ring reaper thread", e) from None
-                    reaper = self._reaper = thread
+                    start_thread(thread, "the dirty-ring reaper thread")
+                    reaper = self._reaper = thread  # started only: joining it raised in place
             while True:
                 try:
                     item = self._queue.get(timeout=0.1)
