@@ -16,7 +16,6 @@ import math
 import os
 import re
 import sys
-import threading
 from pathlib import Path
 
 from . import abi, __version__
@@ -259,15 +258,15 @@ def cmd_disasm(args) -> int:
 # -- run --
 
 def _trace_printer(machine, stream, reader_gone=None):
-    """The --trace callback. ``reader_gone``: beside --json (the trace on stderr), a trace
-    reader that went away ends the trace, not the vCPU: it ended as host-error
-    (BrokenPipeError), and the JSON said the guest failed."""
-    from . import trace as trace_module
+    """The --trace callback, writing to a trace.Sink: beside --json (``reader_gone``), a
+    trace reader that went away ends the trace, not the vCPU (it ended as host-error,
+    BrokenPipeError, and the JSON said the guest failed)."""
     from .machine import is_hlt, writes_memory
-    gone = threading.Event()
+    from .trace import Sink
+    sink = Sink(stream, reader_gone)
 
     def trace(st, reason):
-        if gone.is_set():
+        if sink.stream is None:         # its reader went away
             return
         info = st.vcpu.describe_exit(reason)
         regs = st.vcpu.get_regs()
@@ -289,16 +288,9 @@ def _trace_printer(machine, stream, reader_gone=None):
                           else f"{k}={v}" for k, v in info.items()
                           if k not in ("reason", "exit_reason"))
         # whole lines under the ioctl trace's lock: --trace-ioctls may write to this stream
-        try:
-            trace_module.write_line(stream, f"[vcpu{st.index} #{sum(st.exit_counts.values())}] "
-                                    f"{info['reason']:<14} {fields:44} rip={rip:#x}  "
-                                    f"{'by' if after else 'at'} {ins}")
-        except BrokenPipeError:
-            if reader_gone is None:
-                raise
-            if not gone.is_set():
-                gone.set()
-                reader_gone()
+        sink.write(f"[vcpu{st.index} #{sum(st.exit_counts.values())}] "
+                   f"{info['reason']:<14} {fields:44} rip={rip:#x}  "
+                   f"{'by' if after else 'at'} {ins}")
     return trace
 
 
@@ -343,8 +335,7 @@ def cmd_run(args) -> int:
         raise UsageError(_option_error(e, args)) from None
     with machine:
         if args.trace:
-            machine.trace = _trace_printer(machine, sys.stdout) if not args.json else \
-                _trace_printer(machine, sys.stderr, lambda: _discard_stdout(sys.stderr))
+            machine.trace = _trace_printer(machine, *_trace_target(args.json))
         result = machine.run(timeout=args.timeout)
     # only stdout's reader: with --json the trace is on stderr, and the object still due
     if not args.json and _output_closed(result):
@@ -655,14 +646,19 @@ def build_parser() -> argparse.ArgumentParser:
 EXTRA_COMMANDS = ("minivmm.step", "minivmm.abicheck.cli")
 
 
+def _trace_target(machine_readable: bool) -> tuple:
+    """(stream, reader_gone) of a trace (trace.Sink): stdout; or, beside output for
+    machines (--json, abi-check), stderr, whose reader going away ends the trace only."""
+    if not machine_readable:
+        return sys.stdout, None
+    return sys.stderr, lambda: _discard_stdout(sys.stderr)
+
+
 def _install_ioctl_trace(args) -> None:
     if getattr(args, "trace_ioctls", False):
         from . import trace
-        machine_readable = getattr(args, "json", False) or getattr(args, "report_on_stdout", False)
-        if machine_readable:    # a trace reader gone is not the output's (Tracer)
-            trace.install(sys.stderr, reader_gone=lambda: _discard_stdout(sys.stderr))
-        else:
-            trace.install(sys.stdout)
+        trace.install(*_trace_target(getattr(args, "json", False)
+                                     or getattr(args, "report_on_stdout", False)))
 
 
 # errnos of a write to stdout that lost the output: a full disk or /dev/full, a quota, a

@@ -352,16 +352,38 @@ def write_line(stream, text: str) -> None:
         stream.flush()
 
 
-class Tracer:
+class Sink:
+    """Where a trace's lines go (this module's, and `run --trace`'s exits).
+
+    Where the trace runs beside a command's own output (on stderr for --json and
+    abi-check), its reader gone (`2>&1 >out.json | head`) ends the trace, not the
+    command, whose output is still due: ``reader_gone()`` is called once, to discard what
+    the stream still holds, and later lines are dropped. None: the BrokenPipeError is
+    the caller's (`| head`)."""
+
+    def __init__(self, stream, reader_gone=None):
+        self.stream = stream            # None once its reader went away
+        self.reader_gone = reader_gone
+
+    def write(self, text: str) -> None:
+        stream = self.stream
+        if stream is None:
+            return
+        try:
+            write_line(stream, text)
+        except BrokenPipeError:
+            if self.reader_gone is None:
+                raise
+            if self.stream is not None:
+                self.stream = None
+                self.reader_gone()
+
+
+class Tracer(Sink):
     """The callable ``_sys.tracer``: issue one ioctl, print it decoded, one line."""
 
     def __init__(self, stream, reader_gone=None):
-        self.stream = stream
-        # Where the trace runs beside a command's own output (on stderr for --json and
-        # abi-check): its reader gone (`2>&1 >out.json | head`) ends the trace, not the
-        # command, whose output is still due; reader_gone() is called once, to discard
-        # what the stream still holds. None: the BrokenPipeError is the caller's (`| head`)
-        self.reader_gone = reader_gone
+        super().__init__(stream, reader_gone)
         # A forked child inherits the tracer: its lines say so, as strace -f does, or a
         # child's EIO would read as the VM failing its owner (api.rst 2, Restrictions)
         self._pid = os.getpid()
@@ -412,7 +434,7 @@ class Tracer:
                 self._kinds.pop(ret, None)
         label = i.IOCTL_NAMES.get(request) or name
         try:
-            self._write(f"{self._who()}ioctl({self.fd_kind(fd)} {fd}, {label}, "
+            self.write(f"{self._who()}ioctl({self.fd_kind(fd)} {fd}, {label}, "
                         f"{argtext}) = {result}  <{seconds * 1e6:.1f} us>")
         except BaseException:
             # the caller gets the write's error, never the new fd: closed here, or a VM
@@ -423,19 +445,6 @@ class Tracer:
         if ret < 0:
             raise _sys.failure(fd, name, err, hints)
         return ret
-
-    def _write(self, text: str) -> None:
-        stream = self.stream
-        if stream is None:          # its reader went away
-            return
-        try:
-            write_line(stream, text)
-        except BrokenPipeError:
-            if self.reader_gone is None:
-                raise
-            if self.stream is not None:
-                self.stream = None
-                self.reader_gone()
 
     def _who(self) -> str:
         pid = os.getpid()
@@ -477,7 +486,7 @@ class Tracer:
 
     def _map_line(self, text, what, seconds):
         label = f"  [{what}]" if what else ""
-        self._write(f"{self._who()}{text}{label}  <{seconds * 1e6:.1f} us>")
+        self.write(f"{self._who()}{text}{label}  <{seconds * 1e6:.1f} us>")
 
 
 def _safe_decode(request, arg) -> str:
