@@ -475,7 +475,6 @@ def cmd_dirty(args) -> int:
             print("minivmm: note: this kernel offers no dirty ring; using the bitmap only",
                   file=sys.stderr)
     if args.initially_set:     # before the ring's run, not after it
-        from . import abi
         from .dirty.tracker import initially_set_missing
         with Kvm() as kvm:
             why = initially_set_missing(kvm.check_extension(
@@ -809,21 +808,21 @@ def _main(argv) -> int:
         _discard_failed()
         return EXIT_OK
     except OSError as e:
-        # EAGAIN is also a write to a full non-blocking pipe (a parent's O_NONBLOCK): the
-        # output's failure (status 2), not the host running out (status 1)
-        output = e.errno == errno.EAGAIN and e.filename is None and _discard_failed()
-        if e.errno in _LIMIT_ERRNOS and not output:
+        # a write to stdout or stderr that lost the output (EAGAIN too: a full non-blocking
+        # pipe, a parent's O_NONBLOCK), stdout's or stderr's alone (2>/dev/full): the other
+        # stream's output is still due. EBADF and EAGAIN count only where a stream failed
+        if e.filename is None and e.errno in _OUTPUT_ERRNOS + (errno.EAGAIN,):
+            if _discard_failed() or e.errno not in (errno.EBADF, errno.EAGAIN) \
+                    or e.errno == errno.EBADF and sys.stdout is None:
+                _say(f"minivmm: cannot write the output: {e.strerror}")
+                return EXIT_USAGE
+            if e.errno == errno.EBADF:
+                raise       # neither stream failed: a bad fd of ours, not the output's
+        if e.errno in _LIMIT_ERRNOS:    # the host ran out (EAGAIN: of threads)
             where = f": {e.filename}" if e.filename is not None else ""
             _say(f"minivmm: {e.strerror}{where}")
             return EXIT_GUEST_FAILED
-        if not output and (e.errno not in _OUTPUT_ERRNOS or e.filename is not None):
-            raise
-        # stdout's, or stderr's alone (2>/dev/full): the other stream's output is still due
-        if not output and not _discard_failed() and e.errno == errno.EBADF \
-                and sys.stdout is not None:
-            raise       # neither stream failed: a bad fd of ours, not the output's
-        _say(f"minivmm: cannot write the output: {e.strerror}")
-        return EXIT_USAGE
+        raise
     except MemoryError as e:
         # the host refused guest memory (GuestMemory names the slot: the system slot's is
         # no option's fault), or Python itself ran out: a failure of the run, not of input
