@@ -26,7 +26,8 @@ from .x86 import debug
 from .x86 import layout as L
 from .x86.debug import DebugCause
 from .x86.modes import (ERROR_CODE_VECTORS, EXCEPTION_NAMES, STUB_FRAME_LAYOUT,
-                        cpu_pushed_frame, pushes_error_code, setup_memory, setup_vcpu, stub_end)
+                        cpu_pushed_frame, entry_register_problem, pushes_error_code,
+                        setup_memory, setup_vcpu, stub_end)
 
 TRAP_VECTORS = (1, 3, 4)      # #DB (unless DR6 says otherwise: debug_cause), #BP, #OF
 VEC_DB = 1
@@ -220,7 +221,9 @@ class Machine:
     ``vcpus``: default the payload's header, else 1. ``pages``: 4 KiB pages of the data slot,
     split evenly between the vCPUs. ``kvm``: an open Kvm to share (else one of its own).
     ``data_flags``/``system_flags``: the slots' KVM_MEM_* flags. ``regs``: entry registers
-    by name (rax ... r15, rip, rflags) over the README's entry state.
+    by name (rax ... r15, rip, rflags) over the README's entry state; an RFLAGS with
+    reserved or VM bits, or a RIP the mode cannot fetch from (beyond 32 bits, or not
+    canonical in long mode), is refused: stock VMX would fail the VM entry.
     ``before_vcpus(machine)``: called before the slots and vCPUs are made (enable a VM
     capability there); ``on_vcpu(machine, state)``: after each vCPU is set up.
 
@@ -272,6 +275,10 @@ class Machine:
                                    f"{', '.join(sorted(_REG_NAMES))})")
             # ctypes would keep the low 64 bits without a word
             check_number(f"regs[{name!r}]", value, 0, (1 << 64) - 1, error=MachineError)
+            # kvm_pvm runs these; stock VMX fails the VM entry: refuse them on every host
+            problem = entry_register_problem(self.payload.mode, name, value)
+            if problem:
+                raise named(MachineError(f"regs[{name!r}] {value:#x} {problem}"), "regs")
         # a float would reach the slot as a fraction
         check_number("pages", pages, 1, error=MachineError)
         if pages > L.MAX_DATA_PAGES:

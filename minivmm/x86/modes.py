@@ -185,6 +185,33 @@ def setup_memory(mem, mode: str, vcpus: int, data_pages: int) -> None:
         mem.write(block + L.TSS_OFF, bytes(tss) + bytes(L.IOBITMAP_BYTES) + b"\xff")
 
 
+# RFLAGS bits VM entry refuses (SDM vol. 3, 27.3.1.4 "Checks on Guest RIP, RFLAGS, and
+# SSP"): reserved 3, 5, 15 and 22-63 must be 0, and VM (17) must be 0 in long and real
+# mode; in protected mode it would enter virtual-8086 mode, whose segment checks (27.3.1.2:
+# base = selector << 4, limit 0xffff) minivmm's flat segments fail. kvm_pvm takes them
+# (keeps bit 40, drops VM), but KVM_SET_REGS only ORs in bit 1 (x86.c __set_regs()) and
+# vmx_set_rflags() writes the rest to the VMCS: stock VMX ends the first KVM_RUN in
+# KVM_EXIT_FAIL_ENTRY (reason 0x80000021, invalid guest state).
+RFLAGS_REFUSED = ((1 << 64) - (1 << 22)) | 1 << 17 | 1 << 15 | 1 << 5 | 1 << 3
+
+
+def entry_register_problem(mode: str, name: str, value: int) -> str | None:
+    """Why stock VMX would refuse ``value`` for entry register ``name`` in ``mode``
+    (KVM_SET_REGS takes it without a word), or None."""
+    if name == "rflags" and value & RFLAGS_REFUSED:
+        return (f"sets reserved or VM bits ({value & RFLAGS_REFUSED:#x}): VM entry on Intel "
+                "VMX fails with them (SDM vol. 3, 27.3.1.4)")
+    if name == "rip" and mode != "long" and value >> 32:
+        return (f"is beyond 32 bits in {mode} mode: VM entry on Intel VMX fails (SDM vol. 3, "
+                "27.3.1.4: RIP bits 63:32 are 0 outside 64-bit code)")
+    if name == "rip" and mode == "long" and (value >> 47) not in (0, (1 << 17) - 1):
+        # 4-level paging (CR4.LA57 = 0): not canonical, so no instruction there can run;
+        # VMX fails the entry itself on CPUs without 5-level paging, others raise #GP
+        return ("is not a canonical 48-bit address: VM entry on Intel VMX fails (SDM vol. 3, "
+                "27.3.1.4), elsewhere its first fetch raises #GP")
+    return None
+
+
 def _seg(selector, base=0, limit=0xFFFFFFFF, type_=3, dpl=0, db=0, s=1, l_=0, g=1):
     return abi.kvm_segment(base=base, limit=limit, selector=selector, type=type_, present=1,
                            dpl=dpl, db=db, s=s, l=l_, g=g)
@@ -240,6 +267,9 @@ def setup_vcpu(vcpu, mode: str, cpl: int, index: int, regs_init: dict) -> None:
     else:
         raise ValueError(f"unknown mode {mode!r}")
     for name, value in regs_init.items():
+        problem = entry_register_problem(mode, name, value)
+        if problem:
+            raise ValueError(f"{name} {value:#x} {problem}")
         setattr(regs, name, value)
     vcpu.set_sregs(sregs)
     vcpu.set_regs(regs)

@@ -91,7 +91,7 @@ def vmx_problems(s, regs):
     if ia32e and (not s.cr4 & modes.CR4_PAE or not s.cr0 & modes.CR0_PG
                   or not s.efer & modes.EFER_LME):
         bad.append("ia32e control registers")
-    if not regs.rflags & 2 or regs.rflags & ~0x3F7FD7:
+    if not regs.rflags & 2 or regs.rflags & ~0x3D7FD7:
         bad.append("rflags")
     return bad
 
@@ -164,3 +164,43 @@ def test_long_mode_gdt_idt_and_page_tables(long_memory):
     user_rw = modes.PTE_P | modes.PTE_RW | modes.PTE_US
     assert pml4 & 0xFFF == user_rw and pde & 0xFFF == user_rw | modes.PTE_PS
     assert not pde >> 63      # NX would be a reserved bit: EFER.NXE is clear
+
+
+@pytest.mark.parametrize("mode,name,value", [
+    ("long", "rflags", 0x3002 | 1 << 3),       # reserved bit 3
+    ("long", "rflags", 0x2 | 1 << 40),         # reserved bits 63:22 (kvm_pvm keeps it)
+    ("long", "rflags", 0x2 | 1 << 17),         # VM in IA-32e mode (kvm_pvm drops it)
+    ("protected", "rflags", 0x2 | 1 << 17),    # VM: virtual-8086, flat segments fail
+    ("real", "rflags", 0x2 | 1 << 15),
+    ("protected", "rip", 1 << 32 | L.CODE),    # RIP bits 63:32 outside 64-bit code
+    ("real", "rip", 1 << 32),
+    ("long", "rip", 0x0000_8000_0000_0000),    # not canonical (4-level paging)
+    ("long", "rip", 0x8000_0000_0001_0000),
+])
+def test_entry_registers_stock_vmx_refuses_are_refused(mode, name, value, monkeypatch):
+    # KVM_SET_REGS only ORs in RFLAGS bit 1 (x86.c __set_regs()) and vmx_set_rflags()
+    # writes the rest to the VMCS: VMX fails the VM entry (SDM vol. 3, 27.3.1.4), where
+    # kvm_pvm ran the payload. Refused on every host, before KVM is opened.
+    assert "VMX" in modes.entry_register_problem(mode, name, value)
+    with pytest.raises(ValueError, match=f"{name} {value:#x} "):
+        modes.setup_vcpu(FakeVcpu(), mode, 3 if mode == "long" else 0, 0, {name: value})
+    p = assemble_source(f";! mode: {mode}\nhlt")
+    monkeypatch.setenv("MINIVMM_KVM_DEVICE", "/nonexistent/kvm")   # refused before it opens
+    with pytest.raises(MachineError, match=rf"regs\['{name}'\] {value:#x} .*27\.3\.1\.4") as e:
+        Machine(p, regs={name: value}, kvm=None)
+    assert e.value.argument == "regs"
+
+
+@pytest.mark.parametrize("mode,name,value", [
+    ("long", "rflags", 0x3D7FD7),        # every bit VM entry allows
+    ("long", "rflags", 0),                     # bit 1: KVM sets it (x86.c __set_regs())
+    ("protected", "rip", 0xFFFF_FFFF),
+    ("long", "rip", 0x0000_7FFF_FFFF_F000),
+    ("long", "rip", 0xFFFF_8000_0000_0000),
+    ("long", "rax", 1 << 63),
+])
+def test_entry_registers_vmx_accepts_are_kept(mode, name, value):
+    assert modes.entry_register_problem(mode, name, value) is None
+    v = FakeVcpu()
+    modes.setup_vcpu(v, mode, 3 if mode == "long" else 0, 0, {name: value})
+    assert getattr(v.regs, name) == value
