@@ -57,9 +57,25 @@ class Vcpu(_sys.FdOwner):
         self._run_args = (fd, abi.KVM_RUN, None)
 
     def close(self) -> None:
+        held = None
         if self.ring is not None:
-            self.ring.close()
-            self.ring = None
+            try:
+                self.ring.close()
+                self.ring = None
+            except BufferError as e:
+                # a view of the ring: the kvm_run page and the fd still go, as with a
+                # view of kvm_run; close() again once the view is gone unmaps the ring
+                held = e
+        try:
+            self._close_run()
+        except BufferError:
+            if held is None:
+                raise
+        if held is not None:
+            raise held
+
+    def _close_run(self) -> None:
+        """Unmap kvm_run and close the fd (the fd even while a view holds the page)."""
         if self.map is not None:
             if "run_struct" in self.__dict__:
                 del self.run_struct

@@ -25,6 +25,13 @@ _RING_HINTS = {
     errno.E2BIG: "the ring is larger than KVM_CHECK_EXTENSION(KVM_CAP_DIRTY_LOG_RING) allows"}
 
 
+# kvm_clear_dirty_log_protect(): every EINVAL it returns, not only the alignment ones
+# (a range past the slot's end was blamed on alignment, api.rst 4.117)
+_CLEAR_EINVAL = ("first_page must be a multiple of 64, num_pages too unless the range ends "
+                 "at the slot's last page, and [first_page, first_page + num_pages) must lie "
+                 "inside the slot; or the slot id is not below KVM_CAP_NR_MEMSLOTS or its "
+                 "address space (bits 16-31) does not exist")
+
 # the u32 and u64 fields of the dirty-log structs: ctypes would keep their low bits
 _U32, _U64 = 1 << 32, 1 << 64
 
@@ -155,8 +162,7 @@ class Vm(_sys.FdOwner):
         arg = abi.kvm_clear_dirty_log(slot=slot, num_pages=num_pages, first_page=first_page,
                                       dirty_bitmap=bitmap_addr)
         ioctl(self.fd, abi.KVM_CLEAR_DIRTY_LOG, ctypes.addressof(arg), "KVM_CLEAR_DIRTY_LOG",
-              {errno.EINVAL: "first_page must be a multiple of 64, and num_pages too unless "
-                             "it reaches the end of the slot",
+              {errno.EINVAL: _CLEAR_EINVAL,
                errno.ENOENT: f"slot {slot} does not exist or does not log dirty pages",
                errno.ENXIO: "the dirty ring is enabled on this VM"})
 

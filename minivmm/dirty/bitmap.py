@@ -68,7 +68,12 @@ class SlotBitmap:
         self.vm, self.slot, self.npages = vm, slot, npages
         self.nwords = bitmap_words(npages)
         self.clear_calls = 0
-        self._mem = vm.memory.get(slot)     # the GuestMemory, if add_memory()'s
+        self._mem = mem = vm.memory.get(slot)     # the GuestMemory, if add_memory()'s
+        # KVM writes the slot's whole bitmap whatever npages says: a smaller count
+        # overran the buffer (a 1 Mi-page slot given 64 pages crashed the interpreter)
+        if mem is not None and mem.pages != npages:
+            raise ValueError(f"slot {slot} holds {mem.pages} pages, not {npages}: its dirty "
+                             "bitmap must be made for the slot's own size")
 
     def _check_slot(self, mem) -> None:
         """KVM writes the slot's current bitmap size, whatever buffer it is given: a slot

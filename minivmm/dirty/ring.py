@@ -130,11 +130,22 @@ class VcpuRing:
             self.words.release()            # the views pin the mapping
             self.view.release()
             self.stage.close()
-            _sys.munmap(self.map, f"dirty ring, {self.entries} entries")
+            try:
+                _sys.munmap(self.map, f"dirty ring, {self.entries} entries")
+            except BufferError:             # mmap's own words name no mapping
+                raise BufferError(f"vCPU {self.vcpu.id}: a view of its dirty ring (a numpy "
+                                  "array or memoryview of ring.map) is still alive; delete "
+                                  "it before closing") from None
             self.map = None
+
+    def _check_open(self) -> None:
+        if self.map is None:   # harvest(None) was a TypeError about memoryview
+            raise DirtyRingError(f"vCPU {self.vcpu.id}: its dirty ring is closed (Vcpu.close() "
+                                 "or its VM's close() unmapped it)")
 
     def harvest(self) -> HarvestResult:
         """Take every DIRTY entry from the fetch index on and mark it RESET (api.rst 7.36)."""
+        self._check_open()
         result = harvest(self.map, self.entries, self.fetch)
         self.fetch = result.fetch
         return result
@@ -143,5 +154,6 @@ class VcpuRing:
         """Every entry's DIRTY and RESET bits (flags & 3, the only ones defined), a byte
         each, for the ring view (index = position in the ring): the view keeps three per
         vCPU per collection, and as u32 copies 100 iterations of 8 vCPUs took 600 MB."""
+        self._check_open()
         return (np.frombuffer(self.map, dtype="<u4", count=self.entries * 4)[0::4]
                 & 3).astype(np.uint8)

@@ -135,6 +135,26 @@ def test_a_slot_replaced_under_its_bitmap_is_refused_before_the_get(new_pages):
         assert bm.collect(True)[1] == 0
 
 
+def test_a_slot_bitmap_of_the_wrong_size_is_refused_before_any_get():
+    with Kvm() as kvm, kvm.create_vm() as vm:
+        vm.add_memory(1, 1 << 30, 65 * 4096, LOG)
+        with pytest.raises(ValueError, match="slot 1 holds 65 pages, not 64"):
+            SlotBitmap(vm, 1, 64)         # its GET wrote 16 bytes into 8
+        assert SlotBitmap(vm, 1, 65).collect(False)[1] == 0
+
+
+@pytest.mark.parametrize("first,num", [(0, 128), (64, 64), (128, 0)])
+def test_a_clear_past_the_slots_end_is_not_blamed_on_alignment(first, num):
+    # kvm_clear_dirty_log_protect(): aligned fields, but past a 65-page slot's end
+    with Kvm() as kvm, kvm.create_vm() as vm:
+        enable_manual_protect(vm)
+        vm.add_memory(1, 1 << 30, 65 * 4096, LOG)
+        buf = np.zeros(2, np.uint64)
+        with pytest.raises(KvmError, match=r"EINVAL.*must lie inside the slot"):
+            vm.clear_dirty_log(1, first, num, buf.ctypes.data)
+        vm.clear_dirty_log(1, 64, 1, buf.ctypes.data)      # the unaligned tail: fine
+
+
 def test_dirty_log_fields_too_wide_are_refused_not_truncated():
     with Kvm() as kvm, kvm.create_vm() as vm:
         enable_manual_protect(vm, initially_set=True)       # every page starts dirty

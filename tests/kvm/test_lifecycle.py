@@ -141,6 +141,29 @@ def test_vm_close_again_once_the_view_is_gone_releases_what_it_held():
         assert mem.map is None and vcpu.map is None
 
 
+def test_a_view_of_a_dirty_ring_is_named_and_the_vcpu_fd_still_closed():
+    # mmap's "cannot close exported pointers exist" named nothing, and the vCPU's fd and
+    # kvm_run page stayed open, unlike with a view of kvm_run (test above)
+    import numpy as np
+    from minivmm.dirty.ring import DirtyRingError, VcpuRing, enable_dirty_ring
+    entries = small_ring()
+    with Kvm() as kvm:
+        vm = kvm.create_vm()
+        enable_dirty_ring(vm, entries)
+        vcpu = vm.create_vcpu(0)
+        ring = VcpuRing(vcpu, entries)
+        view = np.frombuffer(ring.map, np.uint32)
+        with pytest.raises(BufferError, match="vCPU 0: a view of its dirty ring"):
+            vm.close()
+        assert vm.fd == -1 and vcpu.fd == -1 and vcpu.map is None
+        del view
+        vm.close()
+        assert _kvm_fds() == [] and _kvm_maps() == []
+        # harvesting a closed ring says so (was a TypeError about memoryview)
+        with pytest.raises(DirtyRingError, match="vCPU 0: its dirty ring is closed"):
+            ring.harvest()
+
+
 def test_objects_dropped_without_close_give_their_fds_back():
     # The standard way is a with block; a forgotten close must still not leak
     with Kvm() as kvm:

@@ -59,6 +59,18 @@ def test_clear_pieces_are_64_page_aligned(pages, npages, expect):
         assert num % 64 == 0 or first + num == npages
 
 
+def test_a_slot_bitmap_smaller_than_its_slot_is_refused():
+    # KVM_GET_DIRTY_LOG writes the slot's whole bitmap: a 1 Mi-page slot given 64 pages
+    # wrote 128 KiB into an 8-byte buffer and crashed the interpreter
+    class Mem:
+        pages = 1 << 20
+    vm = FakeVm()
+    vm.memory[1] = Mem()
+    with pytest.raises(ValueError, match="slot 1 holds 1048576 pages, not 64"):
+        B.SlotBitmap(vm, 1, 64)
+    assert B.SlotBitmap(vm, 1, 1 << 20).nwords == 1 << 14
+
+
 @pytest.mark.parametrize("npages", [1, 64, 4096, 12801, 64 * B.WHOLE_SLOT_WORDS])
 def test_small_slots_clear_in_one_call_over_the_whole_slot(npages):
     vm = FakeVm()
