@@ -32,6 +32,10 @@ _CLEAR_EINVAL = ("first_page must be a multiple of 64, num_pages too unless the 
                  "inside the slot; or the slot id is not below KVM_CAP_NR_MEMSLOTS or its "
                  "address space (bits 16-31) does not exist")
 
+# kvm_get_dirty_log_protect() and kvm_get_dirty_log(): the slot field's checks
+_GET_EINVAL = ("the slot id is not below KVM_CAP_NR_MEMSLOTS or its address space "
+               "(bits 16-31) does not exist")
+
 # the u32 and u64 fields of the dirty-log structs: ctypes would keep their low bits
 _U32, _U64 = 1 << 32, 1 << 64
 
@@ -145,7 +149,8 @@ class Vm(_sys.FdOwner):
                                                ("dirty_bitmap", bitmap_addr, 64)])
         arg = abi.kvm_dirty_log(slot=slot, dirty_bitmap=bitmap_addr)
         ioctl(self.fd, abi.KVM_GET_DIRTY_LOG, ctypes.addressof(arg), "KVM_GET_DIRTY_LOG",
-              {errno.ENOENT: f"slot {slot} does not exist or does not log dirty pages",
+              {errno.EINVAL: _GET_EINVAL,
+               errno.ENOENT: f"slot {slot} does not exist or does not log dirty pages",
                errno.ENXIO: "the dirty ring is enabled on this VM; the bitmap is not "
                             "available (api.rst 7.36)"})
 

@@ -155,6 +155,19 @@ def test_a_clear_past_the_slots_end_is_not_blamed_on_alignment(first, num):
         vm.clear_dirty_log(1, 64, 1, buf.ctypes.data)      # the unaligned tail: fine
 
 
+@pytest.mark.parametrize("where", ["id", "address space"])
+def test_a_get_of_a_slot_id_out_of_range_names_the_cause(where):
+    # kvm_get_dirty_log_protect(): an id >= KVM_USER_MEM_SLOTS, or an address space past
+    # the last (x86 with SMM has two), is EINVAL before the slot is looked up
+    with Kvm() as kvm, kvm.create_vm() as vm:
+        spaces = max(1, vm.check_extension(abi.KVM_CAP_MULTI_ADDRESS_SPACE))
+        slot = 40000 if where == "id" else spaces << 16 | 1
+        vm.add_memory(1, 1 << 30, 64 * 4096, LOG)
+        buf = np.zeros(1, np.uint64)
+        with pytest.raises(KvmError, match=r"EINVAL.*not below KVM_CAP_NR_MEMSLOTS"):
+            vm.get_dirty_log(slot, buf.ctypes.data)
+
+
 def test_dirty_log_fields_too_wide_are_refused_not_truncated():
     with Kvm() as kvm, kvm.create_vm() as vm:
         enable_manual_protect(vm, initially_set=True)       # every page starts dirty
