@@ -819,15 +819,30 @@ class Machine:
     def _note(self, one, shift: int) -> str:
         """How an instruction decoded from memory stands to the listing."""
         p = self.payload
-        ins = p.instruction_containing(one.address + shift)
+        start = one.address + shift
+        ins = p.instruction_containing(start)
         if ins is None:
-            return ""                   # code the guest made elsewhere, or data
+            # data run as prefixes of the listed instruction after it (`.byte 0x67` before
+            # `ud2`): the CPU names the first prefix's address, which no line lists
+            ins = p.instruction_ending_at(start + one.size)
+            if ins is None or ins.address <= start or not self._intact(ins) or any(
+                    p.instruction_containing(a) for a in range(start, ins.address)):
+                return ""               # code the guest made elsewhere, or data
+            listed = "" if ins.text == one.text else f" ({ins.text})"
+            return (f"line {ins.line}{listed}, after {ins.address - start} byte(s) of data "
+                    "run as prefixes")
+        if not self._intact(ins):
+            return f"rewritten by the guest (line {ins.line}: {ins.text})"
+        into = start - ins.address
+        return f"run from byte {into} of line {ins.line} ({ins.text})"
+
+    def _intact(self, ins) -> bool:
+        """Whether guest memory still holds a listed instruction's bytes."""
+        p = self.payload
         lin = ins.address - p.origin + p.load_address
         mem = self._vm().slot_for(lin)
-        if mem is None or not mem.contains(lin, ins.size) or mem.read(lin, ins.size) != ins.raw:
-            return f"rewritten by the guest (line {ins.line}: {ins.text})"
-        into = one.address + shift - ins.address
-        return f"run from byte {into} of line {ins.line} ({ins.text})"
+        return mem is not None and mem.contains(lin, ins.size) \
+            and mem.read(lin, ins.size) == ins.raw
 
     def in_stubs(self, st, rip: int, cs_base: int | None = None) -> bool:
         """Whether rip is in minivmm's exception stubs' code. Real and protected mode: they

@@ -359,11 +359,8 @@ def _check_syntax(stmts, name, mode: str) -> None:
     directives outside _SUPPORTED_DIRECTIVES, and prefixes alone on a line."""
     env, changes = _constants(stmts)
     defined: dict = {}          # constant name -> line of its first definition
-    first_def: dict = {}        # the same, over the whole source
-    for no, s in stmts:
-        m = _CONST_DEF.match(_peel_labels(s)[1])
-        if m:
-            first_def.setdefault(m.group(1) or m.group(2), no)
+    # the same, over the whole source
+    first_def = {key: no for no, key, _ in reversed(_const_defs(stmts))}
     for no, s in stmts:
         odd = next((ch for ch in s if ord(ch) > 127), None)
         if odd:   # keystone's binding takes ASCII only, and dies without a word
@@ -548,7 +545,8 @@ def _lexes(text: str) -> bool:
 
 
 def _alignment(word: str, args: str, consts: dict, name, no) -> tuple:
-    """(alignment, max bytes to skip or None) of an align directive; PayloadError if bad."""
+    """(alignment, max bytes to skip or None, fill byte or None) of an align directive;
+    PayloadError if bad."""
     parts = [a.strip() for a in args.split(",")]
     if not parts[0]:
         raise PayloadError(f"{name}:{no}: {word} needs an alignment")
@@ -564,11 +562,13 @@ def _alignment(word: str, args: str, consts: dict, name, no) -> tuple:
     elif not (0 < value <= ALIGN_MAX and value & (value - 1) == 0):
         raise PayloadError(f"{name}:{no}: {word} {parts[0]}: the alignment must be a power "
                            f"of two from 1 to {ALIGN_MAX}")
+    fill = None
     if len(parts) > 1 and parts[1]:
         fill = _evaluate(parts[1], consts, directive=True)
         if fill is None or not -0x80 <= fill <= 0xFF:   # keystone keeps the low byte
             raise PayloadError(f"{name}:{no}: {word}: the fill must be a byte value, "
                                f"got {parts[1]!r}")
+        fill &= 0xFF
     max_skip = None
     if len(parts) > 2:
         max_skip = _evaluate(parts[2], consts, directive=True)
@@ -578,7 +578,7 @@ def _alignment(word: str, args: str, consts: dict, name, no) -> tuple:
         if max_skip < 1:   # keystone ignores such a limit and pads all the way
             raise PayloadError(f"{name}:{no}: {word}: the max skip must be at least 1, "
                                f"got {parts[2]!r}")
-    return value, max_skip
+    return value, max_skip, fill
 
 
 _KS: dict = {}
@@ -642,7 +642,7 @@ def _assemble_child(source: str, mode: str, origin: int, stmts, name) -> tuple:
             if len(code) > L.CODE_MAX:
                 raise PayloadError(f"{name}: {len(code)} bytes of code, more than the "
                                    f"{L.CODE_MAX} bytes reserved for a payload")
-            return ("ok", code) + _listing(code, mode, origin, stmts, name)
+            return ("ok",) + _listing(code, mode, origin, stmts, name)
         except PayloadError as e:
             return ("refused", str(e))
         except Exception:       # a bug of ours: shown as one, not as a crashed assembler
@@ -1009,6 +1009,12 @@ def _check_values(decoded, body: str, consts: dict, name, no) -> None:
                                f"(assembled as {shown:#x})")
 
 
+def _const_defs(stmts) -> list:
+    """(line, name, value text) of each .equ/.set/.equiv/`=` line, in source order."""
+    return [(no, m.group(1) or m.group(2), m.group(3))
+            for no, m in ((no, _CONST_DEF.match(_peel_labels(s)[1])) for no, s in stmts) if m]
+
+
 def _constants(stmts) -> tuple:
     """Constants from .equ/.set/`=` lines: (values at the start, {line: (name, value)}).
 
@@ -1016,8 +1022,7 @@ def _constants(stmts) -> tuple:
     new value from its line on; before its first definition keystone uses the last.
     A value that is not known is None.
     """
-    defs = [(no, m.group(1) or m.group(2), m.group(3))
-            for no, m in ((no, _CONST_DEF.match(_peel_labels(s)[1])) for no, s in stmts) if m]
+    defs = _const_defs(stmts)
     seen: dict = {}
     for _, key, _ in defs:
         seen[key] = seen.get(key, 0) + 1
@@ -1095,10 +1100,12 @@ def _directive_size(ks, body: str, address: int) -> int:
 
 
 def _listing(code: bytes, mode: str, origin: int, stmts, name) -> tuple:
-    """Tie each source instruction line to exactly one decoded instruction.
+    """(code, listing, labels): tie each source instruction line to exactly one decoded
+    instruction.
 
     Data directives are sized by assembling them alone; everything must add up
     to the assembled length, or the assembler's output is not what the source says.
+    Alignment padding is rewritten where keystone's is not what the source says.
     """
     # No sym_resolver here: setting one makes keystone 0.9.2 read later decimal
     # immediates as hex (`mov al, 10` -> 0x10), process-wide. Symbols in a data
@@ -1107,6 +1114,7 @@ def _listing(code: bytes, mode: str, origin: int, stmts, name) -> tuple:
     md = _cs(mode)
     md.detail = True                # operand values, for _check_values
     consts, changes = _constants(stmts)
+    code = bytearray(code)
     listing = []
     labels: dict = {}
     branches = []
@@ -1121,9 +1129,17 @@ def _listing(code: bytes, mode: str, origin: int, stmts, name) -> tuple:
         word = word.lower()
         if word.startswith("."):
             if word in _ALIGN_DIRECTIVES:
-                align, max_skip = _alignment(word, args, consts, name, no)
+                align, max_skip, fill = _alignment(word, args, consts, name, no)
                 pad = (-(origin + offset)) % align
-                offset += 0 if max_skip is not None and pad > max_skip else pad
+                pad = 0 if max_skip is not None and pad > max_skip else pad
+                if fill is not None or mode == "real":
+                    # keystone pads with its multi-byte NOPs (0f 1f ...) for a fill of
+                    # 0x90 or none, in every mode: not the bytes asked for, and in 16-bit
+                    # code they decode as `nop word ptr [bx + si]`, `add byte ptr
+                    # [bx + si], al`, a write to guest memory. The fill asked, or (real
+                    # mode) one-byte nops
+                    code[offset:offset + pad] = bytes([0x90 if fill is None else fill]) * pad
+                offset += pad
             elif word in _DATA_DIRECTIVES:
                 size = _sized(word, args, consts)
                 if size == -1:
@@ -1137,8 +1153,9 @@ def _listing(code: bytes, mode: str, origin: int, stmts, name) -> tuple:
                     raise PayloadError(f"{name}:{no}: {word}: "
                                        f"{_ks_message(e)}") from None
             continue
-        decoded = next(md.disasm(code[offset:offset + 16], origin + offset, 1), None)
-        after = next(md.disasm(code[offset + 1:offset + 17], origin + offset + 1, 1), None) \
+        decoded = next(md.disasm(bytes(code[offset:offset + 16]), origin + offset, 1), None)
+        after = next(md.disasm(bytes(code[offset + 1:offset + 17]), origin + offset + 1, 1),
+                     None) \
             if decoded is not None and decoded.mnemonic == "wait" else None
         if after is not None and after.mnemonic == "fn" + word[1:]:
             # `fstsw ax`, `finit`...: keystone emits `wait` and then `fnstsw ax`, two
@@ -1160,7 +1177,7 @@ def _listing(code: bytes, mode: str, origin: int, stmts, name) -> tuple:
         raise PayloadError(f"{name}: assembler output ({len(code)} bytes) does not match the "
                            f"source ({offset} bytes accounted for)")
     _check_branches(branches, labels, _ADDR_MASK[mode], name)
-    return listing, labels
+    return bytes(code), listing, labels
 
 
 def _check_branches(branches, labels: dict, mask: int, name) -> None:

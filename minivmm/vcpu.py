@@ -341,6 +341,12 @@ _RUN_HINTS = {
     errno.ENOSPC: "KVM's shadow MMU has no page to spare: its budget is 0 while the VM has "
                   "no memory slot (add memory before KVM_RUN; KVM_SET_NR_MMU_PAGES also sets "
                   "it)",
+    # kvm_arch_vcpu_ioctl_run() (arch/x86/kvm/x86.c): a vCPU in KVM_MP_STATE_UNINITIALIZED
+    # blocks in kvm_vcpu_block() and returns -EAGAIN when woken without a signal pending
+    errno.EAGAIN: "the vCPU was waiting for INIT/SIPI (KVM_MP_STATE_UNINITIALIZED: an "
+                  "application processor of a VM with an in-kernel local APIC, "
+                  "KVM_CREATE_IRQCHIP) and an event woke it: not a host limit; check "
+                  "KVM_GET_MP_STATE and run it again",
     # kvm_vcpu_ioctl() (virt/kvm/kvm_main.c) and kvm_arch_vcpu_ioctl_run() (arch/x86/kvm/x86.c)
     errno.EINVAL: "one of: KVM_RUN given an argument (it takes none); kvm_run.kvm_valid_regs "
                   "or kvm_dirty_regs with a bit beyond KVM_SYNC_X86_*; registers handed in "

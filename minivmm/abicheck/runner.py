@@ -15,7 +15,7 @@ from .. import abi
 from .._sys import KvmError
 from ..kvm import vendor_module
 from .ctx import Ctx
-from .registry import REGISTRY, Fail, Skip
+from .registry import HOST_LIMIT_ERRNOS, REGISTRY, Fail, Skip
 
 CHECK_MODULES = ("caps", "ring_enable", "ring_mmap", "entries", "reset", "softfull",
                  "bitmap", "memslots", "misc", "unsafe")
@@ -96,11 +96,16 @@ def run_one(spec, kvm, unsafe: bool = False) -> Result:
         res.status, res.reason = "skip", str(e)
     except Fail as e:
         res.status, res.reason = "fail", str(e)
-    except KvmError as e:
-        res.status, res.reason = "fail", f"unexpected error: {e}"
-    except Exception as e:   # the tool's bug, not the kernel's: KTAP's ERROR, not a failure
-        res.status, res.reason = "error", f"check raised {type(e).__name__}: {e}"
-        res.diagnostics.extend(traceback.format_exc().rstrip().splitlines()[-6:])
+    except Exception as e:
+        if isinstance(e, OSError) and e.errno in HOST_LIMIT_ERRNOS:
+            # no fd left (ulimit -n): the host's limit stopped the check, the kernel
+            # answered nothing wrong. An ERROR naming it, not "not ok" blaming the kernel
+            res.status, res.reason = "error", f"host limit, not the kernel's: {e}"
+        elif isinstance(e, KvmError):
+            res.status, res.reason = "fail", f"unexpected error: {e}"
+        else:   # the tool's bug, not the kernel's: KTAP's ERROR, not a failure
+            res.status, res.reason = "error", f"check raised {type(e).__name__}: {e}"
+            res.diagnostics.extend(traceback.format_exc().rstrip().splitlines()[-6:])
     finally:
         ctx.close()
         res.seconds = time.perf_counter() - t0

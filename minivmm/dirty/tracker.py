@@ -190,17 +190,16 @@ class RingTracker(Tracker):
                 # KVM's reset index is its own: once it pushed past ours it stops at an
                 # entry it wrote over, not RESET: the overrun, not a signal, cut it short
                 rings = ", ".join(str(i) for i in sorted(self._overrun))
-                self._lost.append(f"KVM_RESET_DIRTY_RINGS stopped after {first} of {want} "
-                                  f"entries: the ring of vCPU {rings} was overrun (noted), so "
-                                  "KVM's indices no longer match the VMM's; the pages of the "
-                                  "entries not reset stay write-enabled and their next writes "
-                                  "are not logged")
+                why = (f": the ring of vCPU {rings} was overrun (noted), so KVM's indices no "
+                       "longer match the VMM's; the pages of the entries not reset")
+                source = ""
             else:
-                self._lost.append(f"KVM_RESET_DIRTY_RINGS stopped after {first} of {want} "
-                                  "entries (a pending signal or task work): the kernel drops "
-                                  "the batch it was on, so up to 64 of those pages stay "
-                                  "write-enabled and their next writes are not logged "
-                                  "(virt/kvm/dirty_ring.c, v6.17+)")
+                why = (" (a pending signal or task work): the kernel drops the batch it was "
+                       "on, so up to 64 of those pages")
+                source = " (virt/kvm/dirty_ring.c, v6.17+)"
+            self._lost.append(f"KVM_RESET_DIRTY_RINGS stopped after {first} of {want} entries"
+                              f"{why} stay write-enabled and their next writes are not logged"
+                              f"{source}")
         self._resets.append((got, want))
         self._since_reset = 0
 

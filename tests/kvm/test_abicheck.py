@@ -176,6 +176,27 @@ def test_a_check_that_raises_is_an_error_not_a_kernel_failure(kvm):
     assert [r["status"] for r in data["results"]] == ["error", "pass"]
 
 
+def test_a_check_stopped_by_the_fd_limit_is_an_error_not_a_kernel_failure(kvm, monkeypatch):
+    # `ulimit -n 20; minivmm abi-check` reported ring.reset.signal_partial "not ok" (FAIL:
+    # "unexpected error: KVM_CREATE_VCPU failed: EMFILE"), as if the kernel broke a rule;
+    # and an fd-making call under expect_errno (KVM_CREATE_VM takes its fd before it reads
+    # the type) was "expected EINVAL, observed EMFILE". Our limit, never the kernel's
+    import errno
+    from minivmm import _sys, abi
+    from tests.conftest import failing_ioctl
+    for request, check_id in ((abi.KVM_CREATE_VCPU, "ring.enable.after_vcpu"),
+                              (abi.KVM_CREATE_VM, "caps.create_vm.bad_type")):
+        with monkeypatch.context() as m:
+            for entry in ("_ioctl", "_ioctl_fast"):
+                m.setattr(_sys, entry, failing_ioctl(getattr(_sys, entry), request,
+                                                     errno.EMFILE))
+            res = runner.run_one(runner.REGISTRY[check_id], kvm)
+        assert res.status == "error", (check_id, res.status, res.reason)
+        assert res.reason.startswith("host limit, not the kernel's: ") \
+            and "EMFILE" in res.reason, (check_id, res.reason)
+        assert "# ERROR host limit" in report.ktap_result(1, res)
+
+
 def test_ktap_results_are_written_as_each_check_ends(kvm, monkeypatch):
     # the report was written once every check had run: a runner that stopped a hung run
     # at its timeout got no KTAP at all, not even the results of the checks that had ended

@@ -130,6 +130,54 @@ def test_kvm_run_errors_say_their_causes():
         assert info.value.errno == errno.EINVAL and "kvm_valid_regs" in str(info.value)
 
 
+class _kvm_msi(ctypes.Structure):          # include/uapi/linux/kvm.h struct kvm_msi
+    _fields_ = [("address_lo", ctypes.c_uint32), ("address_hi", ctypes.c_uint32),
+                ("data", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("devid", ctypes.c_uint32), ("pad", ctypes.c_uint8 * 12)]
+
+
+def test_kvm_run_eagain_names_a_vcpu_woken_before_its_init():
+    # KVM_RUN's EAGAIN was a bare "Resource temporarily unavailable", which reads as a host
+    # limit. kvm_arch_vcpu_ioctl_run() (arch/x86/kvm/x86.c) returns it for a vCPU in
+    # KVM_MP_STATE_UNINITIALIZED (an AP of a VM with an in-kernel APIC) that an event woke
+    # without a signal pending: here a broadcast INIT sent through KVM_SIGNAL_MSI
+    import signal
+    import threading
+    from ioctl_opt import IO, IOW
+    from minivmm import _sys
+    with Kvm() as kvm, kvm.create_vm() as vm:
+        _sys.ioctl(vm.fd, IO(0xAE, 0x60), 0, "KVM_CREATE_IRQCHIP")
+        vm.add_memory(0, 0xFFFF0000, 0x10000)
+        vm.create_vcpu(0)
+        ap = vm.create_vcpu(1)          # not the BSP: UNINITIALIZED until INIT and SIPI
+        seen = []
+
+        def run():
+            try:
+                seen.append(ap.run())
+            except KvmError as e:
+                seen.append(e)
+        old = signal.signal(signal.SIGUSR1, lambda *a: None)
+        try:
+            t = threading.Thread(target=run)
+            t.start()
+            t.join(0.3)                     # blocked in kvm_vcpu_block()
+            msi = _kvm_msi(address_lo=0xFEE00000 | 0xFF << 12, data=5 << 8)   # INIT, all
+            delivered = _sys.ioctl(vm.fd, IOW(0xAE, 0xA5, _kvm_msi), ctypes.addressof(msi),
+                                   "KVM_SIGNAL_MSI")
+            t.join(5)
+            while t.is_alive():             # never woken: a signal ends it (EINTR)
+                signal.pthread_kill(t.ident, signal.SIGUSR1)
+                t.join(0.1)
+        finally:
+            signal.signal(signal.SIGUSR1, old)
+    if not delivered or not isinstance(seen[0], KvmError):
+        pytest.skip(f"the INIT did not end KVM_RUN with an error here ({delivered=}, {seen})")
+    e = seen[0]
+    assert (e.call, e.errno) == ("KVM_RUN", errno.EAGAIN), e
+    assert "KVM_MP_STATE_UNINITIALIZED" in str(e) and "not a host limit" in str(e), e
+
+
 def test_iterations_zero_runs_until_the_timeout():
     with DirtySession(payload("dirty_seq"), tracker="bitmap", vcpus=1, pages=8,
                       iterations=0) as s:

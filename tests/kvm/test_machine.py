@@ -579,3 +579,15 @@ def test_a_repeating_store_to_mmio_through_a_protected_mode_es_with_a_base_is_na
         end = m.run(timeout=20).vcpus[0].end
     assert end.reason == "unhandled-mmio" and end.instruction.startswith("rep stosb"), \
         end.summary()
+
+
+@pytest.mark.parametrize("prefix,tail", [("0x67", "ud2"), ("0x66", "hlt"), ("0x2e, 0x3e", "ud2")])
+def test_data_run_as_prefixes_names_the_line_of_the_instruction_after_it(prefix, tail):
+    # `.byte 0x67` before `ud2`: the CPU reports the fault at the prefix, where the listing
+    # has data, so the instruction was named without any line ("ud2")
+    src = f";! mode: long\n    nop\n    .byte {prefix}\n    {tail}\n"
+    with Machine(assemble_source(src, "prefix.asm"), pages=1) as m:
+        end = m.run(timeout=10).vcpus[0].end
+    n = prefix.count(",") + 1
+    assert (end.reason, end.rip) == ("exception", 0x10001), end.summary()
+    assert end.instruction == f"{tail}  ; line 4, after {n} byte(s) of data run as prefixes"

@@ -342,6 +342,29 @@ def test_alignment_is_accounted_for_in_the_listing(body, padding):
     assert last.address == first.address + 1 + padding and last.mnemonic == "nop"
 
 
+@pytest.mark.parametrize("mode,fill,want", [
+    ("long", ", 0x90", b"\x90" * 7), ("protected", ", 0x90", b"\x90" * 7),
+    ("long", ", 0xcc", b"\xcc" * 7), ("long", ", -1", b"\xff" * 7),
+    ("real", "", b"\x90" * 7), ("real", ", 0x90", b"\x90" * 7),
+    ("real", ", 0x90, 7", b"\x90" * 7),
+])
+def test_alignment_padding_is_the_fill_asked(mode, fill, want):
+    # keystone padded `.balign 8, 0x90` (and, in every mode, a fill left out) with its own
+    # 7-byte NOP, 0f 1f 80 00 00 00 00: in real mode that runs as `nop word ptr [bx + si]`
+    # and then `add byte ptr [bx + si], al`, so a real-mode guest running through its
+    # padding wrote to memory
+    p = asm(f"nop\n.balign 8{fill}\nnop\n", f";! mode: {mode}\n")
+    assert p.code[1:8] == want
+    if want == b"\x90" * 7:     # run through, it is nops only: nothing is written
+        assert [i.mnemonic for i in P.disassemble(p.code, 0, mode)] == ["nop"] * 9
+
+
+def test_alignment_with_no_fill_keeps_keystones_nops_where_they_decode():
+    # 32- and 64-bit code: a multi-byte NOP, as GAS pads code; the listing is unchanged
+    p = asm("nop\n.balign 8\nnop\n")
+    assert [i.mnemonic for i in P.disassemble(p.code, 0, "long")] == ["nop"] * 3
+
+
 def test_list_payloads_reports_unreadable_entries(tmp_path):
     (tmp_path / "good.asm").write_text(";! mode: real\nhlt\n")
     (tmp_path / "binary.asm").write_bytes(b"\xff\xfe\x00;! mode: long\n")
