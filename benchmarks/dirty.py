@@ -311,8 +311,9 @@ def bench_scale(native) -> list:
                 row["info"] = "FAILED"
                 rows.append(row)
                 continue
-            n = _native_dirty(native, image, tracker, 4096 if tracker == "ring" else None) \
-                if os.path.exists(image) else {"error": "no image"}
+            n = _native_dirty(native, image, tracker, 4096 if tracker == "ring" else None,
+                              HUGE_ITERATIONS + 1) \
+                if os.path.exists(image) else {"error": "native: no image"}
             row.update(elapsed_s=p["elapsed_s"], total_s=p["total_s"],
                        data_pages=p["data_pages"], checks_ok=p["error"] is None,
                        peak_rss_kib=p["peak_rss_kib"], rss_before_kib=p["rss_before_kib"],
@@ -324,10 +325,23 @@ def bench_scale(native) -> list:
                            f"{'ok' if p['error'] is None else 'FAILED'}, peak RSS "
                            f"{p['peak_rss_kib'] / 1024:.0f} MiB (before {p['rss_before_kib'] / 1024:.0f})"
                            + (f"; native {n['elapsed_s']:.3f} s" if "elapsed_s" in n else ""))
-            if p["error"]:
-                row["error"] = p["error"]
+            # the native run is checked as the speed rows' are: its failure, a reset count
+            # or a page count that differs was dropped here, and the row said "checks ok"
+            errors = [e for e in (p["error"], _native_mismatch(p, n)) if e]
+            if errors:
+                row["error"] = "; ".join(errors)
             rows.append(row)
     return rows
+
+
+def _native_mismatch(p: dict, n: dict) -> str | None:
+    """What is wrong with a native run beside the Python run ``p`` of the same image."""
+    if n.get("error"):
+        return n["error"]
+    if n.get("pages") != p.get("pages") or n.get("data_pages") != p.get("data_pages"):
+        return (f"native collected {n.get('pages')} pages ({n.get('data_pages')} data), "
+                f"python {p.get('pages')} ({p.get('data_pages')} data)")
+    return None
 
 
 # ------------------------------------------------------------------ host
