@@ -13,9 +13,10 @@ tracker. Two figures per configuration:
   decode, including ring-full harvests), target <= 1.5x native.
 
 Plus a "scale" group without a native ratio: 64 vCPUs, and a 16 GiB data slot with 1%
-of its pages dirtied (run in a subprocess so its peak RSS is its own):
+of its pages dirtied, each run in a subprocess so its peak RSS is its own, and its image
+run by the native baseline, whose counts must match:
 
-    python -m benchmarks.dirty --scale-case ring|bitmap [--image PATH]
+    python -m benchmarks.dirty --scale-case vcpus|ring|bitmap [--image PATH]
 """
 from __future__ import annotations
 
@@ -258,12 +259,18 @@ def _peak_rss_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def scale_case(tracker: str, image: str | None = None) -> dict:
-    """The 16 GiB slot with 1% dirtied; meant to run in its own process (peak RSS)."""
+def scale_case(case: str, image: str | None = None) -> dict:
+    """One scale case, meant to run in its own process (peak RSS): "vcpus" (64 vCPU
+    threads, a small share each) or a tracker (the 16 GiB slot with 1% dirtied)."""
     rss0 = _peak_rss_kib()
     t0 = time.perf_counter()
-    p = python_dirty(tracker, 4096 if tracker == "ring" else None, 1, HUGE_PAGES,
-                     HUGE_ITERATIONS, payload="dirty_stride", stride=HUGE_STRIDE, image=image)
+    if case == "vcpus":
+        p = python_dirty("ring", 4096, SCALE_VCPUS, SCALE_VCPUS * SCALE_VCPU_PAGES,
+                         SCALE_ITERATIONS, image=image)
+    else:
+        p = python_dirty(case, 4096 if case == "ring" else None, 1, HUGE_PAGES,
+                         HUGE_ITERATIONS, payload="dirty_stride", stride=HUGE_STRIDE,
+                         image=image)
     p["total_s"] = time.perf_counter() - t0
     p["rss_before_kib"] = rss0
     p["peak_rss_kib"] = _peak_rss_kib()
@@ -272,36 +279,25 @@ def scale_case(tracker: str, image: str | None = None) -> dict:
 
 
 def bench_scale(native) -> list:
+    """(a) 64 vCPU threads, a small share each; (b) a 16 GiB data slot, 1% of its pages
+    dirtied, per tracker. Each case in its own process, its image run natively too."""
+    cases = [("vcpus", f"scale: {SCALE_VCPUS} vCPUs, dirty_seq, ring 4096",
+              {"n": SCALE_VCPUS * SCALE_VCPU_PAGES, "vcpus": SCALE_VCPUS,
+               "iterations": SCALE_ITERATIONS}, "ring", SCALE_ITERATIONS)]
+    cases += [(tracker, f"scale: 16 GiB slot, 1% dirty, {_label(tracker, 4096)}",
+               {"n": HUGE_PAGES, "vcpus": 1, "stride": HUGE_STRIDE,
+                "iterations": HUGE_ITERATIONS}, tracker, HUGE_ITERATIONS)
+              for tracker in ("ring", "bitmap")]
     rows = []
-    # (a) 64 vCPU threads, a small share each
-    pages = SCALE_VCPUS * SCALE_VCPU_PAGES
-    try:
-        p = python_dirty("ring", 4096, SCALE_VCPUS, pages, SCALE_ITERATIONS)
-    except Exception as e:                                   # noqa: BLE001 (report it)
-        p = {"error": f"{type(e).__name__}: {e}", "elapsed_s": None, "data_pages": 0}
-    row = {"bench": f"scale: {SCALE_VCPUS} vCPUs, dirty_seq, ring 4096", "n": pages,
-           "vcpus": SCALE_VCPUS, "iterations": SCALE_ITERATIONS, "python": None,
-           "native": None, "ratio": None, "target": None, "unit": "s",
-           "elapsed_s": p["elapsed_s"], "data_pages": p["data_pages"],
-           "checks_ok": p["error"] is None,
-           "info": f"{p['elapsed_s'] or 0:.3f} s, {p['data_pages']} pages, "
-                   f"checks {'ok' if p['error'] is None else 'FAILED'}"}
-    if p["error"]:
-        row["error"] = p["error"]
-    rows.append(row)
-
-    # (b) 16 GiB data slot, 1% of its pages dirtied, each tracker in its own process
     with tempfile.TemporaryDirectory() as tmp:
-        for tracker in ("ring", "bitmap"):
-            image = os.path.join(tmp, f"huge_{tracker}.img")
+        for case, label, shape, tracker, iterations in cases:
+            image = os.path.join(tmp, f"scale_{case}.img")
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(
                 filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
             proc = subprocess.run([sys.executable, "-m", "benchmarks.dirty", "--scale-case",
-                                   tracker, "--image", image], capture_output=True, text=True,
+                                   case, "--image", image], capture_output=True, text=True,
                                   timeout=600, cwd=ROOT, env=env)
-            label = f"scale: 16 GiB slot, 1% dirty, {_label(tracker, 4096)}"
-            row = {"bench": label, "n": HUGE_PAGES, "vcpus": 1, "stride": HUGE_STRIDE,
-                   "iterations": HUGE_ITERATIONS, "python": None, "native": None,
+            row = {"bench": label, **shape, "python": None, "native": None,
                    "ratio": None, "target": None, "unit": "s"}
             try:
                 p = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -312,7 +308,7 @@ def bench_scale(native) -> list:
                 rows.append(row)
                 continue
             n = _native_dirty(native, image, tracker, 4096 if tracker == "ring" else None,
-                              HUGE_ITERATIONS + 1) \
+                              iterations + 1) \
                 if os.path.exists(image) else {"error": "native: no image"}
             row.update(elapsed_s=p["elapsed_s"], total_s=p["total_s"],
                        data_pages=p["data_pages"], checks_ok=p["error"] is None,
@@ -418,8 +414,9 @@ def bench_dirty(reps: int, scale: float, native) -> list:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="dirty-tracking benchmark helpers")
-    ap.add_argument("--scale-case", choices=["ring", "bitmap"], required=True,
-                    help="run the 16 GiB / 1%% case once and print its figures as JSON")
+    ap.add_argument("--scale-case", choices=["vcpus", "ring", "bitmap"], required=True,
+                    help="run one scale case (64 vCPUs, or the 16 GiB / 1%% slot with this "
+                         "tracker) once and print its figures as JSON")
     ap.add_argument("--image", help="also write the machine image here (for the native run)")
     args = ap.parse_args(argv)
     print(json.dumps(scale_case(args.scale_case, args.image)))

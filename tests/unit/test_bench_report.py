@@ -114,3 +114,26 @@ def test_scale_rows_report_a_native_failure(monkeypatch):
     monkeypatch.setattr(dirty.subprocess, "run", fake_run)
     for row in dirty.bench_scale(failing)[1:]:
         assert "native baseline failed: boom" in row.get("error", ""), row
+
+
+def test_the_64_vcpu_case_runs_alone_with_its_peak_rss_and_native_check(monkeypatch):
+    # it ran inside the bench's own process: no peak RSS of its own, no native cross-check
+    cases = []
+
+    def fake_run(cmd, **kw):
+        cases.append(cmd[cmd.index("--scale-case") + 1])
+        with open(cmd[cmd.index("--image") + 1], "wb"):
+            pass
+        return subprocess.CompletedProcess(cmd, 0, json.dumps(PY_SCALE) + "\n", "")
+    monkeypatch.setattr(dirty.subprocess, "run", fake_run)
+    seen = []
+
+    def native(*args):
+        seen.append(args)
+        return dict(NATIVE_SCALE, collections=dirty.SCALE_ITERATIONS + 1)
+    row = dirty.bench_scale(native)[0]
+    assert cases == ["vcpus", "ring", "bitmap"]
+    assert row["vcpus"] == dirty.SCALE_VCPUS and row["peak_rss_kib"] == 270000
+    assert "peak RSS 264 MiB" in row["info"] and "error" not in row, row
+    assert seen[0][:3] == ("dirty", seen[0][1], "--tracker") and "ring" in seen[0]
+    assert row["native_pages"] == NATIVE_SCALE["pages"]
