@@ -61,3 +61,26 @@ def test_only_single_step_or_an_unreadable_dr6_is_a_step():
     # DR6 was read and says no single-step: the cause was not found, but it is no step
     assert not debug.DebugCause("unknown", False, INIT, 0x400).is_step
     assert not debug.classify(INIT, 0, DB).is_step
+
+
+def test_dr7_le_ge_and_dr6_reserved_bit_4_name_no_breakpoint():
+    # DR6 bit 4 is reserved and reads 1 (DR6_INIT), DR7 bits 8-9 are LE/GE: neither is a
+    # fifth breakpoint (only DR0-DR3 exist)
+    cause = debug.classify(INIT | debug.DR6_BS, 3 << 8, DB)
+    assert cause.kind == "single-step" and cause.breakpoints == []
+
+
+@pytest.mark.parametrize("kind,words", [
+    ("icebp", "icebp (INT1), trap-like, DR6 0xffff0ff0"),
+    ("int-1", "int-1 (a software interrupt through the #DB gate: no debug condition), "
+              "DR6 0xffff0ff0"),
+])
+def test_describe_names_icebp_and_int_1(kind, words):
+    info = {"kind": kind, "fault": False, "dr6": INIT, "dr7": 0, "breakpoints": []}
+    assert debug.describe(info) == words
+
+
+def test_dr3_is_a_breakpoint_too():
+    cause = debug.classify(INIT | 8, dr7(3, 1, 1), (0, 0, 0, 0x7000))
+    assert cause.kind == "data-breakpoint"
+    assert cause.breakpoints == [{"dr": 3, "address": 0x7000, "type": "write", "len": 2}]

@@ -1,5 +1,6 @@
 """Bitmap decoding, CLEAR pieces, ring-size rules and the oracles, without KVM."""
 
+import ctypes
 import subprocess
 import sys
 
@@ -30,6 +31,19 @@ def test_bitmap_round_trip_and_bit_order(npages):
 def test_decode_ignores_bits_past_the_slot():
     words = np.array([~np.uint64(0)], np.uint64)
     assert B.decode(words, 10).tolist() == list(range(10))
+
+
+def test_decode_of_no_set_bit_is_an_empty_uint64_array():
+    for words in (np.zeros(2, np.uint64), np.zeros(0, np.uint64)):
+        out = B.decode(words, 128)
+        assert isinstance(out, np.ndarray) and out.dtype == np.uint64 and out.shape == (0,)
+
+
+def test_encode_takes_any_integer_sequence():
+    # abi-check passes a list; page numbers as int64 too (np.unique of int pages)
+    want = np.array([1 | 1 << 63, 1 << 1, 0], np.uint64)
+    for pages in ([0, 63, 65], np.array([0, 63, 65], np.int64)):
+        assert B.encode(pages, 130).tolist() == want.tolist()
 
 
 class FakeVm:
@@ -71,12 +85,72 @@ def test_a_slot_bitmap_smaller_than_its_slot_is_refused():
     assert B.SlotBitmap(vm, 1, 1 << 20).nwords == 1 << 14
 
 
+@pytest.mark.parametrize("second_word,expect", [
+    (64, [(0, 65 * 64)]),                          # 63 zero words between: bridged
+    (65, [(0, 64), (65 * 64, 64)]),                # 64 zero words: two pieces
+])
+def test_clear_bridges_gaps_shorter_than_clear_gap_words(second_word, expect):
+    assert B.CLEAR_GAP_WORDS == 64
+    vm = FakeVm()
+    npages = 100 * 64
+    bm = B.SlotBitmap(vm, 1, npages)
+    assert bm.clear(B.encode([5, second_word * 64 + 7], npages)) == len(expect)
+    assert [(f, n) for _, f, n in vm.calls] == expect
+
+
+def test_clear_of_no_set_bit_makes_no_call():
+    vm = FakeVm()
+    bm = B.SlotBitmap(vm, 1, 64 * 300)
+    assert bm.clear(np.zeros(300, np.uint64)) == 0 and vm.calls == [] and bm.clear_calls == 0
+
+
+def test_clear_hands_kvm_contiguous_words():
+    # a strided view: KVM reads 8-byte words from the address it is given
+    seen = []
+
+    class ReadingVm(FakeVm):
+        def clear_dirty_log(self, slot, first, num, addr):
+            seen.append(ctypes.string_at(addr, (num + 63) // 64 * 8))
+
+    npages = 64 * 10000
+    words = B.encode([3, 64 * 9000 + 1], npages)
+    strided = np.repeat(words, 2)[::2]
+    B.SlotBitmap(ReadingVm(), 1, npages).clear(strided)
+    assert seen == [(1 << 3).to_bytes(8, "little"), (1 << 1).to_bytes(8, "little")]
+
+
+class GetVm(FakeVm):
+    """GET_DIRTY_LOG fills in the given bits; CLEAR is recorded."""
+
+    def __init__(self, bits):
+        super().__init__()
+        self.bits = bits
+
+    def get_dirty_log(self, slot, addr):
+        raw = self.bits.astype("<u8").tobytes()
+        ctypes.memmove(addr, raw, len(raw))
+
+
+@pytest.mark.parametrize("pages,clear,calls", [
+    ([], True, 0),             # nothing collected: nothing to clear
+    ([1, 70], False, 0),       # no manual protect: GET cleared them already
+    ([1, 70], True, 1),
+])
+def test_collect_clears_only_when_asked_and_bits_were_set(pages, clear, calls):
+    vm = GetVm(B.encode(pages, 128))
+    bm = B.SlotBitmap(vm, 2, 128)
+    buf, n = bm.collect(clear)
+    assert n == len(pages) and len(vm.calls) == calls
+    assert B.decode(np.frombuffer(buf, np.uint64), 128).tolist() == pages
+
+
 @pytest.mark.parametrize("npages", [1, 64, 4096, 12801, 64 * B.WHOLE_SLOT_WORDS])
 def test_small_slots_clear_in_one_call_over_the_whole_slot(npages):
     vm = FakeVm()
     bm = B.SlotBitmap(vm, 3, npages)
     words = B.encode(np.array([0, npages - 1], np.uint64), npages)
     assert bm.clear_collected(words) == 1 and vm.calls == [(3, 0, npages)]
+    assert bm.clear_calls == 1
 
 
 def test_big_slots_clear_in_pieces():
@@ -85,6 +159,7 @@ def test_big_slots_clear_in_pieces():
     bm = B.SlotBitmap(vm, 3, npages)
     bm.clear_collected(B.encode(np.array([0, npages - 1], np.uint64), npages))
     assert [(f, n) for _, f, n in vm.calls] == [(0, 64), (npages - 1, 1)]
+    assert bm.clear_calls == 2
 
 
 @pytest.mark.parametrize("entries,word", [(0, "power of two"), (3000, "power of two"),
@@ -234,6 +309,34 @@ def test_the_verdict_names_bogus_entries_and_never_says_ok_for_a_run_that_is_not
     summary = _ring_summary(rec)
     assert report.verdict(summary).endswith(
         "ring: pages lost (KVM_RESET_DIRTY_RINGS stopped after 3 of 5 entries; 1 more)")
+
+
+def test_the_verdict_fails_a_run_that_missed_pages_or_miscounted_a_reset():
+    from minivmm.dirty import report
+    from minivmm.dirty.tracker import Collection, IterationRecord
+    empty, pages = np.empty(0, np.int64), np.arange(4, dtype=np.int64)
+
+    def verdict(missed, resets, lost=()):
+        col = Collection(sets={}, raw=None, entries=4, resets=resets, lost=list(lost))
+        col._pages = {1: pages[:4 - len(missed)]}
+        rec = IterationRecord(1, "ring", col, pages[:4 - len(missed)], pages, pages,
+                              np.array(missed, np.int64), empty,
+                              [{"vcpu": 0, "reported": 4 - len(missed), "expected": 4,
+                                "missed": len(missed), "extra": 0}])
+        summary = _ring_summary(rec)
+        assert summary["ok"] is rec.ok
+        return report.verdict(summary)
+    assert verdict([2, 3], [(4, 4)]) == "verdict: FAIL - ring missed 2 page(s)"
+    assert verdict([], [(3, 4)]) == ("verdict: FAIL - ring: KVM_RESET_DIRTY_RINGS count "
+                                     "disagreed with the harvest")
+    # one loss note: nothing "more" to count
+    assert verdict([], [(4, 4)], ["overrun"]) == "verdict: FAIL - ring: pages lost (overrun)"
+    assert verdict([], [(4, 4)]).startswith("verdict: OK")
+    # two vCPUs ended badly: the first is named, and one more counted
+    summary = {"runs": [{"tracker": "ring", "iterations": [], "vcpus_ok": False,
+                         "vcpu_ends": [{"reason": "timeout"}, {"reason": "timeout"}]}]}
+    assert report.verdict(summary) == ("verdict: FAIL - ring: vCPU 0 ended badly (stopped by "
+                                       "--timeout; 1 more vCPU(s) too)")
 
 
 def test_the_verdict_says_when_the_content_oracle_saw_no_reported_page_change():

@@ -184,9 +184,9 @@ def test_works_on_an_mmap_and_keeps_no_reference_to_it():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="48 is not a power of two"):
         harvest(bytearray(48 * 16), 48, 0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="holds fewer than 64 entries"):
         harvest(bytearray(32 * 16), 64, 0)
     with pytest.raises(TypeError):
         harvest(bytes(64 * 16), 64, 0)
@@ -507,3 +507,13 @@ def test_a_hole_is_not_among_the_vcpus_own_pages_either():
     assert col.vcpu_pages(3, 1).tolist() == want
     assert col.raw[3][1].tolist() == want
     stage.close()
+
+
+def test_page_sets_take_offsets_of_any_integer_width():
+    # 32-bit slots and offsets, as a caller's own arrays may be: values, not raw bytes
+    for dtype in (np.uint32, np.int32, np.uint16):
+        ps = PageSets({1: 100})
+        by_slot, dups, bogus = ps.unique(np.array([1, 1, 1], np.uint32),
+                                         np.array([5, 6, 5], dtype))
+        assert {s: v.tolist() for s, v in by_slot.items()} == {1: [5, 6]}
+        assert (dups, bogus) == (1, [])
