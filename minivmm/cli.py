@@ -52,6 +52,9 @@ def _integer(text: str) -> int:
                                          "digits") from None
 
 
+_SECONDS = re.compile(r"-?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -59,6 +62,11 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if not math.isfinite(value):     # nan compares false with everything: no deadline
         raise argparse.ArgumentTypeError(f"not a finite number of seconds: {text!r}")
+    if not _SECONDS.fullmatch(text):
+        # as _integer: float() also took 1_0, spaces around and any script's digits
+        # (an Arabic-Indic ١٠ was 10 s)
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r} (decimal "
+                                         "digits, as 10 or 0.5)")
     if value <= 0:      # every such option is a time limit: 0 would stop before starting
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text}")
     return value
@@ -223,6 +231,8 @@ def cmd_caps(args) -> int:
 
 def cmd_payloads(args) -> int:
     from .payload import list_payloads, payload_dir
+    if args.dir == "":     # list_payloads() takes it as no --dir: the shipped ones, unasked
+        raise UsageError("--dir needs a directory name")
     rows = list_payloads(args.dir)
     if not rows:
         raise UsageError(f"no payloads in {args.dir or payload_dir()}")
@@ -578,7 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="number of vCPUs (default: the payload's header, else 1)")
     p.add_argument("--pages", type=_integer, default=64,
                    help="4 KiB pages in the data slot at 1 GiB (default 64)")
-    p.add_argument("--timeout", type=_seconds, default=10.0,
+    p.add_argument("--timeout", type=_seconds, default=10.0, metavar="S",
                    help="stop a guest that runs longer than this many seconds (default 10)")
     p.add_argument("--trace", action="store_true",
                    help="print every exit, decoded, with the instruction that caused it")
@@ -596,7 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dirty ring, bitmap, or both side by side (default auto: both when the "
                    "kernel offers the ring, else the bitmap)")
     p.add_argument("--vcpus", type=_integer, default=None,
-                   help="vCPUs (default: the payload's header)")
+                   help="number of vCPUs (default: the payload's header, else 1)")
     p.add_argument("--pages", type=_integer, default=4096, help="data-slot pages "
                    "(default 4096), split evenly between vCPUs")
     p.add_argument("--iterations", type=_integer, default=5, help="iterations (default 5)")
@@ -617,7 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dirty_random: seed (R9; default 1)")
     p.add_argument("--writes", type=_integer, default=None,
                    help="dirty_random: writes per iteration (R10; default a quarter of the share)")
-    p.add_argument("--timeout", type=_seconds, default=120.0,
+    p.add_argument("--timeout", type=_seconds, default=120.0, metavar="S",
                    help="stop the guest after this many seconds (default 120)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--plot", metavar="FILE.png", help="write a picture of the pages per iteration")
@@ -779,6 +789,12 @@ def _main(argv) -> int:
                 sys.stdout.flush()
             raise
         if extra:   # argparse would blame "minivmm", not the command that was given
+            given = sys.argv[1:] if argv is None else list(argv)
+            early = given[:given.index(args.command)] if args.command in given else []
+            if early:   # `minivmm --trace-ioctls caps` blamed caps, whose --help lists it
+                parser.error(f"unrecognized arguments: {' '.join(map(str, early))} (before "
+                             "COMMAND only --help and --version; a command's options go "
+                             "after it)")
             parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
         if sys.stdout is None and not getattr(args, "report_on_stdout", False):
             # started with >&-: Python sets sys.stdout to None, print() drops every line

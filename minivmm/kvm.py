@@ -53,20 +53,31 @@ class Kvm(_sys.FdOwner):
 
     def __init__(self, device: str | None = None):
         # an empty MINIVMM_KVM_DEVICE is unset, as an empty MINIVMM_PAYLOADS is (it opened "")
+        from_env = not device and bool(os.environ.get("MINIVMM_KVM_DEVICE"))
         device = device or os.environ.get("MINIVMM_KVM_DEVICE") or "/dev/kvm"
         self.device = device
+
+        def hint(text: str | None) -> str | None:
+            # a path the user never typed on the command line: say where it came from (a
+            # stale MINIVMM_KVM_DEVICE was told to modprobe, or given no hint at all)
+            if not from_env:
+                return text
+            return (f"{text}; " if text else "") + (f"{device} is MINIVMM_KVM_DEVICE's: "
+                                                    "unset it to use /dev/kvm")
         try:
             with _sys.fd_creation():
                 self.fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
                 self._close_fd = _sys.own_fd(self, self.fd)
         except FileNotFoundError:
             raise KvmUnavailable(f"open {device}", errno.ENOENT,
-                                 "no KVM device: load the kvm module (modprobe kvm_intel or "
-                                 "kvm_amd) or enable virtualization for this machine") from None
+                                 hint("no KVM device: load the kvm module (modprobe kvm_intel "
+                                      "or kvm_amd) or enable virtualization for this "
+                                      "machine")) from None
         except PermissionError as e:
-            raise KvmUnavailable(f"open {device}", e.errno, _permission_hint(device)) from None
+            raise KvmUnavailable(f"open {device}", e.errno,
+                                 hint(_permission_hint(device))) from None
         except OSError as e:
-            raise KvmUnavailable(f"open {device}", e.errno or 0) from None
+            raise KvmUnavailable(f"open {device}", e.errno or 0, hint(None)) from None
         self._cpuid = None
         try:
             try:

@@ -1187,7 +1187,7 @@ def register(subparsers, common) -> None:
     p.add_argument("--dirty", action="store_true",
                    help="enable the dirty ring, harvest after every step and show which "
                    "instruction produced each entry")
-    p.add_argument("--timeout", type=_seconds, default=10.0,
+    p.add_argument("--timeout", type=_seconds, default=10.0, metavar="S",
                    help="give up when one step (or the run to --break) takes longer than this "
                    "many seconds (default 10)")
     p.add_argument("--max-time", type=_seconds, default=DEFAULT_MAX_TIME, metavar="S",

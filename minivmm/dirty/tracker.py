@@ -153,7 +153,12 @@ class RingTracker(Tracker):
         if self.cap is None:
             raise DirtyRingError("this kernel offers no dirty ring (KVM_CAP_DIRTY_LOG_RING is "
                                  "0): use --tracker bitmap")
-        enable_dirty_ring(machine.vm, self.entries, self.cap)
+        try:
+            enable_dirty_ring(machine.vm, self.entries, self.cap)
+        except DirtyRingError as e:
+            # a size outside the host's range: name the argument (--ring-entries in the
+            # CLI), as every other refused value is named; it said only "ring size 16..."
+            raise named(DirtyRingError(f"ring_entries: {e}"), "ring_entries") from None
 
     def on_vcpu(self, machine, st) -> None:
         self.rings[st.index] = VcpuRing(st.vcpu, self.entries, self.stage_entries)

@@ -281,7 +281,12 @@ def test_cli_dirty_table_and_plot(tmp_path):
 
 
 @pytest.mark.parametrize("args,word", [(["--ring-entries", "3000"], "not a power of two"),
-                                       (["--ring-entries", "64"], "too small"),
+                                       # the host's range, named as the option: it said
+                                       # only "ring size 64 is too small"
+                                       (["--ring-entries", "64"],
+                                        "minivmm: --ring-entries: ring size 64 is too small"),
+                                       (["--ring-entries", str(1 << 20)],
+                                        "minivmm: --ring-entries: ring size 1048576 is too large"),
                                        (["--iterations", "0"], "between 1 and 4294967295"),
                                        (["--iterations", str(2 ** 64)], "between 1 and"),
                                        (["--payload", "dirty_stride", "--stride", "0"],

@@ -470,3 +470,48 @@ def test_permission_denied_says_whether_the_group_would_help(monkeypatch, tmp_pa
     with pytest.raises(KvmUnavailable) as info:
         Kvm(str(dev))
     assert says in str(info.value) and "run as root" in str(info.value)
+
+
+@pytest.mark.parametrize("device,errno_name", [("/nonexistent/kvm", "ENOENT"), ("/", "EISDIR")])
+def test_a_kvm_device_from_the_environment_is_named_as_such(device, errno_name):
+    # README: the error messages mention MINIVMM_KVM_DEVICE; only ENOTTY's did, and a stale
+    # value was told to modprobe (ENOENT) or given no hint at all (EISDIR)
+    line = one_line_error(run_cli("caps", env={"MINIVMM_KVM_DEVICE": device}))
+    assert errno_name in line and f"{device} is MINIVMM_KVM_DEVICE's" in line, line
+
+
+def test_a_kvm_device_given_by_the_caller_does_not_blame_the_environment(monkeypatch):
+    monkeypatch.setenv("MINIVMM_KVM_DEVICE", "/dev/kvm")
+    with pytest.raises(KvmUnavailable) as info:
+        Kvm("/nonexistent/kvm")
+    assert "MINIVMM_KVM_DEVICE" not in str(info.value)
+
+
+@pytest.mark.parametrize("argv", [["--trace-ioctls", "caps"], ["--json", "caps"],
+                                  ["--trace-ioctls", "payloads", "--bogus"]])
+def test_an_option_before_the_command_is_not_blamed_on_the_command(argv):
+    # it said "minivmm caps: unrecognized arguments: --trace-ioctls", which caps --help lists
+    line = one_line_error(run_cli(*argv))
+    assert line.startswith(f"minivmm: unrecognized arguments: {argv[0]} (before COMMAND"), line
+    assert "options go after it" in line
+
+
+def test_payloads_refuses_an_empty_dir():
+    # it listed the shipped payloads, as if no --dir had been given
+    assert one_line_error(run_cli("payloads", "--dir", "")) == \
+        "minivmm: --dir needs a directory name"
+
+
+@pytest.mark.parametrize("text", ["\u0661", "1_0", " 5", "5 ", "+5", "0x10", "1,5"])
+def test_seconds_are_ascii_decimal_as_counts_are(text):
+    # float() took underscores, spaces and any script's digits: --timeout ١ was 1 s
+    line = one_line_error(run_cli("run", "hello_long", "--timeout", text))
+    assert line.startswith(f"minivmm run: argument --timeout: not a number of seconds: "
+                           f"{text!r}"), line
+
+
+@pytest.mark.parametrize("text,value", [("10", 10.0), ("0.5", 0.5), (".5", 0.5), ("5.", 5.0),
+                                        ("1e-3", 0.001), ("1E2", 100.0)])
+def test_seconds_in_decimal_are_taken(text, value):
+    args = cli.build_parser().parse_args(["step", "x", "--timeout", text, "--max-time", text])
+    assert args.timeout == value and args.max_time == value

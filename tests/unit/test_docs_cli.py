@@ -80,3 +80,37 @@ def test_no_module_docstring_cites_a_path_outside_the_checkout():
     for path in (ROOT / "minivmm").rglob("*.py"):
         doc = ast.get_docstring(ast.parse(path.read_text())) or ""
         assert "../shared/" not in doc, path
+
+
+def test_every_number_of_seconds_is_shown_as_S():
+    """The README writes `--timeout S` and step's --help `--max-time S`; the --timeout of
+    run, dirty and step showed TIMEOUT, beside --max-time S in the same usage line."""
+    from minivmm.cli import _seconds
+    seconds = [(name, a) for name, sub in PARSER.commands.items() for a in sub._actions
+               if a.type is _seconds]
+    assert {a.option_strings[0] for _, a in seconds} == {"--timeout", "--max-time"}
+    for name, a in seconds:
+        assert a.metavar == "S", f"minivmm {name} {a.option_strings[0]}"
+        assert f"{a.option_strings[0]} S" in _synopsis_text(name), name
+
+
+def _synopsis_text(command) -> str:
+    block = re.search(r"## Commands\n\n```\n(.*?)```", README, re.S).group(1)
+    return block.split(f"minivmm {command} ", 1)[1].split("\nminivmm ", 1)[0]
+
+
+def test_readme_synopsis_choices_are_the_parsers():
+    """`--tracker ring|bitmap|both|auto` and the like, as argparse's choices."""
+    for name, sub in PARSER.commands.items():
+        for a in sub._actions:
+            if a.choices:
+                shown = re.search(rf"{a.option_strings[0]} ([\w|-]+)", _synopsis_text(name))
+                assert shown, f"minivmm {name} {a.option_strings[0]}: choices not in README"
+                assert shown.group(1).split("|") == list(a.choices), (name, a.option_strings)
+
+
+def test_a_command_with_a_header_default_says_so_for_vcpus():
+    """run and dirty take the payload's `;! vcpus:` header, else 1: their help says both."""
+    for name in ("run", "dirty"):
+        action = next(a for a in PARSER.commands[name]._actions if a.dest == "vcpus")
+        assert action.default is None and "the payload's header, else 1" in action.help
