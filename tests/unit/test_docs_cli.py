@@ -114,3 +114,12 @@ def test_a_command_with_a_header_default_says_so_for_vcpus():
     for name in ("run", "dirty"):
         action = next(a for a in PARSER.commands[name]._actions if a.dest == "vcpus")
         assert action.default is None and "the payload's header, else 1" in action.help
+
+
+def test_every_environment_variable_minivmm_reads_is_in_the_readme():
+    # MINIVMM_FORCE_NO_RING and MINIVMM_DEBUG were read but named nowhere a user looks
+    read = set()
+    for path in (ROOT / "minivmm").rglob("*.py"):
+        read |= set(re.findall(r"\b(MINIVMM_[A-Z_]+)\b", path.read_text()))
+    assert {"MINIVMM_KVM_DEVICE", "MINIVMM_FORCE_NO_RING"} <= read     # the scan works
+    assert sorted(v for v in read if f"`{v}" not in README) == []
