@@ -409,6 +409,12 @@ def _check_plot_path(path: str, show_ring: bool) -> None:
         raise UsageError(f"--plot {path!r}: the picture is a PNG; give a FILE.png")
     if importlib.util.find_spec("matplotlib") is None:
         raise UsageError("--plot needs matplotlib: pip install 'minivmm[plot]'")
+    try:    # found is not importable (a numpy it was not built for, PIL gone): now, not after
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot  # noqa: F401
+    except ImportError as e:
+        raise UsageError(f"--plot needs matplotlib, which failed to import: {e}") from None
     for target in _plot_paths(path, show_ring):
         existed = os.path.lexists(target)
         try:

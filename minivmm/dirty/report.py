@@ -158,8 +158,33 @@ def plot_rings(records, path: str) -> None:
     ax.set_xlabel("ring position (red: DIRTY, blue: harvested/RESET, grey: empty)")
     ax.set_title("dirty rings around each collection")
     fig.tight_layout()
-    fig.savefig(path)
+    save(fig, path)
     plt.close(fig)
+
+
+def save(fig, path: str) -> None:
+    """The figure as a PNG at ``path``, whatever its name: matplotlib took the format from
+    the extension and, for none (".png" is a name, not an extension), wrote ".png.png".
+    Written beside ``path`` and renamed over it, so that a failure (a full disk) leaves an
+    earlier picture whole, not truncated."""
+    import os
+    import stat
+    path = os.path.realpath(path)      # a symlink's target is replaced, as open() writes it
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        mode = None
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)    # the umask applies
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if mode is not None:
+                os.fchmod(f.fileno(), mode)
+            fig.savefig(f, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def _end_text(end: dict | None) -> str:
@@ -265,15 +290,21 @@ def plot(summary: dict, path: str, missed: dict | None = None) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
     runs = summary["runs"]
     fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
     # one column per collection: a payload may sync twice with one tag, and a column per
-    # tag drew only the last of them (an empty picture for pages reported before it)
+    # tag drew only the last of them (an empty picture for pages reported before it).
+    # Pages as arrays: scatter() turns a list into a masked array element by element
+    # (~6 us a page: half a minute of a 262144-page, 50-iteration run)
     sets, its = {}, {}
     for r in runs:
         keys = collection_keys([it["iteration"] for it in r["iterations"]])
         its[r["tracker"]] = list(zip(keys, r["iterations"]))
-        sets[r["tracker"]] = {k: set(it["pages"].get("data", [])) for k, it in its[r["tracker"]]}
+        sets[r["tracker"]] = {k: np.unique(np.asarray(it["pages"].get("data", []),
+                                                      dtype=np.int64))
+                              for k, it in its[r["tracker"]]}
+    none = np.zeros(0, dtype=np.int64)
     iters = collection_order(runs)
     xpos = {k: i for i, k in enumerate(iters)}
     names = list(sets)
@@ -292,14 +323,15 @@ def plot(summary: dict, path: str, missed: dict | None = None) -> None:
     for k in iters:
         x = xpos[k]
         if len(names) == 2:
-            a, b = sets[names[0]].get(k, set()), sets[names[1]].get(k, set())
-            groups = {"both": a & b, names[0]: a - b, names[1]: b - a}
+            a, b = sets[names[0]].get(k, none), sets[names[1]].get(k, none)
+            groups = {"both": np.intersect1d(a, b, assume_unique=True),
+                      names[0]: np.setdiff1d(a, b, assume_unique=True),
+                      names[1]: np.setdiff1d(b, a, assume_unique=True)}
         else:
-            groups = {names[0]: sets[names[0]].get(k, set())}
-        for name, pages in groups.items():
-            if pages:
-                ys = sorted(pages)
-                ax.scatter([x] * len(ys), ys, s=2, marker="s",
+            groups = {names[0]: sets[names[0]].get(k, none)}
+        for name, ys in groups.items():
+            if len(ys):
+                ax.scatter(np.full(len(ys), x), ys, s=2, marker="s",
                            color=colours[name], label=label(name))
         for r in runs:
             for key, it in its[r["tracker"]]:
@@ -308,9 +340,12 @@ def plot(summary: dict, path: str, missed: dict | None = None) -> None:
                 pages = it["missed_pages"] if missed is None else \
                     missed.get(r["tracker"], {}).get(k, it["missed_pages"])
                 if len(pages):
-                    ax.scatter([x] * len(pages), pages, s=30,
+                    ax.scatter(np.full(len(pages), x), np.asarray(pages), s=30,
                                marker="x", color="red", label=label("missed"))
-    ax.set_xticks(range(len(iters)), iters)
+    # a label to every column ran them together past ~40 of them ("1011121314"): every
+    # step-th, as many as fit the axis (~80 characters of tick labels)
+    step = max(1, -(-len(iters) * (max(map(len, iters), default=1) + 1) // 80))
+    ax.set_xticks(range(0, len(iters), step), iters[::step])
     ax.set_xlim(-width, len(iters) - 1 + width)
     ax.set_xlabel("iteration (collection)")
     ax.set_ylabel("data-slot page")
@@ -318,7 +353,12 @@ def plot(summary: dict, path: str, missed: dict | None = None) -> None:
                  f"({', '.join(names)}; {summary['collect']})")
     handles, labels = ax.get_legend_handles_labels()
     if handles:
-        ax.legend(markerscale=4, loc="upper right", fontsize=8)
+        # outside the axes: inside, it hid the pages (and misses) of the last columns'
+        # top rows. One marker size for all: markerscale=4 drew the cross past the frame
+        legend = ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0,
+                           fontsize=8)
+        for handle in legend.legend_handles:
+            handle.set_sizes([24])
     fig.tight_layout()
-    fig.savefig(path)
+    save(fig, path)
     plt.close(fig)

@@ -53,3 +53,26 @@ def test_readme_caps_json_keys_are_the_output_keys():
     rep = json.loads(run_cli("caps", "--json").stdout)
     assert set(rep) == top
     assert set(rep["ring"]) == set(re.findall(r"`(\w+)`", ring_part))
+
+
+def test_readme_picture_is_what_its_command_draws(tmp_path):
+    """docs/dirty_random.png is the picture of the command the README names under it (it
+    named none, and the picture was of an older --plot). Pixel for pixel where the same
+    matplotlib draws it; fonts and antialiasing differ between versions."""
+    import pytest
+    matplotlib = pytest.importorskip("matplotlib")
+    import matplotlib.image
+    import numpy as np
+    text = (ROOT / "README.md").read_text()
+    found = re.search(r"`(minivmm dirty [^`]*--plot docs/dirty_random\.png)`", text)
+    assert found, "the README names no command for docs/dirty_random.png"
+    picture = ROOT / "docs" / "dirty_random.png"
+    from PIL import Image
+    with Image.open(picture) as im:
+        software = im.info.get("Software", "")
+    if f"Matplotlib version{matplotlib.__version__}," not in software:
+        pytest.skip(f"the picture was drawn by {software!r}, not this matplotlib")
+    png = tmp_path / "d.png"
+    args = found.group(1).replace("docs/dirty_random.png", str(png)).split()[1:]
+    assert run_cli(*args).returncode == 0
+    assert np.array_equal(matplotlib.image.imread(png), matplotlib.image.imread(picture))
