@@ -46,10 +46,16 @@ def _integer(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r} (a leading 0 is "
                                          "ambiguous: octal or decimal? write it without)")
     try:
-        return int(text, 0)
+        value = int(text, 0)
     except ValueError:  # int() refuses past 4300 digits (sys.get_int_max_str_digits())
-        raise argparse.ArgumentTypeError(f"out of range: a number of {len(digits)} "
-                                         "digits") from None
+        value = None
+    # Hex has no such limit, but the messages that name a value write it in decimal, and
+    # str() of one past 4300 digits raised ValueError: a traceback. No count needs 128 bits
+    if value is None or value.bit_length() > 128:
+        hexa = digits[:2].lower() == "0x"
+        raise argparse.ArgumentTypeError(f"out of range: a number of {len(digits) - 2 * hexa} "
+                                         f"{'hex ' if hexa else ''}digits")
+    return value
 
 
 _SECONDS = re.compile(r"-?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")

@@ -88,6 +88,20 @@ def test_bad_page_counts_are_named_as_such(args, word):
     assert word in one_line_error(run_cli("dirty", *args))
 
 
+@pytest.mark.parametrize("cmd", [["run", "hello_long", "--pages"],
+                                 ["run", "hello_long", "--vcpus"],
+                                 ["dirty", "--iterations"], ["dirty", "--ring-entries"],
+                                 ["dirty", "--payload", "dirty_random", "--seed"],
+                                 ["step", "hello_long", "--vcpu"]])
+def test_a_huge_hex_count_is_refused_in_one_short_line(cmd):
+    # int() reads any number of hex digits; naming the value in decimal then raised
+    # "Exceeds the limit (4300 digits)": a traceback, or that text as the one line
+    line = one_line_error(run_cli(*cmd, "0x" + "f" * 5000,
+                                  env={"MINIVMM_KVM_DEVICE": "/nonexistent/kvm"}))
+    assert line.endswith("out of range: a number of 5000 hex digits "
+                         f"(see minivmm {cmd[0]} --help)"), line
+
+
 @pytest.mark.parametrize("cmd", ["run", "step"])
 def test_real_mode_vcpus_beyond_what_ss_names(cmd):
     # needs no KVM: vCPU 24's stack would be at 1 MiB, past any 16-bit SS

@@ -123,3 +123,12 @@ def test_every_environment_variable_minivmm_reads_is_in_the_readme():
         read |= set(re.findall(r"\b(MINIVMM_[A-Z_]+)\b", path.read_text()))
     assert {"MINIVMM_KVM_DEVICE", "MINIVMM_FORCE_NO_RING"} <= read     # the scan works
     assert sorted(v for v in read if f"`{v}" not in README) == []
+
+
+def test_readme_names_only_numpy_functions_minivmm_calls():
+    """The numpy row once said bitmaps were counted with numpy 2's `bitwise_count`, else
+    unpacked, well after counting moved to int.bit_count and no numpy version mattered."""
+    row = re.search(r"^\| numpy \|.*$", README, re.M).group(0)
+    source = "\n".join(p.read_text() for p in (ROOT / "minivmm").rglob("*.py"))
+    for name in re.findall(r"`([a-z_]+)`", row):
+        assert f"np.{name}(" in source, f"README's numpy row names np.{name}, never called"

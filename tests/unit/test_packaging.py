@@ -89,7 +89,7 @@ def test_the_wheel_holds_every_module_and_payload_and_nothing_else(wheel):
     meta = email.message_from_bytes(zipfile.ZipFile(wheel).read(
         f"minivmm-{minivmm.__version__}.dist-info/METADATA"))
     assert meta["Name"] == "minivmm" and meta["Version"] == minivmm.__version__
-    assert {"numpy>=1.24", "capstone>=5.0.1", "keystone-engine>=0.9.2",
+    assert {"numpy>=1.24", "capstone>=5.0.2", "keystone-engine>=0.9.2",
             "ioctl-opt>=1.3"} <= set(meta.get_all("Requires-Dist"))
 
 
