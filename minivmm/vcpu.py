@@ -341,11 +341,16 @@ _RUN_HINTS = {
     errno.ENOSPC: "KVM's shadow MMU has no page to spare: its budget is 0 while the VM has "
                   "no memory slot (add memory before KVM_RUN; KVM_SET_NR_MMU_PAGES also sets "
                   "it)",
-    # kvm_arch_vcpu_ioctl_run() (arch/x86/kvm/x86.c): a vCPU in KVM_MP_STATE_UNINITIALIZED
-    # blocks in kvm_vcpu_block() and returns -EAGAIN when woken without a signal pending
-    errno.EAGAIN: "the vCPU was waiting for INIT/SIPI (KVM_MP_STATE_UNINITIALIZED: an "
-                  "application processor of a VM with an in-kernel local APIC, "
-                  "KVM_CREATE_IRQCHIP) and an event woke it: not a host limit; check "
+    # Two sources. The VM's first KVM_RUN starts its NX huge page recovery task (arch/x86/
+    # kvm/mmu/mmu.c, kvm_mmu_start_lpage_recovery(), from kvm_arch_vcpu_run_pid_change()),
+    # whose vhost_task_create() error KVM_RUN returns: copy_process()'s EAGAIN at the
+    # user's process limit. And kvm_arch_vcpu_ioctl_run() (arch/x86/kvm/x86.c): a vCPU in
+    # KVM_MP_STATE_UNINITIALIZED blocks and returns -EAGAIN when woken without a signal
+    errno.EAGAIN: "one of: the VM's first KVM_RUN could not start KVM's "
+                  "kvm-nx-lpage-recovery task (the user's process limit, ulimit -u, which "
+                  "root is exempt from); or the vCPU was waiting for INIT/SIPI "
+                  "(KVM_MP_STATE_UNINITIALIZED: an application processor of a VM with an "
+                  "in-kernel local APIC, KVM_CREATE_IRQCHIP) and an event woke it: check "
                   "KVM_GET_MP_STATE and run it again",
     # kvm_vcpu_ioctl() (virt/kvm/kvm_main.c) and kvm_arch_vcpu_ioctl_run() (arch/x86/kvm/x86.c)
     errno.EINVAL: "one of: KVM_RUN given an argument (it takes none); kvm_run.kvm_valid_regs "
