@@ -79,8 +79,10 @@ class VcpuEnd:
         if self.reason == "exit-port":
             return f"exited with code {self.code}"
         if self.reason == "unreadable-exception-frame":
-            return (f"minivmm's exception stub reported with no frame to read (RSP "
-                    f"{self.detail.get('rsp', 0):#x} is outside guest memory){where}{ins}")
+            # RSP may be in memory with the frame running off its end, or (protected
+            # mode) be an offset from a non-zero SS base: the frame is what is outside
+            return (f"minivmm's exception stub reported with no frame to read (the frame at "
+                    f"RSP {self.detail.get('rsp', 0):#x} is not in guest memory){where}{ins}")
         if self.reason == "exception-port-by-payload":
             return (f"the payload wrote minivmm's exception-report port "
                     f"{self.detail.get('port', 0):#x} itself (value "

@@ -45,6 +45,12 @@ def test_dirty_seq_reports_exactly_what_was_written(tracker, collect):
         assert np.array_equal(r.changed, np.arange(1024))
         assert len(r.missed) == 0 and len(r.extra) == 0
         assert r.collection.reset_count_ok and r.ok
+        c = r.collection
+        assert c.entries >= 1024 and c.entries == sum(p.count for p in c.sets.values()) \
+            + c.duplicates + len(c.bogus)
+        if tracker == "bitmap":       # a bit per page: no duplicate, no ring's bookkeeping
+            assert (c.duplicates, c.ring_full_exits, c.resets, c.reset_retries, c.lost) == \
+                (0, 0, [], 0, [])
 
 
 @pytest.mark.parametrize("name,kw", [("dirty_stride", {"stride": 7}),
@@ -60,6 +66,21 @@ def test_ring_and_bitmap_agree_and_match_the_plan(name, kw):
         assert np.array_equal(ring[0].data_pages, np.concatenate([share, share + 512]))
 
 
+def test_the_ring_view_counts_what_each_collection_harvested_and_reset():
+    with session(tracker="ring", vcpus=1, pages=64, iterations=2, show_ring=True) as s:
+        recs = s.run(timeout=60)
+    assert [r.iteration for r in recs] == [1, 2]
+    for r in recs:
+        v = trackermod.ring_view_dict(r.collection.ring_views[0])
+        n = v["harvested"]
+        assert n >= 64 and n == v["fetch_after"] - v["fetch_before"] == r.collection.entries
+        assert v["before_harvest"]["dirty"] == v["after_harvest"]["reset"] == n
+        assert v["reset_returned"] == n and v["after_reset"] == \
+            {"dirty": 0, "reset": 0, "empty": 4096}
+        assert r.collection.resets == [(n, n)]
+        assert r.to_dict()["ring_view"] == {"0": v}
+
+
 def test_each_vcpus_writes_land_in_its_own_ring():
     for r in run(tracker="ring", vcpus=4, pages=1024):
         for row in r.rows:
@@ -71,6 +92,18 @@ def test_ring_full_exits_are_handled_without_losing_pages():
     assert sum(r.collection.ring_full_exits for r in recs) >= 2
     for r in recs:
         assert len(r.data_pages) == 8192 and len(r.missed) == 0 and not r.collection.lost
+
+
+def test_many_ring_full_exits_in_a_row_are_each_counted_and_none_is_an_overflow():
+    # Far more than EMPTY_FULL_LIMIT ring-full exits, each of which finds entries: none
+    # counts towards an overflow, and each is counted once
+    with session(tracker="ring", vcpus=1, pages=4096, iterations=2, ring_entries=512) as s:
+        recs = s.run(timeout=60)
+        exits = s.result.vcpus[0].exits_by_name()["dirty_ring_full"]
+        assert s.result.ok, [st.end.summary() for st in s.result.vcpus]
+    assert exits > 2 * trackermod.EMPTY_FULL_LIMIT
+    assert sum(r.collection.ring_full_exits for r in recs) == exits
+    assert all(r.ok and not r.collection.lost for r in recs)
 
 
 def test_stages_are_sized_for_a_vcpus_share_and_do_not_grow():
@@ -229,6 +262,29 @@ def test_overflowing_ring_is_detected_and_never_loops(monkeypatch):
     assert end.reason == "ring-overflow" and "overflowed" in end.detail["error"]
     assert any(r.collection.lost for r in recs)
     assert any(len(r.missed) for r in recs)          # the lost pages are reported as missed
+
+
+def test_a_harvest_of_a_full_lap_is_noted_and_its_holes_blamed_on_the_overrun(monkeypatch):
+    # KVM stops a vCPU before its ring fills, so a full lap is simulated: the first
+    # harvest with entries takes the whole ring. That lap is noted, and the entries of it
+    # that were not DIRTY are put down to the overrun, not to out-of-order publishing
+    real, taken = trackermod.dirty_count, []
+
+    def one_full_lap(flags, entries, fetch, guess=0):
+        n = real(flags, entries, fetch, guess)
+        if n and not taken:
+            taken.append(n)
+            return entries
+        return n
+    monkeypatch.setattr(trackermod, "dirty_count", one_full_lap)
+    with session(tracker="ring", vcpus=1, pages=64, iterations=2, ring_entries=256) as s:
+        recs = s.run(timeout=60)
+    lost = recs[0].collection.lost
+    assert taken and taken[0] < 256 and not recs[0].ok
+    assert lost[0] == ("vCPU 0: a harvest took a full lap of 256 entries: the ring was full, "
+                       "so later dirty pages may have overwritten entries"), lost
+    assert any(n.startswith("vCPU 0: ") and "were not DIRTY when copied: KVM wrote over them "
+               "when the ring was overrun" in n for n in lost[1:]), lost
 
 
 @pytest.mark.parametrize("collect", ["sync", "async"])

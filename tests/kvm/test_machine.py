@@ -174,6 +174,31 @@ def test_exception_port_written_by_the_payload_is_not_a_cpu_exception(rsp):
     assert "out 0xe0, eax" in end.summary()
 
 
+@pytest.mark.parametrize("mode,rsp", [
+    ("long", 0xDEADBEEF0000),                                  # outside memory
+    ("protected", 0x20000000),
+    ("protected", L.system_slot_size(1) - 8),                  # the frame runs off slot 0
+])
+def test_the_stubs_report_with_no_frame_to_read_is_said_to_be_unreadable(mode, rsp):
+    # CPL0 code that jumps to the stubs' out with RSP where no whole frame can be read:
+    # not an exception made up from whatever is there, nor a crash of the reader
+    out = L.STUB_COMMON + 5                    # push rax; mov eax, [rsp + W]; out 0xe0, eax
+    reg = "r" if mode == "long" else "e"
+    src = (f";! mode: {mode}\n" + (";! cpl: 0\n" if mode == "long" else "")
+           + f"    mov {reg}sp, {rsp:#x}\n    mov eax, 0x8765430d\n    mov {reg}cx, {out:#x}\n"
+           f"    jmp {reg}cx\n")
+    with Machine(assemble_source(src, "unread.asm")) as m:
+        r = m.run(timeout=20)
+    end = r.vcpus[0].end
+    assert (end.reason, end.vector, end.detail["rsp"], end.detail["value"]) == \
+        ("unreadable-exception-frame", None, rsp, 0x8765430d), end.summary()
+    # the frame is outside memory, not RSP (0x1ffff8 is in slot 0): it said "RSP ... is
+    # outside guest memory"
+    assert f"no frame to read (the frame at RSP {rsp:#x} is not in guest memory)" in \
+        end.summary()
+    assert not r.ok
+
+
 def test_unhandled_port():
     src = ";! mode: long\n    mov al, 7\n    out 0x80, al\n"
     with Machine(assemble_source(src, "port.asm")) as m:
@@ -474,8 +499,53 @@ def test_a_protected_mode_exception_on_a_stack_not_based_at_0_is_reported(body, 
     src = ";! mode: protected\n" + _SS_BASED_AT_BLOCK.format(body=body)
     with Machine(assemble_source(src, "ss.asm")) as m:
         end = m.run(timeout=20).vcpus[0].end
+        # the CS the CPU pushed where the SDM says, SS's base + ESP (0x8000) - 8
+        sdm_cs = int.from_bytes(m.system.read(0x40000 + 0x8000 - 8, 4), "little")
     assert (end.reason, end.vector, end.rip) == ("exception", vector, at), end.summary()
     assert (end.detail["error_code"], end.instruction) == (error, ins), end.summary()
+    # a note exactly where the host did not push there
+    assert ("host_note" in end.detail) == (sdm_cs != 8), end.detail
+    if sdm_cs != 8:
+        # a host that pushed the CPU's part at ESP without SS's base: EIP, CS, EFLAGS
+        # (and #GP's error code) end at ESP 0x8000, so they start 12 (16) bytes below it
+        at = 0x8000 - (16 if error is not None else 12)
+        assert end.detail["host_note"].startswith(f"this host pushed the CPU's frame at "
+                                                  f"{at:#x}, as if SS's base were 0, not "
+                                                  "0x40000"), end.detail
+
+
+def _ss_based(base: int, esp: int, body: str) -> str:
+    """_SS_BASED_AT_BLOCK with SS based at ``base`` and ESP ``esp``."""
+    ss = 0x00cf92000000ffff | (base & 0xFFFF) << 16 | (base >> 16 & 0xFF) << 32 \
+        | (base >> 24) << 56
+    return ";! mode: protected\n" + _SS_BASED_AT_BLOCK.format(body=body).replace(
+        "0x8000\n", f"{esp:#x}\n", 1).replace("0x00cf92040000ffff", f"{ss:#x}")
+
+
+@pytest.mark.parametrize("body,vector,error,at", [
+    ("    ud2\n", 6, None, L.CODE + 0x14),
+    ("    mov ax, 0x1234\n    mov ds, ax\n", 13, 0x1234, L.CODE + 0x18),
+])
+def test_a_frame_at_the_top_of_slot_0_as_if_ss_based_at_0_is_read_whole(body, vector, error, at):
+    # SS:ESP is in the data slot; ESP alone is the top of slot 0, where a host that leaves
+    # out SS's base pushes the CPU's part: it ends exactly at the slot's end, and is read
+    src = _ss_based(L.DATA_GPA - L.system_slot_size(1) + 0x8000, L.system_slot_size(1), body)
+    with Machine(assemble_source(src, "top.asm")) as m:
+        end = m.run(timeout=20).vcpus[0].end
+    assert (end.reason, end.vector, end.rip, end.detail["error_code"]) == \
+        ("exception", vector, at, error), end.summary()
+
+
+def test_a_faked_frame_on_an_ss_based_stack_with_nothing_at_esp_is_no_exception():
+    # the stub's frame (at SS's base + ESP) is no CPU's, and nothing is at ESP alone to
+    # look for the CPU's part in: the payload wrote the port, no crash of the reader
+    out = L.STUB_COMMON + 5
+    src = _ss_based(0x10000000, 0x30008000, f"    mov eax, 13\n    mov ecx, {out:#x}\n"
+                    "    jmp ecx\n")
+    with Machine(assemble_source(src, "fake.asm")) as m:
+        end = m.run(timeout=20).vcpus[0].end
+    assert (end.reason, end.vector, end.detail["value"]) == \
+        ("exception-port-by-payload", None, 13), end.summary()
 
 
 @pytest.mark.parametrize("mode,body,out", [
@@ -548,6 +618,7 @@ def test_ud_on_bytes_nothing_decodes_shows_the_bytes():
         st, = m.run(timeout=20).vcpus
     assert (st.end.reason, st.end.vector, st.end.rip) == ("exception", 6, L.CODE + 1)
     assert st.end.instruction is None and st.end.detail["bytes"].startswith("06 ff")
+    assert len(st.end.detail["bytes"].split()) == 8          # the 8 bytes from RIP
     assert st.end.summary().endswith("at 0x10001 (no instruction decodes from bytes "
                                      + st.end.detail["bytes"] + ")")
 

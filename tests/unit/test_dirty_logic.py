@@ -192,6 +192,31 @@ def test_content_oracle_finds_misses_and_extras():
     mem.close()
 
 
+def test_the_content_oracle_sees_every_page_of_a_slot_of_more_than_4096_pages():
+    # mincore() is asked about pages * 4096 bytes: any shorter length leaves the last
+    # pages of a large slot unread, and a write there is never found missing
+    pages = 3 * 4096 + 5
+    mem = GuestMemory(1, 0, pages * 4096)
+    oracle = ContentOracle(mem, pages)
+    view = np.frombuffer(mem.map, dtype="<u8")
+    view[(pages - 1) * 512] = 7
+    view[(pages - 2) * 512] = 7
+    assert {pages - 2, pages - 1} <= set(resident_pages(mem.host_addr, pages).tolist())
+    res = oracle.check(np.array([pages - 2], np.int64))
+    assert res["changed"].tolist() == [pages - 2, pages - 1]
+    assert res["missed"].tolist() == [pages - 1] and not len(res["extra"])
+    del view
+    mem.close()
+
+
+def test_resident_pages_raises_rather_than_say_nothing_is_resident():
+    # a failed mincore() leaves the vector zero: "no page resident" would blind the oracle
+    import errno
+    with pytest.raises(OSError) as e:
+        resident_pages(0, 1)                     # nothing is mapped at address 0
+    assert e.value.errno == errno.ENOMEM
+
+
 def test_lcg_plan_replays_the_generator_and_jumps_ahead():
     seq = lcg_pages(7, 100, 10, 1).tolist() + lcg_pages(7, 100, 10, 2).tolist()
     # iteration 2 continues the same generator, computed by the jump-ahead
@@ -200,6 +225,10 @@ def test_lcg_plan_replays_the_generator_and_jumps_ahead():
         x = (x * 6364136223846793005 + 1442695040888963407) % 2 ** 64
         manual.append((x >> 33) % 100)
     assert seq == manual
+    # no page to pick from, or no write: nothing (abicheck replays these too)
+    for args in ((7, 0, 10, 1), (7, 100, 0, 3)):
+        got = lcg_pages(*args)
+        assert got.dtype == np.int64 and got.tolist() == [], args
 
 
 def test_plans_per_payload():
@@ -208,6 +237,15 @@ def test_plans_per_payload():
     p = plan("dirty_stride", 2, 20, 3, {"stride": 4})
     assert p[0].tolist() == [0, 4, 8] and p[1].tolist() == [10, 14, 18]
     assert plan("my_own_payload", 1, 10, 1, {}) is None
+    # the guest takes a stride of 0 (or none given: R8 is 0) as 1, every page
+    for params in ({"stride": 1}, {"stride": 0}, {}):
+        assert plan("dirty_stride", 1, 6, 2, params)[0].tolist() == [0, 1, 2, 3, 4, 5], params
+    assert plan("dirty_stride", 2, 9, 1, {"stride": 2})[1].tolist() == [4, 6]
+    # a register not given is 0: no writes at all; seed 0 plus the vCPU index
+    assert [len(v) for v in plan("dirty_random", 2, 100, 1, {"seed": 3}).values()] == [0, 0]
+    p = plan("dirty_random", 2, 100, 2, {"writes": 5})
+    assert [p[0].tolist(), p[1].tolist()] == [
+        sorted(set((lcg_pages(i, 50, 5, 2) + 50 * i).tolist())) for i in (0, 1)]
 
 
 class _Resets:
@@ -258,7 +296,7 @@ def test_the_random_plan_is_the_set_of_pages_the_generator_hits(monkeypatch, chu
     monkeypatch.setattr(V, "_LCG_CHUNK", chunk)
     V._lcg_steps.cache_clear()
     for args in [(1, 100, 1, 1), (5, 512, 100, 3), (2 ** 64 - 1, 7, 1000, 2), (9, 3, 50, 5),
-                 (123, 4096, 777, 4), (1, 10, 0, 1)]:
+                 (123, 4096, 777, 4), (1, 10, 0, 1), (3, 1, 4, 2), (1, 0, 5, 1)]:
         assert V.lcg_page_set(*args).tolist() == sorted(set(V.lcg_pages(*args).tolist())), args
     V._lcg_steps.cache_clear()
 
@@ -469,3 +507,18 @@ def test_a_short_reset_after_an_overrun_blames_the_overrun(overrun):
         assert "ring of vCPU 1 was overrun" in note and "signal" not in note
     else:
         assert "a pending signal" in note
+
+
+def test_a_records_json_lists_at_most_64_missed_and_extra_pages_and_counts_all():
+    from minivmm.dirty.tracker import Collection, IterationRecord
+    empty = np.empty(0, np.int64)
+    col = Collection(sets={}, raw=None, entries=0)
+    col._pages = {}
+    missed, extra = np.arange(100, dtype=np.int64), np.arange(200, 300, dtype=np.int64)
+    rec = IterationRecord(2, "bitmap", col, empty, None, extra, missed, extra, [])
+    d = rec.to_dict(with_pages=False)
+    assert (d["missed"], d["missed_pages"]) == (100, list(range(64)))
+    assert (d["extra"], d["extra_pages"]) == (100, list(range(200, 264)))
+    assert (d["expected"], d["reported"], d["pages"]) == (None, 0, {}) and not rec.ok
+    # with pages, the data slot's are always given, none or not
+    assert rec.to_dict()["pages"] == {"data": []} and "ring_view" not in d
