@@ -166,6 +166,7 @@ class VcpuState:
         # on Python 3.11 a Ctrl-C inside join() can mark a live thread as stopped.
         self.done = threading.Event()
         self.ended_at: float | None = None    # time.monotonic() as the thread was over
+        self.completed_by: int | None = None  # Machine._complete_pending_io's exit reason
         self.stop_reason: str | None = None   # set by the host to kick the vCPU out
         # True while `thread` may be signalled: cleared under kick_lock as the thread ends,
         # so that no kick reaches its id once it is gone (pthread_kill on an exited thread
@@ -967,13 +968,20 @@ class Machine:
         return made_by
 
     def _complete_pending_io(self, st) -> int:
-        """Finish the pending IO with a KVM_RUN that runs no guest instruction; its RIP."""
+        """Finish the pending IO with a KVM_RUN that runs no guest instruction; its RIP.
+        That KVM_RUN's exit reason is kept in st.completed_by: KVM_EXIT_DEBUG when KVM
+        guest debug's single-step took the out's step trap then (x86.c
+        complete_fast_pio_out -> kvm_skip_emulated_instruction -> kvm_vcpu_do_singlestep),
+        which writes kvm_run's exit_reason and its io fields over (the same union): the
+        IO exit being handled is put back, so its port, size and data still read."""
         run = st.vcpu.run_struct
+        reason, io = run.exit_reason, type(run.io).from_buffer_copy(run.io)
         held, run.immediate_exit = run.immediate_exit, 1
         try:
-            st.vcpu.run()                   # EINTR (or a step trap's KVM_EXIT_DEBUG)
+            st.completed_by = st.vcpu.run()     # EINTR (or a step trap's KVM_EXIT_DEBUG)
         finally:
             run.immediate_exit = held
+            run.exit_reason, run.io = reason, io
         return st.vcpu.get_regs().rip
 
     def reset_by_kvm(self, st) -> bool:

@@ -678,12 +678,16 @@ class StepSession:
         Machine.out_exit_rip tells from the code, not from self.pc: a guest that cleared
         TF itself reaches the out untraced (_untraced_to). Written from the kernel
         source; kvm_pvm never takes this path."""
+        self.st.completed_by = None
         rip, name_at = self.machine.out_exit_rip(self.st, regs)
         if name_at or rip == regs.rip:
             return regs                  # past it already (kvm_pvm), or a repeating outs
         past = type(regs).from_buffer_copy(regs)
         past.rip = rip
-        self._late_trap = rip
+        # out_exit_rip may have finished the out already: under KVM guest debug that
+        # KVM_RUN was its step trap (KVM_EXIT_DEBUG), none is left to drop; in-guest, the
+        # #DB it queued still reaches the stub
+        self._late_trap = None if self.st.completed_by == _DEBUG else rip
         return past
 
     def _untraced_to(self, regs, made_by, what: str) -> str:
