@@ -29,6 +29,8 @@ from .x86.modes import (ERROR_CODE_VECTORS, EXCEPTION_NAMES, STUB_FRAME_LAYOUT,
                         cpu_pushed_frame, entry_register_problem, pushes_error_code,
                         setup_memory, setup_vcpu, stub_end)
 
+# legacy prefixes (SDM vol. 2, 2.1.1); REX (0x40-0x4f) too, in 64-bit code only
+_PREFIXES = frozenset((0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67, 0xF0, 0xF2, 0xF3))
 TRAP_VECTORS = (1, 3, 4)      # #DB (unless DR6 says otherwise: debug_cause), #BP, #OF
 VEC_DB = 1
 DEFAULT_PAGES = 64
@@ -831,6 +833,12 @@ class Machine:
             if ins is None or ins.address <= start or not self._intact(ins) or any(
                     p.instruction_containing(a) for a in range(start, ins.address)):
                 return ""               # code the guest made elsewhere, or data
+            # only prefixes: `.byte 0xcd` before `int3` runs as `int 0xcc`, an opcode
+            # and its immediate, not int3 behind a prefix
+            lead = one.raw[:ins.address - start]
+            if one.raw[len(lead):] != ins.raw or not all(
+                    b in _PREFIXES or (p.mode == "long" and 0x40 <= b <= 0x4F) for b in lead):
+                return ""
             listed = "" if ins.text == one.text else f" ({ins.text})"
             return (f"line {ins.line}{listed}, after {ins.address - start} byte(s) of data "
                     "run as prefixes")

@@ -166,16 +166,36 @@ def save(fig, path: str) -> None:
     """The figure as a PNG at ``path``, whatever its name: matplotlib took the format from
     the extension and, for none (".png" is a name, not an extension), wrote ".png.png".
     Written beside ``path`` and renamed over it, so that a failure (a full disk) leaves an
-    earlier picture whole, not truncated."""
+    earlier picture whole, not truncated; in place where that cannot be (a device, a
+    directory that takes no new file)."""
+    import errno
     import os
     import stat
-    path = os.path.realpath(path)      # a symlink's target is replaced, as open() writes it
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
+        st = os.stat(path)
     except FileNotFoundError:
-        mode = None
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)    # the umask applies
+        st = None
+    real = os.path.realpath(path)      # a symlink's target is replaced, as open() writes it
+    # the name cut short (50 characters, 200 bytes at most): a 255-byte target's own
+    # left no room around it
+    tmp = os.path.join(os.path.dirname(real), f".{os.path.basename(real)[:50]}."
+                                              f"{os.getpid()}.tmp")
+    fd = None
+    if st is None or stat.S_ISREG(st.st_mode):
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EPERM):
+                raise
+    if fd is None:
+        # in place, as --plot's check opened it: a device or FIFO (a .png link to
+        # /dev/null was replaced by a regular file), or a file its directory takes no
+        # new file beside (the check passed, the picture failed after the run)
+        with open(path, "wb") as f:
+            fig.savefig(f, format="png")
+        return
+    mode = stat.S_IMODE(st.st_mode) if st is not None else None
+    path = real
     try:
         with os.fdopen(fd, "wb") as f:
             if mode is not None:

@@ -662,3 +662,22 @@ def test_data_run_as_prefixes_names_the_line_of_the_instruction_after_it(prefix,
     n = prefix.count(",") + 1
     assert (end.reason, end.rip) == ("exception", 0x10001), end.summary()
     assert end.instruction == f"{tail}  ; line 4, after {n} byte(s) of data run as prefixes"
+
+
+@pytest.mark.parametrize("mode", ["protected", "long"])
+def test_data_run_as_an_opcode_is_not_called_prefixes(mode):
+    # `.byte 0xcd` before `int3` runs as `int 0xcc` (opcode and immediate): no prefix in
+    # it, so no "line 4 (int3), after 1 byte(s) of data run as prefixes"
+    src = f";! mode: {mode}\n    nop\n    .byte 0xcd\n    int3\n    hlt\n"
+    with Machine(assemble_source(src, "opcode.asm"), pages=1) as m:
+        end = m.run(timeout=20).vcpus[0].end
+    assert end.rip == 0x10001, end.summary()
+    assert end.instruction == "int 0xcc", end.summary()
+
+
+def test_rex_data_runs_as_a_prefix_in_long_mode():
+    src = ";! mode: long\n    nop\n    .byte 0x48\n    ud2\n"
+    with Machine(assemble_source(src, "rex.asm"), pages=1) as m:
+        end = m.run(timeout=10).vcpus[0].end
+    assert (end.reason, end.rip) == ("exception", 0x10001), end.summary()
+    assert end.instruction == "ud2  ; line 4, after 1 byte(s) of data run as prefixes"

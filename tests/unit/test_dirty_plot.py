@@ -1,4 +1,7 @@
 """The --plot picture and the dirty options checked before any VM runs, without KVM."""
+import os
+import stat
+
 import pytest
 
 from minivmm import cli
@@ -251,3 +254,41 @@ def test_a_matplotlib_that_will_not_import_is_refused_before_any_run(tmp_path, m
     err = capsys.readouterr().err
     assert err == ("minivmm: --plot needs matplotlib, which failed to import: "
                    "numpy.core.multiarray failed to import\n")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mknod needs root")
+def test_a_png_link_to_a_device_writes_through_it_not_over_it(tmp_path):
+    # a picture.png symlink to /dev/null (discard it): the rename replaced the device
+    # node itself with a regular file. A node of our own here, not the host's /dev/null
+    dev = tmp_path / "null"
+    os.mknod(dev, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    (tmp_path / "p.png").symlink_to(dev)
+    report.plot(_every_page(2, 8), str(tmp_path / "p.png"))
+    assert stat.S_ISCHR(os.lstat(dev).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["null", "p.png"]
+
+
+def test_a_name_of_255_bytes_is_written(tmp_path):
+    # --plot's check opened it, then the temporary (".NAME.PID.tmp") was too long a name:
+    # ENAMETOOLONG after the whole run
+    png = tmp_path / ("a" * 251 + ".png")
+    report.plot(_every_page(2, 8), str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == [png.name]
+
+
+def test_a_directory_that_takes_no_new_file_gets_the_picture_in_place(tmp_path, monkeypatch):
+    # a file the user may write in a directory they may not (or chattr +i): --plot's
+    # check passed, and the temporary beside it failed after the run (EPERM, EACCES)
+    import errno
+    png = tmp_path / "p.png"
+    png.write_bytes(b"the earlier picture")
+    real_open = os.open
+
+    def no_new_file(name, flags, *a, **kw):
+        if flags & os.O_CREAT and os.fspath(name) != str(png):
+            raise PermissionError(errno.EPERM, "Operation not permitted", name)
+        return real_open(name, flags, *a, **kw)
+    monkeypatch.setattr(os, "open", no_new_file)
+    report.plot(_every_page(2, 8), str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
