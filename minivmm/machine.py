@@ -227,8 +227,9 @@ class Machine:
     split evenly between the vCPUs. ``kvm``: an open Kvm to share (else one of its own).
     ``data_flags``/``system_flags``: the slots' KVM_MEM_* flags. ``regs``: entry registers
     by name (rax ... r15, rip, rflags) over the README's entry state; an RFLAGS with
-    reserved or VM bits, or a RIP the mode cannot fetch from (beyond 32 bits, or not
-    canonical in long mode), is refused: stock VMX would fail the VM entry.
+    reserved or VM bits, or a RIP the mode cannot fetch from (beyond 32 bits, past 0xffff
+    in real mode, or not canonical in long mode), is refused: stock VMX would fail the VM
+    entry, or the first fetch fault.
     ``before_vcpus(machine)``: called before the slots and vCPUs are made (enable a VM
     capability there); ``on_vcpu(machine, state)``: after each vCPU is set up.
 

@@ -201,6 +201,11 @@ def entry_register_problem(mode: str, name: str, value: int) -> str | None:
     if name == "rflags" and value & RFLAGS_REFUSED:
         return (f"sets reserved or VM bits ({value & RFLAGS_REFUSED:#x}): VM entry on Intel "
                 "VMX fails with them (SDM vol. 3, 27.3.1.4)")
+    if name == "rip" and mode == "real" and 0xFFFF < value < 1 << 32:
+        # not a VM-entry rule: CS's limit is 0xffff, so the first fetch raises #GP, whose
+        # real-mode frame keeps 16 bits of IP (it was reported at IP 0, the wrong line)
+        return ("is beyond real mode's 64 KiB code segment (CS limit 0xffff): its first "
+                "fetch would raise #GP")
     if name == "rip" and mode != "long" and value >> 32:
         return (f"is beyond 32 bits in {mode} mode: VM entry on Intel VMX fails (SDM vol. 3, "
                 "27.3.1.4: RIP bits 63:32 are 0 outside 64-bit code)")

@@ -198,9 +198,20 @@ def test_entry_registers_stock_vmx_refuses_are_refused(mode, name, value, monkey
     ("long", "rip", 0x0000_7FFF_FFFF_F000),
     ("long", "rip", 0xFFFF_8000_0000_0000),
     ("long", "rax", 1 << 63),
+    ("real", "rip", 0xFFFF),
 ])
 def test_entry_registers_vmx_accepts_are_kept(mode, name, value):
     assert modes.entry_register_problem(mode, name, value) is None
     v = FakeVcpu()
     modes.setup_vcpu(v, mode, 3 if mode == "long" else 0, 0, {name: value})
     assert getattr(v.regs, name) == value
+
+
+@pytest.mark.parametrize("rip", [0x10000, 0xFFFF_FFFF])
+def test_a_real_mode_rip_past_the_code_segment_is_refused(rip, monkeypatch):
+    # CS's limit is 0xffff: the first fetch raised #GP, reported at IP 0 (a 16-bit frame)
+    assert "64 KiB code segment" in modes.entry_register_problem("real", "rip", rip)
+    p = assemble_source(";! mode: real\nhlt")
+    monkeypatch.setenv("MINIVMM_KVM_DEVICE", "/nonexistent/kvm")
+    with pytest.raises(MachineError, match=rf"regs\['rip'\] {rip:#x} is beyond real mode"):
+        Machine(p, regs={"rip": rip}, kvm=None)
