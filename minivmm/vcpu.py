@@ -342,13 +342,17 @@ _RUN_HINTS = {
                   "no memory slot (add memory before KVM_RUN; KVM_SET_NR_MMU_PAGES also sets "
                   "it)",
     # Two sources. The VM's first KVM_RUN starts its NX huge page recovery task (arch/x86/
-    # kvm/mmu/mmu.c, kvm_mmu_start_lpage_recovery(), from kvm_arch_vcpu_run_pid_change()),
-    # whose vhost_task_create() error KVM_RUN returns: copy_process()'s EAGAIN at the
-    # user's process limit. And kvm_arch_vcpu_ioctl_run() (arch/x86/kvm/x86.c): a vCPU in
-    # KVM_MP_STATE_UNINITIALIZED blocks and returns -EAGAIN when woken without a signal
+    # kvm/mmu/mmu.c, kvm_mmu_start_lpage_recovery(), by call_once() from
+    # kvm_mmu_post_init_vm(), the first call in kvm_arch_vcpu_ioctl_run(), so a failure is
+    # tried again at the next KVM_RUN), whose vhost_task_create() error KVM_RUN returns:
+    # copy_process()'s EAGAIN at the user's process limit or the cgroup's pids.max
+    # (kernel/cgroup/pids.c pids_try_charge(): no exemption for root; measured). And
+    # kvm_arch_vcpu_ioctl_run() (arch/x86/kvm/x86.c): a vCPU in KVM_MP_STATE_UNINITIALIZED
+    # blocks and returns -EAGAIN when woken without a signal
     errno.EAGAIN: "one of: the VM's first KVM_RUN could not start KVM's "
-                  "kvm-nx-lpage-recovery task (the user's process limit, ulimit -u, which "
-                  "root is exempt from); or the vCPU was waiting for INIT/SIPI "
+                  "kvm-nx-lpage-recovery task (a process limit: the user's, ulimit -u, "
+                  "which root is exempt from, or the cgroup's pids.max, which binds root "
+                  "too); or the vCPU was waiting for INIT/SIPI "
                   "(KVM_MP_STATE_UNINITIALIZED: an application processor of a VM with an "
                   "in-kernel local APIC, KVM_CREATE_IRQCHIP) and an event woke it: check "
                   "KVM_GET_MP_STATE and run it again",

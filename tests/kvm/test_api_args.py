@@ -4,7 +4,10 @@ processes as dicts."""
 import ctypes
 import errno
 import json
+import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 
@@ -247,3 +250,41 @@ def test_wrong_objects_are_named_as_the_argument_they_came_in(make, error, text)
         make()
     assert str(info.value) == text
     assert info.value.argument in ("kvm", "dirty", "mechanism")
+
+
+_PIDS_CGROUP = "/sys/fs/cgroup/pids"          # cgroup v1's pids hierarchy
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.isdir(_PIDS_CGROUP),
+                    reason="needs root and cgroup v1's pids controller")
+def test_kvm_run_eagain_at_a_cgroups_pids_max_is_not_said_to_spare_root(tmp_path):
+    # The VM's first KVM_RUN starts kvm-nx-lpage-recovery (a task of this process): a
+    # cgroup at its pids.max refuses it with EAGAIN, root or not. The hint had said only
+    # ulimit -u, "which root is exempt from".
+    group = os.path.join(_PIDS_CGROUP, f"minivmm-test-{os.getpid()}")
+    os.mkdir(group)
+    child = ("import os, sys\n"
+             "from minivmm import Kvm, KvmError\n"
+             f"g = {group!r}\n"
+             "open(g + '/cgroup.procs', 'w').write(str(os.getpid()))\n"
+             "with Kvm() as kvm, kvm.create_vm() as vm:\n"
+             "    vm.add_memory(0, 0xFFFF0000, 0x10000).write(0xFFFF0000, b'\\xf4' * 0x10000)\n"
+             "    vcpu = vm.create_vcpu(0)\n"
+             "    open(g + '/pids.max', 'w').write(open(g + '/pids.current').read())\n"
+             "    try:\n"
+             "        vcpu.run()\n"
+             "    except KvmError as e:\n"
+             "        print(e.errno, e)\n"
+             "        sys.exit(0)\n"
+             "    print('ran')\n")
+    try:
+        out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+                             timeout=60, env=dict(os.environ, OPENBLAS_NUM_THREADS="1"))
+    finally:
+        os.rmdir(group)
+    assert out.returncode == 0, out.stderr
+    if out.stdout.startswith("ran"):
+        pytest.skip("KVM_RUN started no task here (no NX huge page recovery, or it is "
+                    "hard-disabled)")
+    assert out.stdout.startswith(f"{errno.EAGAIN} "), out.stdout
+    assert "pids.max" in out.stdout and "ulimit -u" in out.stdout, out.stdout
