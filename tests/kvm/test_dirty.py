@@ -12,7 +12,7 @@ import pytest
 from minivmm import Kvm, KvmError, abi
 from minivmm.dirty import tracker as trackermod
 from minivmm.abicheck.checks_entries import NEXT_ITERATION
-from minivmm.dirty.ring import DirtyRingError, enable_dirty_ring
+from minivmm.dirty.ring import DirtyRingError, enable_dirty_ring, overflow_reason
 from minivmm.dirty.tracker import CollectionError, DirtySession, compare_runs
 from minivmm.machine import MachineError
 from minivmm.x86 import layout as L
@@ -240,6 +240,55 @@ def test_no_ring_capability_refuses_ring_and_auto_falls_back():
         assert "offers no dirty ring" in line and opts[0] in line
 
 
+def test_the_plan_oracle_alone_catches_a_page_the_tracker_dropped():
+    # Page 7 is dropped from every collection and the content oracle is made blind to it
+    # (as to a write that left the first word as it was): the plan still expects it
+    with session(tracker="ring", vcpus=2, pages=1024, iterations=2) as s:
+        collect, compare = s.tracker.collect, s.oracle.compare
+
+        def dropping():
+            col = collect()
+            pages = col.pages.get(L.SLOT_DATA)
+            if pages is not None:         # the final collection finds none
+                col.pages[L.SLOT_DATA] = pages[pages != 7]
+            return col
+
+        def blind(snap, reported):
+            out = compare(snap, reported)
+            out["missed"] = out["missed"][out["missed"] != 7]
+            return out
+        s.tracker.collect, s.oracle.compare = dropping, blind
+        recs = s.run(timeout=60)
+    assert [r.iteration for r in recs] == [1, 2]
+    for r in recs:
+        assert r.missed.tolist() == [7] and not r.ok
+        assert [(row["reported"], row["expected"], row["missed"]) for row in r.rows] == \
+            [(511, 512, 1), (512, 512, 0)]
+
+
+def test_each_vcpu_row_counts_its_own_share(tmp_path):
+    # 1000 pages for 3 vCPUs: 333 each, the last share reaching the slot's end
+    with session(tracker="ring", vcpus=3, pages=1000, iterations=2) as s:
+        recs = s.run(timeout=60)
+        assert s.result.ok
+    for r in recs:
+        assert [(row["vcpu"], row["reported"], row["expected"], row["missed"], row["extra"],
+                 row["in_own_ring"], row["foreign"]) for row in r.rows] == \
+            [(i, 333, 333, 0, 0, 333, 0) for i in range(3)], r.iteration
+    # a payload of the user's writing a page past each share: vCPU 0 and 1 write their
+    # neighbour's first page, vCPU 2 the slot's last page, in no vCPU's share but its row's
+    mine = tmp_path / "mine.asm"
+    mine.write_text((ROOT / "guest_payloads" / "dirty_seq.asm").read_text()
+                    .replace("    mov rcx, r13\n", "    mov rcx, r13\n    inc rcx\n"))
+    with DirtySession(str(mine), tracker="ring", vcpus=3, pages=1000, iterations=1) as s:
+        recs = s.run(timeout=60)
+        assert s.result.ok
+    assert np.array_equal(recs[0].data_pages, np.arange(1000))
+    # (pages two vCPUs write land in either one's ring: in_own_ring is not compared)
+    assert [(row["reported"], row["expected"], row["missed"], row["extra"])
+            for row in recs[0].rows] == [(333, None, 0, 0), (333, None, 0, 0), (334, None, 0, 0)]
+
+
 def test_reset_count_mismatch_is_reported(monkeypatch):
     with session(tracker="ring") as s:
         real = s.machine.vm.reset_dirty_rings
@@ -248,6 +297,21 @@ def test_reset_count_mismatch_is_reported(monkeypatch):
     assert not recs[0].collection.reset_count_ok and not recs[0].ok
     got, want = recs[0].collection.resets[-1]
     assert got == want + 1
+
+
+def test_reset_retries_are_counted_per_collection(monkeypatch):
+    # The first reset is made to say one entry short (as a signal cuts one short): the
+    # retry that finds nothing left is that collection's, not every later one's
+    with session(tracker="ring", vcpus=1, iterations=2) as s:
+        real, calls = s.machine.vm.reset_dirty_rings, []
+
+        def short_once():
+            calls.append(1)
+            return real() - (len(calls) == 1)
+        monkeypatch.setattr(s.machine.vm, "reset_dirty_rings", short_once)
+        recs = s.run(timeout=60)
+    assert [r.collection.reset_retries for r in recs[:2]] == [1, 0]
+    assert recs[0].collection.lost and not recs[1].collection.lost and recs[1].ok
 
 
 def test_overflowing_ring_is_detected_and_never_loops(monkeypatch):
@@ -262,6 +326,66 @@ def test_overflowing_ring_is_detected_and_never_loops(monkeypatch):
     assert end.reason == "ring-overflow" and "overflowed" in end.detail["error"]
     assert any(r.collection.lost for r in recs)
     assert any(len(r.missed) for r in recs)          # the lost pages are reported as missed
+
+
+@pytest.mark.parametrize("pattern,ends_at", [("EER" * 8, None), ("EEE", 3), ("REEE", 4)])
+def test_only_enough_empty_ring_full_exits_in_a_row_are_an_overflow(monkeypatch, pattern,
+                                                                     ends_at):
+    # A ring-full exit whose harvest finds nothing (E) is forgiven until EMPTY_FULL_LIMIT
+    # (3) of them come in a row; one that finds entries (R) starts the count again. The
+    # empty ones are simulated: the vCPU's own harvest at its exit is skipped, so KVM,
+    # finding the ring still full, exits again at once.
+    real, exits = trackermod.RingTracker._harvest_locked, []
+
+    def harvest(self, index, ring, full=False):
+        if full:
+            exits.append(index)
+            if pattern[len(exits) - 1:len(exits)] == "E":
+                return 0
+        return real(self, index, ring, full)
+    monkeypatch.setattr(trackermod.RingTracker, "_harvest_locked", harvest)
+    with session(tracker="ring", vcpus=1, pages=8192, iterations=2) as s:
+        recs = s.run(timeout=60)
+        end = s.result.vcpus[0].end
+    if ends_at is None:         # never three in a row: a run like any other
+        assert len(exits) >= 6 and s.result.ok, (exits, end.summary())
+        assert all(r.ok for r in recs)
+        assert [len(r.data_pages) for r in recs if r.iteration != "final"] == [8192, 8192]
+    else:
+        assert end.reason == "ring-overflow" and len(exits) == ends_at, (exits, end.summary())
+        assert recs[-1].collection.lost == [f"vCPU 0: {overflow_reason()}"]
+
+
+def test_a_ring_full_exit_waits_for_a_collection_in_progress():
+    # The handler tries the lock first; held by another thread (a collection, the
+    # reaper), it waits for it rather than harvesting and resetting alongside, and the
+    # wait is not timed as its collecting.
+    with session(tracker="ring", vcpus=1, pages=8192, iterations=1) as s:
+        handler, entered, released = s.machine.on_ring_full, threading.Event(), threading.Event()
+        after_release = []
+
+        def on_ring_full(st):
+            entered.set()
+            end = handler(st)
+            after_release.append(released.is_set())
+            return end
+        s.machine.on_ring_full = on_ring_full
+
+        def hold():
+            entered.wait(30)
+            time.sleep(0.3)
+            released.set()
+            s.tracker.lock.release()
+        s.tracker.lock.acquire()
+        holder = threading.Thread(target=hold)
+        holder.start()
+        recs = s.run(timeout=60)
+        holder.join()
+        assert s.result.ok, [st.end.summary() for st in s.result.vcpus]
+    assert after_release and all(after_release), after_release
+    assert recs[0].collection.ring_full_exits == len(after_release) and recs[0].ok
+    # the 0.3 s it waited is the holder's time, not the handler's collecting
+    assert 0 < recs[0].collection.background_s < 0.2, recs[0].collection.background_s
 
 
 def test_a_harvest_of_a_full_lap_is_noted_and_its_holes_blamed_on_the_overrun(monkeypatch):

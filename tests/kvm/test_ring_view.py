@@ -71,3 +71,18 @@ def test_ring_views_keep_a_byte_per_entry():
         for v in r.collection.ring_views.values():
             for key in ("before", "harvested_flags", "after_reset"):
                 assert v[key].nbytes == entries and int(v[key].max(initial=0)) <= 3
+
+
+def test_the_view_says_what_the_collections_own_reset_returned(monkeypatch):
+    # Ring-full exits reset before the collection does; the view's count is the one of
+    # the reset after its harvest, as KVM returned it (here one more than was harvested)
+    with DirtySession(payload("dirty_seq"), tracker="ring", vcpus=1, pages=8192,
+                      iterations=1, show_ring=True) as s:
+        real = s.machine.vm.reset_dirty_rings
+        monkeypatch.setattr(s.machine.vm, "reset_dirty_rings", lambda: real() + 1)
+        recs = s.run(timeout=60)
+    c = recs[0].collection
+    assert c.ring_full_exits >= 1 and len(c.resets) == c.ring_full_exits + 1, c.resets
+    got, harvested = c.resets[-1]
+    assert got == harvested + 1 != c.resets[0][0]
+    assert c.ring_views[0]["reset_returned"] == got
