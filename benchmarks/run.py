@@ -127,13 +127,35 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def busy_warning(load1: float, cpus: int) -> str:
+def cpu_times() -> tuple | None:
+    """(busy, total) jiffies over every CPU from /proc/stat's first line; None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)      # idle + iowait
+    return sum(fields[:8]) - idle, sum(fields[:8])
+
+
+def busy_cpus(seconds: float = 1.0) -> float | None:
+    """How many CPUs other work kept busy over the last ``seconds``: measured now, where
+    the 1-minute load average also counted a bench or test run that had just ended."""
+    before = cpu_times()
+    time.sleep(seconds)
+    after = cpu_times()
+    if before is None or after is None or after[1] == before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1]) * (os.cpu_count() or 1)
+
+
+def busy_warning(busy: float | None, cpus: int) -> str:
     """A warning when other work already keeps the host busy: this machine is shared at
     times, and a ratio measured beside it means little ("" when it looks quiet)."""
-    if load1 <= cpus / 2:
+    if busy is None or busy <= cpus / 4:
         return ""
-    return (f"warning: load average {load1:.2f} over the last minute on {cpus} CPUs before "
-            "the bench started: other work competes for the CPUs, so these figures are noisy")
+    return (f"warning: other work kept {busy:.2f} of {cpus} CPUs busy in the second before "
+            "the bench started: it competes for the CPUs, so these figures are noisy")
 
 
 def main(argv=None) -> int:
@@ -151,10 +173,10 @@ def main(argv=None) -> int:
         header = {"kernel": os.uname().release, "vendor": vendor_module(),
                   "cpus": os.cpu_count(), "python": sys.version.split()[0],
                   "date": time.strftime("%Y-%m-%d %H:%M"),
-                  "loadavg_1min": os.getloadavg()[0]}
+                  "loadavg_1min": os.getloadavg()[0], "busy_cpus_1s": busy_cpus()}
     print(f"minivmm bench on {header['kernel']} ({header['vendor']}), {header['cpus']} CPUs, "
           f"Python {header['python']}; medians of {args.reps}")
-    warning = busy_warning(header["loadavg_1min"], header["cpus"] or 1)
+    warning = busy_warning(header["busy_cpus_1s"], header["cpus"] or 1)
     if warning:
         print(warning)
     rows = []

@@ -30,9 +30,30 @@ def test_verdict_and_the_ratio_printed_agree(capsys, ratio, target, higher, show
 
 
 def test_busy_warning():
-    assert run.busy_warning(0.3, 2) == ""
-    assert run.busy_warning(1.0, 2) == ""
-    assert "load average 7.81" in run.busy_warning(7.81, 2)
+    assert run.busy_warning(0.3, 2) == "" and run.busy_warning(None, 2) == ""
+    assert run.busy_warning(0.5, 2) == ""
+    assert "kept 1.60 of 2 CPUs busy" in run.busy_warning(1.6, 2)
+
+
+def test_busy_cpus_counts_work_now_not_the_last_minute():
+    # the load average still counted the test or bench run that had just ended, and
+    # warned of "other work" on a quiet machine
+    import threading
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            pass
+    t = threading.Thread(target=spin)
+    t.start()
+    try:
+        busy = run.busy_cpus(0.5)
+    finally:
+        stop.set()
+        t.join()
+    assert busy is not None and busy >= 0.5, busy     # one spinning thread: ~1 CPU
+    quiet = run.busy_cpus(0.5)
+    assert quiet is not None and 0 <= quiet < busy
 
 
 @pytest.mark.parametrize("args", [["--reps", "0"], ["--reps", "-1"], ["--reps", "x"],
