@@ -851,10 +851,12 @@ class Machine:
     def _intact(self, ins) -> bool:
         """Whether guest memory still holds a listed instruction's bytes."""
         p = self.payload
-        lin = ins.address - p.origin + p.load_address
-        mem = self._vm().slot_for(lin)
-        return mem is not None and mem.contains(lin, ins.size) \
-            and mem.read(lin, ins.size) == ins.raw
+        return self._guest_bytes(ins.address - p.origin + p.load_address, ins.size) == ins.raw
+
+    def _guest_bytes(self, gpa: int, n: int) -> bytes | None:
+        """The ``n`` bytes at guest-physical ``gpa`` when one slot holds them all, else None."""
+        mem = self._vm().slot_for(gpa)
+        return mem.read(gpa, n) if mem is not None and mem.contains(gpa, n) else None
 
     def in_stubs(self, st, rip: int, cs_base: int | None = None) -> bool:
         """Whether rip is in minivmm's exception stubs' code. Real and protected mode: they
@@ -1031,11 +1033,10 @@ class Machine:
             ss_base = st.vcpu.get_sregs().ss.base
             words = []
             for i in range(len(fields)):
-                addr = ss_base + ((regs.rsp + 2 * i) & mask)
-                mem = self._vm().slot_for(addr)
-                if mem is None or not mem.contains(addr, 2):
+                raw = self._guest_bytes(ss_base + ((regs.rsp + 2 * i) & mask), 2)
+                if raw is None:
                     return None
-                words.append(struct.unpack("<H", mem.read(addr, 2))[0])
+                words.append(struct.unpack("<H", raw)[0])
             frame, at = dict(zip(fields, words)), ss_base + (regs.rsp & mask)
         else:
             # protected mode: at SS:ESP, whose base a payload's own GDT may make non-zero
@@ -1043,10 +1044,10 @@ class Machine:
             # ignores SS's base
             ss_base = st.vcpu.get_sregs().ss.base if mode == "protected" else 0
             at = (ss_base + (regs.rsp & mask)) & mask
-            mem = self._vm().slot_for(at)
-            if mem is None or not mem.contains(at, size):
+            raw = self._guest_bytes(at, size)
+            if raw is None:
                 return None
-            frame = dict(zip(fields, struct.unpack(fmt, mem.read(at, size))))
+            frame = dict(zip(fields, struct.unpack(fmt, raw)))
             if ss_base and not cpu_pushed_frame(mode, frame):
                 self._cpu_part_without_ss_base(frame, regs.rsp, ss_base)
         if mode != "long":
@@ -1063,10 +1064,10 @@ class Machine:
         if not pushes_error_code(frame["vector"], "protected"):
             fields = fields[1:]                     # the stub's 0 is where it should be
         at = (esp + 4 * (6 - len(fields))) & 0xFFFFFFFF
-        mem = self._vm().slot_for(at)
-        if mem is None or not mem.contains(at, 4 * len(fields)):
+        raw = self._guest_bytes(at, 4 * len(fields))
+        if raw is None:
             return
-        values = struct.unpack(f"<{len(fields)}I", mem.read(at, 4 * len(fields)))
+        values = struct.unpack(f"<{len(fields)}I", raw)
         moved = dict(frame, **dict(zip(fields, values)))
         if cpu_pushed_frame("protected", moved):
             frame.update(moved, _host_note=f"this host pushed the CPU's frame at {at:#x}, "
@@ -1160,10 +1161,9 @@ class Machine:
         index = frame["cs"] & ~7
         if index + 7 > table.limit:
             return None
-        mem = self._vm().slot_for(table.base + index)
-        if mem is None or not mem.contains(table.base + index, 8):
+        d = self._guest_bytes(table.base + index, 8)
+        if d is None:
             return None
-        d = mem.read(table.base + index, 8)
         return d[2] | d[3] << 8 | d[4] << 16 | d[7] << 24          # SDM vol. 3, 3.4.5
 
     def reset_dr6(self, st, frame: dict | None = None) -> None:

@@ -25,16 +25,15 @@ _RING_HINTS = {
     errno.E2BIG: "the ring is larger than KVM_CHECK_EXTENSION(KVM_CAP_DIRTY_LOG_RING) allows"}
 
 
+# kvm_get_dirty_log_protect() and kvm_get_dirty_log(): the slot field's checks
+_GET_EINVAL = ("the slot id is not below KVM_CAP_NR_MEMSLOTS or its address space "
+               "(bits 16-31) does not exist")
+
 # kvm_clear_dirty_log_protect(): every EINVAL it returns, not only the alignment ones
 # (a range past the slot's end was blamed on alignment, api.rst 4.117)
 _CLEAR_EINVAL = ("first_page must be a multiple of 64, num_pages too unless the range ends "
                  "at the slot's last page, and [first_page, first_page + num_pages) must lie "
-                 "inside the slot; or the slot id is not below KVM_CAP_NR_MEMSLOTS or its "
-                 "address space (bits 16-31) does not exist")
-
-# kvm_get_dirty_log_protect() and kvm_get_dirty_log(): the slot field's checks
-_GET_EINVAL = ("the slot id is not below KVM_CAP_NR_MEMSLOTS or its address space "
-               "(bits 16-31) does not exist")
+                 "inside the slot; or " + _GET_EINVAL)
 
 # the u32 and u64 fields of the dirty-log structs: ctypes would keep their low bits
 _U32, _U64 = 1 << 32, 1 << 64
@@ -94,8 +93,8 @@ class Vm(_sys.FdOwner):
                                host_addr: int) -> None:
         """KVM_SET_USER_MEMORY_REGION: create, move, change or (size 0) delete a slot."""
         check_width("KVM_SET_USER_MEMORY_REGION",
-                     [("slot", slot, 32), ("flags", flags, 32), ("gpa", gpa, 64),
-                      ("size", size, 64), ("host_addr", host_addr, 64)])
+                    [("slot", slot, 32), ("flags", flags, 32), ("gpa", gpa, 64),
+                     ("size", size, 64), ("host_addr", host_addr, 64)])
         region = abi.kvm_userspace_memory_region(slot, flags, gpa, size, host_addr)
         ioctl(self.fd, abi.KVM_SET_USER_MEMORY_REGION, ctypes.addressof(region),
               "KVM_SET_USER_MEMORY_REGION",
@@ -123,7 +122,7 @@ class Vm(_sys.FdOwner):
         """KVM_ENABLE_CAP on the VM fd (api.rst 4.37)."""
         arg = abi.kvm_enable_cap()
         check_width("KVM_ENABLE_CAP", [("cap", cap, 32), ("flags", flags, 32)]
-                     + [(f"args[{i}]", v, 64) for i, v in enumerate(args)])
+                    + [(f"args[{i}]", v, 64) for i, v in enumerate(args)])
         if len(args) > len(arg.args):
             raise ValueError(f"KVM_ENABLE_CAP takes at most {len(arg.args)} arguments, "
                              f"got {len(args)}")
@@ -146,7 +145,7 @@ class Vm(_sys.FdOwner):
         if not (slot.__class__ is int and bitmap_addr.__class__ is int
                 and 0 <= slot < _U32 and 0 <= bitmap_addr < _U64):
             check_width("KVM_GET_DIRTY_LOG", [("slot", slot, 32),
-                                               ("dirty_bitmap", bitmap_addr, 64)])
+                                              ("dirty_bitmap", bitmap_addr, 64)])
         arg = abi.kvm_dirty_log(slot=slot, dirty_bitmap=bitmap_addr)
         ioctl(self.fd, abi.KVM_GET_DIRTY_LOG, ctypes.addressof(arg), "KVM_GET_DIRTY_LOG",
               {errno.EINVAL: _GET_EINVAL,
@@ -162,8 +161,8 @@ class Vm(_sys.FdOwner):
                 and 0 <= slot < _U32 and 0 <= num_pages < _U32 and 0 <= first_page < _U64
                 and 0 <= bitmap_addr < _U64):
             check_width("KVM_CLEAR_DIRTY_LOG",
-                         [("slot", slot, 32), ("num_pages", num_pages, 32),
-                          ("first_page", first_page, 64), ("dirty_bitmap", bitmap_addr, 64)])
+                        [("slot", slot, 32), ("num_pages", num_pages, 32),
+                         ("first_page", first_page, 64), ("dirty_bitmap", bitmap_addr, 64)])
         arg = abi.kvm_clear_dirty_log(slot=slot, num_pages=num_pages, first_page=first_page,
                                       dirty_bitmap=bitmap_addr)
         ioctl(self.fd, abi.KVM_CLEAR_DIRTY_LOG, ctypes.addressof(arg), "KVM_CLEAR_DIRTY_LOG",
