@@ -85,14 +85,15 @@ class Kvm(_sys.FdOwner):
             except KvmError as e:
                 # ENOTTY (EINVAL from some drivers): a file that is not the KVM device;
                 # any other errno is KVM's own answer, given as it came
-                hint = (f"{device} does not answer KVM's ioctls: is it the KVM device? "
-                        "(check MINIVMM_KVM_DEVICE)") \
+                # through hint(): MINIVMM_KVM_DEVICE is named only where the path came
+                # from it (a caller's own Kvm(path) was told to check it)
+                text = f"{device} does not answer KVM's ioctls: is it the KVM device?" \
                     if e.errno in (errno.ENOTTY, errno.EINVAL) else e.hint
-                raise KvmUnavailable("KVM_GET_API_VERSION", e.errno, hint) from None
+                raise KvmUnavailable("KVM_GET_API_VERSION", e.errno, hint(text)) from None
             if version != abi.KVM_API_VERSION:
                 raise KvmUnavailable("KVM_GET_API_VERSION", 0,
-                                     f"kernel reports API version {version}, minivmm speaks "
-                                     f"{abi.KVM_API_VERSION}")
+                                     hint(f"kernel reports API version {version}, minivmm "
+                                          f"speaks {abi.KVM_API_VERSION}"))
         except BaseException:
             self.close()
             raise

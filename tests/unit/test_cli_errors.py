@@ -501,6 +501,23 @@ def test_a_kvm_device_given_by_the_caller_does_not_blame_the_environment(monkeyp
     assert "MINIVMM_KVM_DEVICE" not in str(info.value)
 
 
+def test_a_device_that_is_not_kvm_blames_the_environment_only_when_it_came_from_it(
+        monkeypatch):
+    # ENOTTY's hint always said "(check MINIVMM_KVM_DEVICE)", also to a caller's own
+    # Kvm("/dev/null"), and never said how to get back to /dev/kvm when the path was the
+    # variable's (the hint() the open errors go through was shadowed by a local)
+    monkeypatch.delenv("MINIVMM_KVM_DEVICE", raising=False)
+    with pytest.raises(KvmUnavailable) as info:
+        Kvm("/dev/null")
+    assert "is it the KVM device?" in str(info.value)
+    assert "MINIVMM_KVM_DEVICE" not in str(info.value)
+    monkeypatch.setenv("MINIVMM_KVM_DEVICE", "/dev/null")
+    with pytest.raises(KvmUnavailable) as info:
+        Kvm()
+    assert "is it the KVM device?" in str(info.value)
+    assert "/dev/null is MINIVMM_KVM_DEVICE's: unset it to use /dev/kvm" in str(info.value)
+
+
 @pytest.mark.parametrize("argv", [["--trace-ioctls", "caps"], ["--json", "caps"],
                                   ["--trace-ioctls", "payloads", "--bogus"]])
 def test_an_option_before_the_command_is_not_blamed_on_the_command(argv):
