@@ -25,6 +25,10 @@ _RING_HINTS = {
     errno.E2BIG: "the ring is larger than KVM_CHECK_EXTENSION(KVM_CAP_DIRTY_LOG_RING) allows"}
 
 
+# kvm_set_memory_region(): the slot field's checks
+_SLOT_RANGE = ("a slot id not below KVM_CAP_NR_MEMSLOTS or an address space (bits 16-31 of "
+               "slot) not below KVM_CAP_MULTI_ADDRESS_SPACE (1 when it is 0)")
+
 # kvm_get_dirty_log_protect() and kvm_get_dirty_log(): the slot field's checks
 _GET_EINVAL = ("the slot id is not below KVM_CAP_NR_MEMSLOTS or its address space "
                "(bits 16-31) does not exist")
@@ -50,6 +54,13 @@ class Vm(_sys.FdOwner):
         self.dirty_ring_bytes = 0   # per vCPU, once KVM_ENABLE_CAP(dirty ring) succeeded
         self.vcpus: list = []
         self.memory: dict[int, GuestMemory] = {}
+        # add_memory()'s memory whose slot is gone (deleted by the raw call, or by
+        # remove_memory() while a view held it): still the VM's to free at close()
+        self._unslotted: list[GuestMemory] = []
+        # every slot KVM holds, as set through set_user_memory_region(), whoever called it:
+        # slot field (as_id << 16 | id) -> memory_size. A SlotBitmap is sized from it:
+        # KVM writes the slot's whole bitmap, whatever buffer it is given
+        self.slot_sizes: dict[int, int] = {}
 
     # -- lifecycle: vCPUs first, then the VM fd, then the memory behind it --
     def close(self) -> None:
@@ -72,9 +83,11 @@ class Vm(_sys.FdOwner):
         if self.fd >= 0:
             self._close_fd()
             self.fd = -1
+        self.slot_sizes.clear()          # the VM is gone, and its slots with it
         held = {slot: mem for slot, mem in self.memory.items() if not released(mem)}
         self.memory.clear()
         self.memory.update(held)
+        self._unslotted[:] = [mem for mem in self._unslotted if not released(mem)]
         if errors:
             raise errors[0]
 
@@ -96,13 +109,48 @@ class Vm(_sys.FdOwner):
                     [("slot", slot, 32), ("flags", flags, 32), ("gpa", gpa, 64),
                      ("size", size, 64), ("host_addr", host_addr, 64)])
         region = abi.kvm_userspace_memory_region(slot, flags, gpa, size, host_addr)
+        # kvm_set_memory_region(): deleting a slot that does not exist is EINVAL too
+        einval = (f"slot {slot & 0xFFFF} of address space {slot >> 16} does not exist (size "
+                  "0 deletes a slot), bad flags or an unaligned address, or " if not size else
+                  "bad flags, unaligned address or size, over 2**31 - 1 pages, a live slot "
+                  "resized or given another host address, an address beyond the guest's "
+                  "physical address width, or ") + _SLOT_RANGE
         ioctl(self.fd, abi.KVM_SET_USER_MEMORY_REGION, ctypes.addressof(region),
               "KVM_SET_USER_MEMORY_REGION",
               {errno.EEXIST: "the range overlaps another slot",
-               errno.EINVAL: "bad flags, unaligned address or size, an existing slot "
-                             "resized, a slot id beyond KVM_CAP_NR_MEMSLOTS or an address "
-                             "beyond the guest's physical address width",
+               errno.EINVAL: einval,
                errno.EFAULT: "the host memory is not mapped"})
+        self._slot_changed(slot, flags, gpa, size, host_addr)
+
+    def _slot_changed(self, slot: int, flags: int, gpa: int, size: int, host_addr: int) -> None:
+        """Keep vm.memory and slot_sizes true to KVM after a call that succeeded, the raw
+        one too: a slot deleted by it stayed in vm.memory (remove_memory() then failed
+        with EINVAL, so add_memory() could never have its id again), a flag toggled by it
+        was not seen by the trackers, and a SlotBitmap of a slot re-created bigger
+        overran its buffer."""
+        mem = self.memory.get(slot)         # keys are ids of address space 0: the field
+        if not size:
+            self.slot_sizes.pop(slot, None)
+            if mem is not None:
+                del self.memory[slot]
+                self._unslotted.append(mem)
+            return
+        self.slot_sizes[slot] = size
+        if mem is not None:
+            # KVM changes only the flags or the address of a live slot (api.rst 4.35)
+            mem.flags, mem.gpa = flags, gpa
+            return
+        for i, mem in enumerate(self._unslotted):
+            # add_memory()'s memory deleted, then registered again whole (to toggle
+            # KVM_MEM_READONLY, which KVM changes only that way): it is a slot again
+            if mem.map is not None and mem.host_addr == host_addr and mem.size == size \
+                    and slot < 1 << 16:
+                del self._unslotted[i]
+                if mem.name == f"slot{mem.slot}":
+                    mem.name = f"slot{slot}"
+                mem.slot, mem.flags, mem.gpa = slot, flags, gpa
+                self.memory[slot] = mem
+                return
 
     def create_vcpu(self, vcpu_id: int):
         """KVM_CREATE_VCPU: a new vCPU with this id; maps its kvm_run page."""
@@ -218,14 +266,22 @@ class Vm(_sys.FdOwner):
 
     def remove_memory(self, slot: int) -> None:
         """Delete a slot add_memory() made (KVM_SET_USER_MEMORY_REGION, size 0) and free
-        its memory; its id may then be given to add_memory() again."""
+        its memory; its id may then be given to add_memory() again. With the dirty ring,
+        harvest and reset first: an entry carries only the slot's id, so one KVM pushed
+        for this slot reads as the next one's of that id (KVM's reset, too, applies it to
+        whatever slot has the id then: dirty_ring.c kvm_reset_dirty_gfn(); abi.md rule 63)."""
         check_number("slot", slot)      # a str '0' was "slot 0 holds no memory"
         mem = self.memory.get(slot)
         if mem is None:
             raise ValueError(f"slot {slot} holds no memory of add_memory()")
-        self.set_user_memory_region(slot, 0, mem.gpa, 0, 0)
-        del self.memory[slot]
-        mem.close()
+        self.set_user_memory_region(slot, 0, mem.gpa, 0, 0)    # moves it to _unslotted
+        try:
+            mem.close()
+        except BufferError as e:
+            # the slot is gone; the mapping stays the VM's until the view is
+            raise BufferError(f"{e}; slot {slot} is deleted, and its memory is freed by its "
+                              "close() or the VM's once the view is gone") from None
+        self._unslotted.remove(mem)
 
     def slot_for(self, gpa: int) -> GuestMemory | None:
         """The slot add_memory() made that holds guest-physical address ``gpa``, or None."""

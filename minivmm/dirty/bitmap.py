@@ -13,6 +13,7 @@ import ctypes
 import numpy as np
 
 from .. import abi
+from ..memory import PAGE_SIZE
 
 # Clear in pieces of contiguous words that hold dirty bits; gaps shorter than this
 # many words are bridged (clearing a zero bit is a no-op) to save ioctls.
@@ -68,28 +69,30 @@ class SlotBitmap:
         self.vm, self.slot, self.npages = vm, slot, npages
         self.nwords = bitmap_words(npages)
         self.clear_calls = 0
-        self._mem = mem = vm.memory.get(slot)     # the GuestMemory, if add_memory()'s
         # KVM writes the slot's whole bitmap whatever npages says: a smaller count
-        # overran the buffer (a 1 Mi-page slot given 64 pages crashed the interpreter)
-        if mem is not None and mem.pages != npages:
-            raise ValueError(f"slot {slot} holds {mem.pages} pages, not {npages}: its dirty "
-                             "bitmap must be made for the slot's own size")
+        # overran the buffer (a 1 Mi-page slot given 64 pages crashed the interpreter).
+        # vm.slot_sizes knows every slot set through the Vm, add_memory()'s or not
+        self._size = size = vm.slot_sizes.get(slot)
+        if size is not None and size // PAGE_SIZE != npages:
+            raise ValueError(f"slot {slot} holds {size // PAGE_SIZE} pages, not {npages}: its "
+                             "dirty bitmap must be made for the slot's own size")
 
-    def _check_slot(self, mem) -> None:
+    def _check_slot(self, size) -> None:
         """KVM writes the slot's current bitmap size, whatever buffer it is given: a slot
-        replaced by a bigger one (Vm.remove_memory, add_memory) would overrun this one."""
-        if mem is not None and mem.pages != self.npages:
-            raise ValueError(f"slot {self.slot} now holds {mem.pages} pages, not the "
+        replaced by a bigger one (remove_memory and add_memory, or the raw calls) would
+        overrun this one."""
+        if size is not None and size // PAGE_SIZE != self.npages:
+            raise ValueError(f"slot {self.slot} now holds {size // PAGE_SIZE} pages, not the "
                              f"{self.npages} its dirty bitmap was made for: it was replaced "
                              "since; make a new SlotBitmap (a new session) for it")
-        self._mem = mem                # removed (GET says ENOENT) or the same size: fine
+        self._size = size              # removed (GET says ENOENT) or the same size: fine
 
     def collect(self, clear: bool) -> tuple:
         """GET into a fresh buffer (the caller keeps it: a ctypes u64 array), count its set
         bits and, with ``clear``, CLEAR exactly those; returns (buffer, set bits)."""
-        mem = self.vm.memory.get(self.slot)
-        if mem is not self._mem:
-            self._check_slot(mem)
+        size = self.vm.slot_sizes.get(self.slot)
+        if size != self._size:
+            self._check_slot(size)
         buf = (ctypes.c_uint64 * self.nwords)()
         self.vm.get_dirty_log(self.slot, ctypes.addressof(buf))
         n = popcount(buf)

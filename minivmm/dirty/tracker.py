@@ -83,6 +83,7 @@ class Tracker:
         self.lock = threading.Lock()
         self.machine = None
         self.slot_pages: dict = {}
+        self._bound: dict = {}           # slot -> the GuestMemory tracked (bind())
         self.used = False     # given to a DirtySession: its rings, bitmaps and counts are that VM's
 
     def before_vcpus(self, machine) -> None:
@@ -93,8 +94,9 @@ class Tracker:
 
     def bind(self, machine) -> None:
         self.machine = machine
-        self.slot_pages = {slot: mem.pages for slot, mem in machine.vm.memory.items()
-                           if mem.flags & abi.KVM_MEM_LOG_DIRTY_PAGES}
+        self._bound = {slot: mem for slot, mem in machine.vm.memory.items()
+                       if mem.flags & abi.KVM_MEM_LOG_DIRTY_PAGES}
+        self.slot_pages = {slot: mem.pages for slot, mem in self._bound.items()}
         self.page_sets = PageSets(self.slot_pages)
 
     def check_slots(self) -> None:
@@ -102,14 +104,26 @@ class Tracker:
         maps and bitmaps were made for the slots of then, so its pages would go untracked
         (dropped by the bitmap, counted as bogus by the ring)."""
         vm = self.machine.vm
-        for slot, mem in (vm.memory if vm is not None else {}).items():   # closed: said later
-            if mem.flags & abi.KVM_MEM_LOG_DIRTY_PAGES and \
-                    self.slot_pages.get(slot) != mem.pages:
+        if vm is None:                   # closed: said later
+            return
+        for slot, mem in vm.memory.items():
+            if mem.flags & abi.KVM_MEM_LOG_DIRTY_PAGES and (
+                    self.slot_pages.get(slot) != mem.pages
+                    or self._bound.get(slot, mem) is not mem):
                 raise ValueError(
                     f"slot {slot} ({mem.name}) logs dirty pages but was added or replaced "
                     f"after this {self.name} tracker was set up, so it is not tracked: add "
                     "it before (in the tracker's before_vcpus), or without "
                     "KVM_MEM_LOG_DIRTY_PAGES")
+        # a tracked slot removed (or replaced by one of the same size, which the loop above
+        # did not tell apart): its page map, bitmap and content oracle are the old memory's,
+        # and ring entries KVM pushed for the old slot would be credited to the new one
+        for slot, mem in self._bound.items():
+            if vm.memory.get(slot) is not mem or not mem.flags & abi.KVM_MEM_LOG_DIRTY_PAGES:
+                raise ValueError(
+                    f"slot {slot} ({mem.name}) was tracked by this {self.name} tracker but "
+                    "has been removed, replaced or stopped logging dirty pages since it was "
+                    "set up: change logged slots before the session, not during it")
 
     def poll(self) -> None:
         """Collect while vCPUs run (async mode); kept until the next collect()."""
