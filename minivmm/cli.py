@@ -300,14 +300,26 @@ def _trace_printer(machine, stream, reader_gone=None):
         elif reason == abi.KVM_EXIT_MMIO:
             after, made_by = machine.mmio_after(st, regs), writes_memory
         ins = machine.describe_instruction(st, rip, after, made_by=made_by) or "?"
-        fields = " ".join(f"{k}={v:#x}" if isinstance(v, int) and k not in ("size", "count", "len")
-                          else f"{k}={v}" for k, v in info.items()
+        fields = " ".join(f"{k}={_trace_value(k, v)}" for k, v in info.items()
                           if k not in ("reason", "exit_reason"))
         # whole lines under the ioctl trace's lock: --trace-ioctls may write to this stream
         sink.write(f"[vcpu{st.index} #{sum(st.exit_counts.values())}] "
                    f"{info['reason']:<14} {fields:44} rip={rip:#x}  "
                    f"{'by' if after else 'at'} {ins}")
     return trace
+
+
+def _trace_value(key: str, value) -> str:
+    """A --trace field as --trace-ioctls shows it: a flag as 0/1 (it was is_write=0x1),
+    a number in hex but for a count, and a list of numbers in hex (internal.data was
+    decimal)."""
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, int):
+        return str(value) if key in ("size", "count", "len") else f"{value:#x}"
+    if isinstance(value, list) and all(isinstance(v, int) for v in value):
+        return "[" + ", ".join(f"{v:#x}" if v else "0" for v in value) + "]"
+    return str(value)
 
 
 def shown(line: str) -> str:

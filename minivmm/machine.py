@@ -105,12 +105,21 @@ class VcpuEnd:
             return f"CPU exception {name}{extra}{where}{ins}{note}"
         if self.reason == "unhandled-io":
             d = self.detail
+            # a string IO exit (rep ins/outs) moves `count` items of `size` bytes
+            times = f"{d['count']} x " if d.get("count", 1) > 1 else ""
             return (f"unhandled port I/O: {d['direction']} port {d['port']:#x}, "
-                    f"{d['size']} byte(s){where}{ins}")
+                    f"{times}{d['size']} byte(s){where}{ins}")
         if self.reason == "unhandled-mmio":
             d = self.detail
-            return (f"access outside RAM (MMIO): {'write' if d['is_write'] else 'read'} of "
-                    f"{d['len']} byte(s) at {d['phys_addr']:#x}{where}{ins}")
+            access = (f"{'write' if d['is_write'] else 'read'} of {d['len']} byte(s) at "
+                      f"{d['phys_addr']:#x}")
+            if d.get("slot") is not None:
+                slot = f"slot {d['slot']} \"{d.get('slot_name', '')}\""
+                if d.get("read_only"):
+                    return (f"write to read-only memory ({slot}, KVM_MEM_READONLY): "
+                            f"{d['len']} byte(s) at {d['phys_addr']:#x}{where}{ins}")
+                return f"MMIO exit inside {slot}: {access}{where}{ins}"
+            return f"access outside RAM (MMIO): {access}{where}{ins}"
         if self.reason == "shutdown":
             if self.detail.get("registers_lost"):
                 last = f"; last known{where}{ins}" if where else ""
@@ -119,13 +128,17 @@ class VcpuEnd:
             return f"triple fault (KVM_EXIT_SHUTDOWN){where}{ins}"
         if self.reason == "timeout":
             return f"stopped by the timeout{where}{ins}"
+        if self.reason == "unexpected-exit" and self.detail.get("exit"):
+            return f"unexpected exit {self.detail['exit']}{where}{ins}"
         # A host-side end (kvm-error, host-error, ring-overflow) is no use without its cause
         error = f": {self.detail['error']}" if self.detail.get("error") else ""
         if not error and self.detail.get("meaning"):
             # internal-error, fail-entry: what KVM's code says, not only in --json
             code = self.detail.get("suberror_name") or \
                 f"{self.detail.get('hardware_entry_failure_reason', 0):#x}"
-            error = f" ({code}: {self.detail['meaning']})"
+            insn = self.detail.get("insn_bytes")
+            insn = f"; bytes KVM fetched at RIP: {insn}" if insn else ""
+            error = f" ({code}: {self.detail['meaning']}{insn})"
         return f"{self.reason}{error}{where}{ins}"
 
 
@@ -701,7 +714,7 @@ class Machine:
             elif reason == _HLT:
                 st.end = self.end_at(st, "hlt", after=True)
             elif reason == _MMIO:
-                detail = _strip(vcpu.describe_exit(reason))
+                detail = self.mmio_detail(st)
                 st.end = self.end_at(st, "unhandled-mmio", after=self.mmio_after(st),
                                      detail=detail)
             elif reason == abi.KVM_EXIT_DIRTY_RING_FULL and self.on_ring_full is not None:
@@ -716,7 +729,7 @@ class Machine:
                                      detail=_strip(vcpu.describe_exit(reason)))
             else:
                 st.end = self.end_at(st, "unexpected-exit", registers=True,
-                                     detail=_strip(vcpu.describe_exit(reason)))
+                                     detail=unexpected_exit_detail(vcpu, reason))
 
     # -- reporting where a vCPU stopped --
     def registers(self, st: VcpuState) -> dict:
@@ -901,6 +914,17 @@ class Machine:
         if registers:
             end.detail["registers"] = self.registers(st)
         return end
+
+    def mmio_detail(self, st) -> dict:
+        """The MMIO exit's fields, and the slot when the address is in one: a write to a
+        KVM_MEM_READONLY slot exits as MMIO too (api.rst 4.35), and it is no access
+        outside RAM."""
+        detail = _strip(st.vcpu.describe_exit(abi.KVM_EXIT_MMIO))
+        mem = self._vm().slot_for(detail["phys_addr"])
+        if mem is not None:
+            detail.update(slot=mem.slot, slot_name=mem.name,
+                          read_only=bool(mem.flags & abi.KVM_MEM_READONLY))
+        return detail
 
     def mmio_after(self, st, regs=None) -> bool:
         """At an MMIO exit: True when RIP is past the instruction that made it (a write),
@@ -1280,8 +1304,13 @@ def is_hlt(ins) -> bool:
 
 
 def writes_memory(ins) -> bool:
-    """A memory destination: what an MMIO write's instruction has (mov, stos, add ...)."""
-    return "[" in ins.op_str.split(",")[0]
+    """A memory destination: what an MMIO write's instruction has (mov, stos, add ...),
+    or a write to the stack, which names no memory operand (push, pushf, call, enter):
+    with RSP in a hole, theirs is the write (else `call` was passed over for the `00 00`,
+    `add byte ptr [rax], al`, ending its rel32)."""
+    name = ins.mnemonic.split()[-1]
+    return "[" in ins.op_str.split(",")[0] or name.startswith("push") or \
+        name in ("call", "lcall", "enter")
 
 
 def raises(vector: int):
@@ -1342,6 +1371,15 @@ def format_registers(regs: dict) -> str:
 
 def _strip(exit_info: dict) -> dict:
     return {k: v for k, v in exit_info.items() if k not in ("reason", "exit_reason")}
+
+
+def unexpected_exit_detail(vcpu, reason: int) -> dict:
+    """An unexpected exit's detail: its decoded fields, and which exit it was (_strip
+    drops the name and number, which the end's reason, "unexpected-exit", does not say)."""
+    name = abi.EXIT_NAMES.get(reason)
+    detail = _strip(vcpu.describe_exit(reason))
+    detail["exit"] = f"KVM_EXIT_{name} ({reason})" if name else f"exit reason {reason}"
+    return detail
 
 
 def run_payload(payload, vcpus=None, pages=DEFAULT_PAGES, timeout=None) -> RunResult:

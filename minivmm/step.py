@@ -47,7 +47,7 @@ from ._args import as_option, check_number, check_type, named
 from .kvm import Kvm, vendor_module
 from .machine import (KICK_SIGNAL, Console, Machine, MachineError, VcpuEnd,
                       format_registers, install_kick_handler, instruction_name, is_hlt,
-                      start_thread)
+                      start_thread, unexpected_exit_detail)
 from .payload import Payload, load
 from .x86 import layout as L
 from .x86.modes import STUB_FRAME_FIELDS
@@ -652,7 +652,8 @@ class StepSession:
             got = self._harvest()           # the next step reports them
             self._pending_dirty.extend(got)
             return None if self._ring_overflowed(got) else False
-        detail = _strip(vcpu.describe_exit(reason))
+        detail = self.machine.mmio_detail(self.st) if reason == abi.KVM_EXIT_MMIO \
+            else _strip(vcpu.describe_exit(reason))
         if reason == abi.KVM_EXIT_MMIO:
             # a write leaves RIP past its instruction, a read at it (host-probes.md 6)
             self.end = self._end_here("unhandled-mmio", after=detail["is_write"], detail=detail)
@@ -665,6 +666,8 @@ class StepSession:
             return None
         name = {abi.KVM_EXIT_INTERNAL_ERROR: "internal-error",
                 abi.KVM_EXIT_FAIL_ENTRY: "fail-entry"}.get(reason, "unexpected-exit")
+        if name == "unexpected-exit":
+            detail = unexpected_exit_detail(vcpu, reason)
         # as Machine does: a guest that died this way is worth its registers
         self.end = self._end_here(name, detail=detail, registers=True)
         return None
@@ -945,7 +948,7 @@ class StepSession:
         del io
         if not reported:
             self.end = self._end_here("unexpected-exit",
-                                      detail=_strip(self.vcpu.describe_exit(reason)))
+                                      detail=unexpected_exit_detail(self.vcpu, reason))
             return
         frame = self._end_reported(self.vcpu.get_regs())
         if frame is not None and frame["vector"] == VEC_DB and \

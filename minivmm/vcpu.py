@@ -269,6 +269,9 @@ class Vcpu(_sys.FdOwner):
                        meaning=INTERNAL_ERROR_MEANINGS.get(
                            i.suberror, f"internal error suberror {i.suberror}"),
                        data=[i.data[k] for k in range(min(i.ndata, 16))])
+            insn = emulation_failure_bytes(i.suberror, out["data"])
+            if insn is not None:
+                out["insn_bytes"] = insn
         elif reason == abi.KVM_EXIT_DEBUG:
             d = run.debug.arch
             out.update(exception=d.exception, pc=d.pc, dr6=d.dr6, dr7=d.dr7)
@@ -306,14 +309,30 @@ INTERNAL_ERROR_NAMES = {
     4: "KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON",
 }
 INTERNAL_ERROR_MEANINGS = {
-    1: "KVM could not emulate an instruction (data: the instruction bytes or the exit "
-       "information, by vendor)",
+    1: "KVM could not emulate an instruction",
     2: "an exception occurred while KVM was delivering another one (simultaneous exceptions)",
     3: "an event could not be delivered: the exit happened during event delivery (data: "
        "vectoring info, exit reason, exit qualification)",
     4: "the hardware exited with a reason KVM does not handle (data: the exit reason, then "
        "the host CPU)",
 }
+
+
+# KVM_INTERNAL_ERROR_EMULATION's data is struct emulation_failure (include/uapi/linux/
+# kvm.h, an ABI since 5.14): data[0] flags; with this flag, data[1] and data[2] hold
+# insn_size (a byte) and 15 instruction bytes
+EMULATION_FLAG_INSTRUCTION_BYTES = 1
+
+
+def emulation_failure_bytes(suberror: int, data: list) -> str | None:
+    """The instruction bytes KVM could not emulate, as hex ("d9 00"), from an internal
+    error's data; None where it gives none (another suberror, no flag: a fetch from
+    outside memory, or a kernel before 5.14, whose ndata is 0)."""
+    if suberror != abi.KVM_INTERNAL_ERROR_EMULATION or len(data) < 3 \
+            or not data[0] & EMULATION_FLAG_INSTRUCTION_BYTES:
+        return None
+    raw = data[1].to_bytes(8, "little") + data[2].to_bytes(8, "little")
+    return raw[1:1 + min(raw[0], 15)].hex(" ")
 
 
 def entry_failure_meaning(reason: int) -> str:

@@ -472,3 +472,14 @@ def test_a_forked_child_marks_its_lines_with_its_pid(traced):
         parent, child = f.read().splitlines()
     assert parent.startswith("ioctl(")
     assert child.startswith(f"[pid {pid}] ioctl(") and LINE.match(child[len(f"[pid {pid}] "):])
+
+
+def test_run_trace_fields_read_as_the_ioctl_trace_does():
+    # --trace showed is_write=0x1 and an internal error's data in decimal, where
+    # --trace-ioctls shows is_write=1 and data=[0x1, 0xf4e6c03100d90f, 0, ...]
+    from minivmm.cli import _trace_value
+    assert _trace_value("is_write", True) == "1"
+    assert _trace_value("len", 8) == "8" and _trace_value("phys_addr", 0xD0000000) == "0xd0000000"
+    assert _trace_value("data", [1, 0xF4E6C03100D90F, 0, 0x2000]) == \
+        "[0x1, 0xf4e6c03100d90f, 0, 0x2000]"
+    assert _trace_value("meaning", "x y") == "x y"
