@@ -52,8 +52,19 @@ def test_busy_cpus_counts_work_now_not_the_last_minute():
         stop.set()
         t.join()
     assert busy is not None and busy >= 0.5, busy     # one spinning thread: ~1 CPU
-    quiet = run.busy_cpus(0.5)
-    assert quiet is not None and 0 <= quiet < busy
+
+
+def test_busy_cpus_is_the_busy_share_of_the_interval(monkeypatch):
+    # the arithmetic, from /proc/stat readings of a quiet and a half-busy second (a real
+    # 'quiet' reading fails whenever other work shares the machine)
+    readings = iter([(1000, 5000), (1020, 5200), (2000, 9000), (2100, 9200)])
+    monkeypatch.setattr(run, "cpu_times", lambda: next(readings))
+    monkeypatch.setattr(run.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(run.time, "sleep", lambda s: None)
+    assert run.busy_cpus() == pytest.approx(0.2)          # 20 of 200 jiffies, 2 CPUs
+    assert run.busy_cpus() == pytest.approx(1.0)          # 100 of 200
+    monkeypatch.setattr(run, "cpu_times", lambda: None)   # no /proc/stat
+    assert run.busy_cpus() is None
 
 
 @pytest.mark.parametrize("args", [["--reps", "0"], ["--reps", "-1"], ["--reps", "x"],
