@@ -135,6 +135,7 @@ def test_a_probe_that_cannot_run_falls_back_to_the_computed_minimum(no_pml, wher
     (1024, 64, 576),      # a PML-sized log sysfs did not show
     (256, 576, 64),       # a pml parameter the kernel does not count
     (2048, 64, 1025),     # unexplained: the least reserve that forbids 1024
+    (512, 576, 257),      # unexplained, with PML on: not 576, more than the 512 accepted
 ])
 def test_reserved_entries_agree_with_the_measured_minimum(measured, computed, reserved):
     assert ringsize.reserved_for(measured, computed) == reserved
