@@ -6,11 +6,27 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test bench lint native clean
 
-# Idempotent: re-installs only when pyproject.toml changed or the venv is broken. A venv
-# without a working pip (Ctrl-C during `venv`, no ensurepip) or whose python is gone is
-# made again: it failed every later make with 'No module named pip' or 'No such file'.
-$(STAMP): pyproject.toml $(PY)
-	@$(PY) -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv --clear $(VENV)
+# A PYTHON given (command line or environment) must be the venv's: `make PYTHON=python3.12
+# test` over a .venv made by 3.11 tested 3.11 without a word. Compared (install prefix and
+# major.minor) only then, so a plain `make` starts no interpreter to check.
+ifneq ($(filter command line environment,$(origin PYTHON)),)
+ifneq ($(wildcard $(PY)),)
+_PYID := import sys; print(sys.base_prefix, sys.version_info[:2])
+ifneq ($(shell $(PY) -c '$(_PYID)' 2>&1),$(shell $(PYTHON) -c '$(_PYID)' 2>&1))
+VENV_OTHER := yes
+endif
+endif
+endif
+.PHONY: FORCE
+
+# Idempotent: re-installs only when pyproject.toml changed, the venv is broken or a PYTHON
+# given is not the venv's (above). A venv without a working pip (Ctrl-C during `venv`, no
+# ensurepip) or whose python is gone is made again: it failed every later make with 'No
+# module named pip' or 'No such file'.
+$(STAMP): pyproject.toml $(PY) $(if $(VENV_OTHER),FORCE)
+	@$(if $(VENV_OTHER),echo '$(VENV) was made by another Python than $(PYTHON): making it again'; \
+		$(PYTHON) -m venv --clear $(VENV), \
+		$(PY) -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv --clear $(VENV))
 	@$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,plot]'
 	@touch $(STAMP)
 

@@ -788,6 +788,22 @@ def _restore_streams(saved: dict) -> None:
                 pass
 
 
+def _before_command(parser, given: list) -> list:
+    """The arguments before the first command name when they hold an option that is not
+    minivmm's own (--help, --version, or an abbreviation argparse takes for one), else [].
+    Found before argparse parses: it takes an early option's value for the command."""
+    at = next((i for i, a in enumerate(given) if a in parser.commands), None)
+    if not at or "--" in given[:at]:
+        return []
+    own = [o for o in parser._option_string_actions if o.startswith("--")]
+    for a in given[:at]:
+        a = str(a)
+        if a in parser._option_string_actions or a.startswith("--") and len(a) > 2 \
+                and any(o.startswith(a.split("=")[0]) for o in own):
+            return []   # argparse's help or version (or its own error) comes first
+    return given[:at] if any(str(a).startswith("-") for a in given[:at]) else []
+
+
 def main(argv=None) -> int:
     from . import _sys
     saved = {name: (getattr(sys, name), getattr(getattr(sys, name), "errors", None))
@@ -804,6 +820,13 @@ def _main(argv) -> int:
     try:
         _prepare_streams()
         parser = build_parser()                    # it loads the commands' modules
+        given = sys.argv[1:] if argv is None else list(argv)
+        early = _before_command(parser, given)
+        if early:   # `minivmm --trace-ioctls caps` blamed caps, whose --help lists it; and
+            # `--timeout 5 run X` took 5 for the command ("invalid choice: '5'")
+            parser.error(f"unrecognized arguments: {' '.join(map(str, early))} (before "
+                         "COMMAND only --help and --version; a command's options go "
+                         "after it)")
         try:
             args, extra = parser.parse_known_args(argv)
         except SystemExit as done:      # --help, --version, or a usage error (status 2)
@@ -813,12 +836,6 @@ def _main(argv) -> int:
                 sys.stdout.flush()
             raise
         if extra:   # argparse would blame "minivmm", not the command that was given
-            given = sys.argv[1:] if argv is None else list(argv)
-            early = given[:given.index(args.command)] if args.command in given else []
-            if early:   # `minivmm --trace-ioctls caps` blamed caps, whose --help lists it
-                parser.error(f"unrecognized arguments: {' '.join(map(str, early))} (before "
-                             "COMMAND only --help and --version; a command's options go "
-                             "after it)")
             parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
         if sys.stdout is None and not getattr(args, "report_on_stdout", False):
             # started with >&-: Python sets sys.stdout to None, print() drops every line

@@ -527,6 +527,38 @@ def test_an_option_before_the_command_is_not_blamed_on_the_command(argv):
     assert "options go after it" in line
 
 
+def _early_option_cases():
+    """(command, the option's words) for every option of every command but --help."""
+    for name, command in cli.build_parser().commands.items():
+        for action in command._actions:
+            if action.option_strings and action.option_strings[0] not in ("-h", "--help"):
+                words = [action.option_strings[0]]
+                if action.nargs != 0:   # a value: "1", or one of its choices
+                    words.append(action.choices[0] if action.choices else "1")
+                yield name, words
+
+
+@pytest.mark.parametrize("command,words", list(_early_option_cases()),
+                         ids=lambda v: " ".join(v) if isinstance(v, list) else v)
+def test_any_command_option_before_the_command_says_so(command, words, capsys):
+    # `minivmm --timeout 5 run X` said "argument COMMAND: invalid choice: '5'": argparse
+    # took the value of an option it did not know for the command
+    with pytest.raises(SystemExit) as done:
+        cli.main([*words, command, "hello_long"])
+    assert done.value.code == 2
+    line, = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"minivmm: unrecognized arguments: {' '.join(words)} (before "
+                           "COMMAND"), line
+
+
+def test_an_option_value_before_the_command_is_not_taken_for_the_command():
+    line = one_line_error(run_cli("--timeout", "5", "run", "hello_long"))
+    assert line.startswith("minivmm: unrecognized arguments: --timeout 5 (before COMMAND"), line
+    for argv in (["--help", "run"], ["--vers", "run"]):     # main's own options still work
+        proc = run_cli(*argv)
+        assert proc.returncode == 0 and proc.stdout.startswith(("usage:", "minivmm ")), proc
+
+
 def test_payloads_refuses_an_empty_dir():
     # it listed the shipped payloads, as if no --dir had been given
     assert one_line_error(run_cli("payloads", "--dir", "")) == \
