@@ -3,8 +3,11 @@ JSON, and JUnit XML for CI systems; plus the kselftest exit status."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 from xml.sax.saxutils import escape, quoteattr
+
+from ..cli import _utf8, json_text
 
 KSFT_PASS, KSFT_FAIL, KSFT_SKIP = 0, 1, 4
 
@@ -22,6 +25,18 @@ def exit_status(results) -> int:
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
+
+
+# XML 1.0 (2.2 Characters) holds no C0 control but tab, LF and CR, nor U+FFFE/U+FFFF;
+# quoteattr() and escape() pass them through, and the document is not well-formed
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
+def _xml(text) -> str:
+    """Text for the JUnit document, which says UTF-8: bytes that are not (a
+    MINIVMM_KVM_DEVICE path's, held as lone surrogates) and characters XML cannot hold
+    written as backslash escapes, as json_text() writes them."""
+    return _NOT_XML.sub(lambda m: ascii(m[0])[1:-1], _utf8(str(text)))
 
 
 def ktap(results, header: dict) -> str:
@@ -75,20 +90,20 @@ def skipped_all(fmt: str, reason: str) -> str:
     no tests with a SKIP directive, as kselftest.h's ksft_exit_skip() prints before any
     test, or the empty JSON and JUnit documents saying why."""
     if fmt == "json":
-        return json.dumps({"header": None, "skipped": reason, "results": [],
-                           "exit_status": KSFT_SKIP}, indent=2) + "\n"
+        return json_text({"header": None, "skipped": reason, "results": [],
+                          "exit_status": KSFT_SKIP}, indent=2) + "\n"
     if fmt == "junit":
         return ('<?xml version="1.0" encoding="UTF-8"?>\n'
                 '<testsuites><testsuite name="minivmm-abi-check" tests="0" failures="0" '
                 'skipped="0" errors="0" time="0.000"><properties>'
-                f'<property name="skipped" value={quoteattr(reason)}/></properties>'
+                f'<property name="skipped" value={quoteattr(_xml(reason))}/></properties>'
                 '</testsuite></testsuites>\n')
     return f"KTAP version 1\n1..0 # SKIP {_one_line(reason)}\n"
 
 
 def to_json(results, header: dict) -> str:
     # the same keys as skipped_all()'s document: "skipped" is null when checks ran
-    return json.dumps({"header": header, "skipped": None, "results": [
+    return json_text({"header": header, "skipped": None, "results": [
         {"n": n, "id": r.id, "status": r.status, "reason": r.reason, "rules": list(r.rules),
          "cite": r.cite, "summary": r.summary, "diagnostics": r.diagnostics,
          "seconds": round(r.seconds, 4)} for n, r in enumerate(results, 1)],
@@ -103,9 +118,9 @@ def junit(results, header: dict) -> str:
     out = ['<?xml version="1.0" encoding="UTF-8"?>',
            f'<testsuites><testsuite name="minivmm-abi-check" tests="{len(results)}" '
            f'failures="{fails}" skipped="{skips}" errors="{errors}" time="{total:.3f}" '
-           f'hostname={quoteattr(socket.gethostname())}>',
+           f'hostname={quoteattr(_xml(socket.gethostname()))}>',
            "<properties>" + "".join(
-               f"<property name={quoteattr(k)} value={quoteattr(str(v))}/>"
+               f"<property name={quoteattr(k)} value={quoteattr(_xml(v))}/>"
                for k, v in [("kernel", header["kernel"]),
                             ("vendor_module", header["vendor_module"]),
                             *header["capabilities"].items()]) + "</properties>"]
@@ -113,13 +128,13 @@ def junit(results, header: dict) -> str:
         out.append(f'<testcase classname="abi_check.{escape(r.id.split(".")[0])}" '
                    f'name={quoteattr(r.id)} time="{r.seconds:.3f}">')
         if r.status == "fail":
-            out.append(f"<failure message={quoteattr(_one_line(r.reason))}>"
-                       f"{escape(chr(10).join(r.diagnostics))}</failure>")
+            out.append(f"<failure message={quoteattr(_xml(_one_line(r.reason)))}>"
+                       f"{escape(_xml(chr(10).join(r.diagnostics)))}</failure>")
         elif r.status == "error":    # JUnit's word for a test that broke, not one that failed
-            out.append(f"<error message={quoteattr(_one_line(r.reason))}>"
-                       f"{escape(chr(10).join(r.diagnostics))}</error>")
+            out.append(f"<error message={quoteattr(_xml(_one_line(r.reason)))}>"
+                       f"{escape(_xml(chr(10).join(r.diagnostics)))}</error>")
         elif r.status == "skip":
-            out.append(f"<skipped message={quoteattr(_one_line(r.reason))}/>")
+            out.append(f"<skipped message={quoteattr(_xml(_one_line(r.reason)))}/>")
         out.append(f"<system-out>{escape(r.summary + ' | ' + r.cite)}</system-out></testcase>")
     out.append("</testsuite></testsuites>")
     return "\n".join(out) + "\n"

@@ -8,6 +8,7 @@ import dataclasses
 import fnmatch
 import importlib
 import os
+import re
 import time
 import traceback
 
@@ -126,7 +127,9 @@ def cve_line(release: str) -> str:
     """Informational: is this kernel version at or past the CVE-2026-52969 fix? (no PoC run)"""
     nums = []
     for part in release.split("-")[0].split(".")[:3]:
-        digits = "".join(ch for ch in part if ch.isdigit())
+        # the leading digits only: Void's "6.6.30_1" is 6.6.30, not 6.6.301 (past the fix),
+        # and "6.18rc1" is 6.18; [0-9], as int() refuses a superscript that isdigit() takes
+        digits = re.match(r"[0-9]*", part)[0]
         nums.append(int(digits) if digits else 0)
     while len(nums) < 3:
         nums.append(0)

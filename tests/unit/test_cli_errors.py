@@ -242,6 +242,9 @@ def test_dirty_refuses_a_parameter_a_users_payload_never_names(tmp_path):
     ("6.18.2", "is BEFORE the fix (6.18.33)"),
     ("5.10.200", "is not affected: the dirty ring it is in came with 5.11"),
     ("6.3.1", "no fixed release known for the 6.3 line"),
+    # digits after a non-digit are no part of the number: not 6.6.301, 6.181
+    ("6.6.30_1", "is BEFORE the fix (6.6.141)"),
+    ("6.18rc1", "is BEFORE the fix (6.18.33)"),
 ])
 def test_the_cve_line_of_the_abicheck_header(release, words):
     from minivmm.abicheck.runner import cve_line
@@ -578,3 +581,25 @@ def test_seconds_are_ascii_decimal_as_counts_are(text):
 def test_seconds_in_decimal_are_taken(text, value):
     args = cli.build_parser().parse_args(["step", "x", "--timeout", text, "--max-time", text])
     assert args.timeout == value and args.max_time == value
+
+
+@pytest.mark.parametrize("fmt", ["json", "junit"])
+def test_abicheck_skip_report_is_valid_with_any_device_path(fmt):
+    # A MINIVMM_KVM_DEVICE path that is not UTF-8, or holds a control character, went
+    # into the skipped report as it was: the JSON said "\udcff" (no character; RFC 8259
+    # 8.2), the JUnit document a raw 0xff byte and a \x01, which no XML parser takes
+    import xml.dom.minidom
+    env = dict(os.environb)
+    env[b"MINIVMM_KVM_DEVICE"] = b"/nonexistent/kvm\xff\x01"
+    proc = subprocess.run([sys.executable, "-m", "minivmm", "abi-check", "--format", fmt],
+                          capture_output=True, env=env, timeout=60,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert proc.returncode == 4, proc.stderr
+    text = proc.stdout.decode("utf-8")          # strict: the document says UTF-8
+    if fmt == "json":                           # \u0001 is JSON's own escape
+        skipped = json.loads(text)["skipped"]
+        assert "/nonexistent/kvm\\xff\x01 " in skipped, skipped
+    else:
+        doc = xml.dom.minidom.parseString(proc.stdout)
+        skipped = doc.getElementsByTagName("property")[0].getAttribute("value")
+        assert "/nonexistent/kvm\\xff\\x01 " in skipped, skipped
