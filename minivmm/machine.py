@@ -280,6 +280,11 @@ class Machine:
         self._closing = False
         self._pid = None                  # the process whose start() made the vCPU threads
         self._watchdog: threading.Thread | None = None    # start(timeout)'s, see _watch()
+        # Set once start() has made every vCPU thread, which waits for it before its first
+        # KVM_RUN: vCPUs already looping took the host's CPUs from the threads still to be
+        # made, and the timeout's watchdog comes after them (219 looping vCPUs on 2 CPUs:
+        # start() took 30 s, --timeout 3)
+        self._go = threading.Event()
         nvcpus = vcpus if vcpus is not None else (self.payload.vcpus or 1)
         # not an AttributeError on .items(), nor "'int' object is not callable" once the VM
         # is half made
@@ -466,15 +471,18 @@ class Machine:
             # stop() (close()) would wait for it for ever
             failed = None
             with _sys.fd_creation(), _sys.signals_held():
-                for st in self.states:
-                    st.thread = threading.Thread(target=self._vcpu_thread, args=(st,),
-                                                 name=f"vcpu{st.index}", daemon=True)
-                    st.kickable = True
-                    try:
-                        start_thread(st.thread, f"the thread of vCPU {st.index}")
-                    except OSError as e:
-                        failed, at = e, st.index
-                        break
+                try:
+                    for st in self.states:
+                        st.thread = threading.Thread(target=self._vcpu_thread, args=(st,),
+                                                     name=f"vcpu{st.index}", daemon=True)
+                        st.kickable = True
+                        try:
+                            start_thread(st.thread, f"the thread of vCPU {st.index}")
+                        except OSError as e:
+                            failed, at = e, st.index
+                            break
+                finally:
+                    self._go.set()      # the threads made run (a failed start stops them)
                 if failed is not None:
                     # No thread will ever end this vCPU or the ones after it: stop() and
                     # wait() waited for them for ever. They end here, unrun
@@ -637,6 +645,7 @@ class Machine:
             # reset would cost two calls at every ring-full exit
             _sys.block_thread_signals()
             st.vcpu.set_run_signals((KICK_SIGNAL,))
+            self._go.wait()         # until start() has made every vCPU's thread
             self._vcpu_loop(st)
         except KvmError as e:
             st.end = VcpuEnd("kvm-error", detail={"error": str(e)})

@@ -264,3 +264,17 @@ def test_a_full_non_blocking_stdout_is_an_output_failure():
     assert proc.returncode == 2, err
     assert err.splitlines() == ["minivmm: cannot write the output: write could not "
                                 "complete without blocking"]
+
+
+def test_run_names_the_vcpu_that_failed_not_one_the_timeout_stopped(tmp_path):
+    # vCPU 2 faults while 0 and 1 loop: the one line named vCPU 0's timeout (the first bad
+    # one by index) and hid the exception, the only failure of the guest's own
+    src = tmp_path / "last_fails.asm"
+    src.write_text("    cmp rdi, 2\n    jne spin\n    ud2\nspin:\n    jmp spin\n")
+    proc = run_cli("run", src, "--vcpus", "3", "--timeout", "1", "--json")
+    assert proc.returncode == 1
+    ends = [v["end"]["reason"] for v in json.loads(proc.stdout)["vcpus"]]
+    assert ends == ["timeout", "timeout", "exception"]
+    assert proc.stderr.startswith("minivmm: vCPU 2: CPU exception #UD invalid opcode")
+    assert proc.stderr.rstrip().endswith("(and 2 more vCPU(s))")
+    assert proc.stderr.count("\n") == 1

@@ -186,3 +186,32 @@ def test_a_child_forked_as_the_timeout_fires_can_close():
             return "closed"
         assert in_child(close) == "closed"
         assert m.wait().vcpus[0].end.reason == "timeout"
+
+
+def test_no_vcpu_runs_before_start_has_made_every_vcpu_thread(monkeypatch):
+    # Each vCPU ran as soon as its thread existed: looping ones took the host's CPUs from
+    # the threads still to be made, so start() grew with the square of the vCPUs (219
+    # looping vCPUs on 2 CPUs: 30 s, with --timeout 3, whose watchdog came only after)
+    made, seen = [], {}
+    real_start = machine_module.start_thread
+
+    def start_slowly(thread, what):
+        real_start(thread, what)
+        if thread.name[len("vcpu"):].isdigit():      # not the timeout's watchdog
+            made.append(thread.name)
+            time.sleep(0.05)            # room for a vCPU already running to exit
+    monkeypatch.setattr(machine_module, "start_thread", start_slowly)
+    with Machine(payload("multi_vcpu"), vcpus=3) as m:
+        m.trace = lambda st, reason: seen.setdefault(st.index, len(made))
+        r = m.run(timeout=20)
+    assert r.ok
+    assert seen == {0: 3, 1: 3, 2: 3}      # every first exit came after the last thread
+
+
+def test_a_timeout_stops_many_looping_vcpus_in_time():
+    # 192 looping vCPUs on a 2-CPU host: start() alone took 15-30 s before the fix
+    t0 = time.monotonic()
+    with Machine(payload("spin"), vcpus=192) as m:
+        r = m.run(timeout=1)
+    assert {st.end.reason for st in r.vcpus} == {"timeout"}
+    assert time.monotonic() - t0 < 8, "the 1 s timeout took far longer to stop the vCPUs"
