@@ -292,14 +292,17 @@ def _trace_printer(machine, stream, reader_gone=None):
         # by what the exit proves it was: the listing may not say (code the guest rewrote,
         # jumped into the middle of, or wrote elsewhere)
         rip, after = regs.rip, reason == abi.KVM_EXIT_HLT
-        made_by = is_hlt if after else None
+        made_by, named = is_hlt if after else None, None
         if io_out:
             made_by = machine.out_made_by(st, regs)
             rip, name_at = machine.out_exit_rip(st, regs)
             after = not name_at
         elif reason == abi.KVM_EXIT_MMIO:
             after, made_by = machine.mmio_after(st, regs), writes_memory
-        ins = machine.describe_instruction(st, rip, after, made_by=made_by) or "?"
+            if after:                   # a call's write: named at its end, not its target
+                named = machine.mmio_writer_end(st, regs)
+        ins = machine.describe_instruction(st, rip if named is None else named, after,
+                                           made_by=made_by) or "?"
         fields = " ".join(f"{k}={_trace_value(k, v)}" for k, v in info.items()
                           if k not in ("reason", "exit_reason"))
         # whole lines under the ioctl trace's lock: --trace-ioctls may write to this stream
@@ -311,12 +314,12 @@ def _trace_printer(machine, stream, reader_gone=None):
 
 def _trace_value(key: str, value) -> str:
     """A --trace field as --trace-ioctls shows it: a flag as 0/1 (it was is_write=0x1),
-    a number in hex but for a count, and a list of numbers in hex (internal.data was
-    decimal)."""
+    a number in hex but for a count, a suberror or a CPU, and a list of numbers in hex
+    (internal.data was decimal)."""
     if isinstance(value, bool):
         return str(int(value))
     if isinstance(value, int):
-        return str(value) if key in ("size", "count", "len") else f"{value:#x}"
+        return str(value) if key in ("size", "count", "len", "suberror", "cpu") else f"{value:#x}"
     if isinstance(value, list) and all(isinstance(v, int) for v in value):
         return "[" + ", ".join(f"{v:#x}" if v else "0" for v in value) + "]"
     return str(value)

@@ -912,12 +912,15 @@ class Machine:
         rip = regs.rip
         # what the exit proves the instruction ending at rip was (Machine.executed)
         made_by = {"hlt": is_hlt, "unhandled-mmio": writes_memory}.get(reason)
+        named = rip
         if io_out:                          # rip is now past the out (or at a repeating outs)
             made_by = self.out_made_by(st, regs)
             rip, name_at = self.out_exit_rip(st, regs)
-            after = not name_at
+            named, after = rip, not name_at
+        elif reason == "unhandled-mmio" and after:
+            named = self.mmio_writer_end(st, regs)
         end = VcpuEnd(reason, code=code, rip=rip,
-                      instruction=self.describe_instruction(st, rip, after,
+                      instruction=self.describe_instruction(st, named, after,
                                                             made_by=made_by),
                       detail=dict(detail or {}))
         if registers:
@@ -934,6 +937,30 @@ class Machine:
             detail.update(slot=mem.slot, slot_name=mem.name,
                           read_only=bool(mem.flags & abi.KVM_MEM_READONLY))
         return detail
+
+    def mmio_writer_end(self, st, regs) -> int:
+        """Where the instruction that made an MMIO write ends: RIP, but a call leaves RIP at
+        its target, where the instruction ending never ran (a `push rax` before the
+        target's label was named): when the data written is a return address at which a
+        call to RIP ends, that call's end."""
+        mmio = st.vcpu.run_struct.mmio
+        size, data = mmio.len, int.from_bytes(bytes(mmio.data)[:mmio.len], "little")
+        del mmio                            # no view of kvm_run may outlive the call
+        if data == regs.rip or size != {"real": 2, "protected": 4, "long": 8}[self.payload.mode]:
+            return regs.rip
+
+        def calls_rip(ins) -> bool:
+            if ins.mnemonic.split()[-1] != "call":
+                return False
+            target = getattr(regs, ins.op_str, None)        # call rax
+            if target is None:
+                try:
+                    target = int(ins.op_str, 0)             # call 0x10010
+                except ValueError:
+                    return False                            # where it went is not known
+            return target == regs.rip
+        ins, _ = self.executed(st, data, True, made_by=calls_rip)
+        return data if ins is not None and calls_rip(ins) else regs.rip
 
     def mmio_after(self, st, regs=None) -> bool:
         """At an MMIO exit: True when RIP is past the instruction that made it (a write),

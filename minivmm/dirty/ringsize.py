@@ -74,7 +74,7 @@ def reserved_for(min_entries: int, computed: int) -> int:
                  abi.KVM_DIRTY_RING_RSVD_ENTRIES):
         if min_entries_for(rsvd) == min_entries:
             return rsvd
-    # not max(computed, ...): a computed reserve that matched none is either below M/2
+    # not max(computed, ...): a computed reserve that matched none is at most M/2
     # or above M, and one above M says the measured ring cannot exist
     return min_entries // 2 + 1
 

@@ -59,3 +59,31 @@ def test_an_unexpected_exit_is_named_with_its_number():
     assert end.detail["exit"] == "KVM_EXIT_IRQ_WINDOW_OPEN (7)"
     assert "KVM_EXIT_IRQ_WINDOW_OPEN (7)" in end.summary()
     assert "registers" in end.detail
+
+
+@pytest.mark.parametrize("mode,sp,before_target", [
+    ("long", "rsp", "push rax"), ("long", "rsp", "mov byte ptr [rbx], al"),
+    ("protected", "esp", "push eax"),
+])
+def test_a_call_into_a_hole_is_named_not_the_instruction_before_its_target(
+        mode, sp, before_target):
+    # RIP is the call's target: the push (or store) that ends there never ran, and was
+    # named as the writer; the return address written says which call it was
+    src = (f";! mode: {mode}\n    mov {sp}, 0xd0001000\n    call target\n"
+           f"    {before_target}\ntarget:\n    xor eax, eax\n    out 0xf4, al\n")
+    end = _end(src)
+    assert end.reason == "unhandled-mmio" and end.detail["is_write"]
+    assert end.instruction is not None and end.instruction.startswith("call "), end.instruction
+    assert "line 3" in end.instruction, end.instruction
+
+
+def test_the_run_trace_names_the_call_too(tmp_path):
+    import subprocess
+    import sys
+    path = tmp_path / "call.asm"
+    path.write_text(";! mode: long\n    mov rsp, 0xd0001000\n    call target\n    push rax\n"
+                    "target:\n    xor eax, eax\n    out 0xf4, al\n")
+    out = subprocess.run([sys.executable, "-m", "minivmm", "run", str(path), "--trace",
+                          "--timeout", "20"], capture_output=True, text=True, timeout=60)
+    line = next(x for x in (out.stdout + out.stderr).splitlines() if "] MMIO" in x)
+    assert "by call 0x" in line and "push" not in line, line

@@ -483,3 +483,4 @@ def test_run_trace_fields_read_as_the_ioctl_trace_does():
     assert _trace_value("data", [1, 0xF4E6C03100D90F, 0, 0x2000]) == \
         "[0x1, 0xf4e6c03100d90f, 0, 0x2000]"
     assert _trace_value("meaning", "x y") == "x y"
+    assert _trace_value("suberror", 1) == "1"       # as --trace-ioctls: suberror=1
