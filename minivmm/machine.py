@@ -15,6 +15,7 @@ import signal
 import struct
 import threading
 import time
+import traceback
 
 from . import _sys, abi
 from ._args import check_number, check_type, named
@@ -250,7 +251,8 @@ class Machine:
     ``trace(state, exit_reason)`` after every KVM_RUN, ``on_sync(state, tag)`` at each
     ``out 0xf0``, ``on_ring_full(state)`` at KVM_EXIT_DIRTY_RING_FULL (return None to go
     on, or a VcpuEnd), ``on_end(state)`` when the vCPU is over. One that raises ends its
-    vCPU as ``host-error``.
+    vCPU as ``host-error`` (so does an on_ring_full returning anything else). wait() is
+    refused in a callback: it would wait for the callback's own vCPU.
     """
 
     def __init__(self, payload: Payload | str, vcpus: int | None = None,
@@ -535,6 +537,10 @@ class Machine:
         if not self._started:         # no vCPU thread would ever end
             self._vm()
             raise MachineError("this Machine has not been started: call start() first")
+        if self._in_vcpu_thread():
+            # it would wait for its own thread to end: until the timeout, or for ever
+            raise MachineError("wait() called from a callback, in a vCPU's own thread: it "
+                               "would wait for that vCPU to end; call it from another thread")
         if self._forked():
             raise MachineError(f"this Machine was started in process {self._pid}: its vCPU "
                                "threads did not come through the fork (close it here, wait "
@@ -649,8 +655,13 @@ class Machine:
             self._vcpu_loop(st)
         except KvmError as e:
             st.end = VcpuEnd("kvm-error", detail={"error": str(e)})
+            traceback.clear_frames(e.__traceback__)
         except BaseException as e:  # a bug, or a callback's SystemExit: still an end
             st.end = VcpuEnd("host-error", detail={"error": f"{type(e).__name__}: {e}"})
+            # A callback may keep its exception (errors.append(e); raise): the frames of
+            # _vcpu_loop in its traceback held views of the kvm_run page (run, io), and
+            # the Machine's close() failed with BufferError, leaking the VM's fds
+            traceback.clear_frames(e.__traceback__)
         finally:
             try:        # the mask is the vCPU's: a KVM_RUN from another thread must not keep it
                 if st.vcpu.fd >= 0:
@@ -727,7 +738,13 @@ class Machine:
                 st.end = self.end_at(st, "unhandled-mmio", after=self.mmio_after(st),
                                      detail=detail)
             elif reason == abi.KVM_EXIT_DIRTY_RING_FULL and self.on_ring_full is not None:
-                st.end = self.on_ring_full(st)     # harvest, reset, re-enter (or an end)
+                end = self.on_ring_full(st)        # harvest, reset, re-enter (or an end)
+                if end is not None and not isinstance(end, VcpuEnd):
+                    # else it became the end itself, and RunResult.ok failed later with
+                    # "'str' object has no attribute 'ok'" (a falsy 0 ended the vCPU too)
+                    raise TypeError(f"on_ring_full must return None or a VcpuEnd, not "
+                                    f"{type(end).__name__} ({end!r:.60})")
+                st.end = end
             elif reason == abi.KVM_EXIT_SHUTDOWN:
                 st.end = self.shutdown_end(st)
             elif reason == abi.KVM_EXIT_INTERNAL_ERROR:

@@ -378,6 +378,7 @@ class StepSession:
         # Watchdog: a thread that kicks KVM_RUN out (immediate_exit + signal, as
         # Machine does) when one step takes longer than the timeout.
         self._lock = threading.Lock()
+        self._stepping = threading.Lock()     # held by the thread in next_step()
         self._deadline = None
         self._closed = False
         self._ident = None
@@ -388,6 +389,19 @@ class StepSession:
     def close(self) -> None:
         with self._lock:
             self._closed = True
+            if self._deadline is not None and self._ident != threading.get_ident():
+                # A step in flight in another thread: end it now (as the watchdog does; the
+                # thread lives while _deadline is set), and wait below until it has left.
+                # Else the VM was released under it: its next KVM_RUN went to the closed
+                # fd's number, which the kernel may have given to another VM
+                self.vcpu.run_struct.immediate_exit = 1
+                try:
+                    signal.pthread_kill(self._ident, KICK_SIGNAL)
+                except ProcessLookupError:
+                    pass
+        if self._ident != threading.get_ident():
+            with self._stepping:     # no step from now on: next_step() says closed
+                pass
         if self._watchdog is not None:
             self._watchdog.join()
             self._watchdog = None
@@ -433,7 +447,24 @@ class StepSession:
     # -- the stepping loop --
     def next_step(self) -> Step | None:
         """Run until the next instruction completes; None (and ``end`` or ``stopped``
-        set) when it cannot."""
+        set) when it cannot. One thread at a time: a step from another thread meanwhile
+        is refused (StepError)."""
+        # Two threads stepping at once raced: an AttributeError ('pc', read before the
+        # other's _start set it), or each took half the traps and the session ended as
+        # a made-up `hlt` in the stubs where the guest exited with code 0
+        if not self._stepping.acquire(False):
+            if self._closed:                # close() from another thread holds it
+                raise MachineError("this StepSession is closed")
+            raise StepError("this StepSession is stepping in another thread: step it from "
+                            "one thread at a time")
+        try:
+            if self._closed:
+                raise MachineError("this StepSession is closed")
+            return self._next_step()
+        finally:
+            self._stepping.release()
+
+    def _next_step(self) -> Step | None:
         if self.end is not None or self.stopped is not None:
             return None
         if not self._started:
@@ -512,7 +543,8 @@ class StepSession:
             if reason != _INTR:
                 return reason
             run = self.vcpu.run_struct
-            if self._deadline is not None and time.monotonic() < self._deadline:
+            if self._deadline is not None and time.monotonic() < self._deadline \
+                    and not self._closed:
                 run.immediate_exit = 0   # a stale kick or a stray signal: enter again
                 continue
             run.immediate_exit = 0
@@ -645,7 +677,9 @@ class StepSession:
             self.end = VcpuEnd("hlt", rip=regs.rip, instruction=self._named(step))
             return step
         if reason == _INTR:
-            if not self._out_of_time():
+            if self._closed:                # close() from another thread kicked it
+                self.stopped = {"reason": "closed"}
+            elif not self._out_of_time():
                 self.end = self._end_here("timeout", detail={"timeout_s": self.timeout})
             return None
         if reason == abi.KVM_EXIT_DIRTY_RING_FULL and self.ring is not None:

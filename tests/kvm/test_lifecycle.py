@@ -823,6 +823,68 @@ def test_a_callbacks_exception_ends_the_vcpu_visibly(where):
     assert st.end.summary() == f"host-error: {st.end.detail['error']}"
 
 
+def test_a_callback_that_keeps_its_exception_does_not_hold_the_vm_open():
+    # The kept exception's traceback held _vcpu_loop's frame and its views of the kvm_run
+    # page: close() (the `with`) raised BufferError in place of the result, fds leaked
+    kept = []
+
+    def trace(st, reason):
+        try:
+            raise ValueError("looked at later")
+        except ValueError as e:
+            kept.append(e)
+            raise
+    with Machine(payload("hello_long")) as m:     # what a first run loads, mapped now
+        m.trace = lambda *_: None
+        m.run(timeout=20)
+    fds, maps = _fds(), _maps()
+    with Machine(payload("hello_long")) as m:
+        m.trace = trace
+        r = m.run(timeout=20)
+    assert r.vcpus[0].end.summary() == "host-error: ValueError: looked at later"
+    assert m.vm is None and (_fds(), _maps()) == (fds, maps)
+    assert kept[0].__traceback__ is not None        # still the user's, with its lines
+
+
+def test_wait_from_a_callback_is_refused_not_a_wait_for_itself():
+    # wait() in a vCPU's own thread waited for that thread to end: for ever without a
+    # timeout, else until it (a 3 ms run took the whole timeout)
+    got = []
+
+    def on_end(st):
+        try:
+            m.wait()
+        except MachineError as e:
+            got.append(str(e))
+    with Machine(payload("hello_long")) as m:
+        m.on_end = on_end
+        t0 = time.monotonic()
+        r = m.run(timeout=10)
+    assert r.ok and time.monotonic() - t0 < 5
+    assert got == ["wait() called from a callback, in a vCPU's own thread: it would wait "
+                   "for that vCPU to end; call it from another thread"]
+
+
+@pytest.mark.parametrize("value", ["stop", True, 0])
+def test_on_ring_full_returning_neither_none_nor_an_end_is_named(value):
+    # The value became the vCPU's end: RunResult.ok then raised "'str' object has no
+    # attribute 'ok'", and a 0 ended the vCPU as if it were an end
+    from minivmm import DirtySession
+    calls = []
+
+    def on_ring_full(st):
+        calls.append(st.index)
+        return value
+    with DirtySession(payload("dirty_seq"), tracker="ring", vcpus=1, pages=4096,
+                      iterations=2, ring_entries=small_ring()) as s:
+        s.machine.on_ring_full = on_ring_full
+        s.run(timeout=60)
+        st, = s.result.vcpus
+    assert calls and not s.result.ok
+    assert st.end.summary() == (f"host-error: TypeError: on_ring_full must return None or a "
+                                f"VcpuEnd, not {type(value).__name__} ({value!r})")
+
+
 def test_enable_cap_signal_mask_and_guest_debug_arguments_fit_their_fields():
     # a fifth argument was an IndexError from ctypes; signal 65 was dropped from the mask
     # without a word; a guest-debug control over 32 bits was cut to its low half
@@ -876,3 +938,32 @@ def test_api_version_errors_blame_the_device_only_when_it_is_not_kvm(monkeypatch
         Kvm()
     assert info.value.errno == err and info.value.call == "KVM_GET_API_VERSION"
     assert ("is it the KVM device?" in str(info.value)) == not_kvm
+
+
+def test_a_step_session_closed_from_another_thread_ends_its_stepping_first():
+    # close() released the VM under the stepping thread, whose next KVM_RUN went to the
+    # closed fd's number (EBADF here; another VM's vCPU once the kernel reuses it)
+    import threading
+    from minivmm.step import StepSession
+    fds = _fds()
+    for _ in range(3):
+        s = StepSession(payload("spin"), timeout=5, max_time=30)
+        out, started = [], threading.Event()
+
+        def step():
+            try:
+                for _ in s.run():
+                    started.set()
+                out.append(("stopped", s.stopped))
+            except Exception as e:
+                out.append(f"{type(e).__name__}: {e}")
+            started.set()
+        t = threading.Thread(target=step)
+        t.start()
+        assert started.wait(20)
+        s.close()
+        t.join(20)
+        assert not t.is_alive()
+        assert out[0] in ("MachineError: this StepSession is closed",
+                          ("stopped", {"reason": "closed"})), out
+    assert _fds() == fds

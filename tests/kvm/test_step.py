@@ -982,3 +982,32 @@ def _two_outs_then_a_loop_stepped():
         [p.listing[5].address]
     assert [st.changed.get("rcx") for st in steps[4:7]] == [2, 1, 0]
     assert [st.io["value"] for st in steps if st.io] == [0x41, 0x41, 0x41]
+
+
+def test_a_step_from_a_second_thread_meanwhile_is_refused():
+    # Two threads stepping one session raced: an AttributeError ('pc'), or each took half
+    # the traps and hello_long ended as a `hlt` in the stubs instead of its exit code 0
+    import threading
+    got = []
+    with StepSession(payload("hello_long")) as s:
+        deadline = s._step_deadline
+
+        def step_meanwhile():        # called inside every step, before the guest runs
+            if not got:
+                got.append(None)
+                t = threading.Thread(target=lambda: got.append(_try(s.next_step)))
+                t.start()
+                t.join()
+            return deadline()
+        s._step_deadline = step_meanwhile
+        steps = list(s)
+    assert got[1] == ("StepError: this StepSession is stepping in another thread: step it "
+                      "from one thread at a time")
+    assert s.end.reason == "exit-port" and s.end.code == 0 and len(steps) > 10
+
+
+def _try(call):
+    try:
+        return call()
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
