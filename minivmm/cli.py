@@ -661,7 +661,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--writes", type=_integer, default=None,
                    help="dirty_random: writes per iteration (R10; default a quarter of the share)")
     p.add_argument("--timeout", type=_seconds, default=120.0, metavar="S",
-                   help="stop the guest after this many seconds (default 120)")
+                   help="stop the guest after this many seconds (default 120; with "
+                   "--tracker both, each of its two runs, one after the other)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--plot", metavar="FILE.png", help="write a picture of the pages per iteration")
     p.add_argument("--show-ring", action="store_true",

@@ -471,7 +471,7 @@ class Machine:
             # program's SIGUSR1 handler instead of stopping KVM_RUN. Ctrl-C is held back
             # until every thread runs: a thread made but not started never ends, and
             # stop() (close()) would wait for it for ever
-            failed = None
+            failed = at = None
             with _sys.fd_creation(), _sys.signals_held():
                 try:
                     for st in self.states:
@@ -483,26 +483,28 @@ class Machine:
                         except OSError as e:
                             failed, at = e, st.index
                             break
+                    if failed is None and self._deadline is not None:
+                        # The timeout holds without a wait(): a start() whose caller does
+                        # something else (or drops the Machine) must not leave a looping
+                        # guest running past it. Made before the vCPUs run: after, this
+                        # thread waited for it to start behind 1024 looping vCPUs on 2
+                        # CPUs (--timeout 3 ended after 5 to 75 s)
+                        watchdog = threading.Thread(target=self._watch, name="vcpu-watchdog",
+                                                    daemon=True)
+                        try:
+                            start_thread(watchdog, "the vCPUs' timeout thread")
+                            self._watchdog = watchdog     # close() joins it: a started one only
+                        except OSError as e:
+                            failed = e
                 finally:
                     self._go.set()      # the threads made run (a failed start stops them)
-                if failed is not None:
+                if at is not None:
                     # No thread will ever end this vCPU or the ones after it: stop() and
                     # wait() waited for them for ever. They end here, unrun
                     for st in self.states[at:]:
                         st.thread, st.kickable = None, False
                         st.end = VcpuEnd("host-error", detail={"error": str(failed)})
                         st.done.set()
-                elif self._deadline is not None:
-                    # The timeout holds without a wait(): a start() whose caller does
-                    # something else (or drops the Machine) must not leave a looping guest
-                    # running past it
-                    watchdog = threading.Thread(target=self._watch, name="vcpu-watchdog",
-                                                daemon=True)
-                    try:
-                        start_thread(watchdog, "the vCPUs' timeout thread")
-                        self._watchdog = watchdog     # close() joins it: a started one only
-                    except OSError as e:
-                        failed = e
         if failed is not None:
             self.stop("stopped")    # the vCPUs already running (outside the lock: a
             raise failed            # callback's own stop() takes it)

@@ -17,7 +17,7 @@ import threading
 
 import numpy as np
 
-from .. import abi
+from .. import _sys, abi
 from ..dirty.ringsize import pml_enabled, ring_limits
 from ..dirty.verify import LCG_ADD, LCG_MUL, lcg_pages
 from ..machine import KICK_SIGNAL
@@ -386,10 +386,13 @@ def entries_multi_vcpu(ctx):
     events = {}                           # both vCPUs run at once, vCPU 1 in a thread
     other = threading.Thread(target=lambda: events.update({1: ctx.run_to_port(m, 1, 5.0)}),
                              name="ring.entries.multi_vcpu vcpu1", daemon=True)
-    other.start()
     try:
+        with _sys.fd_creation():    # Ctrl-C held back: stopped below, once started
+            other.start()
         events[0] = ctx.run_to_port(m, 0, 5.0)
     except BaseException:       # Ctrl-C: stop vCPU 1 before its VM is closed under it
+        if other.ident is None:
+            raise
         m.states[1].vcpu.run_struct.immediate_exit = 1
         signal.pthread_kill(other.ident, KICK_SIGNAL)
         other.join(6.0)

@@ -11,6 +11,7 @@ import itertools
 import threading
 import time
 
+from .. import _sys
 from .checks_entries import (DATA_SLOT, DIRTY, EXIT, RESET, dirty_run, expect_pages_in_order,
                              guest, small_ring, sync, write_pages, write_run)
 from .registry import Fail, Skip, check, expect, expect_eq
@@ -172,8 +173,11 @@ def reset_while_running(ctx):
     runner = threading.Thread(target=lambda: result.update(ev=ctx.run_to_port(m, 0, 5.0)),
                               name="ring.reset.while_running vcpu", daemon=True)
     cycles, progress = [], []
-    runner.start()
     try:
+        # started inside the try, Ctrl-C held back: interrupted in start(), the finally
+        # was skipped and the thread ran on into the closed VM (a traceback, EBADF)
+        with _sys.fd_creation():
+            runner.start()
         deadline = time.monotonic() + 0.25
         while time.monotonic() < deadline and runner.is_alive():
             time.sleep(0.01)

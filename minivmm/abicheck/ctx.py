@@ -28,7 +28,7 @@ from .registry import Fail, Skip
 
 @dataclasses.dataclass
 class Event:
-    kind: str            # sync | exit | ring-full | other | timeout
+    kind: str            # sync | exit | ring-full | other | timeout | stopped
     value: int | None = None
     info: dict | None = None
 
@@ -151,8 +151,12 @@ class Ctx:
             signal.pthread_kill(me, KICK_SIGNAL)
 
         dog = threading.Timer(timeout, kick)
-        dog.start()
         try:
+            # Ctrl-C held back while it starts: one raised inside start() (waiting for the
+            # new thread) skipped the cancel below, and the process, interrupted, waited
+            # at exit for this non-daemon timer to fire (10 s after `minivmm abi-check`)
+            with _sys.fd_creation():
+                dog.start()
             while True:
                 reason = vcpu.run()
                 if reason == abi.KVM_EXIT_IO and io.direction == abi.KVM_EXIT_IO_OUT:
@@ -165,15 +169,20 @@ class Ctx:
                         return Event("exit", value)
                 if reason == abi.KVM_EXIT_DIRTY_RING_FULL:
                     return Event("ring-full")
-                if reason == abi.KVM_EXIT_INTR and fired:
+                if reason == abi.KVM_EXIT_INTR and (fired or run.immediate_exit):
+                    # the watchdog's kick, or another thread's (a check stopping this vCPU
+                    # at Ctrl-C): immediate_exit, left set, made every KVM_RUN return EINTR
+                    # at once, and this loop spun until the watchdog fired
                     run.immediate_exit = 0
-                    return Event("timeout", info={"rip": vcpu.get_regs().rip})
+                    return Event("timeout" if fired else "stopped",
+                                 info={"rip": vcpu.get_regs().rip})
                 if reason == abi.KVM_EXIT_INTR:
                     continue
                 return Event("other", reason, vcpu.describe_exit(reason))
         finally:
             dog.cancel()
-            dog.join()    # the timer thread holds the kvm_run view until it is over
+            if dog.ident is not None:   # not if Ctrl-C came before the block let it start
+                dog.join()    # the timer thread holds the kvm_run view until it is over
 
     def expect_event(self, ev: Event, kind: str, what: str, value=None) -> None:
         if ev.kind != kind or (value is not None and ev.value != value):

@@ -2,6 +2,7 @@
 import contextlib
 import json
 import re
+import time
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -694,3 +695,96 @@ def test_arm64_skips_x86_guests_and_knows_its_errno(kvm, monkeypatch):
                                                                       res.reason)
         res = runner.run_one(runner.REGISTRY["caps.create_vm.on_vm_fd"], kvm)
         assert res.status == "pass", res.reason
+
+
+def test_ctrl_c_as_run_to_port_starts_its_watchdog_leaves_no_timer(kvm, monkeypatch):
+    # A Ctrl-C raised inside the watchdog's start() (waiting for its new thread) came before
+    # the try that cancels it: `minivmm abi-check` interrupted then waited at exit for the
+    # non-daemon timer to fire, 10 s (seen in bitmap.correctness.random_writes)
+    import signal
+    import threading
+    from minivmm.abicheck import ctx as ctxmod
+    started = []
+
+    class Timer(threading.Timer):
+        def start(self):
+            super().start()
+            started.append(self)
+            signal.raise_signal(signal.SIGINT)   # as if Ctrl-C came while it started
+
+    monkeypatch.setattr(ctxmod.threading, "Timer", Timer)
+    ctx = ctxmod.Ctx(kvm, False)
+    try:
+        m = ctx.guest("spin:\n    pause\n    jmp spin\n")
+        with pytest.raises(KeyboardInterrupt):
+            ctx.run_to_port(m, timeout=60.0)
+    finally:
+        ctx.close()
+    timer, = started
+    timer.join(5.0)
+    assert not timer.is_alive(), "the watchdog timer outlived run_to_port"
+
+
+def test_run_to_port_ends_when_another_thread_stops_it(kvm):
+    # ring.entries.multi_vcpu stops its second vCPU at Ctrl-C with immediate_exit and a
+    # kick: run_to_port took that EINTR for a stray signal, entered again (EINTR at once,
+    # immediate_exit still set) and spun until its own watchdog fired
+    import signal
+    import threading
+    from minivmm.abicheck import ctx as ctxmod
+    from minivmm.machine import KICK_SIGNAL
+    ctx = ctxmod.Ctx(kvm, False)
+    events, t = {}, None
+    try:
+        m = ctx.guest("spin:\n    pause\n    jmp spin\n")
+        t = threading.Thread(target=lambda: events.update(ev=ctx.run_to_port(m, 0, 60.0)),
+                             daemon=True)
+        t.start()
+        time.sleep(0.2)
+        m.states[0].vcpu.run_struct.immediate_exit = 1
+        signal.pthread_kill(t.ident, KICK_SIGNAL)
+        t.join(10.0)        # far below the watchdog's 60 s
+        assert not t.is_alive(), "run_to_port ran on after it was stopped"
+    finally:
+        if t is not None and t.is_alive():
+            t.join()
+        ctx.close()
+    assert events["ev"].kind == "stopped", events
+
+
+@pytest.mark.parametrize("module, check_id, thread", [
+    ("checks_reset", "ring.reset.while_running", "ring.reset.while_running vcpu"),
+    ("checks_entries", "ring.entries.multi_vcpu", "ring.entries.multi_vcpu vcpu1")])
+def test_ctrl_c_as_a_check_starts_its_vcpu_thread(kvm, monkeypatch, module, check_id, thread):
+    # A Ctrl-C inside the vCPU thread's start() came before the try that stops it: the
+    # thread ran on into the VM the check's close() released ("Exception in thread ...",
+    # KvmError EBADF, printed after `minivmm: interrupted`)
+    import importlib
+    import signal
+    import threading
+    mod = importlib.import_module(f"minivmm.abicheck.{module}")
+
+    class Thread(threading.Thread):
+        def start(self):
+            super().start()
+            if self.name == thread:
+                signal.raise_signal(signal.SIGINT)   # as if Ctrl-C came while it started
+
+    class Threading:            # the check's module sees this Thread, nothing else does
+        def __getattr__(self, name):
+            return getattr(threading, name)
+    fake = Threading()
+    fake.Thread = Thread
+    monkeypatch.setattr(mod, "threading", fake)
+    failed, hook = [], threading.excepthook
+    threading.excepthook = lambda a: failed.append(f"{a.exc_type.__name__}: {a.exc_value}")
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            runner.run_one(runner.REGISTRY[check_id], kvm)
+        left = [t for t in threading.enumerate() if t.name == thread]
+        for t in left:
+            t.join(10.0)
+    finally:
+        threading.excepthook = hook
+    assert not left, "the check's vCPU thread outlived the interrupted check"
+    assert not failed, failed

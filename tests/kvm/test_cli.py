@@ -278,3 +278,17 @@ def test_run_names_the_vcpu_that_failed_not_one_the_timeout_stopped(tmp_path):
     assert proc.stderr.startswith("minivmm: vCPU 2: CPU exception #UD invalid opcode")
     assert proc.stderr.rstrip().endswith("(and 2 more vCPU(s))")
     assert proc.stderr.count("\n") == 1
+
+
+def test_dirty_tracker_both_gives_each_run_the_whole_timeout():
+    # The two VMs run one after the other, each under --timeout (README, dirty --help): the
+    # README said "side by side", and nothing said a guest that never ends takes twice it
+    t0 = time.monotonic()
+    out = run_cli("dirty", "--payload", "spin", "--tracker", "both", "--iterations", "1",
+                  "--pages", "64", "--timeout", "1", "--json")
+    took = time.monotonic() - t0
+    assert out.returncode == 1, out.stderr
+    runs = json.loads(out.stdout)["runs"]
+    assert [r["tracker"] for r in runs] == ["ring", "bitmap"]
+    assert all(e["reason"] == "timeout" for r in runs for e in r["vcpu_ends"]), runs
+    assert took >= 2.0, took            # 1 s each, not 1 s in all

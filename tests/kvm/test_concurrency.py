@@ -215,3 +215,21 @@ def test_a_timeout_stops_many_looping_vcpus_in_time():
         r = m.run(timeout=1)
     assert {st.end.reason for st in r.vcpus} == {"timeout"}
     assert time.monotonic() - t0 < 8, "the 1 s timeout took far longer to stop the vCPUs"
+
+
+def test_the_timeout_watchdog_exists_before_any_vcpu_runs(monkeypatch):
+    # Made after the vCPUs were let go, the watchdog had to get a CPU (and the GIL) from
+    # every looping vCPU to start, and start() waited for it: `run spin --vcpus 1024
+    # --timeout 3` ended after 5 to 75 s on 2 CPUs
+    started = {}
+    real_start = machine_module.start_thread
+
+    def start(thread, what):
+        real_start(thread, what)
+        started[thread.name] = m._go.is_set()      # had the vCPUs been let go by then?
+    monkeypatch.setattr(machine_module, "start_thread", start)
+    with Machine(payload("spin"), vcpus=3) as m:
+        r = m.run(timeout=0.5)
+    assert {st.end.reason for st in r.vcpus} == {"timeout"}
+    assert started == {"vcpu0": False, "vcpu1": False, "vcpu2": False,
+                       "vcpu-watchdog": False}, started

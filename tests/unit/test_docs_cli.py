@@ -132,3 +132,14 @@ def test_readme_names_only_numpy_functions_minivmm_calls():
     source = "\n".join(p.read_text() for p in (ROOT / "minivmm").rglob("*.py"))
     for name in re.findall(r"`([a-z_]+)`", row):
         assert f"np.{name}(" in source, f"README's numpy row names np.{name}, never called"
+
+
+def test_dirty_timeout_says_both_runs_each_get_it():
+    """`--tracker both` runs its two VMs one after the other, each under the whole
+    --timeout: the README and --help say so (a user asking 120 s may wait 240)."""
+    text = " ".join(README.split())
+    assert "each gets the whole `--timeout`" in text
+    assert "side by side and" not in text
+    sub = PARSER.commands["dirty"]
+    help_text = next(a.help for a in sub._actions if "--timeout" in a.option_strings)
+    assert "each of its two runs" in help_text
