@@ -453,58 +453,65 @@ class Machine:
             if not timeout >= 0:      # NaN too: it never expires
                 raise named(MachineError(f"timeout must be a number of seconds, not negative "
                                          f"nor NaN (got {timeout})"), "timeout")
-        with self._lock:            # a close() from another thread waits for every thread
-            if self._closing:
-                raise MachineError("this Machine is closed")
-            self._vm()
-            if self._started:
-                # a vCPU thread per vCPU at most: a second one would wait in KVM_RUN behind
-                # the first, and the first could no longer be kicked (st.thread is the second)
-                raise MachineError("this Machine has already run; make a new one")
-            self._started = True
-            self._pid = os.getpid()
-            install_kick_handler()      # the vCPU threads let the kick in themselves
-            self._start = time.monotonic()
-            self._deadline = None if timeout is None else self._start + timeout
-            # The threads start with every signal blocked (a thread inherits its maker's
-            # mask): a kick before their own block_thread_signals() would run the
-            # program's SIGUSR1 handler instead of stopping KVM_RUN. Ctrl-C is held back
-            # until every thread runs: a thread made but not started never ends, and
-            # stop() (close()) would wait for it for ever
-            failed = at = None
-            with _sys.fd_creation(), _sys.signals_held():
-                try:
-                    for st in self.states:
-                        st.thread = threading.Thread(target=self._vcpu_thread, args=(st,),
-                                                     name=f"vcpu{st.index}", daemon=True)
-                        st.kickable = True
-                        try:
-                            start_thread(st.thread, f"the thread of vCPU {st.index}")
-                        except OSError as e:
-                            failed, at = e, st.index
-                            break
-                    if failed is None and self._deadline is not None:
-                        # The timeout holds without a wait(): a start() whose caller does
-                        # something else (or drops the Machine) must not leave a looping
-                        # guest running past it. Made before the vCPUs run: after, this
-                        # thread waited for it to start behind 1024 looping vCPUs on 2
-                        # CPUs (--timeout 3 ended after 5 to 75 s)
-                        watchdog = threading.Thread(target=self._watch, name="vcpu-watchdog",
-                                                    daemon=True)
-                        try:
-                            start_thread(watchdog, "the vCPUs' timeout thread")
-                            self._watchdog = watchdog     # close() joins it: a started one only
-                        except OSError as e:
-                            failed = e
-                finally:
-                    self._go.set()      # the threads made run (a failed start stops them)
-                if at is not None:
-                    # No thread will ever end this vCPU or the ones after it: stop() and
-                    # wait() waited for them for ever. They end here, unrun
-                    for st in self.states[at:]:
-                        st.thread, st.kickable = None, False
-                        st.end = VcpuEnd("host-error", detail={"error": str(failed)})
-                        st.done.set()
+        try:
+            with self._lock:            # a close() from another thread waits for every thread
+                if self._closing:
+                    raise MachineError("this Machine is closed")
+                self._vm()
+                if self._started:
+                    # a vCPU thread per vCPU at most: a second one would wait in KVM_RUN behind
+                    # the first, and the first could no longer be kicked (st.thread is the second)
+                    raise MachineError("this Machine has already run; make a new one")
+                self._started = True
+                self._pid = os.getpid()
+                install_kick_handler()      # the vCPU threads let the kick in themselves
+                self._start = time.monotonic()
+                self._deadline = None if timeout is None else self._start + timeout
+                # The threads start with every signal blocked (a thread inherits its maker's
+                # mask): a kick before their own block_thread_signals() would run the
+                # program's SIGUSR1 handler instead of stopping KVM_RUN. Ctrl-C is held back
+                # until every thread runs: a thread made but not started never ends, and
+                # stop() (close()) would wait for it for ever
+                failed = at = None
+                with _sys.fd_creation(), _sys.signals_held():
+                    try:
+                        for st in self.states:
+                            st.thread = threading.Thread(target=self._vcpu_thread, args=(st,),
+                                                         name=f"vcpu{st.index}", daemon=True)
+                            st.kickable = True
+                            try:
+                                start_thread(st.thread, f"the thread of vCPU {st.index}")
+                            except OSError as e:
+                                failed, at = e, st.index
+                                break
+                        if failed is None and self._deadline is not None:
+                            # The timeout holds without a wait(): a start() whose caller does
+                            # something else (or drops the Machine) must not leave a looping
+                            # guest running past it. Made before the vCPUs run: after, this
+                            # thread waited for it to start behind 1024 looping vCPUs on 2
+                            # CPUs (--timeout 3 ended after 5 to 75 s)
+                            watchdog = threading.Thread(target=self._watch, name="vcpu-watchdog",
+                                                        daemon=True)
+                            try:
+                                start_thread(watchdog, "the vCPUs' timeout thread")
+                                self._watchdog = watchdog     # close() joins it: a started one only
+                            except OSError as e:
+                                failed = e
+                    finally:
+                        self._go.set()      # the threads made run (a failed start stops them)
+                    if at is not None:
+                        # No thread will ever end this vCPU or the ones after it: stop() and
+                        # wait() waited for them for ever. They end here, unrun
+                        for st in self.states[at:]:
+                            st.thread, st.kickable = None, False
+                            st.end = VcpuEnd("host-error", detail={"error": str(failed)})
+                            st.done.set()
+        except KeyboardInterrupt:
+            # The Ctrl-C held back while the threads were made is raised as that block
+            # ends: stop the vCPUs it made, as wait() does (run() never reached wait(), and
+            # they ran on, without a timeout for ever)
+            self.stop("interrupted")
+            raise
         if failed is not None:
             self.stop("stopped")    # the vCPUs already running (outside the lock: a
             raise failed            # callback's own stop() takes it)

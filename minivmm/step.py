@@ -379,6 +379,7 @@ class StepSession:
         # Machine does) when one step takes longer than the timeout.
         self._lock = threading.Lock()
         self._stepping = threading.Lock()     # held by the thread in next_step()
+        self._stepper = None                  # and that thread's id
         self._deadline = None
         self._closed = False
         self._ident = None
@@ -399,7 +400,9 @@ class StepSession:
                     signal.pthread_kill(self._ident, KICK_SIGNAL)
                 except ProcessLookupError:
                     pass
-        if self._ident != threading.get_ident():
+        # the thread in next_step(), not the last one to enter KVM_RUN: a close() from a
+        # thread that stepped earlier skipped this and released the VM under the step
+        if self._stepper != threading.get_ident():
             with self._stepping:     # no step from now on: next_step() says closed
                 pass
         if self._watchdog is not None:
@@ -457,11 +460,13 @@ class StepSession:
                 raise MachineError("this StepSession is closed")
             raise StepError("this StepSession is stepping in another thread: step it from "
                             "one thread at a time")
+        self._stepper = threading.get_ident()
         try:
             if self._closed:
                 raise MachineError("this StepSession is closed")
             return self._next_step()
         finally:
+            self._stepper = None
             self._stepping.release()
 
     def _next_step(self) -> Step | None:
@@ -476,13 +481,29 @@ class StepSession:
         # What runs is read before it runs: the instruction may write over itself, or
         # (real mode) move CS, which changes what its address reads afterwards
         self._code = (self.pc, *self.machine.executed(self.st, self.pc))
-        self._deadline = self._step_deadline()
+        if not self._arm():
+            return None
         try:
             if self.mechanism == IN_GUEST:
                 return self._next_in_guest()
             return self._next_guest_debug()
         finally:
             self._no_deadline()
+
+    def _arm(self) -> bool:
+        """Set the step's deadline and thread for the watchdog and close(); False (and
+        ``stopped``) when close() came first."""
+        # Under the lock close() reads them with: a close() from another thread just before
+        # saw no step in flight and kicked none, its watchdog stopped watching, and the run
+        # to an unreached --break went on for ever, close() waiting for it; one just after
+        # the deadline but before KVM_RUN had no thread id to kick (TypeError, VM left open)
+        with self._lock:
+            if self._closed:
+                self.stopped = {"reason": "closed"}
+                return False
+            self._ident = threading.get_ident()
+            self._deadline = self._step_deadline()
+        return True
 
     def _no_deadline(self) -> None:
         # Under the watchdog's lock: once the step returns, the thread that stepped may
@@ -522,7 +543,8 @@ class StepSession:
         self.regs = self._state(regs)
         if self.bp is not None and self.bp != self.pc:
             t0 = time.perf_counter()
-            self._deadline = self._step_deadline()
+            if not self._arm():
+                return
             try:
                 self._run_to_breakpoint()
             finally:
@@ -537,7 +559,6 @@ class StepSession:
 
     def _enter(self) -> int:
         """KVM_RUN once; a kick by the watchdog comes back as KVM_EXIT_INTR."""
-        self._ident = threading.get_ident()
         while True:
             reason = self.vcpu.run()
             if reason != _INTR:

@@ -233,3 +233,24 @@ def test_the_timeout_watchdog_exists_before_any_vcpu_runs(monkeypatch):
     assert {st.end.reason for st in r.vcpus} == {"timeout"}
     assert started == {"vcpu0": False, "vcpu1": False, "vcpu2": False,
                        "vcpu-watchdog": False}, started
+
+
+def test_ctrl_c_while_start_makes_the_threads_stops_the_vcpus(monkeypatch):
+    # The Ctrl-C held back while start() made the vCPU threads was raised as it ended:
+    # run() never reached wait(), and the vCPUs it had made ran on (for ever, no timeout)
+    real_start = machine_module.start_thread
+
+    def start(thread, what):
+        if thread.name == "vcpu0":
+            os.kill(os.getpid(), signal.SIGINT)
+        real_start(thread, what)
+    monkeypatch.setattr(machine_module, "start_thread", start)
+    m = Machine(payload("spin"), vcpus=2)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            m.run()
+        ends = [st.end and st.end.reason for st in m.states]
+        running = [t.name for t in threading.enumerate() if t.name.startswith("vcpu")]
+    finally:
+        m.close()
+    assert ends == ["interrupted", "interrupted"] and running == []

@@ -967,3 +967,89 @@ def test_a_step_session_closed_from_another_thread_ends_its_stepping_first():
         assert out[0] in ("MachineError: this StepSession is closed",
                           ("stopped", {"reason": "closed"})), out
     assert _fds() == fds
+
+
+_NEVER = ";! mode: long\nspin:\n    jmp spin\nnever:\n    nop\n"
+
+
+@pytest.mark.parametrize("at", ["before the deadline", "before KVM_RUN"])
+def test_a_close_from_another_thread_as_a_step_begins_stops_it(tmp_path, at):
+    # The run to a --break never reached, close() from another thread landing as it
+    # began: before its deadline was set, close() kicked nothing and its watchdog stopped
+    # watching, so the guest ran on and close() waited for it for ever; after it but
+    # before KVM_RUN, close() raised TypeError (no thread id yet) and left the VM open
+    import signal
+    import threading
+    from minivmm.machine import KICK_SIGNAL
+    from minivmm.step import StepSession
+    f = tmp_path / "never.asm"
+    f.write_text(_NEVER)
+    fds = _fds()
+    s = StepSession(str(f), breakpoint="never", timeout=2, max_time=None)
+    vcpu, closing, got = s.vcpu, [], []
+
+    def close():
+        try:
+            s.close()
+            got.append("closed")
+        except Exception as e:
+            got.append(f"{type(e).__name__}: {e}")
+
+    def hook(real):
+        def call(*a):
+            if not closing:         # close() from another thread, here in the first step
+                closing.append(threading.Thread(target=close, daemon=True))
+                closing[0].start()
+                closing[0].join(0.5)    # as far as it goes while this step is not over
+            return real(*a)
+        return call
+    if at == "before the deadline":
+        s._state = hook(s._state)           # read just before the deadline is set
+    else:
+        s.machine.linear = hook(s.machine.linear)   # the run to --break's first call
+    out = []
+    stepper = threading.Thread(target=lambda: out.append(_try(s.next_step)), daemon=True)
+    stepper.start()
+    stepper.join(10)
+    closing[0].join(10)
+    hung = stepper.is_alive()
+    if hung:                                # let the looping guest go before failing
+        vcpu.run_struct.immediate_exit = 1
+        signal.pthread_kill(stepper.ident, KICK_SIGNAL)
+        stepper.join(10)
+    assert not hung, "the step ran on past close() (and past its 2 s timeout)"
+    assert got == ["closed"] and out == [None] and s.stopped["reason"] == "closed"
+    assert s.machine.vm is None and _fds() == fds
+
+
+def test_a_close_from_a_thread_that_stepped_before_waits_for_anothers_step():
+    # close() skipped its wait when called by the thread that last entered KVM_RUN, not
+    # the one stepping now: the VM was released under a step of another thread
+    import threading
+    from minivmm.step import StepSession
+    s = StepSession(payload("spin"), timeout=5, max_time=None)
+    assert s.next_step().instruction == "mov al, 0x2e"     # stepped here first
+    closed, out = threading.Event(), []
+    executed = s.machine.executed
+
+    def hook(*a):                   # the other thread's step, before its guest runs
+        if threading.current_thread() is not threading.main_thread():
+            closed.wait(1)
+        return executed(*a)
+    s.machine.executed = hook
+    other = threading.Thread(target=lambda: out.append(_try(s.next_step)))
+    other.start()
+    time.sleep(0.2)
+    s.close()
+    closed.set()
+    alive = other.is_alive()
+    other.join(10)
+    assert not alive, "close() returned while another thread's step was in flight"
+    assert out == [None] and s.stopped == {"reason": "closed"}
+
+
+def _try(call):
+    try:
+        return call()
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
