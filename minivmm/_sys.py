@@ -14,6 +14,7 @@ import ctypes
 import errno as _errno
 import mmap as _mmap
 import os
+import resource     # here: importing it once out of fds needs an fd of its own
 import signal
 import threading
 import weakref
@@ -283,7 +284,23 @@ def failure(fd: int, name: str, err: int, hints: dict | None) -> KvmError:
         # the caller's or the VM is dead
         hint = ("this VM belongs to another process (after fork, api.rst 2, Restrictions), "
                 "or KVM marked it dead after an internal error (see dmesg)")
+    elif hint is None and err in (_errno.EMFILE, _errno.ENFILE):
+        hint = _fd_limit_hint(err)
     return KvmError(name, err, hint)
+
+
+def _fd_limit_hint(err: int) -> str:
+    """Why a call that makes an fd (KVM_CREATE_VM, KVM_CREATE_VCPU) found none: each
+    VM and each vCPU holds one for as long as it is open. Many VMs at once meet the
+    process's open-file limit long before anything of KVM's (4000 here, at ulimit -n
+    20000), and the bare EMFILE did not say which limit."""
+    if err == _errno.ENFILE:
+        return ("the system's open-file table is full (sysctl fs.file-max): every VM and "
+                "every vCPU holds a file descriptor")
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return (f"this process has reached its open-file limit (ulimit -n, {soft}): every VM "
+            "and every vCPU holds a file descriptor until closed; close the VMs you are "
+            "done with or raise the limit")
 
 
 def mmap(fd: int, length: int, flags: int, prot: int, offset: int = 0,

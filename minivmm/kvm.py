@@ -77,7 +77,10 @@ class Kvm(_sys.FdOwner):
             raise KvmUnavailable(f"open {device}", e.errno,
                                  hint(_permission_hint(device))) from None
         except OSError as e:
-            raise KvmUnavailable(f"open {device}", e.errno or 0, hint(None)) from None
+            limit = e.errno in (errno.EMFILE, errno.ENFILE)    # many VMs open: which limit
+            raise KvmUnavailable(f"open {device}", e.errno or 0,
+                                 _sys._fd_limit_hint(e.errno) if limit else hint(None)
+                                 ) from None
         self._cpuid = None
         try:
             try:

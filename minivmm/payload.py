@@ -18,6 +18,7 @@ import pickle
 import re
 import select
 import sys
+import threading
 from pathlib import Path
 
 import capstone
@@ -582,6 +583,11 @@ def _alignment(word: str, args: str, consts: dict, name, no) -> tuple:
 
 
 _KS: dict = {}
+# One Ks per mode, shared by every thread: keystone is not thread-safe (its asm() runs
+# without the GIL), and two threads assembling at once corrupted its heap (a segfault
+# with 8 threads, each assembling its own payload). Held for each asm() in this process,
+# and across the assembler's fork, so that the child's copy is not one caught mid-asm
+_KS_LOCK = threading.RLock()
 # Keystones found reading decimals as hex, kept alive for the same reason as _KS's
 _KS_REJECTED: list = []
 _RADIX_PROBE = {"real": ("mov ax, 10", b"\xb8\x0a\x00"),
@@ -607,6 +613,11 @@ def _ks_decimal(mode: str):
     #608): seen here once in a few test runs, every later payload then assembled wrong
     (`add rdi, 4096` as 0x4096). Checked before each new payload is assembled: the
     assembler's child inherits this one."""
+    with _KS_LOCK:
+        return _ks_decimal_locked(mode)
+
+
+def _ks_decimal_locked(mode: str):
     text, want = _RADIX_PROBE[mode]
     for _ in range(8):
         ks = _ks(mode)
@@ -707,7 +718,8 @@ def _assemble_with_watchdog(source, mode, origin, stmts, name) -> tuple:
     limit = ASSEMBLE_TIMEOUT_S + LISTING_S_PER_LINE * len(stmts)
     rfd, wfd = os.pipe()
     try:
-        pid = _sys.fork_child()
+        with _KS_LOCK:
+            pid = _sys.fork_child()
     except OSError as e:    # EAGAIN: RLIMIT_NPROC; ENOMEM
         os.close(rfd)
         os.close(wfd)
@@ -915,7 +927,8 @@ def _keystone_value(values: tuple, ops: tuple, directive: bool) -> int | None:
     expr = " ".join([f"{values[0] & _MASK64:#x}"]
                     + [f"{op} {v & _MASK64:#x}" for op, v in zip(ops, values[1:])])
     try:
-        enc, _ = _ks("long").asm(f".quad {expr}" if directive else f"movabs rax, {expr}")
+        with _KS_LOCK:
+            enc, _ = _ks("long").asm(f".quad {expr}" if directive else f"movabs rax, {expr}")
     except keystone.KsError:
         return None
     enc = bytes(enc or b"")

@@ -67,3 +67,43 @@ def test_the_cli_says_a_refused_vcpu_thread_in_one_line():
     line, = proc.stderr.strip().splitlines()
     assert line.startswith("minivmm: cannot start the thread of vCPU 2"), line
     assert "RLIMIT_NPROC" in line and proc.stdout == ""
+
+
+def test_vms_past_the_open_file_limit_name_it():
+    # Thousands of VMs fit in KVM; the open-file limit comes first, and KVM_CREATE_VM,
+    # KVM_CREATE_VCPU and the open of /dev/kvm failed with a bare EMFILE, no hint
+    def body():
+        import resource
+        from minivmm import Kvm, KvmError, vcpu, vm
+        assert vcpu and vm      # imported now: an import needs an fd too
+        kvm = Kvm()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        limit = max(int(fd) for fd in os.listdir("/proc/self/fd")) + 6
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+        filler = []
+        try:
+            while True:             # every free number below the limit taken, then 3 let go
+                filler.append(os.open(os.devnull, os.O_RDONLY))
+        except OSError:
+            for fd in filler[-3:]:
+                os.close(fd)
+        vms, said = [], []
+        try:
+            while len(vms) < 20:
+                vms.append(kvm.create_vm())
+        except KvmError as e:
+            said.append(str(e))
+        try:
+            vms[0].create_vcpu(0)
+        except KvmError as e:
+            said.append(str(e))
+        try:
+            Kvm()
+        except KvmError as e:
+            said.append(str(e))
+        return "\n".join(said)
+    said = in_child(body).splitlines()
+    assert [line.split(" failed: ")[0] for line in said] == \
+        ["KVM_CREATE_VM", "KVM_CREATE_VCPU", "open /dev/kvm"], said
+    for line in said:
+        assert "EMFILE" in line and "open-file limit (ulimit -n, " in line, line

@@ -976,3 +976,38 @@ def test_an_escape_in_a_string_is_no_character():
     # in a "string" keystone reads the escapes as GAS does ("\0" is a zero byte)
     assert asm(".ascii \"'\\0'\"\n.byte '\\n', '\\t', '\\b'\nhlt\n").code.hex() == \
         "270027" + "0a0908" + "f4"
+
+
+def test_threads_assembling_at_once_never_share_keystone(monkeypatch):
+    # keystone is not thread-safe and its asm() runs without the GIL: 8 threads each
+    # assembling a payload of their own corrupted its heap (a segfault, every run)
+    import threading
+    monkeypatch.setattr(P, "_cache", {})
+    real, active, most = P.keystone.Ks.asm, [0], [0]
+    safe = threading.Lock()     # the test's own: an overlap is counted, never run (a crash)
+
+    def asm_alone(self, *args, **kwargs):
+        active[0] += 1
+        most[0] = max(most[0], active[0])
+        time.sleep(0.005)               # lets another thread in, if nothing keeps it out
+        try:
+            with safe:
+                return real(self, *args, **kwargs)
+        finally:
+            active[0] -= 1
+    monkeypatch.setattr(P.keystone.Ks, "asm", asm_alone)
+    codes, errors = {}, []
+
+    def one(i):
+        try:
+            # a mask: each needs _keystone_value's check of its value, in this process
+            codes[i] = asm(f"mov eax, {i} & 0xff\nout 0xf4, al").code
+        except Exception as e:      # noqa: BLE001
+            errors.append(repr(e))
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and most[0] == 1
+    assert all(codes[i] == bytes((0xB8, i, 0, 0, 0, 0xE6, 0xF4)) for i in range(8))
