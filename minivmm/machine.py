@@ -628,10 +628,10 @@ class Machine:
         return any(st.thread is me for st in self.states)
 
     def _kick(self, st: VcpuState, reason: str) -> None:
-        if st.stop_reason is None:
-            st.stop_reason = reason
         thread = st.thread
         if thread is None:
+            if st.stop_reason is None:
+                st.stop_reason = reason
             return
         # The thread cannot end (its id freed, its VM closed) while the lock is held; no
         # signal handler runs here meanwhile (its stop() would wait for that end for ever).
@@ -642,9 +642,19 @@ class Machine:
         kicks.depth = getattr(kicks, "depth", 0) + 1
         try:
             with _sys.signals_held(), st.kick_lock:
+                if st.kickable:
+                    st.vcpu.run_struct.immediate_exit = 1    # if it is between two KVM_RUNs
+                # Set only once its next KVM_RUN cannot run the guest: a callback that
+                # sees it lets the vCPU go as stopped (DirtySession's barrier). Set first, a
+                # kicker short of the GIL (the watchdog behind 8 vCPU threads) left the
+                # vCPU running on past syncs it was counted at for ~100 ms: collections cut
+                # its iterations anywhere, and the plan oracle reported pages collected
+                # one collection early as missed. Before the signal: one taken with no
+                # reason set is the program's own SIGUSR1
+                if st.stop_reason is None:
+                    st.stop_reason = reason
                 if not st.kickable:
                     return
-                st.vcpu.run_struct.immediate_exit = 1    # if it is between two KVM_RUNs
                 try:
                     signal.pthread_kill(thread.ident, KICK_SIGNAL)   # if inside KVM_RUN
                 except (ProcessLookupError, TypeError):
@@ -739,7 +749,8 @@ class Machine:
                     # sent to the process, which KVM let in here. Hand it to the main
                     # thread, where Python runs its handler (or the program sigwait()s)
                     _forward_to_main_thread(KICK_SIGNAL)
-                # else: a stray wake-up (job control); just re-enter
+                # else: a stray wake-up (job control), or a kick that has set immediate_exit
+                # but not yet its reason (_kick); just re-enter
             elif reason == _HLT:
                 st.end = self.end_at(st, "hlt", after=True)
             elif reason == _MMIO:
