@@ -588,6 +588,11 @@ _KS: dict = {}
 # with 8 threads, each assembling its own payload). Held for each asm() in this process,
 # and across the assembler's fork, so that the child's copy is not one caught mid-asm
 _KS_LOCK = threading.RLock()
+# Every fork, the program's own too (multiprocessing), waits for keystone to be idle: one
+# made while another thread held the lock left the child, which has no such thread,
+# waiting for it for ever at its first payload
+os.register_at_fork(before=_KS_LOCK.acquire, after_in_parent=_KS_LOCK.release,
+                    after_in_child=_KS_LOCK.release)
 # Keystones found reading decimals as hex, kept alive for the same reason as _KS's
 _KS_REJECTED: list = []
 _RADIX_PROBE = {"real": ("mov ax, 10", b"\xb8\x0a\x00"),

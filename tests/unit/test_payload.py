@@ -1011,3 +1011,34 @@ def test_threads_assembling_at_once_never_share_keystone(monkeypatch):
         t.join(60)
     assert errors == [] and most[0] == 1
     assert all(codes[i] == bytes((0xB8, i, 0, 0, 0, 0xE6, 0xF4)) for i in range(8))
+
+
+def test_a_fork_while_another_thread_holds_keystone_leaves_the_child_one(monkeypatch):
+    # The program's own fork (multiprocessing) while another thread was assembling: the
+    # child, which has no such thread, found _KS_LOCK held and waited at its first payload
+    # for ever. The fork waits for keystone to be idle instead
+    import threading
+    monkeypatch.setattr(P, "_cache", {})
+    held, release = threading.Event(), threading.Event()
+
+    def holder():
+        with P._KS_LOCK:
+            held.set()
+            release.wait(10)
+    t = threading.Thread(target=holder)
+    t.start()
+    assert held.wait(10)
+    threading.Timer(0.2, release.set).start()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            signal.alarm(5)         # the test's own limit on a hang
+            code = 0 if asm("mov eax, 7\nhlt\n").code == bytes.fromhex("b807000000f4") else 2
+        finally:
+            os._exit(code)
+    release.set()
+    t.join(10)
+    status = os.waitpid(pid, 0)[1]
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, \
+        f"the child {'hung (SIGALRM)' if os.WIFSIGNALED(status) else 'failed'}: {status}"
