@@ -15,21 +15,16 @@ def _no_op(signum, frame):  # the kick only needs KVM_RUN to see a pending signa
     pass
 
 
-def install_kick_handler(let_in: bool = False) -> bool:
+def install_kick_handler() -> None:
     """Install a handler for the kick signal unless the program has its own (only the
-    main thread may do this). ``let_in``: also let the kick into the calling thread, which
-    runs a vCPU itself (the stepper): a thread started from a vCPU callback inherits that
-    thread's all-blocked mask (Machine._vcpu_thread). Returns True when the kick was
-    blocked there, so that the caller can block it again when done: the program's own
-    mask is left as it was."""
+    main thread may do this). A thread that runs a vCPU keeps the kick blocked outside
+    KVM_RUN and lets it in during KVM_RUN only (Vcpu.set_run_signals), taking it with
+    sigtimedwait: the program's own handler never runs for a kick."""
     if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, signal.SIG_IGN, None):
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("minivmm must install its SIGUSR1 handler from the main thread: "
                                "import minivmm there first")
         signal.signal(KICK_SIGNAL, _no_op)
-    if not let_in:
-        return False
-    return KICK_SIGNAL in signal.pthread_sigmask(signal.SIG_UNBLOCK, (KICK_SIGNAL,))
 
 if threading.current_thread() is threading.main_thread():
     install_kick_handler()

@@ -47,7 +47,7 @@ from ._args import as_option, check_number, check_type, named
 from .kvm import Kvm, vendor_module
 from .machine import (KICK_SIGNAL, Console, Machine, MachineError, VcpuEnd,
                       format_registers, install_kick_handler, instruction_name, is_hlt,
-                      start_thread, unexpected_exit_detail)
+                      _forward_to_main_thread, start_thread, unexpected_exit_detail)
 from .payload import Payload, load
 from .x86 import layout as L
 from .x86.modes import STUB_FRAME_FIELDS
@@ -384,7 +384,13 @@ class StepSession:
         self._closed = False
         self._ident = None
         self._watchdog = None
-        self._kick_blocked_in = None     # the thread whose mask _start changed, if any
+        # The kick is blocked in the stepping thread while a step is armed (a kick can come
+        # only then) and let in during KVM_RUN only, as in Machine's vCPU threads: let in
+        # for good, a kick landing outside KVM_RUN ran the program's own SIGUSR1 handler
+        self._mask = None                # the thread's own mask, put back by _no_deadline
+        self._run_mask = None            # the mask KVM_SET_SIGNAL_MASK was last given for
+        self._kicked = False             # a kick was sent during this step
+        self._foreign = False            # a SIGUSR1 that was no kick was taken: pass it on
 
     # -- lifecycle --
     def close(self) -> None:
@@ -396,6 +402,7 @@ class StepSession:
                 # Else the VM was released under it: its next KVM_RUN went to the closed
                 # fd's number, which the kernel may have given to another VM
                 self.vcpu.run_struct.immediate_exit = 1
+                self._kicked = True
                 try:
                     signal.pthread_kill(self._ident, KICK_SIGNAL)
                 except ProcessLookupError:
@@ -411,9 +418,6 @@ class StepSession:
         self.vcpu = self.st = self.ring = None
         self.rings.clear()
         self.machine.close()
-        if self._kick_blocked_in == threading.get_ident():   # the program's mask, as it was
-            self._kick_blocked_in = None
-            signal.pthread_sigmask(signal.SIG_BLOCK, (KICK_SIGNAL,))
 
     def __enter__(self) -> "StepSession":
         return self
@@ -481,9 +485,9 @@ class StepSession:
         # What runs is read before it runs: the instruction may write over itself, or
         # (real mode) move CS, which changes what its address reads afterwards
         self._code = (self.pc, *self.machine.executed(self.st, self.pc))
-        if not self._arm():
-            return None
         try:
+            if not self._arm():
+                return None
             if self.mechanism == IN_GUEST:
                 return self._next_in_guest()
             return self._next_guest_debug()
@@ -492,7 +496,14 @@ class StepSession:
 
     def _arm(self) -> bool:
         """Set the step's deadline and thread for the watchdog and close(); False (and
-        ``stopped``) when close() came first."""
+        ``stopped``) when close() came first. _no_deadline() must follow either way."""
+        self._kicked = self._foreign = False
+        self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, (KICK_SIGNAL,))
+        if self._mask != self._run_mask:
+            # during KVM_RUN: the thread's own mask, with the kick let in
+            self.vcpu.set_run_signals([n for n in range(1, 65) if n not in self._mask]
+                                      + [KICK_SIGNAL])
+            self._run_mask = self._mask
         # Under the lock close() reads them with: a close() from another thread just before
         # saw no step in flight and kicked none, its watchdog stopped watching, and the run
         # to an unreached --break went on for ever, close() waiting for it; one just after
@@ -510,6 +521,26 @@ class StepSession:
         # end, and a kick by its id would reach whichever thread took that id next
         with self._lock:
             self._deadline = None
+        mask, self._mask = self._mask, None
+        if mask is None:
+            return
+        try:    # no kick comes from now on: take one still pending before the mask is back
+            if signal.sigtimedwait((KICK_SIGNAL,), 0) is not None and not self._kicked:
+                self._pass_on()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        if self._foreign:
+            _forward_to_main_thread(KICK_SIGNAL)
+
+    def _pass_on(self) -> None:
+        # The program's own SIGUSR1, sent to the process, which KVM let in here: hand it to
+        # the main thread, where Python runs its handler (as Machine does). Stepping in the
+        # main thread, only once its mask is back: sent to itself now, it stayed pending
+        # and made every KVM_RUN return EINTR at once
+        if threading.current_thread() is threading.main_thread():
+            self._foreign = True
+        else:
+            _forward_to_main_thread(KICK_SIGNAL)
 
     def _step_deadline(self) -> float:
         deadline = time.monotonic() + self.timeout
@@ -528,8 +559,7 @@ class StepSession:
         self._started = True
         if self.max_time is not None:
             self._session_deadline = time.monotonic() + self.max_time
-        if install_kick_handler(let_in=True):
-            self._kick_blocked_in = threading.get_ident()
+        install_kick_handler()
         # The watchdog holds the session weakly: a session dropped without close() is then
         # garbage, and its VM's fds go back (a bound method would keep it, and its thread,
         # alive for ever)
@@ -543,9 +573,9 @@ class StepSession:
         self.regs = self._state(regs)
         if self.bp is not None and self.bp != self.pc:
             t0 = time.perf_counter()
-            if not self._arm():
-                return
             try:
+                if not self._arm():
+                    return
                 self._run_to_breakpoint()
             finally:
                 self._no_deadline()
@@ -563,6 +593,10 @@ class StepSession:
             reason = self.vcpu.run()
             if reason != _INTR:
                 return reason
+            # the kick is blocked outside KVM_RUN, so it is still pending: take it, or
+            # every KVM_RUN from now on would return EINTR at once
+            if signal.sigtimedwait((KICK_SIGNAL,), 0) is not None and not self._kicked:
+                self._pass_on()          # not a kick (each sets _kicked first)
             run = self.vcpu.run_struct
             if self._deadline is not None and time.monotonic() < self._deadline \
                     and not self._closed:
@@ -579,6 +613,7 @@ class StepSession:
             deadline = self._deadline
             if deadline is not None and time.monotonic() >= deadline and self._ident:
                 self.vcpu.run_struct.immediate_exit = 1
+                self._kicked = True
                 try:
                     signal.pthread_kill(self._ident, KICK_SIGNAL)
                 except ProcessLookupError:

@@ -491,6 +491,86 @@ def test_max_time_bounds_a_guest_stepped_forever():
     assert re.search(r"^stopped after \d+ steps: --max-time 0.5 s reached$", proc.stdout, re.M)
 
 
+def _stepped_in(where, fn):
+    """fn() in the main thread, or in another one (which inherits the main one's mask)."""
+    import threading
+    if where == "main":
+        return fn()
+    out = []
+    t = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    t.start()
+    t.join(30)
+    assert not t.is_alive() and out
+    return out[0]
+
+
+@pytest.mark.parametrize("where", ["main", "thread"])
+def test_a_steps_kick_never_runs_the_programs_sigusr1_handler(where):
+    # The stepper let its kick (SIGUSR1) into its thread for the whole session: the
+    # watchdog's kick at the timeout, and close()'s, ran the program's own handler
+    import os
+    import signal
+    import threading
+    p = assemble_source(SPIN_NEVER, "never.asm")
+    calls = []
+    old = signal.signal(signal.SIGUSR1, lambda *a: calls.append(1))
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    try:
+        def timed_out():
+            with StepSession(p, breakpoint="never", timeout=0.3) as s:
+                assert s.next_step() is None
+                return s.end.reason
+        assert _stepped_in(where, timed_out) == "timeout"
+
+        def closed():
+            s = StepSession(p, breakpoint="never", timeout=30)
+            timer = threading.Timer(0.3, s.close)
+            timer.start()
+            try:
+                assert s.next_step() is None
+            finally:
+                timer.join()
+            return s.stopped["reason"]
+        assert _stepped_in(where, closed) == "closed"
+        time.sleep(0.1)                 # a handler due would have run by now
+        assert calls == []
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask
+        os.kill(os.getpid(), signal.SIGUSR1)     # the handler itself still works
+        time.sleep(0.1)
+        assert calls == [1]
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+
+
+@pytest.mark.parametrize("where", ["main", "thread"])
+def test_the_programs_own_sigusr1_taken_in_a_step_is_passed_on(where):
+    # A program blocking SIGUSR1 to sigwait() for it: one sent to the process that KVM
+    # let into a step's KVM_RUN reaches the main thread, and the step runs on to its
+    # timeout (the stepper unblocked SIGUSR1 for the session: minivmm's no-op took it)
+    import os
+    import signal
+    import threading
+    p = assemble_source(SPIN_NEVER, "never.asm")
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    try:
+        def timed_out():
+            t0 = time.monotonic()
+            with StepSession(p, breakpoint="never", timeout=1.5) as s:
+                assert s.next_step() is None
+                return s.end.reason, time.monotonic() - t0
+        timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGUSR1))
+        timer.start()
+        try:
+            reason, took = _stepped_in(where, timed_out)
+        finally:
+            timer.join()
+        assert reason == "timeout" and took >= 1.4
+        assert signal.sigtimedwait({signal.SIGUSR1}, 2) is not None
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, []) >= {signal.SIGUSR1}
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def test_max_time_bounds_the_run_to_a_breakpoint_too():
     p = assemble_source(SPIN_NEVER, "never.asm")
     t0 = time.monotonic()
