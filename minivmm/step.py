@@ -401,12 +401,7 @@ class StepSession:
                 # thread lives while _deadline is set), and wait below until it has left.
                 # Else the VM was released under it: its next KVM_RUN went to the closed
                 # fd's number, which the kernel may have given to another VM
-                self.vcpu.run_struct.immediate_exit = 1
-                self._kicked = True
-                try:
-                    signal.pthread_kill(self._ident, KICK_SIGNAL)
-                except ProcessLookupError:
-                    pass
+                self._kick_locked()
         # the thread in next_step(), not the last one to enter KVM_RUN: a close() from a
         # thread that stepped earlier skipped this and released the VM under the step
         if self._stepper != threading.get_ident():
@@ -612,13 +607,18 @@ class StepSession:
                 return False
             deadline = self._deadline
             if deadline is not None and time.monotonic() >= deadline and self._ident:
-                self.vcpu.run_struct.immediate_exit = 1
-                self._kicked = True
-                try:
-                    signal.pthread_kill(self._ident, KICK_SIGNAL)
-                except ProcessLookupError:
-                    pass
+                self._kick_locked()
         return True
+
+    def _kick_locked(self) -> None:
+        """End the armed step's KVM_RUN (under _lock): immediate_exit if it is between two,
+        the kick if it is inside one; _kicked tells the kick from the program's SIGUSR1."""
+        self.vcpu.run_struct.immediate_exit = 1
+        self._kicked = True
+        try:
+            signal.pthread_kill(self._ident, KICK_SIGNAL)
+        except ProcessLookupError:
+            pass
 
     # KVM guest debug: every exit is one instruction, or the end.
     def _next_guest_debug(self) -> Step | None:
