@@ -356,12 +356,8 @@ def _output_closed(result) -> bool:
                for st in result.vcpus)
 
 
-# Ends the host gives a vCPU that was still running (README: from Python also these)
-_HOST_STOPS = ("timeout", "stopped", "interrupted", "closed")
-
-
 def cmd_run(args) -> int:
-    from .machine import Machine, MachineError, format_registers
+    from .machine import HOST_STOPS, Machine, MachineError, format_registers
     if args.vcpus is not None and args.vcpus < 1:
         raise UsageError(f"--vcpus must be at least 1 (got {args.vcpus})")
     try:
@@ -395,7 +391,7 @@ def cmd_run(args) -> int:
         bad = [st for st in result.vcpus if not (st.end and st.end.ok)]
         # The guest's own failure first: a vCPU the timeout stopped only waited (a loop, a
         # spin on a flag) for one that failed, and its line hid that failure
-        st = next((st for st in bad if st.end and st.end.reason not in _HOST_STOPS), bad[0])
+        st = next((st for st in bad if st.end and st.end.reason not in HOST_STOPS), bad[0])
         more = f" (and {len(bad) - 1} more vCPU(s))" if len(bad) > 1 else ""
         _say(f"minivmm: vCPU {st.index}: {st.end.summary()}{more}")
         return EXIT_GUEST_FAILED

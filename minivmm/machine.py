@@ -39,6 +39,9 @@ DEFAULT_PAGES = 64
 # (the rest is counted, not kept; --json's escapes make the kept part up to 6 times bigger)
 CONSOLE_LIMIT = 1 << 20
 OK_ENDS = ("exit-port", "hlt")
+# Ends the host gives a vCPU that was still running: it failed nothing itself, and may only
+# have waited (a spin on a flag) for another whose guest did fail
+HOST_STOPS = ("timeout", "stopped", "interrupted", "closed")
 # The x86 INIT state's CS and RIP (SDM vol. 3, 10.1.4 "First Instruction Executed")
 INIT_CS, INIT_CS_BASE, INIT_RIP = 0xF000, 0xFFFF0000, 0xFFF0
 

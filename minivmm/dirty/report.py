@@ -4,7 +4,7 @@ Not a kernel interface; it presents what tracker.py collected and verify.py chec
 """
 from __future__ import annotations
 
-from ..machine import OK_ENDS
+from ..machine import HOST_STOPS, OK_ENDS
 from .tracker import compare_runs
 
 
@@ -243,8 +243,12 @@ def verdict(summary: dict) -> str:
             bad = [(i, e) for i, e in enumerate(r["vcpu_ends"])
                    if not e or e["reason"] not in OK_ENDS or e.get("code")]
             more = f"; {len(bad) - 1} more vCPU(s) too" if len(bad) > 1 else ""
-            problems.append(f"{r['tracker']}: vCPU {bad[0][0]} ended badly "
-                            f"({_end_text(bad[0][1])}{more})"
+            # the guest's own failure first, as `run` names it: a vCPU the timeout
+            # stopped may only have waited at the barrier for the one that failed
+            first = next((b for b in bad if b[1] and b[1]["reason"] not in HOST_STOPS),
+                         bad[0]) if bad else None
+            problems.append(f"{r['tracker']}: vCPU {first[0]} ended badly "
+                            f"({_end_text(first[1])}{more})"
                             if bad else f"{r['tracker']}: a vCPU ended badly")
     compared = f" ({summary['compared']})" if "compared" in summary else ""
     if len(runs) == 2 and not summary["agree"]:

@@ -603,9 +603,15 @@ def test_a_nonzero_exit_code_is_named_in_the_verdict():
                          "vcpu_ends": [{"reason": "exit-port", "code": 0}, end]}]}
     assert report.verdict(summary) == "verdict: FAIL - ring: vCPU 1 ended badly (exited with code 5)"
     # which vCPU, and how many more: only the first bad end was told, as "a vCPU"
-    summary["runs"][0]["vcpu_ends"] = [{"reason": "timeout"}, end, end]
-    assert report.verdict(summary) == ("verdict: FAIL - ring: vCPU 0 ended badly (stopped by "
-                                       "--timeout; 2 more vCPU(s) too)")
+    summary["runs"][0]["vcpu_ends"] = [{"reason": "timeout"}, {"reason": "timeout"}, end]
+    # the guest's own failure is named, not a vCPU the timeout stopped while it waited
+    assert report.verdict(summary) == ("verdict: FAIL - ring: vCPU 2 ended badly (exited with "
+                                       "code 5; 2 more vCPU(s) too)")
+    # only host stops: the first of them
+    summary["runs"][0]["vcpu_ends"] = [{"reason": "exit-port", "code": 0},
+                                       {"reason": "timeout"}, {"reason": "interrupted"}]
+    assert report.verdict(summary) == ("verdict: FAIL - ring: vCPU 1 ended badly (stopped by "
+                                       "--timeout; 1 more vCPU(s) too)")
 
 
 def test_ctrl_c_during_dirty_run():
