@@ -655,7 +655,14 @@ class DirtySession:
         self.tracker.check_slots()     # here, not in a vCPU thread's first collection
         self._gated = gated
         # spent only once the vCPUs run: a timeout start() refuses leaves it unused
-        self.machine.start(timeout)
+        try:
+            self.machine.start(timeout)
+        except MachineError:
+            if self.machine._started:   # iterate() in two threads at once, or a start() by
+                # hand: the Machine's "has already run" named no DirtySession
+                raise MachineError("this DirtySession has already run (or is running); "
+                                   "make a new one") from None
+            raise
         self._started = True
         reaper = None
         try:

@@ -216,6 +216,12 @@ def test_a_session_runs_once_and_needs_a_vcpu():
         assert all(r.ok for r in s.run(timeout=None))
         with pytest.raises(MachineError, match="already run"):
             s.run(timeout=None)         # used to wait forever for an end already counted
+    # its Machine started by hand (or by iterate() in another thread meanwhile): the
+    # refusal named the Machine, not the session the caller used
+    with session(tracker="bitmap", vcpus=1, pages=64, iterations=2) as s:
+        s.machine.start(timeout=10)
+        with pytest.raises(MachineError, match="this DirtySession has already run"):
+            s.run(timeout=None)
     with pytest.raises(MachineError, match="at least 1"):
         session(vcpus=0)
     s = session(vcpus=1, pages=64)
