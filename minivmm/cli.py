@@ -291,18 +291,13 @@ def _trace_printer(machine, stream, reader_gone=None):
         # as the vCPU's end would (the out that made this exit, a repeating string store),
         # by what the exit proves it was: the listing may not say (code the guest rewrote,
         # jumped into the middle of, or wrote elsewhere)
-        rip, after = regs.rip, reason == abi.KVM_EXIT_HLT
-        made_by, named = is_hlt if after else None, None
-        if io_out:
-            made_by = machine.out_made_by(st, regs)
-            rip, name_at = machine.out_exit_rip(st, regs)
-            after = not name_at
-        elif reason == abi.KVM_EXIT_MMIO:
+        after = reason == abi.KVM_EXIT_HLT
+        made_by = is_hlt if after else None
+        mmio = reason == abi.KVM_EXIT_MMIO
+        if mmio:
             after, made_by = machine.mmio_after(st, regs), writes_memory
-            if after:                   # a call's write: named at its end, not its target
-                named = machine.mmio_writer_end(st, regs)
-        ins = machine.describe_instruction(st, rip if named is None else named, after,
-                                           made_by=made_by) or "?"
+        rip, after, ins = machine.exit_instruction(st, regs, after, made_by, io_out, mmio)
+        ins = ins or "?"
         fields = " ".join(f"{k}={_trace_value(k, v)}" for k, v in info.items()
                           if k not in ("reason", "exit_reason"))
         # whole lines under the ioctl trace's lock: --trace-ioctls may write to this stream

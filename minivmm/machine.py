@@ -913,10 +913,11 @@ class Machine:
     def _intact(self, ins) -> bool:
         """Whether guest memory still holds a listed instruction's bytes."""
         p = self.payload
-        return self._guest_bytes(ins.address - p.origin + p.load_address, ins.size) == ins.raw
+        return self._whole_bytes(ins.address - p.origin + p.load_address, ins.size) == ins.raw
 
-    def _guest_bytes(self, gpa: int, n: int) -> bytes | None:
-        """The ``n`` bytes at guest-physical ``gpa`` when one slot holds them all, else None."""
+    def _whole_bytes(self, gpa: int, n: int) -> bytes | None:
+        """The ``n`` bytes at guest-physical ``gpa`` when one slot holds them all, else None
+        (guest_bytes reads a code address, through CS, and gives what the slot holds)."""
         mem = self._vm().slot_for(gpa)
         return mem.read(gpa, n) if mem is not None and mem.contains(gpa, n) else None
 
@@ -948,24 +949,30 @@ class Machine:
         """How a vCPU ended at its current RIP, with the instruction there named
         (describe_instruction's ``after``); the stepper uses it too. ``io_out``: the exit
         is an OUT, and RIP is reported past it on every host (out_exit_rip)."""
-        regs = st.vcpu.get_regs()
-        rip = regs.rip
         # what the exit proves the instruction ending at rip was (Machine.executed)
         made_by = {"hlt": is_hlt, "unhandled-mmio": writes_memory}.get(reason)
-        named = rip
-        if io_out:                          # rip is now past the out (or at a repeating outs)
-            made_by = self.out_made_by(st, regs)
-            rip, name_at = self.out_exit_rip(st, regs)
-            named, after = rip, not name_at
-        elif reason == "unhandled-mmio" and after:
-            named = self.mmio_writer_end(st, regs)
-        end = VcpuEnd(reason, code=code, rip=rip,
-                      instruction=self.describe_instruction(st, named, after,
-                                                            made_by=made_by),
+        rip, _, instruction = self.exit_instruction(st, st.vcpu.get_regs(), after, made_by,
+                                                    io_out, reason == "unhandled-mmio")
+        end = VcpuEnd(reason, code=code, rip=rip, instruction=instruction,
                       detail=dict(detail or {}))
         if registers:
             end.detail["registers"] = self.registers(st)
         return end
+
+    def exit_instruction(self, st, regs, after: bool, made_by=None, io_out: bool = False,
+                         mmio: bool = False) -> tuple:
+        """(rip, after, the instruction named) at an exit, for a vCPU's end and --trace
+        alike: past an out (or at a repeating outs), RIP as out_exit_rip reports it and
+        the out named by what the exit proves (out_made_by); after an MMIO write, the
+        call whose write into a hole left RIP at its target (mmio_writer_end)."""
+        rip = named = regs.rip
+        if io_out:
+            made_by = self.out_made_by(st, regs)
+            rip, name_at = self.out_exit_rip(st, regs)
+            named, after = rip, not name_at
+        elif mmio and after:
+            named = self.mmio_writer_end(st, regs)
+        return rip, after, self.describe_instruction(st, named, after, made_by=made_by)
 
     def mmio_detail(self, st) -> dict:
         """The MMIO exit's fields, and the slot when the address is in one: a write to a
@@ -1133,7 +1140,7 @@ class Machine:
             ss_base = st.vcpu.get_sregs().ss.base
             words = []
             for i in range(len(fields)):
-                raw = self._guest_bytes(ss_base + ((regs.rsp + 2 * i) & mask), 2)
+                raw = self._whole_bytes(ss_base + ((regs.rsp + 2 * i) & mask), 2)
                 if raw is None:
                     return None
                 words.append(struct.unpack("<H", raw)[0])
@@ -1144,7 +1151,7 @@ class Machine:
             # ignores SS's base
             ss_base = st.vcpu.get_sregs().ss.base if mode == "protected" else 0
             at = (ss_base + (regs.rsp & mask)) & mask
-            raw = self._guest_bytes(at, size)
+            raw = self._whole_bytes(at, size)
             if raw is None:
                 return None
             frame = dict(zip(fields, struct.unpack(fmt, raw)))
@@ -1164,7 +1171,7 @@ class Machine:
         if not pushes_error_code(frame["vector"], "protected"):
             fields = fields[1:]                     # the stub's 0 is where it should be
         at = (esp + 4 * (6 - len(fields))) & 0xFFFFFFFF
-        raw = self._guest_bytes(at, 4 * len(fields))
+        raw = self._whole_bytes(at, 4 * len(fields))
         if raw is None:
             return
         values = struct.unpack(f"<{len(fields)}I", raw)
@@ -1261,7 +1268,7 @@ class Machine:
         index = frame["cs"] & ~7
         if index + 7 > table.limit:
             return None
-        d = self._guest_bytes(table.base + index, 8)
+        d = self._whole_bytes(table.base + index, 8)
         if d is None:
             return None
         return d[2] | d[3] << 8 | d[4] << 16 | d[7] << 24          # SDM vol. 3, 3.4.5
