@@ -432,7 +432,8 @@ def test_exit_trace_and_ioctl_trace_lines_stay_whole_together(traced):
     stream = SlowStream()
     t, _ = install(lambda request, arg: 1)
     t.stream = stream
-    machine = SimpleNamespace(describe_instruction=lambda st, rip, after, made_by: "hlt")
+    machine = SimpleNamespace(exit_instruction=lambda st, regs, after, made_by, io_out, mmio:
+                              (regs.rip, after, "hlt"))
     printer = _trace_printer(machine, stream)
     st = SimpleNamespace(index=1, exit_counts={"hlt": 1}, vcpu=SimpleNamespace(
         describe_exit=lambda reason: {"reason": "HLT", "exit_reason": reason},
